@@ -1,0 +1,135 @@
+"""Checkpoints: accelerate's save_state (model, optimizer, scheduler, per-rank RNG) in a
+directory, plus `fastvae.json` (config, step, epoch, position in the epoch).
+
+Why the hand-written part: accelerate writes into the final directory file by
+file, so a crash mid-write leaves a checkpoint that looks complete. We write to
+a hidden temporary directory, fsync, write fastvae.json last, then rename: a
+directory without fastvae.json is never a checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from fastvae.config import Config, from_dict, to_dict
+from fastvae.errors import UserError
+
+META_FILE = "fastvae.json"
+MODEL_FILE = "model.safetensors"
+CHECKPOINT_RE = re.compile(r"^step_(\d+)$")
+
+
+def checkpoint_dir(out_dir: str | Path) -> Path:
+    return Path(out_dir) / "checkpoints"
+
+
+def _fsync_tree(root: Path) -> None:
+    for path in sorted(root.rglob("*")) + [root]:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def save_checkpoint(accelerator, out_dir: str | Path, cfg: Config, progress: dict, keep: int) -> Path:
+    """All ranks call this (each saves its RNG state); rank 0 finalizes. Returns the checkpoint path."""
+    root = checkpoint_dir(out_dir)
+    name = f"step_{progress['step']:08d}"
+    final, tmp = root / name, root / f".tmp-{name}"
+    if accelerator.is_main_process:
+        root.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():  # left over by a crash: never a checkpoint
+            shutil.rmtree(tmp)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        meta = {"format": 1, "config": to_dict(cfg), **progress}
+        with open(tmp / META_FILE, "w") as fh:
+            json.dump(meta, fh, indent=2)
+        _fsync_tree(tmp)
+        if final.exists():  # same step saved again (e.g. resumed and stopped at once)
+            shutil.rmtree(final)
+        os.rename(tmp, final)
+        _fsync_tree(root)
+        for old in list_checkpoints(out_dir)[:-keep]:
+            shutil.rmtree(old)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def list_checkpoints(out_dir: str | Path) -> list[Path]:
+    """Complete checkpoints (those holding fastvae.json), oldest first."""
+    root = checkpoint_dir(out_dir)
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if CHECKPOINT_RE.match(p.name) and (p / META_FILE).is_file()]
+    return sorted(found, key=lambda p: int(CHECKPOINT_RE.match(p.name).group(1)))
+
+
+def read_meta(path: str | Path) -> dict:
+    path = Path(path)
+    meta_path = path / META_FILE
+    if not path.is_dir():
+        raise UserError(f"checkpoint '{path}' not found; expected a directory written by fastvae.train "
+                        f"(e.g. runs/mnist/checkpoints/step_00001000)")
+    if not meta_path.is_file():
+        raise UserError(f"checkpoint '{path}' has no {META_FILE}; expected a complete fastvae checkpoint")
+    try:
+        return json.loads(meta_path.read_text())
+    except json.JSONDecodeError as err:
+        raise UserError(f"checkpoint file '{meta_path}' is corrupt ({err.msg}); expected JSON") from None
+
+
+def resolve_resume(resume: str, out_dir: str | Path) -> Path | None:
+    """`auto` -> newest complete checkpoint in out_dir (None if there is none); else the given path."""
+    if not resume:
+        return None
+    if resume.lower() in ("auto", "true"):
+        found = list_checkpoints(out_dir)
+        return found[-1] if found else None
+    read_meta(resume)  # validates
+    return Path(resume)
+
+
+def check_compatible(meta: dict, cfg: Config, path: Path) -> None:
+    """A checkpoint can only resume the same model on the same data."""
+    for section in ("model", "data"):
+        saved, current = meta["config"].get(section), to_dict(cfg)[section]
+        # batch size, workers and limit may change between runs without changing the model
+        ignore = {"batch_size", "num_workers", "limit"}
+        diff = [k for k in current if k not in ignore and saved.get(k) != current[k]]
+        if diff:
+            k = diff[0]
+            raise UserError(f"checkpoint '{path}' was trained with {section}.{k}={saved.get(k)!r}; "
+                            f"expected it to match this run's {current[k]!r}")
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu"):
+    """Rebuild the model from a checkpoint's stored config: (model in eval mode, config, meta)."""
+    from fastvae.models import build_model
+
+    path = Path(path)
+    meta = read_meta(path)
+    cfg = from_dict(meta["config"])
+    model = build_model(cfg)
+    weights = path / MODEL_FILE
+    if not weights.is_file():
+        raise UserError(f"checkpoint '{path}' has no {MODEL_FILE}; expected a complete fastvae checkpoint")
+    try:
+        state = load_file(str(weights), device=str(device))
+    except Exception as err:  # safetensors raises its own error types for truncated files
+        raise UserError(f"checkpoint file '{weights}' is unreadable ({err}); expected safetensors") from None
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise UserError(f"checkpoint '{path}' does not fit model {cfg.model.name} "
+                        f"(missing {len(missing)}, unexpected {len(unexpected)} tensors)")
+    return model.to(device).eval(), cfg, meta

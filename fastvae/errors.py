@@ -1,0 +1,28 @@
+"""Errors a user can cause, reported as one line and a non-zero exit."""
+
+import functools
+import sys
+
+USER_ERROR_EXIT_CODE = 2
+
+
+class UserError(Exception):
+    """Bad input from the user: a config key, a path, a value out of range.
+
+    The message names the bad thing and what was expected, on one line.
+    """
+
+
+def exit_on_user_error(main):
+    """Turn a UserError escaping `main` into `fastvae: error: ...` and exit code 2."""
+
+    @functools.wraps(main)
+    def wrapper(*args, **kwargs):
+        try:
+            return main(*args, **kwargs)
+        except UserError as err:
+            message = " ".join(str(err).split())  # always one line
+            print(f"fastvae: error: {message}", file=sys.stderr, flush=True)
+            sys.exit(USER_ERROR_EXIT_CODE)
+
+    return wrapper

@@ -1,0 +1,62 @@
+"""Eager PyTorch reference of every VAE op: the parity oracle.
+
+Exactly the lecture's math (see DESIGN.md). The fused Triton kernels in
+`fastvae.kernels`, the tests and the benchmarks are all compared against these.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+RECON_KINDS = ("bce", "mse")
+
+
+def reparameterize(mu: torch.Tensor, logvar: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+    """z = mu + sigma * eps with sigma = exp(logvar / 2) (the log-var trick)."""
+    return mu + torch.exp(0.5 * logvar) * eps
+
+
+def kl_divergence(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+    """KL(N(mu, sigma^2) || N(0, I)) per sample: -0.5 * sum_j (1 + logvar - mu^2 - exp(logvar))."""
+    return -0.5 * torch.sum(1.0 + logvar - mu.pow(2) - logvar.exp(), dim=1)
+
+
+def reconstruction_loss(logits: torch.Tensor, target: torch.Tensor, kind: str) -> torch.Tensor:
+    """Per-sample reconstruction loss summed over all non-batch dims.
+
+    The decoder gives logits. "bce": Bernoulli negative log-likelihood, written as
+    BCE-with-logits (the stable form of the lecture's BCE on sigmoid outputs).
+    "mse": squared error between sigmoid(logits) and the target (Gaussian decoder).
+    """
+    if kind == "bce":
+        per_pixel = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
+    elif kind == "mse":
+        per_pixel = (torch.sigmoid(logits) - target).pow(2)
+    else:
+        raise ValueError(f"reconstruction kind {kind!r}: expected one of {RECON_KINDS}")
+    return per_pixel.flatten(1).sum(dim=1)
+
+
+def kl_weight(beta: float, step: int, warmup_steps: int) -> float:
+    """beta, ramped linearly from 0 over the first `warmup_steps` steps (KL warm-up)."""
+    if warmup_steps <= 0:
+        return beta
+    return beta * min(1.0, step / warmup_steps)
+
+
+def vae_loss(recon: torch.Tensor, kl: torch.Tensor, recon_weight: float, beta: float) -> torch.Tensor:
+    """Loss = recon_weight * mean_batch(recon) + beta * mean_batch(KL) (lecture: alpha*L1 + L2)."""
+    return recon_weight * recon.mean() + beta * kl.mean()
+
+
+def reparam_kl(mu: torch.Tensor, logvar: torch.Tensor, eps: torch.Tensor | None = None):
+    """(z, kl) in one call, the eager twin of `fastvae.kernels.fused_reparam_kl`.
+
+    Computed in float32 whatever the autocast dtype of mu/logvar: the KL sums
+    D terms and exp(logvar) overflows early in bf16/fp16.
+    """
+    mu, logvar = mu.float(), logvar.float()
+    if eps is None:
+        eps = torch.randn_like(mu)
+    return reparameterize(mu, logvar, eps), kl_divergence(mu, logvar)

@@ -1,0 +1,49 @@
+"""Which implementation of the VAE ops a run uses: eager reference, torch.compile'd, or fused Triton."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from fastvae import losses
+from fastvae.errors import UserError
+
+
+def recon_loss_fp32(logits: torch.Tensor, target: torch.Tensor, kind: str) -> torch.Tensor:
+    """The reference reconstruction loss, accumulated in float32 whatever the autocast dtype."""
+    return losses.reconstruction_loss(logits.float(), target.float(), kind)
+
+
+@dataclass(frozen=True)
+class Ops:
+    name: str
+    reparam_kl: Callable  # (mu, logvar) -> (z, kl[B])
+    recon_loss: Callable  # (logits, target, kind) -> recon[B]
+
+
+def triton_available() -> bool:
+    try:
+        from fastvae.kernels import fused_recon_loss, fused_reparam_kl  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def build_ops(name: str, device: torch.device) -> Ops:
+    """`auto` = triton on CUDA (when the kernels are built in), else eager."""
+    if name == "auto":
+        name = "triton" if device.type == "cuda" and triton_available() else "eager"
+    if name == "eager":
+        return Ops("eager", losses.reparam_kl, recon_loss_fp32)
+    if name == "compiled":
+        return Ops("compiled", torch.compile(losses.reparam_kl), torch.compile(recon_loss_fp32))
+    if name == "triton":
+        if not triton_available():
+            raise UserError("train.ops=triton: the fused kernels (fastvae.kernels) are not available "
+                            "in this version; expected eager, compiled or auto")
+        from fastvae.kernels import fused_recon_loss, fused_reparam_kl
+
+        return Ops("triton", fused_reparam_kl, fused_recon_loss)
+    raise UserError(f"train.ops {name!r}: expected eager, compiled, triton or auto")

@@ -1,0 +1,341 @@
+"""Train a VAE.
+
+    python -m fastvae.train --config configs/mnist.yaml [key=value ...]
+    accelerate launch -m fastvae.train --config configs/mnist.yaml [key=value ...]
+    ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 --num_machines 1 \
+        -m fastvae.train --config configs/mnist.yaml          # 2 CPU processes, gloo DDP
+
+accelerate does devices, DDP, mixed precision, gradient accumulation and state
+saving; this file is the training step, top to bottom.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DataLoaderConfiguration, set_seed
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from fastvae import checkpoint, pictures
+from fastvae.config import Config, load_config
+from fastvae.data import build_datasets
+from fastvae.errors import UserError, exit_on_user_error
+from fastvae.losses import kl_divergence, kl_weight, reconstruction_loss, reparameterize, vae_loss
+from fastvae.models import build_model
+from fastvae.ops import Ops, build_ops
+from fastvae.tracking import METRICS_FILE, RunLog
+
+
+def compute_loss(model, x: torch.Tensor, ops: Ops, loss_cfg, beta: float):
+    """One forward pass and the ELBO terms: (loss, recon[B], kl[B])."""
+    logits, _, _, kl = model(x)
+    recon = ops.recon_loss(logits, x, loss_cfg.recon)
+    return vae_loss(recon, kl, loss_cfg.recon_weight, beta), recon, kl
+
+
+def build_optimizer(cfg: Config, params) -> torch.optim.Optimizer:
+    o = cfg.optim
+    if o.name == "adam":
+        return torch.optim.Adam(params, lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay)
+    if o.name == "adamw":
+        return torch.optim.AdamW(params, lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay)
+    return torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
+
+
+def build_scheduler(cfg: Config, optimizer, total_steps: int):
+    """Linear warm-up, then constant / cosine / linear decay to 0 over total_steps."""
+    warmup, kind = cfg.optim.warmup_steps, cfg.optim.scheduler
+
+    def factor(step: int) -> float:
+        if warmup and step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
+        if kind == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * progress))
+        if kind == "linear":
+            return 1.0 - progress
+        return 1.0
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def make_accelerator(cfg: Config) -> Accelerator:
+    return Accelerator(
+        mixed_precision=cfg.train.mixed_precision,  # None: `accelerate launch --mixed_precision` decides
+        gradient_accumulation_steps=cfg.train.grad_accum_steps,
+        cpu=cfg.train.cpu,
+        # Data order = f(seed, epoch), not of the global RNG: what makes exact resume possible.
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=cfg.seed),
+        dynamo_backend="inductor" if cfg.train.compile else None,
+        log_with="wandb" if cfg.logger == "wandb" else None,
+    )
+
+
+def prepare_out_dir(cfg: Config, accelerator: Accelerator) -> Path:
+    out = Path(cfg.out_dir)
+    if accelerator.is_main_process:
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            probe = out / ".write-test"
+            probe.write_text("ok")
+            probe.unlink()
+        except OSError as err:
+            raise UserError(f"out_dir '{out}' is not writable ({err.strerror}); expected a writable folder")
+    accelerator.wait_for_everyone()
+    return out
+
+
+@torch.no_grad()
+def evaluate_elbo(model, dataset, cfg: Config, device, max_images: int = 2000) -> dict:
+    """Test-set ELBO terms with eps from a private generator: repeatable, and the
+    global RNG (which training resumes from) is left untouched."""
+    model.eval()
+    g = torch.Generator().manual_seed(cfg.seed + 1)
+    loader = DataLoader(dataset, batch_size=256, shuffle=False)
+    total = torch.zeros(3, dtype=torch.float64)
+    for x, _, _ in loader:
+        x = x[: max_images - int(total[2])].to(device)
+        mu, logvar = model.encode(x)
+        eps = torch.randn(mu.shape, generator=g).to(device)
+        z = reparameterize(mu.float(), logvar.float(), eps)
+        recon = reconstruction_loss(model.decode(z).float(), x, cfg.loss.recon)
+        kl = kl_divergence(mu.float(), logvar.float())
+        total += torch.stack([recon.sum(), kl.sum(), torch.tensor(len(x))]).double().cpu()
+        if total[2] >= max_images:
+            break
+    model.train()
+    n = total[2].item()
+    return {"test_recon": total[0].item() / n, "test_kl": total[1].item() / n,
+            "test_loss": (cfg.loss.recon_weight * total[0].item() + cfg.loss.beta * total[1].item()) / n}
+
+
+@torch.no_grad()
+def write_pictures(model, test_set, cfg: Config, device) -> list[Path]:
+    """Prior samples, reconstructions and the latent scatter, into out_dir."""
+    model.eval()
+    out = Path(cfg.out_dir)
+    n_scatter = min(len(test_set), 5000)
+    loader = DataLoader(test_set, batch_size=256, shuffle=False)
+    mus, labels, images = [], [], []
+    for x, y, _ in loader:
+        mu, _ = model.encode(x.to(device))
+        mus.append(mu.float().cpu())
+        labels.append(y)
+        if not images:
+            images = [x[:40]]
+        if sum(len(m) for m in mus) >= n_scatter:
+            break
+    mu_all, label_all = torch.cat(mus)[:n_scatter], torch.cat(labels)[:n_scatter]
+    title = f"Latent means of {len(mu_all)} test images ({cfg.data.name}), colored by label"
+    written = [
+        pictures.save_sample_grid(model, out / "samples.png", n=cfg.train.samples, seed=cfg.seed, device=device),
+        pictures.save_reconstruction_grid(model, images[0].to(device), out / "reconstructions.png"),
+        pictures.save_latent_scatter(mu_all, label_all, out / "latent_scatter.png", title),
+    ]
+    model.train()
+    return written
+
+
+def trim_metrics(out_dir: Path, step: int) -> None:
+    """On resume, drop epoch records written after the checkpoint we resume from."""
+    path = out_dir / METRICS_FILE
+    if path.is_file():
+        kept = [line for line in path.read_text().splitlines()
+                if line.strip() and json.loads(line)["step"] <= step]
+        path.write_text("".join(line + "\n" for line in kept))
+
+
+def train(cfg: Config) -> dict:
+    accelerator = make_accelerator(cfg)
+    set_seed(cfg.seed)
+    out_dir = prepare_out_dir(cfg, accelerator)
+    is_main = accelerator.is_main_process
+
+    # ---- data
+    train_set, test_set = build_datasets(cfg.data)
+    global_batch = cfg.data.batch_size * accelerator.num_processes
+    if cfg.data.drop_last and len(train_set) < global_batch:
+        raise UserError(f"data.batch_size={cfg.data.batch_size} x {accelerator.num_processes} process(es) "
+                        f"is larger than the {len(train_set)} training images; expected at most "
+                        f"{len(train_set) // accelerator.num_processes} per process (or data.drop_last=false)")
+    train_loader = DataLoader(
+        train_set, batch_size=cfg.data.batch_size, shuffle=True, drop_last=cfg.data.drop_last,
+        num_workers=cfg.data.num_workers, persistent_workers=cfg.data.num_workers > 0,
+        # a private generator: creating an iterator must not draw from the global RNG
+        generator=torch.Generator().manual_seed(cfg.seed),
+    )
+
+    # ---- model, ops, optimizer
+    model = build_model(cfg)
+    ops = build_ops(cfg.train.ops, accelerator.device)
+    model.reparam_kl = ops.reparam_kl
+    optimizer = build_optimizer(cfg, model.parameters())
+    model, optimizer, train_loader = accelerator.prepare(model, optimizer, train_loader)
+    steps_per_epoch = max(1, len(train_loader) // cfg.train.grad_accum_steps)
+    total_steps = cfg.train.epochs * steps_per_epoch
+    if cfg.train.max_steps:
+        total_steps = min(total_steps, cfg.train.max_steps)
+    # Not prepared: accelerate would step it once per process; we step it once per optimizer step.
+    scheduler = build_scheduler(cfg, optimizer, total_steps)
+    accelerator.register_for_checkpointing(scheduler)
+    raw_model = accelerator.unwrap_model(model)
+
+    # ---- resume
+    step, epoch, batch_in_epoch = 0, 0, 0
+    resume_path = checkpoint.resolve_resume(cfg.train.resume, out_dir)
+    if resume_path is not None:
+        meta = checkpoint.read_meta(resume_path)
+        checkpoint.check_compatible(meta, cfg, resume_path)
+        accelerator.load_state(str(resume_path))
+        step, epoch, batch_in_epoch = meta["step"], meta["epoch"], meta["batch_in_epoch"]
+        if is_main:
+            trim_metrics(out_dir, step)
+            print(f"fastvae: resumed from {resume_path} (step {step}, epoch {epoch})", flush=True)
+    elif cfg.train.resume and is_main:
+        print(f"fastvae: no checkpoint in {checkpoint.checkpoint_dir(out_dir)}; starting fresh", flush=True)
+
+    log = RunLog(accelerator, cfg)
+    sample_ids = [] if cfg.train.record_sample_ids else None
+
+    def save(at_epoch: int, at_batch: int) -> Path:
+        if at_batch >= len(train_loader):  # the end of an epoch is the start of the next
+            at_epoch, at_batch = at_epoch + 1, 0
+        progress = {"step": step, "epoch": at_epoch, "batch_in_epoch": at_batch}
+        return checkpoint.save_checkpoint(accelerator, out_dir, cfg, progress, cfg.train.keep_checkpoints)
+
+    if is_main:
+        print(f"fastvae: {cfg.model.name} on {cfg.data.name} ({len(train_set)} train images), "
+              f"{accelerator.num_processes} process(es) on {accelerator.device}, ops={ops.name}, "
+              f"mixed_precision={accelerator.mixed_precision}, compile={cfg.train.compile}, "
+              f"{total_steps} steps -> {out_dir}", flush=True)
+    bar = tqdm(total=total_steps, initial=step, disable=not accelerator.is_local_main_process,
+               desc="train", unit="step", dynamic_ncols=True)
+    last_saved_step = step if resume_path is not None else -1
+    while epoch < cfg.train.epochs and step < total_steps:
+        train_loader.set_epoch(epoch)
+        loader = accelerator.skip_first_batches(train_loader, batch_in_epoch) if batch_in_epoch else train_loader
+        sums = torch.zeros(4, device=accelerator.device, dtype=torch.float64)  # loss, recon, kl, images
+        epoch_start = time.perf_counter()
+        model.train()
+        batch_idx = batch_in_epoch - 1
+        for batch_idx, (x, _, index) in enumerate(loader, start=batch_in_epoch):
+            # ---- the training step
+            beta = kl_weight(cfg.loss.beta, step, cfg.loss.kl_warmup_steps)
+            with accelerator.accumulate(model):
+                loss, recon, kl = compute_loss(model, x, ops, cfg.loss, beta)
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and cfg.optim.grad_clip:
+                    accelerator.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            # ---- bookkeeping (no host sync except every log_every steps)
+            n = x.shape[0]
+            sums += torch.stack([loss.detach() * n, recon.detach().sum(), kl.detach().sum(),
+                                 torch.tensor(n, device=x.device)]).double()
+            if sample_ids is not None:
+                sample_ids.extend(index.tolist())
+            if not accelerator.sync_gradients:
+                continue
+            step += 1
+            scheduler.step()
+            bar.update(1)
+            if step % cfg.train.log_every == 0 or step == total_steps:
+                values = {"loss": loss.item(), "recon": recon.mean().item(), "kl": kl.mean().item(),
+                          "beta": beta, "lr": scheduler.get_last_lr()[0]}
+                if not all(math.isfinite(v) for v in values.values()):
+                    bad = [k for k in ("recon", "kl") if not math.isfinite(values[k])] or ["loss"]
+                    raise UserError(f"non-finite {bad[0]} at step {step}; expected finite losses "
+                                    f"(lower optim.lr or check the data); last checkpoint kept")
+                bar.set_postfix(loss=f"{values['loss']:.2f}", kl=f"{values['kl']:.2f}")
+                log.log_step(values, step)
+            if cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0:
+                last_saved_step = step
+                save(epoch, batch_idx + 1)
+            if step >= total_steps:
+                break
+        # ---- end of the epoch (or of the run, inside an epoch when max_steps says so)
+        elapsed = time.perf_counter() - epoch_start
+        totals = accelerator.reduce(sums, reduction="sum").tolist()
+        batches_done = batch_idx + 1
+        if totals[3] > 0:
+            complete = batches_done >= len(train_loader)
+            record = {"epoch": epoch + 1 if complete else round(epoch + batches_done / len(train_loader), 4),
+                      "step": step, "loss": totals[0] / totals[3], "recon": totals[1] / totals[3],
+                      "kl": totals[2] / totals[3], "images_per_sec": totals[3] / elapsed,
+                      "lr": scheduler.get_last_lr()[0]}
+            if is_main:
+                record.update(evaluate_elbo(raw_model, test_set, cfg, accelerator.device))
+            log.log_epoch(record)
+        accelerator.wait_for_everyone()
+        if last_saved_step != step:
+            last_saved_step = step
+            save(epoch, batches_done)
+        epoch, batch_in_epoch = (epoch + 1, 0) if batches_done >= len(train_loader) else (epoch, batches_done)
+    bar.close()
+    if sample_ids is not None:
+        ids_path = out_dir / f"sample_ids_rank{accelerator.process_index}.json"
+        ids_path.write_text(json.dumps(sample_ids))
+    result = {"step": step, "epoch": epoch, "out_dir": str(out_dir),
+              "param_checksum": param_checksum(raw_model)}
+    if accelerator.num_processes > 1:
+        result["ranks_agree"] = ranks_agree(accelerator, raw_model)
+    if is_main:
+        written = write_pictures(raw_model, test_set, cfg, accelerator.device)
+        newest = checkpoint.list_checkpoints(out_dir)[-1]
+        print(f"fastvae: wrote {', '.join(str(p) for p in written)}", flush=True)
+        print(f"fastvae: metrics in {out_dir / METRICS_FILE}, checkpoint {newest}", flush=True)
+        (out_dir / "summary.json").write_text(json.dumps(result, indent=2))
+    log.close()
+    accelerator.wait_for_everyone()
+    return result
+
+
+def param_checksum(model) -> float:
+    return float(sum(p.detach().double().sum().item() for p in model.parameters()))
+
+
+def ranks_agree(accelerator: Accelerator, model) -> bool:
+    """Every rank holds exactly the same parameters (what DDP promises)."""
+    flat = torch.cat([p.detach().flatten().float() for p in model.parameters()])
+    gathered = accelerator.gather(flat.unsqueeze(0))
+    agree = bool((gathered == gathered[0]).all().item())
+    if not agree:
+        raise RuntimeError("parameters differ across ranks after training")
+    return agree
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(prog="python -m fastvae.train", description="Train a VAE.")
+    parser.add_argument("--config", help="YAML config (e.g. configs/mnist.yaml); defaults if omitted")
+    parser.add_argument("overrides", nargs="*", metavar="key=value",
+                        help="config overrides with dotted keys, e.g. train.epochs=5 data.batch_size=64")
+    return parser.parse_args(argv)
+
+
+@exit_on_user_error
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    cfg = load_config(args.config, args.overrides)
+    result = train(cfg)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # Gloo can abort at interpreter exit after correct work (PLATFORM.md): tear the
+        # process group down ourselves and leave without running finalizers.
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
+    return result
+
+
+if __name__ == "__main__":
+    main()
