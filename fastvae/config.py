@@ -64,7 +64,7 @@ class OptimConfig:
 @dataclass
 class TrainConfig:
     epochs: int = 30
-    max_steps: int = 0  # stop after this many optimizer steps; 0 = run all epochs
+    max_steps: int = 0  # stop after this many optimizer steps (the LR schedule still spans all epochs); 0 = off
     grad_accum_steps: int = 1
     # no | bf16 | fp16; null lets `accelerate launch --mixed_precision` decide
     mixed_precision: typing.Optional[str] = "no"
@@ -140,6 +140,11 @@ def _coerce(value, tp, key: str):
     elif tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
     elif tp is str:
         if isinstance(value, str):
             return value

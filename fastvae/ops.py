@@ -38,7 +38,13 @@ def build_ops(name: str, device: torch.device) -> Ops:
     if name == "eager":
         return Ops("eager", losses.reparam_kl, recon_loss_fp32)
     if name == "compiled":
-        return Ops("compiled", torch.compile(losses.reparam_kl), torch.compile(recon_loss_fp32))
+        compiled_reparam_kl = torch.compile(losses.reparam_kl)
+
+        def reparam_kl(mu, logvar):
+            # eps drawn eagerly: inductor's own RNG would give other numbers than eager for one seed
+            return compiled_reparam_kl(mu, logvar, torch.randn(mu.shape, device=mu.device))
+
+        return Ops("compiled", reparam_kl, torch.compile(recon_loss_fp32))
     if name == "triton":
         if not triton_available():
             raise UserError("train.ops=triton: the fused kernels (fastvae.kernels) are not available "

@@ -94,13 +94,19 @@ def prepare_out_dir(cfg: Config, accelerator: Accelerator) -> Path:
     return out
 
 
+def in_order_loader(dataset, batch_size: int = 256) -> DataLoader:
+    """Batches in dataset order. Its own generator: starting an iterator draws a seed
+    from the loader's generator, and the global one belongs to training (exact resume)."""
+    return DataLoader(dataset, batch_size=batch_size, shuffle=False, generator=torch.Generator())
+
+
 @torch.no_grad()
 def evaluate_elbo(model, dataset, cfg: Config, device, max_images: int = 2000) -> dict:
     """Test-set ELBO terms with eps from a private generator: repeatable, and the
     global RNG (which training resumes from) is left untouched."""
     model.eval()
     g = torch.Generator().manual_seed(cfg.seed + 1)
-    loader = DataLoader(dataset, batch_size=256, shuffle=False)
+    loader = in_order_loader(dataset)
     total = torch.zeros(3, dtype=torch.float64)
     for x, _, _ in loader:
         x = x[: max_images - int(total[2])].to(device)
@@ -124,21 +130,22 @@ def write_pictures(model, test_set, cfg: Config, device) -> list[Path]:
     model.eval()
     out = Path(cfg.out_dir)
     n_scatter = min(len(test_set), 5000)
-    loader = DataLoader(test_set, batch_size=256, shuffle=False)
-    mus, labels, images = [], [], []
+    loader = in_order_loader(test_set)
+    mus, labels = [], []
     for x, y, _ in loader:
         mu, _ = model.encode(x.to(device))
         mus.append(mu.float().cpu())
         labels.append(y)
-        if not images:
-            images = [x[:40]]
         if sum(len(m) for m in mus) >= n_scatter:
             break
+    # evenly spaced test images: splits of class-sorted files still show every class
+    picks = torch.linspace(0, len(test_set) - 1, min(40, len(test_set))).long().tolist()
+    originals = torch.stack([test_set[i][0] for i in picks])
     mu_all, label_all = torch.cat(mus)[:n_scatter], torch.cat(labels)[:n_scatter]
     title = f"Latent means of {len(mu_all)} test images ({cfg.data.name}), colored by label"
     written = [
         pictures.save_sample_grid(model, out / "samples.png", n=cfg.train.samples, seed=cfg.seed, device=device),
-        pictures.save_reconstruction_grid(model, images[0].to(device), out / "reconstructions.png"),
+        pictures.save_reconstruction_grid(model, originals.to(device), out / "reconstructions.png"),
         pictures.save_latent_scatter(mu_all, label_all, out / "latent_scatter.png", title),
     ]
     model.train()
@@ -181,11 +188,12 @@ def train(cfg: Config) -> dict:
     optimizer = build_optimizer(cfg, model.parameters())
     model, optimizer, train_loader = accelerator.prepare(model, optimizer, train_loader)
     steps_per_epoch = max(1, len(train_loader) // cfg.train.grad_accum_steps)
-    total_steps = cfg.train.epochs * steps_per_epoch
-    if cfg.train.max_steps:
-        total_steps = min(total_steps, cfg.train.max_steps)
+    planned_steps = cfg.train.epochs * steps_per_epoch
+    total_steps = min(planned_steps, cfg.train.max_steps) if cfg.train.max_steps else planned_steps
+    # The schedule spans the planned epochs whatever max_steps says: stopping early and
+    # resuming must see the same learning rates as one uninterrupted run.
     # Not prepared: accelerate would step it once per process; we step it once per optimizer step.
-    scheduler = build_scheduler(cfg, optimizer, total_steps)
+    scheduler = build_scheduler(cfg, optimizer, planned_steps)
     accelerator.register_for_checkpointing(scheduler)
     raw_model = accelerator.unwrap_model(model)
 

@@ -1,0 +1,83 @@
+"""Shared benchmark harness: interleaved repeated timings, medians, ratios, a table, JSON.
+
+Timings on a shared machine swing by +-20% and more, so cases are measured in
+the same run, interleaved (round-robin, rotating the order every repeat), and
+reported as medians and as ratios to a baseline case.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def interleaved(cases: dict[str, Callable[[], None]], device: torch.device, repeats: int,
+                calls_per_sample: int, warmup: int = 2) -> dict[str, list[float]]:
+    """Seconds per call for every case: `repeats` samples each, cases taken round-robin."""
+    for fn in cases.values():
+        for _ in range(warmup):
+            fn()
+    sync(device)
+    names = list(cases)
+    samples: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(repeats):
+        order = names[r % len(names):] + names[:r % len(names)]
+        for name in order:
+            sync(device)
+            start = time.perf_counter()
+            for _ in range(calls_per_sample):
+                cases[name]()
+            sync(device)
+            samples[name].append((time.perf_counter() - start) / calls_per_sample)
+    return samples
+
+
+def summarize(samples: list[float]) -> dict:
+    return {"median_s": statistics.median(samples), "min_s": min(samples), "max_s": max(samples),
+            "repeats": len(samples)}
+
+
+def print_table(rows: list[dict], columns: list[tuple[str, str, str]]) -> None:
+    """columns: (key, header, format spec)."""
+    cells = [[format(row[k], fmt) if isinstance(row[k], (int, float)) else str(row[k])
+              for k, _, fmt in columns] for row in rows]
+    widths = [max(len(h), *(len(c[i]) for c in cells)) for i, (_, h, _) in enumerate(columns)]
+    print("  ".join(h.ljust(w) for (_, h, _), w in zip(columns, widths)))
+    print("  ".join("-" * w for w in widths))
+    for c in cells:
+        print("  ".join(v.ljust(w) for v, w in zip(c, widths)))
+
+
+def machine() -> dict:
+    info = {"python": platform.python_version(), "torch": torch.__version__, "cpu": platform.processor()
+            or platform.machine(), "threads": torch.get_num_threads()}
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
+def write_json(path: str | None, payload: dict) -> None:
+    if path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps({"machine": machine(), **payload}, indent=2))
+        print(f"wrote {path}")
+
+
+def base_parser(description: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--json", metavar="PATH", help="also write the numbers as JSON")
+    parser.add_argument("--repeats", type=int, default=7, help="interleaved samples per case")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    return parser

@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# Idempotent set-up for a fresh Debian 12 / Python 3.11 machine: system packages,
+# a virtual environment in .venv, and fastvae with its pinned dependencies.
+# Safe to run again: every step is skipped when already done.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+VENV="${FASTVAE_VENV:-.venv}"
+PYTHON="${PYTHON:-python3}"
+
+# Debian packages: real Fashion-MNIST (IDX files; no downloads at run time).
+APT_PACKAGES=(dataset-fashion-mnist)
+missing=()
+for pkg in "${APT_PACKAGES[@]}"; do
+    dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
+done
+if [ "${#missing[@]}" -gt 0 ]; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+        echo "setup: apt-get install ${missing[*]}"
+        apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+    else
+        echo "setup: warning: cannot install ${missing[*]} (needs root and apt-get); Fashion-MNIST tests will skip" >&2
+    fi
+fi
+
+if [ ! -x "$VENV/bin/python" ]; then
+    echo "setup: creating $VENV"
+    "$PYTHON" -m venv "$VENV"
+fi
+
+# Reinstall only when the dependency list changed (pyproject.toml is the single source).
+stamp="$VENV/.fastvae-setup"
+want="$(sha256sum pyproject.toml | cut -d' ' -f1)"
+if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ] || ! "$VENV/bin/python" -c "import fastvae, torch, accelerate" 2>/dev/null; then
+    echo "setup: installing fastvae and its pinned dependencies into $VENV (torch from the local wheel cache)"
+    "$VENV/bin/python" -m pip install -q --upgrade pip
+    "$VENV/bin/python" -m pip install -q -e ".[test]"
+    echo "$want" > "$stamp"
+fi

