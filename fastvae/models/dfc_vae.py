@@ -49,7 +49,9 @@ class DFCVAE(VAE):
         prev = chans[-1]
         for i, c in enumerate(up_chans):
             layers += [nn.Upsample(scale_factor=2, mode="nearest"),
-                       nn.Conv2d(prev, c, kernel_size=3, stride=1, padding=1, padding_mode="replicate")]
+                       # zero padding, not the paper's replication padding: under torch.compile
+                       # replication_pad2d_backward fails an inductor stride check (torch 2.14.1)
+                       nn.Conv2d(prev, c, kernel_size=3, stride=1, padding=1)]
             if i < len(up_chans) - 1:  # the last conv gives logits: no norm, no activation
                 layers += [nn.BatchNorm2d(c), nn.LeakyReLU(0.2), nn.Dropout2d(dropout)]
             prev = c
