@@ -1,0 +1,28 @@
+"""Dataset registry: config.data -> (train, test) datasets of (image in [0,1], label, index)."""
+
+from __future__ import annotations
+
+from torch.utils.data import Dataset, Subset
+
+from fastvae.data.imagefolder import image_folder
+from fastvae.data.mnist import embedded_mnist, fashion_mnist
+from fastvae.errors import UserError
+
+
+def build_datasets(data_cfg) -> tuple[Dataset, Dataset]:
+    name = data_cfg.name
+    if name in ("mnist", "fashion_mnist") and (data_cfg.image_size, data_cfg.channels) != (28, 1):
+        raise UserError(f"data.name={name} gives 1x28x28 images; expected data.image_size=28 and "
+                        f"data.channels=1, got {data_cfg.image_size} and {data_cfg.channels}")
+    if name == "mnist":
+        train, test = embedded_mnist(data_cfg.test_fraction, data_cfg.split_seed, data_cfg.root)
+    elif name == "fashion_mnist":
+        train, test = fashion_mnist(data_cfg.root)
+    elif name == "imagefolder":
+        train, test = image_folder(data_cfg.root, data_cfg.image_size, data_cfg.channels,
+                                   data_cfg.center_crop, data_cfg.test_fraction, data_cfg.split_seed)
+    else:
+        raise UserError(f"data.name {name!r}: expected mnist, fashion_mnist or imagefolder")
+    if data_cfg.limit:
+        train = Subset(train, range(min(data_cfg.limit, len(train))))
+    return train, test

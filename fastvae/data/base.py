@@ -1,0 +1,33 @@
+"""Dataset building blocks shared by every source: in-memory uint8 images and a fixed split."""
+
+from __future__ import annotations
+
+import torch
+from torch.utils.data import Dataset
+
+
+class ImageTensorDataset(Dataset):
+    """uint8 images [N, C, H, W] + int labels held in memory.
+
+    Items are (image float32 in [0, 1], label, index): the index lets a run
+    record exactly which samples each rank trained on.
+    """
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor) -> None:
+        assert images.dtype == torch.uint8 and images.ndim == 4, images.shape
+        assert len(images) == len(labels)
+        self.images = images
+        self.labels = labels.long()
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int):
+        return self.images[index].float().div_(255.0), self.labels[index], index
+
+
+def fixed_split(n: int, test_fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Deterministic (train_idx, test_idx) from a seeded permutation: same seed, same split, any machine."""
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    n_test = int(round(n * test_fraction))
+    return order[n_test:].sort().values, order[:n_test].sort().values

@@ -1,0 +1,76 @@
+"""Any folder of images (recursively), resized to a square; labels from first-level subfolders."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch.utils.data import Dataset
+from PIL import Image, UnidentifiedImageError
+from torchvision.transforms import v2
+from torchvision.transforms.v2.functional import pil_to_tensor
+
+from fastvae.data.base import fixed_split
+from fastvae.errors import UserError
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp"}
+
+
+def list_images(root: Path) -> list[Path]:
+    return sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+
+
+def image_transform(image_size: int, center_crop: int = 0) -> v2.Compose:
+    """uint8 CHW -> float32 CHW in [0, 1]: optional center crop, then resize (DFC-VAE: crop 148, resize 64)."""
+    steps = [v2.CenterCrop(center_crop)] if center_crop else []
+    steps += [v2.Resize(image_size, antialias=True), v2.CenterCrop(image_size),
+              v2.ToDtype(torch.float32, scale=True)]
+    return v2.Compose(steps)
+
+
+class ImageFolderDataset(Dataset):
+    """Decoded lazily with torchvision.io; items are (image, label, index) like every fastvae dataset."""
+
+    def __init__(self, files: list[Path], labels: list[int], image_size: int, channels: int,
+                 center_crop: int = 0) -> None:
+        self.files, self.labels = files, labels
+        self.mode = "L" if channels == 1 else "RGB"
+        self.transform = image_transform(image_size, center_crop)
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index: int):
+        path = self.files[index]
+        # PIL decodes: torchvision 0.29 deprecates its own image decoders
+        try:
+            with Image.open(path) as img:
+                image = pil_to_tensor(img.convert(self.mode))
+        except (OSError, UnidentifiedImageError, ValueError) as err:
+            raise UserError(f"image '{path}' could not be decoded ({type(err).__name__}); "
+                            f"expected a valid image file") from None
+        return self.transform(image), torch.tensor(self.labels[index]), index
+
+
+def image_folder(root: str, image_size: int, channels: int, center_crop: int,
+                 test_fraction: float, split_seed: int):
+    if not root:
+        raise UserError("data.root is empty; expected the folder of images for data.name=imagefolder")
+    root_path = Path(root)
+    if not root_path.is_dir():
+        raise UserError(f"image folder '{root_path}' not found; expected a folder of images")
+    files = list_images(root_path)
+    if not files:
+        raise UserError(f"image folder '{root_path}' holds no images; expected files ending in "
+                        f"{', '.join(sorted(IMAGE_SUFFIXES))}")
+    classes = sorted({f.relative_to(root_path).parts[0] for f in files if f.parent != root_path})
+    class_index = {name: i for i, name in enumerate(classes)}
+    labels = [class_index.get(f.relative_to(root_path).parts[0], 0) if f.parent != root_path else 0
+              for f in files]
+    train_idx, test_idx = fixed_split(len(files), test_fraction, split_seed)
+
+    def subset(idx):
+        return ImageFolderDataset([files[i] for i in idx], [labels[i] for i in idx],
+                                  image_size, channels, center_crop)
+
+    return subset(train_idx.tolist()), subset(test_idx.tolist())
