@@ -94,15 +94,6 @@ def test_batch_larger_than_dataset_is_a_user_error(tmp_path):
         train(tiny_config(tmp_path / "run", "data.batch_size=512"))
 
 
-def test_triton_ops_without_kernels_is_a_clear_error(tmp_path):
-    from fastvae.ops import triton_available
-
-    if triton_available():
-        pytest.skip("kernels are built in")
-    with pytest.raises(UserError, match="train.ops=triton"):
-        train(tiny_config(tmp_path / "run", "train.ops=triton"))
-
-
 def test_bf16_mixed_precision_trains(tmp_path):
     result = train(tiny_config(tmp_path / "run", "train.max_steps=4", "train.mixed_precision=bf16"))
     assert result["step"] == 4
