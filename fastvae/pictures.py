@@ -1,7 +1,12 @@
-"""The pictures a VAE run is judged by: prior samples, reconstructions, the latent map.
+"""The pictures a VAE is judged by: image grids with a title and row labels, and latent maps.
 
-Grids are built with torchvision's make_grid and drawn with matplotlib so each
-picture carries a title and row labels; everything is written as PNG.
+Grids come from torchvision's make_grid; the title band and row labels are drawn
+with Pillow so the PNG's pixel size is exact and predictable:
+    width  = LABEL_WIDTH (if row labels) + scale * grid_width
+    height = title_band_height(title, width) + scale * grid_height
+with an integer upscale so 28x28 digits are visible; a title too long for the
+width wraps onto more lines (TITLE_HEIGHT for one line, +TITLE_LINE per extra
+line). Scatter plots use matplotlib.
 """
 
 from __future__ import annotations
@@ -14,32 +19,74 @@ import matplotlib
 matplotlib.use("Agg")  # files only: no display on servers and CI
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
+from PIL import Image, ImageDraw, ImageFont  # noqa: E402
 from torchvision.utils import make_grid  # noqa: E402
 
+TITLE_HEIGHT = 28
+TITLE_LINE = 18
+TITLE_FONT = 14
+LABEL_WIDTH = 110
+PADDING = 2
+MIN_CELL = 56  # images are upscaled by an integer factor until a cell is at least this big
 
-def _show_grid(grid: torch.Tensor, path: Path, title: str, row_labels: list[str] | None = None,
-               rows: int = 1) -> Path:
-    """Draw a [C, H, W] grid in [0, 1] with a title (and one label per row) and save it as PNG."""
-    image = grid.detach().float().clamp(0, 1).permute(1, 2, 0).cpu().numpy()
-    height, width = image.shape[:2]
-    scale = 6.0 / max(height, width)
-    fig, ax = plt.subplots(figsize=(width * scale + (1.6 if row_labels else 0.2), height * scale + 0.6))
-    ax.imshow(image.squeeze(-1) if image.shape[-1] == 1 else image, cmap="gray", vmin=0, vmax=1,
-              interpolation="nearest")
-    ax.set_title(title, fontsize=11)
-    ax.set_xticks([])
+
+def _font(size: int):
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:  # Pillow without FreeType: fixed bitmap font
+        return ImageFont.load_default()
+
+
+def wrap_title(title: str, width: int) -> list[str]:
+    """Greedy word wrap of the title to the canvas width (measured with the font actually used)."""
+    font = _font(TITLE_FONT)
+    lines: list[str] = []
+    for word in title.split():
+        trial = f"{lines[-1]} {word}" if lines else word
+        if lines and font.getlength(trial) <= width - 8:
+            lines[-1] = trial
+        else:
+            lines.append(word)
+    return lines or [""]
+
+
+def title_band_height(title: str, width: int) -> int:
+    return TITLE_HEIGHT + TITLE_LINE * (len(wrap_title(title, width)) - 1)
+
+
+def grid_scale(image_size: int) -> int:
+    return max(1, math.ceil(MIN_CELL / image_size))
+
+
+def labeled_grid(images: torch.Tensor, nrow: int, title: str, row_labels: list[str] | None = None) -> Image.Image:
+    """images [N, C, H, W] in [0, 1] -> a PIL image: title band on top, one label per grid row on the left."""
+    images = images.detach().float().clamp(0, 1).cpu()
+    scale = grid_scale(min(images.shape[-2:]))
+    grid = make_grid(images, nrow=nrow, padding=PADDING, pad_value=1.0)
+    array = (grid.permute(1, 2, 0) * 255).round().byte().numpy()
+    body = Image.fromarray(array).convert("RGB")
+    body = body.resize((body.width * scale, body.height * scale), Image.NEAREST)
+    left = LABEL_WIDTH if row_labels else 0
+    width = left + body.width
+    band = title_band_height(title, width)
+    canvas = Image.new("RGB", (width, band + body.height), "white")
+    canvas.paste(body, (left, band))
+    draw = ImageDraw.Draw(canvas)
+    for i, line in enumerate(wrap_title(title, width)):
+        draw.text((4, 6 + i * TITLE_LINE), line, fill="black", font=_font(TITLE_FONT))
     if row_labels:
-        step = height / rows
-        ax.set_yticks([step * (i + 0.5) for i in range(rows)], labels=row_labels, fontsize=8)
-    else:
-        ax.set_yticks([])
-    for spine in ax.spines.values():
-        spine.set_visible(False)
-    fig.tight_layout()
+        cell = (images.shape[-2] + PADDING) * scale
+        font = _font(12)
+        for i, label in enumerate(row_labels):
+            y = band + PADDING * scale + i * cell + cell // 2 - 8
+            draw.text((4, y), label, fill="black", font=font)
+    return canvas
+
+
+def save_grid(images: torch.Tensor, path, nrow: int, title: str, row_labels: list[str] | None = None) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    labeled_grid(images, nrow, title, row_labels).save(path)
     return path
 
 
@@ -50,47 +97,56 @@ def decode_images(model, z: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
+def prior_samples(model, n: int, seed: int = 0, device="cpu") -> torch.Tensor:
+    """n images decoded from z ~ N(0, I), drawn from a seeded generator (the same for any device)."""
+    z = torch.randn(n, model.latent_dim, generator=torch.Generator().manual_seed(seed)).to(device)
+    return decode_images(model, z)
+
+
 def save_sample_grid(model, path, n: int = 100, seed: int = 0, device="cpu") -> Path:
-    """n images decoded from z ~ N(0, I), drawn from a seeded generator."""
-    g = torch.Generator().manual_seed(seed)
-    z = torch.randn(n, model.latent_dim, generator=g).to(device)
-    images = decode_images(model, z)
-    nrow = max(1, int(math.ceil(math.sqrt(n))))
-    grid = make_grid(images, nrow=nrow, padding=2, pad_value=1.0)
-    return _show_grid(grid, path, f"{n} samples from the prior N(0, I), latent dim {model.latent_dim}")
+    images = prior_samples(model, n, seed, device)
+    return save_grid(images, path, nrow=max(1, math.ceil(math.sqrt(n))),
+                     title=f"{n} samples from the prior N(0, I), latent dim {model.latent_dim}, seed {seed}")
 
 
 @torch.no_grad()
-def save_reconstruction_grid(model, images: torch.Tensor, path, per_row: int = 10) -> Path:
-    """Rows alternate: originals, then their reconstructions (decoded from the posterior mean)."""
+def reconstruct(model, images: torch.Tensor) -> torch.Tensor:
+    """Decoded from the posterior mean (z = mu): the deterministic reconstruction."""
     mu, _ = model.encode(images)
-    recon = decode_images(model, mu)
-    n = (len(images) // per_row) * per_row or len(images)
-    per_row = min(per_row, n)
-    rows = []
-    for start in range(0, n, per_row):
-        rows += [images[start:start + per_row].float(), recon[start:start + per_row]]
-    grid = make_grid(torch.cat(rows).cpu(), nrow=per_row, padding=2, pad_value=1.0)
-    labels = ["original", "reconstruction"] * (len(rows) // 2)
-    return _show_grid(grid, path, "Test images and their reconstructions (z = mu)", labels, rows=len(rows))
+    return decode_images(model, mu)
 
 
-def project_2d(points: torch.Tensor) -> tuple[torch.Tensor, str]:
+def save_reconstruction_grid(model, images: torch.Tensor, path, per_row: int = 10) -> Path:
+    """Rows alternate: originals, then their reconstructions."""
+    recon = reconstruct(model, images).cpu()
+    images = images.float().cpu()
+    per_row = min(per_row, len(images))
+    rows, labels = [], []
+    for start in range(0, len(images), per_row):
+        rows += [images[start:start + per_row], recon[start:start + per_row]]
+        labels += ["original", "reconstruction"]
+    if len(rows[-1]) < per_row:  # keep the grid rectangular
+        rows, labels = rows[:-2], labels[:-2]
+    return save_grid(torch.cat(rows), path, nrow=per_row, title="Test images and their reconstructions (z = mu)",
+                     row_labels=labels)
+
+
+def project_2d(points: torch.Tensor) -> tuple[torch.Tensor, tuple[str, str]]:
     """2-d latents as they are; larger ones on their first two principal components."""
     points = points.float()
     if points.shape[1] == 2:
-        return points, "z[0], z[1]"
+        return points, ("z[0]", "z[1]")
     if points.shape[1] == 1:
-        return torch.cat([points, torch.zeros_like(points)], 1), "z[0]"
+        return torch.cat([points, torch.zeros_like(points)], 1), ("z[0]", "")
     centered = points - points.mean(0, keepdim=True)
     _, _, v = torch.linalg.svd(centered, full_matrices=False)
-    return centered @ v[:2].T, "PC 1, PC 2 of the latent means"
+    return centered @ v[:2].T, ("principal component 1", "principal component 2")
 
 
 def save_latent_scatter(mu: torch.Tensor, labels: torch.Tensor, path, title: str,
                         class_names: list[str] | None = None) -> Path:
-    """The lecture's picture: test-set latent means, colored by class."""
-    xy, axes_label = project_2d(mu.cpu())
+    """The lecture's picture: latent means colored by class (PCA for latents larger than 2)."""
+    xy, (xlabel, ylabel) = project_2d(mu.cpu())
     labels = labels.cpu()
     fig, ax = plt.subplots(figsize=(7, 6))
     cmap = plt.get_cmap("tab10")
@@ -98,9 +154,9 @@ def save_latent_scatter(mu: torch.Tensor, labels: torch.Tensor, path, title: str
         sel = labels == k
         name = class_names[k] if class_names and k < len(class_names) else str(k)
         ax.scatter(xy[sel, 0], xy[sel, 1], s=6, alpha=0.7, color=cmap(k % 10), label=name)
-    ax.set_xlabel(axes_label.split(", ")[0])
-    ax.set_ylabel(axes_label.split(", ")[-1])
-    ax.set_title(title)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title if mu.shape[1] <= 2 else f"{title} (PCA of {mu.shape[1]}-d means)")
     ax.legend(markerscale=3, fontsize=8, loc="best", title="label")
     fig.tight_layout()
     path = Path(path)

@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from fastvae import checkpoint, pictures
 from fastvae.config import Config, load_config
-from fastvae.data import build_datasets
+from fastvae.data import build_datasets, in_order_loader
 from fastvae.errors import UserError, exit_on_user_error
 from fastvae.losses import kl_divergence, kl_weight, reconstruction_loss, reparameterize, vae_loss
 from fastvae.models import build_model
@@ -92,12 +92,6 @@ def prepare_out_dir(cfg: Config, accelerator: Accelerator) -> Path:
             raise UserError(f"out_dir '{out}' is not writable ({err.strerror}); expected a writable folder")
     accelerator.wait_for_everyone()
     return out
-
-
-def in_order_loader(dataset, batch_size: int = 256) -> DataLoader:
-    """Batches in dataset order. Its own generator: starting an iterator draws a seed
-    from the loader's generator, and the global one belongs to training (exact resume)."""
-    return DataLoader(dataset, batch_size=batch_size, shuffle=False, generator=torch.Generator())
 
 
 @torch.no_grad()

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 from torch.utils.data import Dataset, Subset
 
+from fastvae.data.base import in_order_loader
 from fastvae.data.imagefolder import image_folder
 from fastvae.data.mnist import embedded_mnist, fashion_mnist
 from fastvae.errors import UserError
+
+__all__ = ["build_datasets", "in_order_loader"]
 
 
 def build_datasets(data_cfg) -> tuple[Dataset, Dataset]:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset
 
 
 class ImageTensorDataset(Dataset):
@@ -31,3 +31,9 @@ def fixed_split(n: int, test_fraction: float, seed: int) -> tuple[torch.Tensor, 
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
     n_test = int(round(n * test_fraction))
     return order[n_test:].sort().values, order[:n_test].sort().values
+
+
+def in_order_loader(dataset: Dataset, batch_size: int = 256) -> DataLoader:
+    """Batches in dataset order. Its own generator: starting an iterator draws a seed
+    from the loader's generator, and the global one belongs to training (exact resume)."""
+    return DataLoader(dataset, batch_size=batch_size, shuffle=False, generator=torch.Generator())

@@ -1,0 +1,345 @@
+"""Pictures and latent-space arithmetic from a checkpoint written by fastvae.train.
+
+    python -m fastvae.generate sample      --checkpoint CKPT [--n 64] [--seed 0]
+    python -m fastvae.generate reconstruct --checkpoint CKPT [--split test] [--n 20]
+    python -m fastvae.generate interpolate --checkpoint CKPT --indices 0 7 [12 ...] [--steps 10] [--spherical]
+    python -m fastvae.generate latent-plot --checkpoint CKPT [--split test] [--grid 20] [--span 3]
+    python -m fastvae.generate attribute   --checkpoint CKPT (--attribute Smiling | --labels 8 1)
+                                           [--alphas -2 -1 0 1 2] [--indices 0 1 2]
+
+Every command writes PNGs (default: RUN_DIR/generated/) and prints their paths.
+The same functions work from Python:
+
+    from fastvae.generate import load, sample, attribute_vector_for, apply_attribute
+    vae = load("runs/mnist/checkpoints/step_00001050")
+    images = sample(vae, 16)                                   # [16, 1, 28, 28] in [0, 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from fastvae import pictures
+from fastvae.checkpoint import load_model
+from fastvae.config import Config
+from fastvae.data import build_datasets, in_order_loader
+from fastvae.errors import UserError, exit_on_user_error
+
+SPLITS = ("train", "test")
+
+
+@dataclass
+class LoadedVAE:
+    """A trained model with the config it was trained with."""
+
+    model: torch.nn.Module
+    cfg: Config
+    meta: dict
+    path: Path
+    device: torch.device
+    _datasets: tuple | None = field(default=None, repr=False)
+
+    def split(self, name: str):
+        if name not in SPLITS:
+            raise UserError(f"split {name!r}: expected one of {', '.join(SPLITS)}")
+        if self._datasets is None:
+            self._datasets = build_datasets(self.cfg.data)
+        return self._datasets[SPLITS.index(name)]
+
+    @property
+    def run_dir(self) -> Path:
+        return self.path.parent.parent  # RUN_DIR/checkpoints/step_N
+
+
+def load(checkpoint: str | Path, device: str | torch.device | None = None) -> LoadedVAE:
+    """Rebuild the model from a checkpoint's stored config, on CUDA when there is one."""
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"device {device}: no CUDA device here; expected --device cpu")
+    model, cfg, meta = load_model(checkpoint, device)
+    return LoadedVAE(model, cfg, meta, Path(checkpoint), device)
+
+
+# ---------------------------------------------------------------- the operations
+
+
+def sample(vae: LoadedVAE, n: int = 64, seed: int = 0) -> torch.Tensor:
+    """n images from the prior N(0, I)."""
+    return pictures.prior_samples(vae.model, n, seed, vae.device).cpu()
+
+
+def images_at(vae: LoadedVAE, split: str, indices: list[int]) -> torch.Tensor:
+    dataset = vae.split(split)
+    for i in indices:
+        if not 0 <= i < len(dataset):
+            raise UserError(f"image index {i}: expected 0 <= index < {len(dataset)} ({split} split)")
+    return torch.stack([dataset[i][0] for i in indices])
+
+
+def reconstruct(vae: LoadedVAE, images: torch.Tensor) -> torch.Tensor:
+    """Reconstructions decoded from the posterior means."""
+    return pictures.reconstruct(vae.model, images.to(vae.device)).cpu()
+
+
+@torch.no_grad()
+def encode(vae: LoadedVAE, images: torch.Tensor) -> torch.Tensor:
+    mu, _ = vae.model.encode(images.to(vae.device))
+    return mu.float()
+
+
+@torch.no_grad()
+def encode_split(vae: LoadedVAE, split: str, max_images: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(posterior means [N, D], labels [N]) over a split, in dataset order."""
+    mus, labels, seen = [], [], 0
+    for x, y, _ in in_order_loader(vae.split(split)):
+        if max_images is not None:
+            x, y = x[: max_images - seen], y[: max_images - seen]
+        mus.append(encode(vae, x).cpu())
+        labels.append(y)
+        seen += len(x)
+        if max_images is not None and seen >= max_images:
+            break
+    return torch.cat(mus), torch.cat(labels)
+
+
+def slerp(a: torch.Tensor, b: torch.Tensor, t: float) -> torch.Tensor:
+    """Spherical interpolation (falls back to linear when a and b are nearly parallel)."""
+    cos = torch.nn.functional.cosine_similarity(a, b, dim=-1).clamp(-1, 1).unsqueeze(-1)
+    omega = torch.acos(cos)
+    if omega.abs().max() < 1e-4:
+        return (1 - t) * a + t * b
+    return (torch.sin((1 - t) * omega) * a + torch.sin(t * omega) * b) / torch.sin(omega)
+
+
+@torch.no_grad()
+def interpolate(vae: LoadedVAE, images: torch.Tensor, steps: int = 10, spherical: bool = False) -> torch.Tensor:
+    """[len(images) - 1, steps, C, H, W]: one row per consecutive pair, from the first mean to the second."""
+    if len(images) < 2:
+        raise UserError(f"interpolate: got {len(images)} image(s); expected at least 2")
+    if steps < 2:
+        raise UserError(f"interpolate: --steps {steps}; expected at least 2")
+    mu = encode(vae, images)
+    rows = []
+    for a, b in zip(mu[:-1], mu[1:]):
+        ts = torch.linspace(0, 1, steps).tolist()
+        z = torch.stack([slerp(a, b, t) if spherical else a + t * (b - a) for t in ts])
+        rows.append(pictures.decode_images(vae.model, z).cpu())
+    return torch.stack(rows)
+
+
+@torch.no_grad()
+def latent_manifold(vae: LoadedVAE, grid: int = 20, span: float = 3.0) -> torch.Tensor:
+    """For a 2-d latent: decoded images over a grid of z in [-span, span]^2, row-major with z[1] decreasing."""
+    if vae.model.latent_dim != 2:
+        raise UserError(f"latent manifold needs a 2-d latent; this model has {vae.model.latent_dim}")
+    values = torch.linspace(-span, span, grid)
+    z = torch.stack([torch.stack([x, y]) for y in values.flip(0) for x in values]).to(vae.device)
+    return pictures.decode_images(vae.model, z).cpu()
+
+
+def attribute_vector(mu: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
+    """z_diff = mean(mu | present) - mean(mu | absent)."""
+    present = present.bool()
+    if present.all() or not present.any():
+        raise UserError(f"attribute vector: {int(present.sum())} of {len(present)} images have the attribute; "
+                        f"expected both groups to be non-empty")
+    return mu[present].mean(0) - mu[~present].mean(0)
+
+
+def attribute_vector_for(vae: LoadedVAE, split: str = "train", attribute: str | None = None,
+                         labels: tuple[int, int] | None = None) -> tuple[torch.Tensor, dict]:
+    """The vector for a named attribute (datasets with attributes, e.g. CelebA's `Smiling`) or for a
+    label pair on labeled data (`labels=(8, 1)`: mean of the 8s minus mean of the 1s). Returns (z_diff, metadata)."""
+    dataset = vae.split(split)
+    mu, y = encode_split(vae, split)
+    if attribute is not None:
+        names = list(getattr(dataset, "attribute_names", []))
+        if not names:
+            raise UserError(f"dataset {vae.cfg.data.name} has no named attributes; expected --labels A B "
+                            f"(a label pair) instead of --attribute")
+        if attribute not in names:
+            raise UserError(f"attribute {attribute!r} not in {vae.cfg.data.name}; expected one of: {', '.join(names)}")
+        present = dataset.attribute_values(attribute).bool()
+        keep = torch.ones_like(present)
+        what = {"attribute": attribute}
+    elif labels is not None:
+        a, b = labels
+        keep = (y == a) | (y == b)
+        present = y == a
+        what = {"labels": [a, b]}
+    else:
+        raise UserError("attribute: expected --attribute NAME or --labels A B")
+    z_diff = attribute_vector(mu[keep], present[keep])
+    meta = {**what, "split": split, "present": int(present[keep].sum()), "absent": int((~present[keep]).sum()),
+            "checkpoint": str(vae.path), "latent_dim": int(z_diff.numel())}
+    return z_diff, meta
+
+
+@torch.no_grad()
+def apply_attribute(vae: LoadedVAE, images: torch.Tensor, z_diff: torch.Tensor,
+                    alphas: list[float]) -> torch.Tensor:
+    """[len(images), len(alphas), C, H, W]: decode(mu + alpha * z_diff). alpha = 0 is the reconstruction."""
+    mu = encode(vae, images)
+    z_diff = z_diff.to(mu.device, mu.dtype)
+    # one decode per alpha over all images: the alpha = 0 batch is then exactly the
+    # reconstruction batch (same values, same batch shape, so bit-identical output)
+    columns = [pictures.decode_images(vae.model, mu + alpha * z_diff) for alpha in alphas]
+    return torch.stack(columns, dim=1).cpu()
+
+
+def save_attribute_vector(path: str | Path, z_diff: torch.Tensor, meta: dict) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"z_diff": z_diff.cpu(), "meta": meta}, path)
+    path.with_suffix(".json").write_text(json.dumps({**meta, "norm": float(z_diff.norm())}, indent=2))
+    return path
+
+
+def load_attribute_vector(path: str | Path) -> tuple[torch.Tensor, dict]:
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+        return saved["z_diff"], saved["meta"]
+    except (OSError, RuntimeError, KeyError, EOFError) as err:
+        raise UserError(f"attribute vector '{path}' unreadable ({type(err).__name__}); "
+                        f"expected a file written by `fastvae.generate attribute`") from None
+
+
+# ---------------------------------------------------------------- command line
+
+
+def _out_dir(vae: LoadedVAE, out: str | None) -> Path:
+    return Path(out) if out else vae.run_dir / "generated"
+
+
+def cmd_sample(vae, args) -> list[Path]:
+    images = sample(vae, args.n, args.seed)
+    title = f"{args.n} samples from N(0, I), latent dim {vae.model.latent_dim}, seed {args.seed}"
+    return [pictures.save_grid(images, _out_dir(vae, args.out) / "samples.png",
+                               nrow=math.ceil(math.sqrt(args.n)), title=title)]
+
+
+def cmd_reconstruct(vae, args) -> list[Path]:
+    dataset = vae.split(args.split)
+    picks = torch.linspace(0, len(dataset) - 1, min(args.n, len(dataset))).long().tolist()
+    images = images_at(vae, args.split, picks)
+    return [pictures.save_reconstruction_grid(vae.model, images.to(vae.device),
+                                              _out_dir(vae, args.out) / "reconstructions.png")]
+
+
+def cmd_interpolate(vae, args) -> list[Path]:
+    images = images_at(vae, args.split, args.indices)
+    rows = interpolate(vae, images, args.steps, args.spherical)
+    kind = "spherical" if args.spherical else "linear"
+    labels = [f"#{a} -> #{b}" for a, b in zip(args.indices[:-1], args.indices[1:])]
+    return [pictures.save_grid(rows.flatten(0, 1), _out_dir(vae, args.out) / f"interpolation_{kind}.png",
+                               nrow=args.steps, title=f"{kind} interpolation between posterior means "
+                               f"({args.split} images)", row_labels=labels)]
+
+
+def cmd_latent_plot(vae, args) -> list[Path]:
+    out = _out_dir(vae, args.out)
+    mu, labels = encode_split(vae, args.split, args.max_points)
+    written = [pictures.save_latent_scatter(mu, labels, out / "latent_scatter.png",
+                                            f"Latent means of {len(mu)} {args.split} images ({vae.cfg.data.name})")]
+    if vae.model.latent_dim == 2:
+        images = latent_manifold(vae, args.grid, args.span)
+        written.append(pictures.save_grid(images, out / "latent_manifold.png", nrow=args.grid,
+                                          title=f"Decoded z over [-{args.span:g}, {args.span:g}]^2 "
+                                          f"(z[0] left to right, z[1] top to bottom)"))
+    else:
+        print(f"fastvae: latent dim {vae.model.latent_dim} > 2: scatter drawn on the first two principal "
+              f"components; the manifold grid needs a 2-d latent")
+    return written
+
+
+def cmd_attribute(vae, args) -> list[Path]:
+    out = _out_dir(vae, args.out)
+    if args.vector:
+        z_diff, meta = load_attribute_vector(args.vector)
+        if z_diff.numel() != vae.model.latent_dim:
+            raise UserError(f"attribute vector '{args.vector}' has {z_diff.numel()} dims; "
+                            f"expected the model's {vae.model.latent_dim}")
+        written = []
+    else:
+        z_diff, meta = attribute_vector_for(vae, args.split, args.attribute,
+                                            tuple(args.labels) if args.labels else None)
+        name = args.attribute or f"labels_{args.labels[0]}_minus_{args.labels[1]}"
+        written = [save_attribute_vector(out / f"attribute_{name}.pt", z_diff, meta)]
+    what = meta.get("attribute") or "label {} - label {}".format(*meta["labels"])
+    dataset = vae.split(args.apply_split)
+    indices = args.indices or torch.linspace(0, len(dataset) - 1, min(6, len(dataset))).long().tolist()
+    images = images_at(vae, args.apply_split, indices)
+    sweep = apply_attribute(vae, images, z_diff, args.alphas)
+    name = (args.attribute or "labels_{}_minus_{}".format(*meta["labels"])) if not args.vector else Path(args.vector).stem
+    alphas = ", ".join(f"{a:g}" for a in args.alphas)
+    written.append(pictures.save_grid(sweep.flatten(0, 1), out / f"attribute_sweep_{name}.png", nrow=len(args.alphas),
+                                      title=f"z + alpha * z_diff[{what}], alpha = {alphas}",
+                                      row_labels=[f"image #{i}" for i in indices]))
+    return written
+
+
+COMMANDS = {"sample": cmd_sample, "reconstruct": cmd_reconstruct, "interpolate": cmd_interpolate,
+            "latent-plot": cmd_latent_plot, "attribute": cmd_attribute}
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(prog="python -m fastvae.generate",
+                                     description="Pictures and latent arithmetic from a fastvae checkpoint.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def command(name, help_text):
+        p = sub.add_parser(name, help=help_text)
+        p.add_argument("--checkpoint", required=True, help="a checkpoint directory written by fastvae.train")
+        p.add_argument("--out", help="output folder (default: RUN_DIR/generated)")
+        p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+        return p
+
+    p = command("sample", "images from the prior")
+    p.add_argument("--n", type=int, default=64)
+    p.add_argument("--seed", type=int, default=0)
+    p = command("reconstruct", "originals above their reconstructions")
+    p.add_argument("--split", default="test", choices=SPLITS)
+    p.add_argument("--n", type=int, default=20)
+    p = command("interpolate", "walk in z between images")
+    p.add_argument("--indices", type=int, nargs="+", required=True, help="two or more image indices")
+    p.add_argument("--split", default="test", choices=SPLITS)
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--spherical", action="store_true", help="slerp instead of a straight line")
+    p = command("latent-plot", "latent scatter colored by label (+ decoded manifold for 2-d latents)")
+    p.add_argument("--split", default="test", choices=SPLITS)
+    p.add_argument("--max-points", type=int, default=5000)
+    p.add_argument("--grid", type=int, default=20)
+    p.add_argument("--span", type=float, default=3.0)
+    p = command("attribute", "attribute vector and an alpha sweep")
+    group = p.add_mutually_exclusive_group(required=True)
+    group.add_argument("--attribute", help="a named attribute, e.g. Smiling (CelebA)")
+    group.add_argument("--labels", type=int, nargs=2, metavar=("PRESENT", "ABSENT"),
+                       help="a label pair on labeled data: mean(PRESENT) - mean(ABSENT)")
+    group.add_argument("--vector", help="apply a saved attribute vector (.pt) instead of computing one")
+    p.add_argument("--split", default="train", choices=SPLITS, help="split the vector is computed on")
+    p.add_argument("--apply-split", default="test", choices=SPLITS, help="split of the edited images")
+    p.add_argument("--indices", type=int, nargs="*", help="images to edit (default: 6 spread over the split)")
+    p.add_argument("--alphas", type=float, nargs="+", default=[-2.0, -1.0, 0.0, 1.0, 2.0])
+    return parser.parse_args(argv)
+
+
+@exit_on_user_error
+def main(argv=None) -> list[Path]:
+    args = parse_args(argv)
+    if getattr(args, "n", 1) < 1:
+        raise UserError(f"--n {args.n}: expected at least 1")
+    vae = load(args.checkpoint, args.device)
+    written = COMMANDS[args.command](vae, args)
+    for path in written:
+        print(f"fastvae: wrote {path}")
+    return written
+
+
+if __name__ == "__main__":
+    main()
