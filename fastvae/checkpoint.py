@@ -16,6 +16,7 @@ import shutil
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file
 
 from fastvae.config import Config, from_dict, to_dict
@@ -52,7 +53,9 @@ def save_checkpoint(accelerator, out_dir: str | Path, cfg: Config, progress: dic
     accelerator.save_state(str(tmp))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        meta = {"format": 1, "config": to_dict(cfg), **progress}
+        # sizes of every file: a later truncation (disk full, bad copy) is detected before loading
+        files = {p.name: p.stat().st_size for p in sorted(tmp.iterdir()) if p.is_file()}
+        meta = {"format": 1, "config": to_dict(cfg), **progress, "files": files}
         with open(tmp / META_FILE, "w") as fh:
             json.dump(meta, fh, indent=2)
         _fsync_tree(tmp)
@@ -89,14 +92,43 @@ def read_meta(path: str | Path) -> dict:
         raise UserError(f"checkpoint file '{meta_path}' is corrupt ({err.msg}); expected JSON") from None
 
 
-def resolve_resume(resume: str, out_dir: str | Path) -> Path | None:
-    """`auto` -> newest complete checkpoint in out_dir (None if there is none); else the given path."""
+def problem(path: str | Path) -> str | None:
+    """Why a complete-looking checkpoint cannot be loaded, or None if it looks intact."""
+    path = Path(path)
+    try:
+        meta = read_meta(path)
+    except UserError as err:
+        return str(err)
+    for name, size in meta.get("files", {}).items():
+        f = path / name
+        if not f.is_file():
+            return f"file {name} is missing"
+        if f.stat().st_size != size:
+            return f"file {name} has {f.stat().st_size} bytes, expected {size} (truncated?)"
+    try:
+        with safe_open(str(path / MODEL_FILE), "pt"):
+            pass
+    except Exception as err:  # safetensors raises its own error types
+        return f"{MODEL_FILE} unreadable ({err})"
+    return None
+
+
+def resolve_resume(resume: str, out_dir: str | Path, announce=print) -> Path | None:
+    """`auto` -> newest intact checkpoint in out_dir (None if there is none), saying which ones
+    were skipped and why; a path -> that checkpoint, which must be intact."""
     if not resume:
         return None
     if resume.lower() in ("auto", "true"):
-        found = list_checkpoints(out_dir)
-        return found[-1] if found else None
-    read_meta(resume)  # validates
+        for path in reversed(list_checkpoints(out_dir)):
+            why = problem(path)
+            if why is None:
+                return path
+            announce(f"fastvae: skipping checkpoint {path}: {why}")
+        return None
+    read_meta(resume)  # its own clear error for a missing or foreign path
+    why = problem(resume)
+    if why is not None:
+        raise UserError(f"checkpoint '{resume}' cannot be resumed: {why}")
     return Path(resume)
 
 

@@ -74,6 +74,7 @@ class TrainConfig:
     checkpoint_every: int = 0  # also checkpoint every N steps; 0 = at epoch ends only
     keep_checkpoints: int = 2
     resume: str = ""  # "" = fresh run, "auto" = newest checkpoint in out_dir, or a path
+    nonfinite: str = "stop"  # on a NaN/inf loss: stop (keep the last good checkpoint) | skip the batch
     log_every: int = 10  # steps between progress-bar / tracker updates
     record_sample_ids: bool = False  # write the dataset indices each rank trained on
     samples: int = 100  # images in the prior sample grid
@@ -100,6 +101,7 @@ CHOICES = {
     "optim.scheduler": ("none", "cosine", "linear"),
     "train.mixed_precision": (None, "no", "bf16", "fp16"),
     "train.ops": ("eager", "compiled", "triton", "auto"),
+    "train.nonfinite": ("stop", "skip"),
 }
 
 POSITIVE = ("data.image_size", "data.channels", "data.batch_size", "model.latent_dim",

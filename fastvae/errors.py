@@ -12,9 +12,17 @@ class UserError(Exception):
     The message names the bad thing and what was expected, on one line.
     """
 
+    exit_code = USER_ERROR_EXIT_CODE
+
+
+class NonFiniteLoss(UserError):
+    """Training produced a NaN/inf loss term; the last good checkpoint is kept."""
+
+    exit_code = 3
+
 
 def exit_on_user_error(main):
-    """Turn a UserError escaping `main` into `fastvae: error: ...` and exit code 2."""
+    """Turn a UserError escaping `main` into `fastvae: error: ...` and its exit code (2 for bad input)."""
 
     @functools.wraps(main)
     def wrapper(*args, **kwargs):
@@ -23,6 +31,6 @@ def exit_on_user_error(main):
         except UserError as err:
             message = " ".join(str(err).split())  # always one line
             print(f"fastvae: error: {message}", file=sys.stderr, flush=True)
-            sys.exit(USER_ERROR_EXIT_CODE)
+            sys.exit(err.exit_code)
 
     return wrapper

@@ -15,6 +15,7 @@ import argparse
 import json
 import math
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -29,6 +30,7 @@ from fastvae import checkpoint, pictures
 from fastvae.config import Config, load_config
 from fastvae.data import build_datasets, in_order_loader
 from fastvae.errors import UserError, exit_on_user_error
+from fastvae.stopping import NonFiniteGuard, StopSignal
 from fastvae.losses import kl_divergence, kl_weight, reconstruction_loss, reparameterize, vae_loss
 from fastvae.models import build_model
 from fastvae.ops import Ops, build_ops
@@ -150,8 +152,13 @@ def trim_metrics(out_dir: Path, step: int) -> None:
     """On resume, drop epoch records written after the checkpoint we resume from."""
     path = out_dir / METRICS_FILE
     if path.is_file():
-        kept = [line for line in path.read_text().splitlines()
-                if line.strip() and json.loads(line)["step"] <= step]
+        kept = []
+        for line in path.read_text().splitlines():
+            try:
+                if json.loads(line)["step"] <= step:
+                    kept.append(line)
+            except (json.JSONDecodeError, KeyError, TypeError):
+                pass  # a line cut short by a crash
         path.write_text("".join(line + "\n" for line in kept))
 
 
@@ -160,6 +167,10 @@ def train(cfg: Config) -> dict:
     set_seed(cfg.seed)
     out_dir = prepare_out_dir(cfg, accelerator)
     is_main = accelerator.is_main_process
+    existing = checkpoint.list_checkpoints(out_dir)
+    if existing and not cfg.train.resume:
+        raise UserError(f"out_dir '{out_dir}' already holds checkpoints (newest: {existing[-1].name}); expected "
+                        f"an empty out_dir, train.resume=auto to continue that run, or another out_dir")
 
     # ---- data
     train_set, test_set = build_datasets(cfg.data)
@@ -193,11 +204,15 @@ def train(cfg: Config) -> dict:
 
     # ---- resume
     step, epoch, batch_in_epoch = 0, 0, 0
-    resume_path = checkpoint.resolve_resume(cfg.train.resume, out_dir)
+    resume_path = checkpoint.resolve_resume(cfg.train.resume, out_dir, announce=accelerator.print)
     if resume_path is not None:
         meta = checkpoint.read_meta(resume_path)
         checkpoint.check_compatible(meta, cfg, resume_path)
-        accelerator.load_state(str(resume_path))
+        try:
+            accelerator.load_state(str(resume_path))
+        except Exception as err:  # torch/safetensors/pickle each raise their own types
+            raise UserError(f"checkpoint '{resume_path}' could not be loaded ({type(err).__name__}: {err}); "
+                            f"expected an intact checkpoint of this model") from None
         step, epoch, batch_in_epoch = meta["step"], meta["epoch"], meta["batch_in_epoch"]
         if is_main:
             trim_metrics(out_dir, step)
@@ -207,8 +222,11 @@ def train(cfg: Config) -> dict:
 
     log = RunLog(accelerator, cfg)
     sample_ids = [] if cfg.train.record_sample_ids else None
+    guard = NonFiniteGuard(cfg.train.nonfinite, accelerator)
+    stop = StopSignal(accelerator)
 
     def save(at_epoch: int, at_batch: int) -> Path:
+        guard.raise_if_bad()  # never checkpoint weights that saw a non-finite loss
         if at_batch >= len(train_loader):  # the end of an epoch is the start of the next
             at_epoch, at_batch = at_epoch + 1, 0
         progress = {"step": step, "epoch": at_epoch, "batch_in_epoch": at_batch}
@@ -222,79 +240,90 @@ def train(cfg: Config) -> dict:
     bar = tqdm(total=total_steps, initial=step, disable=not accelerator.is_local_main_process,
                desc="train", unit="step", dynamic_ncols=True)
     last_saved_step = step if resume_path is not None else -1
-    while epoch < cfg.train.epochs and step < total_steps:
-        train_loader.set_epoch(epoch)
-        loader = accelerator.skip_first_batches(train_loader, batch_in_epoch) if batch_in_epoch else train_loader
-        sums = torch.zeros(4, device=accelerator.device, dtype=torch.float64)  # loss, recon, kl, images
-        epoch_start = time.perf_counter()
-        model.train()
-        batch_idx = batch_in_epoch - 1
-        for batch_idx, (x, _, index) in enumerate(loader, start=batch_in_epoch):
-            # ---- the training step
-            beta = kl_weight(cfg.loss.beta, step, cfg.loss.kl_warmup_steps)
-            with accelerator.accumulate(model):
-                loss, recon, kl = compute_loss(model, x, ops, cfg.loss, beta)
-                accelerator.backward(loss)
-                if accelerator.sync_gradients and cfg.optim.grad_clip:
-                    accelerator.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-            # ---- bookkeeping (no host sync except every log_every steps)
-            n = x.shape[0]
-            sums += torch.stack([loss.detach() * n, recon.detach().sum(), kl.detach().sum(),
-                                 torch.tensor(n, device=x.device)]).double()
-            if sample_ids is not None:
-                sample_ids.extend(index.tolist())
-            if not accelerator.sync_gradients:
-                continue
-            step += 1
-            scheduler.step()
-            bar.update(1)
-            if step % cfg.train.log_every == 0 or step == total_steps:
-                values = {"loss": loss.item(), "recon": recon.mean().item(), "kl": kl.mean().item(),
-                          "beta": beta, "lr": scheduler.get_last_lr()[0]}
-                if not all(math.isfinite(v) for v in values.values()):
-                    bad = [k for k in ("recon", "kl") if not math.isfinite(values[k])] or ["loss"]
-                    raise UserError(f"non-finite {bad[0]} at step {step}; expected finite losses "
-                                    f"(lower optim.lr or check the data); last checkpoint kept")
-                bar.set_postfix(loss=f"{values['loss']:.2f}", kl=f"{values['kl']:.2f}")
-                log.log_step(values, step)
-            if cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0:
+    try:  # the bar ends its line and the signal handlers are restored, whatever happens
+        while epoch < cfg.train.epochs and step < total_steps:
+            train_loader.set_epoch(epoch)
+            loader = accelerator.skip_first_batches(train_loader, batch_in_epoch) if batch_in_epoch else train_loader
+            sums = torch.zeros(4, device=accelerator.device, dtype=torch.float64)  # loss, recon, kl, images
+            epoch_start = time.perf_counter()
+            model.train()
+            batch_idx = batch_in_epoch - 1
+            for batch_idx, (x, _, index) in enumerate(loader, start=batch_in_epoch):
+                # ---- the training step
+                beta = kl_weight(cfg.loss.beta, step, cfg.loss.kl_warmup_steps)
+                with accelerator.accumulate(model):
+                    loss, recon, kl = compute_loss(model, x, ops, cfg.loss, beta)
+                    if guard.batch_is_bad(step, recon, kl):  # policy "skip": this batch updates nothing
+                        optimizer.zero_grad(set_to_none=True)  # (nor does the rest of its accumulation window)
+                        continue
+                    accelerator.backward(loss)
+                    if accelerator.sync_gradients and cfg.optim.grad_clip:
+                        accelerator.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                # ---- bookkeeping (no host sync except every log_every steps)
+                n = x.shape[0]
+                sums += torch.stack([loss.detach() * n, recon.detach().sum(), kl.detach().sum(),
+                                     torch.tensor(n, device=x.device)]).double()
+                if sample_ids is not None:
+                    sample_ids.extend(index.tolist())
+                if not accelerator.sync_gradients:
+                    continue
+                step += 1
+                scheduler.step()
+                bar.update(1)
+                if step % cfg.train.log_every == 0 or step == total_steps:
+                    guard.raise_if_bad()
+                    values = {"loss": loss.item(), "recon": recon.mean().item(), "kl": kl.mean().item(),
+                              "beta": beta, "lr": scheduler.get_last_lr()[0], "skipped_batches": guard.skipped}
+                    bar.set_postfix(loss=f"{values['loss']:.2f}", kl=f"{values['kl']:.2f}")
+                    log.log_step(values, step)
+                if cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0:
+                    last_saved_step = step
+                    save(epoch, batch_idx + 1)
+                if step >= total_steps or stop.requested():
+                    break
+            # ---- end of the epoch (or of the run, inside an epoch when max_steps says so)
+            elapsed = time.perf_counter() - epoch_start
+            totals = accelerator.reduce(sums, reduction="sum").tolist()
+            batches_done = batch_idx + 1
+            if totals[3] > 0:
+                complete = batches_done >= len(train_loader)
+                record = {"epoch": epoch + 1 if complete else round(epoch + batches_done / len(train_loader), 4),
+                          "step": step, "loss": totals[0] / totals[3], "recon": totals[1] / totals[3],
+                          "kl": totals[2] / totals[3], "images_per_sec": totals[3] / elapsed,
+                          "lr": scheduler.get_last_lr()[0], "skipped_batches": guard.skipped}
+                if is_main:
+                    record.update(evaluate_elbo(raw_model, test_set, cfg, accelerator.device))
+                log.log_epoch(record)
+            accelerator.wait_for_everyone()
+            if last_saved_step != step:
                 last_saved_step = step
-                save(epoch, batch_idx + 1)
-            if step >= total_steps:
+                save(epoch, batches_done)
+            epoch, batch_in_epoch = (epoch + 1, 0) if batches_done >= len(train_loader) else (epoch, batches_done)
+            if stop.signum:
                 break
-        # ---- end of the epoch (or of the run, inside an epoch when max_steps says so)
-        elapsed = time.perf_counter() - epoch_start
-        totals = accelerator.reduce(sums, reduction="sum").tolist()
-        batches_done = batch_idx + 1
-        if totals[3] > 0:
-            complete = batches_done >= len(train_loader)
-            record = {"epoch": epoch + 1 if complete else round(epoch + batches_done / len(train_loader), 4),
-                      "step": step, "loss": totals[0] / totals[3], "recon": totals[1] / totals[3],
-                      "kl": totals[2] / totals[3], "images_per_sec": totals[3] / elapsed,
-                      "lr": scheduler.get_last_lr()[0]}
-            if is_main:
-                record.update(evaluate_elbo(raw_model, test_set, cfg, accelerator.device))
-            log.log_epoch(record)
-        accelerator.wait_for_everyone()
-        if last_saved_step != step:
-            last_saved_step = step
-            save(epoch, batches_done)
-        epoch, batch_in_epoch = (epoch + 1, 0) if batches_done >= len(train_loader) else (epoch, batches_done)
-    bar.close()
+    finally:
+        bar.close()
+        stop.restore()
     if sample_ids is not None:
         ids_path = out_dir / f"sample_ids_rank{accelerator.process_index}.json"
         ids_path.write_text(json.dumps(sample_ids))
-    result = {"step": step, "epoch": epoch, "out_dir": str(out_dir),
-              "param_checksum": param_checksum(raw_model)}
+    result = {"step": step, "epoch": epoch, "out_dir": str(out_dir), "skipped_batches": guard.skipped,
+              "param_checksum": param_checksum(raw_model), "stopped_by": stop.name}
     if accelerator.num_processes > 1:
         result["ranks_agree"] = ranks_agree(accelerator, raw_model)
     if is_main:
-        written = write_pictures(raw_model, test_set, cfg, accelerator.device)
         newest = checkpoint.list_checkpoints(out_dir)[-1]
-        print(f"fastvae: wrote {', '.join(str(p) for p in written)}", flush=True)
-        print(f"fastvae: metrics in {out_dir / METRICS_FILE}, checkpoint {newest}", flush=True)
+        if stop.signum:
+            print(f"fastvae: stopped by {stop.name} at step {step}; checkpoint {newest}; "
+                  f"continue with train.resume=auto", flush=True)
+        else:
+            written = write_pictures(raw_model, test_set, cfg, accelerator.device)
+            print(f"fastvae: wrote {', '.join(str(p) for p in written)}", flush=True)
+            print(f"fastvae: metrics in {out_dir / METRICS_FILE}, checkpoint {newest}", flush=True)
+        if guard.skipped:
+            print(f"fastvae: skipped {guard.skipped} batch(es) with a non-finite loss", flush=True)
         (out_dir / "summary.json").write_text(json.dumps(result, indent=2))
     log.close()
     accelerator.wait_for_everyone()
@@ -328,14 +357,15 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     cfg = load_config(args.config, args.overrides)
     result = train(cfg)
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    code = 128 + signal.Signals[result["stopped_by"]].value if result["stopped_by"] else 0
+    if code or int(os.environ.get("WORLD_SIZE", "1")) > 1:
         # Gloo can abort at interpreter exit after correct work (PLATFORM.md): tear the
         # process group down ourselves and leave without running finalizers.
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
         sys.stdout.flush()
         sys.stderr.flush()
-        os._exit(0)
+        os._exit(code)
     return result
 
 

@@ -5,4 +5,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-exec .venv/bin/python -m fastvae.train --config configs/mnist.yaml "$@"
+# resume=auto: a second run continues (or, when done, just redraws the pictures) instead of refusing
+exec .venv/bin/python -m fastvae.train --config configs/mnist.yaml train.resume=auto "$@"

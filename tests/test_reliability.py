@@ -1,0 +1,294 @@
+"""Faults and bad inputs: crashes at any moment, non-finite losses, signals, and one-line errors.
+
+Slow tests start real subprocesses and kill them (SIGKILL / SIGTERM); each wait is bounded.
+"""
+
+import hashlib
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import fastvae.checkpoint as checkpoint_module
+from fastvae.checkpoint import list_checkpoints, load_model, problem
+from fastvae.errors import NonFiniteLoss, UserError
+from fastvae.stopping import NonFiniteGuard
+from fastvae.train import main, train
+from helpers import CONFIGS, ROOT, TINY, assert_same_weights, final_weights, tiny_config
+
+TRAIN = [sys.executable, "-m", "fastvae.train", "--config", str(CONFIGS / "mnist.yaml"), *TINY]
+ACCELERATE_2 = [str(Path(sys.executable).with_name("accelerate")), "launch", "--multi_gpu", "--num_processes", "2",
+                "--num_machines", "1", "--main_process_port", "29533", "-m", "fastvae.train",
+                "--config", str(CONFIGS / "mnist.yaml"), *TINY, "data.batch_size=16"]
+ENV = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
+
+
+def tree_snapshot(root: Path) -> dict:
+    """Every file under root with a hash of its bytes: 'nothing changed' is an equality."""
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def newest_step(out: Path) -> int:
+    found = list_checkpoints(out)
+    return int(found[-1].name.split("_")[1]) if found else 0
+
+
+def run_until(cmd, out: Path, min_step: int, timeout: float = 120):
+    """Start a training subprocess and return it once a checkpoint of at least min_step exists."""
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    deadline = time.time() + timeout
+    while newest_step(out) < min_step:
+        if proc.poll() is not None:
+            raise AssertionError(f"run ended before step {min_step}: {proc.stdout.read().decode()[-2000:]}")
+        if time.time() > deadline:
+            os.killpg(proc.pid, signal.SIGKILL)
+            raise AssertionError(f"no checkpoint of step {min_step} within {timeout}s")
+        time.sleep(0.05)
+    return proc
+
+
+def finish(cmd, timeout: float = 300) -> subprocess.CompletedProcess:
+    proc = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    return proc
+
+
+# ---------------------------------------------------------------- crashes
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_sigkill_at_a_random_step_then_resume_is_bit_identical(tmp_path, seed):
+    common = ["train.epochs=2", "train.checkpoint_every=1", "train.keep_checkpoints=2"]
+    finish([*TRAIN, *common, f"out_dir={tmp_path / 'straight'}"])
+    kill_after = random.Random(seed).randint(2, 14)  # any of the 16 steps but the last
+    out = tmp_path / "killed"
+    proc = run_until([*TRAIN, *common, f"out_dir={out}"], out, kill_after)
+    os.killpg(proc.pid, signal.SIGKILL)  # no handler, no cleanup: as if the machine died
+    proc.wait(timeout=30)
+    assert proc.returncode == -signal.SIGKILL
+    assert newest_step(out) < 16
+    resumed = finish([*TRAIN, *common, f"out_dir={out}", "train.resume=auto"])
+    assert "fastvae: resumed from" in resumed.stdout
+    assert_same_weights(final_weights(out), final_weights(tmp_path / "straight"))
+
+
+@pytest.mark.slow
+def test_sigkill_two_process_run_then_resume_is_bit_identical(tmp_path):
+    common = ["train.epochs=2", "train.checkpoint_every=1"]
+    finish([*ACCELERATE_2, *common, f"out_dir={tmp_path / 'straight'}"])
+    out = tmp_path / "killed"
+    proc = run_until([*ACCELERATE_2, *common, f"out_dir={out}"], out, 5)
+    os.killpg(proc.pid, signal.SIGKILL)  # the launcher and both ranks
+    proc.wait(timeout=30)
+    assert newest_step(out) < 16
+    finish([*ACCELERATE_2, *common, f"out_dir={out}", "train.resume=auto"])
+    assert json.loads((out / "summary.json").read_text())["ranks_agree"] is True
+    assert_same_weights(final_weights(out), final_weights(tmp_path / "straight"))
+
+
+def test_crash_during_a_checkpoint_write_keeps_the_previous_one(tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    train(tiny_config(out, "train.max_steps=4"))
+    before = tree_snapshot(out / "checkpoints")
+    real_fsync = checkpoint_module._fsync_tree
+
+    def crash_mid_write(root):
+        if root.name.startswith(".tmp-"):  # files written, not yet renamed: the worst moment
+            raise OSError("injected crash during checkpoint write")
+        real_fsync(root)
+
+    monkeypatch.setattr(checkpoint_module, "_fsync_tree", crash_mid_write)
+    with pytest.raises(OSError, match="injected crash"):
+        train(tiny_config(out, "train.max_steps=6", "train.resume=auto"))
+    monkeypatch.setattr(checkpoint_module, "_fsync_tree", real_fsync)
+    assert (out / "checkpoints" / ".tmp-step_00000006").is_dir()  # the partial write is there...
+    assert [c.name for c in list_checkpoints(out)] == ["step_00000004"]  # ...and is not a checkpoint
+    after = {k: v for k, v in tree_snapshot(out / "checkpoints").items() if not k.startswith(".tmp-")}
+    assert after == before  # the good checkpoint is byte for byte what it was
+    assert problem(out / "checkpoints" / "step_00000004") is None
+    load_model(out / "checkpoints" / "step_00000004")
+    assert train(tiny_config(out, "train.max_steps=6", "train.resume=auto"))["step"] == 6
+
+
+def test_truncated_newest_checkpoint_is_skipped_by_auto_and_refused_by_path(tmp_path, capsys):
+    out = tmp_path / "run"
+    train(tiny_config(out, "train.max_steps=4", "train.checkpoint_every=2"))
+    newest = list_checkpoints(out)[-1]
+    weights = newest / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    assert "model.safetensors has 1000 bytes" in problem(newest)
+    result = train(tiny_config(out, "train.max_steps=5", "train.resume=auto"))
+    assert result["step"] == 5
+    assert f"skipping checkpoint {newest}: file model.safetensors has 1000 bytes" in capsys.readouterr().out
+    with pytest.raises(UserError, match=f"checkpoint '{newest}' cannot be resumed: file model.safetensors has"):
+        train(tiny_config(tmp_path / "other", f"train.resume={newest}"))
+
+
+# ---------------------------------------------------------------- non-finite losses
+
+
+class PoisonedDataset(torch.utils.data.Dataset):
+    """The real training images, with one of them NaN: a bad batch injected on purpose."""
+
+    def __init__(self, base, bad_index):
+        self.base, self.bad_index = base, bad_index
+
+    def __len__(self):
+        return len(self.base)
+
+    def __getitem__(self, i):
+        x, y, idx = self.base[i]
+        return (torch.full_like(x, float("nan")) if i == self.bad_index else x), y, idx
+
+
+def poison(monkeypatch, bad_index=100):
+    import fastvae.train as train_module
+
+    real = train_module.build_datasets
+
+    def build(data_cfg):
+        train_set, test_set = real(data_cfg)
+        return PoisonedDataset(train_set, bad_index), test_set
+
+    monkeypatch.setattr(train_module, "build_datasets", build)
+
+
+def test_nonfinite_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch, capsys):
+    poison(monkeypatch)
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as exc:
+        main(["--config", str(CONFIGS / "mnist.yaml"), *TINY, "train.epochs=2", "train.checkpoint_every=1",
+              f"out_dir={out}"])
+    assert exc.value.code == 3
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("fastvae: error: non-finite recon at step ")
+    assert err.endswith("the last good checkpoint is kept")
+    bad_step = int(err.split("at step ")[1].split(";")[0])
+    saved = list_checkpoints(out)
+    assert saved and newest_step(out) == bad_step - 1  # everything before the bad step, nothing after
+    model, _, _ = load_model(saved[-1])
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_nonfinite_skip_policy_continues_and_counts(tmp_path, monkeypatch):
+    poison(monkeypatch)
+    out = tmp_path / "run"
+    result = train(tiny_config(out, "train.epochs=2", "train.nonfinite=skip"))
+    assert result["skipped_batches"] == 2  # the poisoned image comes round once per epoch
+    assert result["step"] == 14
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["skipped_batches"] for r in records] == [1, 2]
+    assert all(torch.isfinite(t).all() for t in final_weights(out).values())
+
+
+class OneProcess:
+    num_processes = 1
+    device = torch.device("cpu")
+
+
+def test_guard_names_the_kl_term():
+    guard = NonFiniteGuard("stop", OneProcess())
+    guard.batch_is_bad(0, torch.ones(4), torch.ones(4))
+    with pytest.raises(NonFiniteLoss, match="^non-finite kl at step 5;"):
+        guard.batch_is_bad(4, torch.ones(4), torch.tensor([1.0, float("inf"), 1.0, 1.0]))
+
+
+# ---------------------------------------------------------------- signals
+
+
+@pytest.mark.slow
+def test_sigterm_saves_at_the_next_step_and_exits_cleanly(tmp_path):
+    common = ["train.epochs=2"]
+    finish([*TRAIN, *common, f"out_dir={tmp_path / 'straight'}"])
+    out = tmp_path / "stopped"
+    proc = subprocess.Popen([*TRAIN, *common, "train.log_every=1", f"out_dir={out}"], cwd=ROOT, env=ENV,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 120
+    while not (out / "metrics.jsonl").exists() and time.time() < deadline:  # the first epoch is done
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, output[-2000:]
+    assert "fastvae: stopped by SIGTERM at step" in output and "Traceback" not in output
+    stopped_at = int(output.split("stopped by SIGTERM at step ")[1].split(";")[0])
+    assert newest_step(out) == stopped_at
+    finish([*TRAIN, *common, f"out_dir={out}", "train.resume=auto"])
+    assert_same_weights(final_weights(out), final_weights(tmp_path / "straight"))
+
+
+# ---------------------------------------------------------------- bad inputs
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    """A finished tiny run: the files that bad commands must leave untouched."""
+    from accelerate.state import AcceleratorState, GradientState, PartialState
+
+    out = tmp_path_factory.mktemp("done") / "run"
+    train(tiny_config(out, "train.max_steps=3"))
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    PartialState._reset_state()
+    return out
+
+
+def bad_inputs(run: Path, tmp: Path):
+    truncated = tmp / "truncated"
+    truncated.mkdir()
+    for f in list_checkpoints(run)[-1].iterdir():
+        (truncated / f.name).write_bytes(f.read_bytes()[: max(1, f.stat().st_size // 2)] if f.suffix != ".json"
+                                         else f.read_bytes())
+    (tmp / "bad.yaml").write_text("train:\n  epochs: [1, 2\n")
+    (tmp / "a_file").write_text("not a folder")
+    mnist = str(CONFIGS / "mnist.yaml")
+    ckpt = list_checkpoints(run)[-1]
+    return {
+        "nonexistent config": (["--config", str(tmp / "nope.yaml")], f"config file '{tmp / 'nope.yaml'}' not found"),
+        "yaml syntax error": (["--config", str(tmp / "bad.yaml")], f"config file '{tmp / 'bad.yaml'}' line 3"),
+        "unknown key": (["--config", mnist, "model.latent=3"], "unknown config key 'model.latent'"),
+        "wrong type": (["--config", mnist, "data.batch_size=big"], "config key 'data.batch_size': expected int, got 'big'"),
+        "negative lr": (["--config", mnist, "optim.lr=-0.001"], "config key 'optim.lr': expected a value > 0"),
+        "latent size 0": (["--config", mnist, "model.latent_dim=0"], "config key 'model.latent_dim': expected a value > 0"),
+        "batch larger than dataset": (["--config", mnist, "data.limit=64", "data.batch_size=128",
+                                       f"out_dir={tmp / 'fresh1'}"], "data.batch_size=128 x 1 process(es) is larger than the 64"),
+        "nonexistent data path": (["--config", str(CONFIGS / "fashion_mnist.yaml"), f"data.root={tmp / 'nowhere'}",
+                                   f"out_dir={tmp / 'fresh2'}"], f"Fashion-MNIST folder '{tmp / 'nowhere'}' not found"),
+        "out_dir not writable": (["--config", mnist, f"out_dir={tmp / 'a_file' / 'run'}"],
+                                 f"out_dir '{tmp / 'a_file' / 'run'}' is not writable"),
+        "truncated checkpoint": (["--config", mnist, *TINY, f"train.resume={truncated}", f"out_dir={tmp / 'fresh3'}"],
+                                 f"checkpoint '{truncated}' cannot be resumed: file "),
+        "checkpoint of another model": (["--config", mnist, *TINY, "model.latent_dim=4", f"train.resume={ckpt}",
+                                         f"out_dir={tmp / 'fresh4'}"],
+                                        "was trained with model.latent_dim=2; expected it to match this run's 4"),
+        "resume into another run's dir": (["--config", mnist, *TINY, "model.latent_dim=8", "train.resume=auto",
+                                           f"out_dir={run}"], "was trained with model.latent_dim=2; expected it to match"),
+        "fresh run into a used dir": (["--config", mnist, *TINY, f"out_dir={run}"],
+                                      f"out_dir '{run}' already holds checkpoints (newest: step_00000003)"),
+    }
+
+
+@pytest.mark.parametrize("case", [
+    "nonexistent config", "yaml syntax error", "unknown key", "wrong type", "negative lr", "latent size 0",
+    "batch larger than dataset", "nonexistent data path", "out_dir not writable", "truncated checkpoint",
+    "checkpoint of another model", "resume into another run's dir", "fresh run into a used dir"])
+def test_bad_input_is_one_line_exit_2_and_changes_nothing(case, finished_run, tmp_path, capsys):
+    args, message = bad_inputs(finished_run, tmp_path)[case]
+    before = tree_snapshot(finished_run)
+    with pytest.raises(SystemExit) as exc:
+        main(args)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exc.value.code == 2
+    assert len(err) == 1 and err[0].startswith("fastvae: error: "), err
+    assert message in err[0], err[0]
+    assert tree_snapshot(finished_run) == before
+    assert not any((tmp_path / f"fresh{i}" / "checkpoints").exists() for i in range(1, 5))
