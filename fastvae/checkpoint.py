@@ -136,8 +136,8 @@ def check_compatible(meta: dict, cfg: Config, path: Path) -> None:
     """A checkpoint can only resume the same model on the same data."""
     for section in ("model", "data"):
         saved, current = meta["config"].get(section), to_dict(cfg)[section]
-        # batch size, workers and limit may change between runs without changing the model
-        ignore = {"batch_size", "num_workers", "limit"}
+        # how the data is fed and where it lives may change between runs; the model may not
+        ignore = {"batch_size", "num_workers", "limit", "root", "label_attribute", "test_split"}
         diff = [k for k in current if k not in ignore and saved.get(k) != current[k]]
         if diff:
             k = diff[0]

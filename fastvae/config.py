@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -21,7 +22,7 @@ from fastvae.errors import UserError
 
 @dataclass
 class DataConfig:
-    name: str = "mnist"  # mnist | fashion_mnist | imagefolder
+    name: str = "mnist"  # mnist | fashion_mnist | imagefolder | celeba
     root: str = ""  # dataset location; "" = the dataset's default
     image_size: int = 28  # images are resized to image_size x image_size
     channels: int = 1
@@ -32,6 +33,8 @@ class DataConfig:
     batch_size: int = 128  # per process
     num_workers: int = 0
     drop_last: bool = True  # keeps DDP shards disjoint and equal in size
+    label_attribute: str = "Smiling"  # celeba: the attribute used as the label (colors latent plots)
+    test_split: str = "test"  # celeba: the official partition used as the test set (test | valid)
 
 
 @dataclass
@@ -94,7 +97,8 @@ class Config:
 
 CHOICES = {
     "logger": ("none", "wandb"),
-    "data.name": ("mnist", "fashion_mnist", "imagefolder"),
+    "data.name": ("mnist", "fashion_mnist", "imagefolder", "celeba"),
+    "data.test_split": ("test", "valid"),
     "model.name": ("conv_vae", "dfc_vae"),
     "loss.recon": ("bce", "mse"),
     "optim.name": ("adam", "adamw", "sgd"),
@@ -113,6 +117,22 @@ NON_NEGATIVE = ("data.center_crop", "data.limit", "data.num_workers", "model.dro
 
 
 # ---------------------------------------------------------------- conversion
+
+
+class _YAMLLoader(yaml.SafeLoader):
+    """YAML with YAML 1.2 booleans: only true/false. PyYAML's 1.1 rules read `no`, `off`
+    and `y` as booleans, which would turn `train.mixed_precision=no` into False."""
+
+
+_YAMLLoader.yaml_implicit_resolvers = {
+    first: [(tag, rx) for tag, rx in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_YAMLLoader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
+                                  list("tTfF"))
+
+
+def _load_yaml(text: str):
+    return yaml.load(text, Loader=_YAMLLoader)
 
 
 def _type_name(tp) -> str:
@@ -187,7 +207,7 @@ def parse_override(text: str) -> tuple[str, object]:
     if not key:
         raise UserError(f"override '{text}': missing key before '='")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = _load_yaml(raw) if raw.strip() else ""
     except yaml.YAMLError:
         value = raw  # not YAML: keep as a plain string, the type check decides
     return key, value
@@ -239,7 +259,7 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tu
         if not path.is_file():
             raise UserError(f"config file '{path}' not found; expected a YAML file such as configs/mnist.yaml")
         try:
-            mapping = yaml.safe_load(path.read_text()) or {}
+            mapping = _load_yaml(path.read_text()) or {}
         except yaml.YAMLError as err:
             mark = getattr(err, "problem_mark", None)
             where = f" line {mark.line + 1}" if mark else ""

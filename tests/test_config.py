@@ -103,3 +103,14 @@ def test_cli_missing_config_subprocess(tmp_path):
     lines = proc.stderr.strip().splitlines()
     assert lines == [f"fastvae: error: config file '{tmp_path / 'x.yaml'}' not found; "
                      f"expected a YAML file such as configs/mnist.yaml"]
+
+
+def test_yaml_12_booleans_keep_no_a_string(tmp_path):
+    cfg = load_config(CONFIGS / "mnist.yaml", ["train.mixed_precision=no", "out_dir=off"])
+    assert cfg.train.mixed_precision == "no" and cfg.out_dir == "off"
+    f = tmp_path / "c.yaml"
+    f.write_text("train:\n  mixed_precision: no\n  compile: true\n")
+    cfg = load_config(f)
+    assert cfg.train.mixed_precision == "no" and cfg.train.compile is True
+    with pytest.raises(UserError, match="config key 'train.compile': expected bool, got 'yes'"):
+        load_config(None, ["train.compile=yes"])

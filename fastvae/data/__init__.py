@@ -5,6 +5,7 @@ from __future__ import annotations
 from torch.utils.data import Dataset, Subset
 
 from fastvae.data.base import in_order_loader
+from fastvae.data.celeba import celeba
 from fastvae.data.imagefolder import image_folder
 from fastvae.data.mnist import embedded_mnist, fashion_mnist
 from fastvae.errors import UserError
@@ -24,8 +25,13 @@ def build_datasets(data_cfg) -> tuple[Dataset, Dataset]:
     elif name == "imagefolder":
         train, test = image_folder(data_cfg.root, data_cfg.image_size, data_cfg.channels,
                                    data_cfg.center_crop, data_cfg.test_fraction, data_cfg.split_seed)
+    elif name == "celeba":
+        if not data_cfg.root:
+            raise UserError("data.root is empty; expected the CelebA folder (holding img_align_celeba/)")
+        train, test = celeba(data_cfg.root, data_cfg.image_size, data_cfg.center_crop, data_cfg.label_attribute,
+                             data_cfg.test_split)
     else:
-        raise UserError(f"data.name {name!r}: expected mnist, fashion_mnist or imagefolder")
+        raise UserError(f"data.name {name!r}: expected mnist, fashion_mnist, imagefolder or celeba")
     if data_cfg.limit:
         train = Subset(train, range(min(data_cfg.limit, len(train))))
     return train, test
