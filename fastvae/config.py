@@ -81,6 +81,9 @@ class TrainConfig:
     log_every: int = 10  # steps between progress-bar / tracker updates
     record_sample_ids: bool = False  # write the dataset indices each rank trained on
     samples: int = 100  # images in the prior sample grid
+    final_eval: bool = False  # run fastvae.evaluate on the test split at the end (writes eval.json)
+    final_eval_iwae: int = 0  # importance samples K for that evaluation; 0 = ELBO only
+    final_eval_images: int = 0  # evaluate only this many test images; 0 = all
 
 
 @dataclass
@@ -113,7 +116,7 @@ POSITIVE = ("data.image_size", "data.channels", "data.batch_size", "model.latent
 NON_NEGATIVE = ("data.center_crop", "data.limit", "data.num_workers", "model.dropout",
                 "loss.recon_weight", "loss.beta", "loss.kl_warmup_steps", "optim.weight_decay",
                 "optim.warmup_steps", "optim.grad_clip", "train.epochs", "train.max_steps",
-                "train.checkpoint_every", "train.samples")
+                "train.checkpoint_every", "train.samples", "train.final_eval_iwae", "train.final_eval_images")
 
 
 # ---------------------------------------------------------------- conversion

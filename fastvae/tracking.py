@@ -11,6 +11,7 @@ from pathlib import Path
 from fastvae.config import Config, flatten
 
 METRICS_FILE = "metrics.jsonl"
+EVAL_FILE = "eval.json"
 
 
 class RunLog:
@@ -37,3 +38,11 @@ class RunLog:
     def close(self) -> None:
         if self.use_tracker:
             self.accelerator.end_training()
+
+    def log_eval(self, report: dict, step: int) -> None:
+        """The final evaluation: eval.json in out_dir, and its scalars to the tracker."""
+        if self.accelerator.is_main_process:
+            (self.path.parent / EVAL_FILE).write_text(json.dumps(report, indent=2))
+        if self.use_tracker:
+            scalars = {f"eval/{k}": v for k, v in report.items() if isinstance(v, (int, float)) and v is not None}
+            self.accelerator.log(scalars, step=step)

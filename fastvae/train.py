@@ -30,6 +30,7 @@ from fastvae import checkpoint, pictures
 from fastvae.config import Config, load_config
 from fastvae.data import build_datasets, in_order_loader
 from fastvae.errors import UserError, exit_on_user_error
+from fastvae.evaluate import Likelihood, evaluate_model, print_report
 from fastvae.stopping import NonFiniteGuard, StopSignal
 from fastvae.losses import kl_divergence, kl_weight, reconstruction_loss, reparameterize, vae_loss
 from fastvae.models import build_model
@@ -322,6 +323,11 @@ def train(cfg: Config) -> dict:
             written = write_pictures(raw_model, test_set, cfg, accelerator.device)
             print(f"fastvae: wrote {', '.join(str(p) for p in written)}", flush=True)
             print(f"fastvae: metrics in {out_dir / METRICS_FILE}, checkpoint {newest}", flush=True)
+            if cfg.train.final_eval:
+                report = evaluate_model(raw_model, test_set, Likelihood(cfg.loss.recon), cfg.train.final_eval_iwae,
+                                        max_images=cfg.train.final_eval_images or None, seed=cfg.seed)
+                log.log_eval({**report, "checkpoint": str(newest), "step": step}, step)
+                print_report(report)
         if guard.skipped:
             print(f"fastvae: skipped {guard.skipped} batch(es) with a non-finite loss", flush=True)
         (out_dir / "summary.json").write_text(json.dumps(result, indent=2))

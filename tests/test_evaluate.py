@@ -1,0 +1,158 @@
+"""Evaluation against a model whose log-likelihood is known in closed form."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from fastvae.data.base import ImageTensorDataset
+from fastvae.evaluate import Likelihood, evaluate_model, iwae_bound, main
+from fastvae.models.base import VAE
+
+SIGMA2 = 0.001  # a sharp Gaussian decoder: the latent matters, so the bounds are far from trivial
+TRAIN_SIGMA2 = 0.5  # the variance at which the MSE training loss is the Gaussian NLL (minus a constant)
+
+
+class LinearGaussianVAE(VAE):
+    """p(z) = N(0, I), p(x|z) = N(Wz + b, SIGMA2 I) with the mean written as sigmoid(logits):
+    log p(x) = log N(x; b, W W^T + SIGMA2 I) exactly. The encoder is the exact posterior,
+    deliberately spoiled (mean shrunk, variance inflated) so the bounds are strict."""
+
+    def __init__(self, W, b, shrink=0.6, inflate=3.0, dead_dims=0, sigma2=SIGMA2):
+        super().__init__()
+        self.W, self.b = W, b
+        self.latent_dim = W.shape[1] + dead_dims
+        self.dead_dims = dead_dims
+        self.shrink, self.inflate = shrink, inflate
+        self.anchor = torch.nn.Parameter(torch.zeros((), dtype=torch.float64))  # gives the model a dtype
+        d = W.shape[1]
+        self.sigma2 = sigma2
+        self.post_cov = torch.linalg.inv(torch.eye(d, dtype=torch.float64) + W.T @ W / sigma2)
+
+    def encode(self, x):
+        flat = x.flatten(1).double()
+        mu = (flat - self.b) @ self.W @ self.post_cov.T / self.sigma2 * self.shrink
+        logvar = torch.log(torch.diagonal(self.post_cov) * self.inflate).expand_as(mu)
+        if self.dead_dims:  # collapsed units: the posterior is the prior whatever x is
+            zeros = torch.zeros(len(x), self.dead_dims, dtype=torch.float64)
+            mu, logvar = torch.cat([mu, zeros], 1), torch.cat([logvar, zeros], 1)
+        return mu, logvar
+
+    def decode(self, z):
+        mean = z[:, : self.W.shape[1]].double() @ self.W.T + self.b
+        return torch.logit(mean).view(-1, 1, 2, 3)  # sigmoid(logits) = the linear mean
+
+
+def make_problem(n=40, seed=0, sigma2=SIGMA2, scale=0.05):
+    g = torch.Generator().manual_seed(seed)
+    W = torch.randn(6, 2, generator=g, dtype=torch.float64) * scale
+    b = torch.full((6,), 0.5, dtype=torch.float64)
+    cov = W @ W.T + sigma2 * torch.eye(6, dtype=torch.float64)
+    dist = torch.distributions.MultivariateNormal(b, covariance_matrix=cov)
+    x = (b + torch.randn(n, 6, generator=g, dtype=torch.float64) @ torch.linalg.cholesky(cov).T).clamp(0.0, 1.0)
+    exact = dist.log_prob(x)  # pixels kept in [0, 1] like images; the bound holds for any x
+    return W, b, x.view(n, 1, 2, 3), exact
+
+
+def test_iwae_converges_to_the_true_log_likelihood_from_below():
+    W, b, x, exact = make_problem()
+    model = LinearGaussianVAE(W, b)
+    likelihood = Likelihood("mse", SIGMA2)
+    bounds = {}
+    for k in (1, 10, 100, 2000):
+        bounds[k] = iwae_bound(model, x, likelihood, k, chunk=250, generator=torch.Generator().manual_seed(1))
+    gaps = {k: (exact - v).mean().item() for k, v in bounds.items()}
+    assert gaps[1] > gaps[10] > gaps[100] > gaps[2000]  # tighter with K
+    assert gaps[1] > 1.0  # the spoiled encoder leaves a real gap at K=1
+    assert abs(gaps[2000]) < 0.05  # K=2000: log p(x) within Monte-Carlo error (mean of 40 images)
+    assert min(gaps.values()) > -0.05  # below log p(x) for every K, up to that error
+
+
+def test_k1_equals_the_elbo_of_the_training_loss():
+    W, b, x, _ = make_problem(n=4000, seed=3, sigma2=TRAIN_SIGMA2, scale=0.02)
+    model = LinearGaussianVAE(W, b, sigma2=TRAIN_SIGMA2)
+    likelihood = Likelihood("mse", TRAIN_SIGMA2)
+    k1 = iwae_bound(model, x, likelihood, 1, 1, torch.Generator().manual_seed(0)).mean().item()
+    # The training loss terms: recon = sum (sigmoid(logits) - x)^2, KL in closed form; with SIGMA2 = 1/2
+    # log p(x|z) = -recon - (pixels/2) log(pi). Average over many z for the expectation.
+    from fastvae import losses
+
+    mu, logvar = model.encode(x)
+    g = torch.Generator().manual_seed(5)
+    recon = torch.stack([losses.reconstruction_loss(model.decode(losses.reparameterize(
+        mu, logvar, torch.randn(mu.shape, generator=g, dtype=torch.float64))), x.double(), "mse")
+        for _ in range(50)]).mean()
+    elbo = -(recon + losses.kl_divergence(mu, logvar).mean() + 0.5 * 6 * math.log(math.pi)).item()
+    assert k1 == pytest.approx(elbo, abs=0.03)  # one sample per image, 4000 images: std ~0.015
+
+
+def test_chunking_gives_the_same_result_as_one_pass():
+    W, b, x, _ = make_problem()
+    model = LinearGaussianVAE(W, b)
+    likelihood = Likelihood("mse", SIGMA2)
+    one = iwae_bound(model, x, likelihood, 64, chunk=64, generator=torch.Generator().manual_seed(2))
+    chunked = iwae_bound(model, x, likelihood, 64, chunk=7, generator=torch.Generator().manual_seed(2))
+    torch.testing.assert_close(chunked, one, rtol=0, atol=1e-10)
+
+
+class DatasetOf(torch.utils.data.Dataset):
+    def __init__(self, x):
+        self.x = x
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        return self.x[i], 0, i
+
+
+def test_active_units_detect_dead_dimensions():
+    W, b, x, _ = make_problem(n=200)
+    model = LinearGaussianVAE(W, b, shrink=1.0, inflate=1.0, dead_dims=3)  # 2 live + 3 collapsed
+    report = evaluate_model(model, DatasetOf(x.float()), Likelihood("mse", SIGMA2), batch_size=64)
+    assert report["latent_dim"] == 5 and report["active_units"] == 2
+    assert report["kl_per_dim_nats"][2:] == [0.0, 0.0, 0.0]
+    assert all(v > 0 for v in report["kl_per_dim_nats"][:2])
+    assert report["psnr_db"] == pytest.approx(10 * math.log10(1 / report["recon_mse"]))
+
+
+def test_bernoulli_likelihood_is_minus_bce():
+    logits = torch.tensor([[[[2.0, -1.0]]]])
+    x = torch.tensor([[[[1.0, 0.0]]]])
+    expected = math.log(1 / (1 + math.exp(-2.0))) + math.log(1 - 1 / (1 + math.exp(1.0)))
+    assert Likelihood("bce").log_prob(logits, x).item() == pytest.approx(expected, abs=1e-9)
+
+
+def test_cli_on_a_trained_checkpoint_writes_json(tmp_path, capsys):
+    from fastvae.checkpoint import list_checkpoints
+    from fastvae.train import train
+    from helpers import tiny_config
+
+    out = tmp_path / "run"
+    train(tiny_config(out, "train.max_steps=8"))
+    ckpt = list_checkpoints(out)[-1]
+    report = main(["--checkpoint", str(ckpt), "--iwae-samples", "20", "--chunk", "8", "--max-images", "50",
+                   "--json", str(tmp_path / "eval.json")])
+    saved = json.loads((tmp_path / "eval.json").read_text())
+    assert saved["images"] == 50 and saved["iwae_samples"] == 20 and saved["step"] == 8
+    assert saved["iwae_log_likelihood_nats"] >= saved["elbo_nats"] - 1.0  # tighter bound, up to MC noise
+    assert saved["elbo_bits_per_dim"] == pytest.approx(saved["elbo_nats"] / (784 * math.log(2)))
+    printed = capsys.readouterr().out
+    assert "IWAE NLL, K=20 (nats)" in printed and "active units" in printed
+    with pytest.raises(SystemExit) as exc:
+        main(["--checkpoint", str(ckpt), "--iwae-samples", "9000"])
+    assert exc.value.code == 2
+    assert "--iwae-samples 9000: expected 0 to 5000" in capsys.readouterr().err
+
+
+def test_train_runs_the_final_evaluation(tmp_path):
+    from fastvae.train import train
+    from helpers import tiny_config
+
+    out = tmp_path / "run"
+    train(tiny_config(out, "train.max_steps=4", "train.final_eval=true", "train.final_eval_iwae=5",
+                      "train.final_eval_images=30"))
+    report = json.loads((out / "eval.json").read_text())
+    assert report["images"] == 30 and report["iwae_samples"] == 5 and report["step"] == 4
+    assert math.isfinite(report["elbo_nats"]) and report["latent_dim"] == 2
