@@ -42,14 +42,17 @@ ACTIVE_UNIT_THRESHOLD = 0.01  # Burda et al.: Cov_x(E_q[z_u]) > 0.01
 class Likelihood:
     kind: str  # bce | mse
     gaussian_var: float = 0.5
+    normalized: bool = True  # False: minus the training reconstruction loss (no Gaussian constant)
 
     def log_prob(self, logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """log p(x|z) per image [N], float64."""
         logits, x = logits.double(), x.double()
         if self.kind == "bce":
             return -losses.reconstruction_loss(logits, x, "bce")
+        sq = losses.reconstruction_loss(logits, x, "mse")  # sum of squared errors: the training loss
+        if not self.normalized:
+            return -sq
         var = self.gaussian_var
-        sq = losses.reconstruction_loss(logits, x, "mse")  # sum of squared errors
         return -(sq / (2 * var) + 0.5 * x[0].numel() * math.log(2 * math.pi * var))
 
 

@@ -32,7 +32,7 @@ from fastvae.data import build_datasets, in_order_loader
 from fastvae.errors import UserError, exit_on_user_error
 from fastvae.evaluate import Likelihood, evaluate_model, print_report
 from fastvae.stopping import NonFiniteGuard, StopSignal
-from fastvae.losses import kl_divergence, kl_weight, reconstruction_loss, reparameterize, vae_loss
+from fastvae.losses import kl_weight, vae_loss
 from fastvae.models import build_model
 from fastvae.ops import Ops, build_ops
 from fastvae.tracking import METRICS_FILE, RunLog
@@ -97,28 +97,15 @@ def prepare_out_dir(cfg: Config, accelerator: Accelerator) -> Path:
     return out
 
 
-@torch.no_grad()
-def evaluate_elbo(model, dataset, cfg: Config, device, max_images: int = 2000) -> dict:
-    """Test-set ELBO terms with eps from a private generator: repeatable, and the
-    global RNG (which training resumes from) is left untouched."""
-    model.eval()
-    g = torch.Generator().manual_seed(cfg.seed + 1)
-    loader = in_order_loader(dataset)
-    total = torch.zeros(3, dtype=torch.float64)
-    for x, _, _ in loader:
-        x = x[: max_images - int(total[2])].to(device)
-        mu, logvar = model.encode(x)
-        eps = torch.randn(mu.shape, generator=g).to(device)
-        z = reparameterize(mu.float(), logvar.float(), eps)
-        recon = reconstruction_loss(model.decode(z).float(), x, cfg.loss.recon)
-        kl = kl_divergence(mu.float(), logvar.float())
-        total += torch.stack([recon.sum(), kl.sum(), torch.tensor(len(x))]).double().cpu()
-        if total[2] >= max_images:
-            break
+def epoch_test_metrics(model, test_set, cfg: Config, max_images: int = 2000) -> dict:
+    """The test loss in training units (same weights, no Gaussian constant), from fastvae.evaluate.
+    Its eps come from a private generator: the global RNG, which resume restores, is untouched."""
+    report = evaluate_model(model, test_set, Likelihood(cfg.loss.recon, normalized=False), max_images=max_images,
+                            seed=cfg.seed + 1)
     model.train()
-    n = total[2].item()
-    return {"test_recon": total[0].item() / n, "test_kl": total[1].item() / n,
-            "test_loss": (cfg.loss.recon_weight * total[0].item() + cfg.loss.beta * total[1].item()) / n}
+    recon, kl = report["recon_nll_nats"], report["kl_nats"]
+    return {"test_recon": recon, "test_kl": kl, "test_loss": cfg.loss.recon_weight * recon + cfg.loss.beta * kl,
+            "test_active_units": report["active_units"]}
 
 
 @torch.no_grad()
@@ -295,7 +282,7 @@ def train(cfg: Config) -> dict:
                           "kl": totals[2] / totals[3], "images_per_sec": totals[3] / elapsed,
                           "lr": scheduler.get_last_lr()[0], "skipped_batches": guard.skipped}
                 if is_main:
-                    record.update(evaluate_elbo(raw_model, test_set, cfg, accelerator.device))
+                    record.update(epoch_test_metrics(raw_model, test_set, cfg))
                 log.log_epoch(record)
             accelerator.wait_for_everyone()
             if last_saved_step != step:
