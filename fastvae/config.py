@@ -33,6 +33,10 @@ class DataConfig:
     batch_size: int = 128  # per process
     num_workers: int = 0
     drop_last: bool = True  # keeps DDP shards disjoint and equal in size
+    loader: str = "torch"  # torch (DataLoader) | ffcv (a .beton written by `python -m fastvae.data.ffcv`)
+    beton: str = ""  # data.loader=ffcv: the training .beton
+    order: str = "random"  # data.loader=ffcv: random | quasi_random (less memory, not fully random)
+    flip: bool = False  # data.loader=ffcv: random horizontal flips
     label_attribute: str = "Smiling"  # celeba: the attribute used as the label (colors latent plots)
     test_split: str = "test"  # celeba: the official partition used as the test set (test | valid)
 
@@ -102,6 +106,8 @@ CHOICES = {
     "logger": ("none", "wandb"),
     "data.name": ("mnist", "fashion_mnist", "imagefolder", "celeba"),
     "data.test_split": ("test", "valid"),
+    "data.loader": ("torch", "ffcv"),
+    "data.order": ("random", "quasi_random"),
     "model.name": ("conv_vae", "dfc_vae"),
     "loss.recon": ("bce", "mse"),
     "optim.name": ("adam", "adamw", "sgd"),
@@ -247,6 +253,11 @@ def validate(cfg: Config) -> Config:
         raise UserError(f"config key 'optim.betas': expected two numbers, got {cfg.optim.betas}")
     if cfg.data.channels not in (1, 3):
         raise UserError(f"config key 'data.channels': expected 1 or 3, got {cfg.data.channels}")
+    if cfg.data.loader == "ffcv" and not cfg.data.beton:
+        raise UserError("config key 'data.beton' is empty; expected the training .beton for data.loader=ffcv "
+                        "(write one with `python -m fastvae.data.ffcv`)")
+    if cfg.data.flip and cfg.data.loader != "ffcv":
+        raise UserError("config key 'data.flip': random flips come with data.loader=ffcv; expected data.flip=false")
     if cfg.model.name == "conv_vae" and cfg.data.image_size != 28:
         raise UserError(f"config key 'data.image_size': model conv_vae expects 28, got {cfg.data.image_size}")
     if cfg.model.name == "dfc_vae" and cfg.data.image_size not in (64, 128):

@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 from fastvae import checkpoint, pictures
 from fastvae.config import Config, load_config
 from fastvae.data import build_datasets, in_order_loader
+from fastvae.data.ffcv import FFCVTrainLoader
 from fastvae.errors import UserError, exit_on_user_error
 from fastvae.evaluate import Likelihood, evaluate_model, print_report
 from fastvae.stopping import NonFiniteGuard, StopSignal
@@ -167,19 +168,29 @@ def train(cfg: Config) -> dict:
         raise UserError(f"data.batch_size={cfg.data.batch_size} x {accelerator.num_processes} process(es) "
                         f"is larger than the {len(train_set)} training images; expected at most "
                         f"{len(train_set) // accelerator.num_processes} per process (or data.drop_last=false)")
-    train_loader = DataLoader(
-        train_set, batch_size=cfg.data.batch_size, shuffle=True, drop_last=cfg.data.drop_last,
-        num_workers=cfg.data.num_workers, persistent_workers=cfg.data.num_workers > 0,
-        # a private generator: creating an iterator must not draw from the global RNG
-        generator=torch.Generator().manual_seed(cfg.seed),
-    )
+    use_ffcv = cfg.data.loader == "ffcv"
+    if use_ffcv:  # already sharded per rank and on the device: not handed to accelerate
+        train_loader = FFCVTrainLoader(cfg.data.beton, cfg.data.batch_size, cfg.data.channels,
+                                       accelerator.device, cfg.seed, cfg.data.order, cfg.data.flip,
+                                       cfg.data.drop_last, distributed=accelerator.num_processes > 1,
+                                       num_workers=max(1, cfg.data.num_workers))
+    else:
+        train_loader = DataLoader(
+            train_set, batch_size=cfg.data.batch_size, shuffle=True, drop_last=cfg.data.drop_last,
+            num_workers=cfg.data.num_workers, persistent_workers=cfg.data.num_workers > 0,
+            # a private generator: creating an iterator must not draw from the global RNG
+            generator=torch.Generator().manual_seed(cfg.seed),
+        )
 
     # ---- model, ops, optimizer
     model = build_model(cfg)
     ops = build_ops(cfg.train.ops, accelerator.device)
     model.reparam_kl = ops.reparam_kl
     optimizer = build_optimizer(cfg, model.parameters())
-    model, optimizer, train_loader = accelerator.prepare(model, optimizer, train_loader)
+    if use_ffcv:
+        model, optimizer = accelerator.prepare(model, optimizer)
+    else:
+        model, optimizer, train_loader = accelerator.prepare(model, optimizer, train_loader)
     steps_per_epoch = max(1, len(train_loader) // cfg.train.grad_accum_steps)
     planned_steps = cfg.train.epochs * steps_per_epoch
     total_steps = min(planned_steps, cfg.train.max_steps) if cfg.train.max_steps else planned_steps
@@ -231,7 +242,10 @@ def train(cfg: Config) -> dict:
     try:  # the bar ends its line and the signal handlers are restored, whatever happens
         while epoch < cfg.train.epochs and step < total_steps:
             train_loader.set_epoch(epoch)
-            loader = accelerator.skip_first_batches(train_loader, batch_in_epoch) if batch_in_epoch else train_loader
+            loader = train_loader
+            if batch_in_epoch:  # resuming inside an epoch
+                loader = (train_loader.skip_first(batch_in_epoch) if use_ffcv
+                          else accelerator.skip_first_batches(train_loader, batch_in_epoch))
             sums = torch.zeros(4, device=accelerator.device, dtype=torch.float64)  # loss, recon, kl, images
             epoch_start = time.perf_counter()
             model.train()

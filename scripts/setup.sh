@@ -8,8 +8,9 @@ cd "$(dirname "$0")/.."
 VENV="${FASTVAE_VENV:-.venv}"
 PYTHON="${PYTHON:-python3}"
 
-# Debian packages: real Fashion-MNIST (IDX files; no downloads at run time).
-APT_PACKAGES=(dataset-fashion-mnist)
+# Debian packages: real Fashion-MNIST (IDX files; no downloads at run time), and what
+# pip needs to build FFCV (opencv4.pc, libturbojpeg.pc, pkg-config).
+APT_PACKAGES=(dataset-fashion-mnist libopencv-dev libturbojpeg0-dev pkg-config)
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
@@ -20,7 +21,8 @@ if [ "${#missing[@]}" -gt 0 ]; then
         apt-get update -qq
         DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
     else
-        echo "setup: warning: cannot install ${missing[*]} (needs root and apt-get); Fashion-MNIST tests will skip" >&2
+        echo "setup: error: cannot install ${missing[*]} (needs root and apt-get); install them, then rerun" >&2
+        exit 1
     fi
 fi
 

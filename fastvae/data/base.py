@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 from torch.utils.data import DataLoader, Dataset
+from torchvision.transforms.v2.functional import to_dtype
 
 
 class ImageTensorDataset(Dataset):
@@ -23,7 +24,8 @@ class ImageTensorDataset(Dataset):
         return len(self.images)
 
     def __getitem__(self, index: int):
-        return self.images[index].float().div_(255.0), self.labels[index], index
+        # the same uint8 -> float conversion as every other fastvae loader (bit-identical inputs)
+        return to_dtype(self.images[index], torch.float32, scale=True), self.labels[index], index
 
 
 def fixed_split(n: int, test_fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,4 +1,8 @@
-"""A tiny CelebA written in the real dataset's exact on-disk format (CelebA cannot be downloaded here)."""
+"""A synthetic CelebA in the real dataset's exact on-disk format, for tests and benchmarks.
+
+CelebA cannot be downloaded here and no package ships it; these files have its
+layout, sizes (178x218 JPEGs) and text formats, with a known attribute pattern.
+"""
 
 from pathlib import Path
 

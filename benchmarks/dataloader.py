@@ -1,0 +1,81 @@
+"""Images/s of the training input pipeline: torchvision DataLoader vs FFCV (raw and JPEG .beton).
+
+A synthetic CelebA in the real on-disk format (178x218 JPEGs), cropped to 148
+and resized to 64 like DFC-VAE; batches of float NCHW images in [0, 1] on the CPU.
+
+    python benchmarks/dataloader.py [--images 2048] [--batch 256] [--workers 2] [--repeats 3] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from harness import base_parser, print_table, write_json  # noqa: E402
+
+from fastvae.config import load_config  # noqa: E402
+from fastvae.data import build_datasets  # noqa: E402
+from fastvae.data.celeba_fixture import write_celeba  # noqa: E402
+from fastvae.data.ffcv import FFCVTrainLoader, write_beton  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def epoch_seconds(loader) -> tuple[float, int]:
+    start, n = time.perf_counter(), 0
+    for x, _, _ in loader:
+        n += x.shape[0]
+    return time.perf_counter() - start, n
+
+
+def main(argv=None) -> None:
+    parser = base_parser(__doc__.splitlines()[0])
+    parser.add_argument("--images", type=int, default=2048)
+    parser.add_argument("--batch", type=int, default=256)
+    parser.add_argument("--workers", type=int, default=2)
+    args = parser.parse_args(argv)
+    work = Path(tempfile.mkdtemp(prefix="fastvae-dataloader-"))
+    print(f"writing {args.images} synthetic CelebA-format JPEGs and two .beton files in {work} ...", flush=True)
+    # every image in the train partition: n / 0.7 images written, the first 70% are train
+    root = write_celeba(work / "celeba", n=int(args.images / 0.7) + 1)
+    cfg = load_config(ROOT / "configs" / "celeba.yaml", [f"data.root={root}"])
+    train_set, _ = build_datasets(cfg.data)
+    betons = {mode: write_beton(train_set, work / f"{mode}.beton", mode, 90, args.workers) for mode in ("raw", "jpg")}
+    device = torch.device("cpu")
+    loaders = {
+        "torchvision DataLoader": DataLoader(train_set, batch_size=args.batch, shuffle=True, drop_last=True,
+                                             num_workers=args.workers, persistent_workers=True),
+        "ffcv raw": FFCVTrainLoader(betons["raw"], args.batch, 3, device, seed=0, num_workers=args.workers),
+        "ffcv jpg q90": FFCVTrainLoader(betons["jpg"], args.batch, 3, device, seed=0, num_workers=args.workers),
+    }
+    for loader in loaders.values():  # warm-up epoch: worker start-up, FFCV's numba compilation
+        epoch_seconds(loader)
+    samples = {name: [] for name in loaders}
+    names = list(loaders)
+    for r in range(args.repeats):
+        for name in names[r % len(names):] + names[:r % len(names)]:  # interleaved, rotating order
+            seconds, n = epoch_seconds(loaders[name])
+            samples[name].append(n / seconds)
+    base = statistics.median(samples["torchvision DataLoader"])
+    rows = [{"loader": name, "median_images_per_s": statistics.median(v), "min": min(v), "max": max(v),
+             "x_torchvision": statistics.median(v) / base,
+             "file_MiB": betons[name.split()[1][:3]].stat().st_size / 2**20 if name.startswith("ffcv") else None}
+            for name, v in samples.items()]
+    print(f"\n{len(train_set)} images 3x64x64, batch {args.batch}, {args.workers} workers, "
+          f"{args.repeats} interleaved epochs per loader")
+    print_table([{**r, "file_MiB": "-" if r["file_MiB"] is None else f"{r['file_MiB']:.1f}"} for r in rows],
+                [("loader", "loader", ""), ("median_images_per_s", "images/s", ".0f"), ("min", "min", ".0f"),
+                 ("max", "max", ".0f"), ("x_torchvision", "x torchvision", ".2f"), ("file_MiB", ".beton MiB", "")])
+    write_json(args.json, {"benchmark": "dataloader", "images": len(train_set), "batch": args.batch,
+                           "workers": args.workers, "repeats": args.repeats, "results": rows})
+
+
+if __name__ == "__main__":
+    main()

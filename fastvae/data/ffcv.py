@@ -1,0 +1,201 @@
+"""FFCV: write any fastvae dataset to a .beton, and load it for training.
+
+    python -m fastvae.data.ffcv --config configs/celeba.yaml --out data/celeba_64 [--mode jpg --quality 90]
+        -> data/celeba_64/train.beton and data/celeba_64/test.beton
+    python -m fastvae.train --config configs/celeba.yaml data.loader=ffcv data.beton=data/celeba_64/train.beton
+
+Each record holds the image after the dataset's own crop/resize (so the loader
+only decodes), its label, its dataset index and, for CelebA, the 40 attributes.
+Writes go to a temporary file renamed at the end: an interrupted conversion
+never leaves a file that looks complete.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+from torchvision.transforms.v2.functional import to_dtype
+
+from fastvae.config import Config, load_config
+from fastvae.errors import UserError, exit_on_user_error
+
+INSTALL_HINT = ("apt-get install -y libopencv-dev libturbojpeg0-dev && pip install ffcv "
+                "(the Debian packages must come first: the build needs opencv4.pc and libturbojpeg.pc)")
+FIELDS = ("image", "label", "index")
+
+
+def require_ffcv():
+    try:
+        import ffcv  # noqa: F401
+    except ImportError:
+        raise UserError(f"data.loader=ffcv needs the ffcv package, which is not installed; expected: "
+                        f"{INSTALL_HINT}") from None
+
+
+class _AsFFCVRecords(Dataset):
+    """(HWC uint8 RGB image, label, index[, attributes]): what FFCV's fields take."""
+
+    def __init__(self, dataset) -> None:
+        self.dataset = dataset
+        self.attributes = getattr(dataset, "attributes", None)
+        self.parent_pid = os.getpid()
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int):
+        if os.getpid() != self.parent_pid and torch.get_num_threads() != 1:
+            # FFCV's writer forks workers; an OpenMP thread pool inherited from a parent that
+            # already computed in parallel deadlocks the child: run its torch ops on one thread
+            torch.set_num_threads(1)
+        x, y, index = self.dataset[i]
+        # the torchvision path gives uint8/255 after its resize: *255 round-trips exactly
+        image = (x * 255).round().to(torch.uint8)
+        if image.shape[0] == 1:
+            image = image.expand(3, -1, -1)  # FFCV stores RGB; the loader keeps one channel again
+        record = (np.ascontiguousarray(image.permute(1, 2, 0).numpy()), int(y), int(index))
+        if self.attributes is not None:
+            record += (self.attributes[i].numpy().astype(np.uint8),)
+        return record
+
+
+def write_beton(dataset, path: str | Path, mode: str = "raw", quality: int = 90, num_workers: int = 1) -> Path:
+    """Write one split (FFCV's writer shows the progress bar); raw = uncompressed pixels (exact),
+    jpg = JPEG at `quality` (smaller, lossy)."""
+    require_ffcv()
+    from ffcv.fields import IntField, NDArrayField, RGBImageField
+    from ffcv.writer import DatasetWriter
+
+    if mode not in ("raw", "jpg"):
+        raise UserError(f"--mode {mode!r}: expected raw or jpg")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    records = _AsFFCVRecords(dataset)
+    fields = {"image": RGBImageField(write_mode=mode, jpeg_quality=quality), "label": IntField(),
+              "index": IntField()}
+    if records.attributes is not None:
+        fields["attributes"] = NDArrayField(np.dtype("uint8"), (records.attributes.shape[1],))
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        writer = DatasetWriter(str(tmp), fields, num_workers=num_workers)
+        writer.from_indexed_dataset(records)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
+
+
+def check_beton(path: str | Path) -> int:
+    """Number of samples, after checking the file is a complete fastvae .beton (one-line error otherwise)."""
+    require_ffcv()
+    from ffcv.reader import Reader
+
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f".beton '{path}' not found; expected a file written by `python -m fastvae.data.ffcv`")
+    try:
+        reader = Reader(str(path))
+    except Exception as err:  # numpy/ffcv raise assorted errors on foreign bytes
+        raise UserError(f".beton '{path}' is not an FFCV dataset ({type(err).__name__}: {err}); "
+                        f"expected a file written by `python -m fastvae.data.ffcv`") from None
+    missing = [f for f in FIELDS if f not in reader.field_names]
+    if missing:
+        raise UserError(f".beton '{path}' has fields {reader.field_names}; expected {list(FIELDS)} "
+                        f"(written by fastvae.data.ffcv)")
+    size = path.stat().st_size
+    table = reader.alloc_table
+    table_end = int(reader.header["alloc_table_ptr"]) + table.nbytes
+    if len(table) == 0 or table_end != size or int((table["ptr"] + table["size"]).max()) > size:
+        raise UserError(f".beton '{path}' is truncated or damaged ({size} bytes; its tables say {table_end}); "
+                        f"expected a complete file: write it again")
+    return int(reader.num_samples)
+
+
+class FFCVTrainLoader:
+    """Training batches (image float NCHW in [0, 1] on the device, label, index) from a .beton.
+
+    Order: seeded random (or quasi-random) permutation per epoch; with several
+    processes FFCV's distributed traversal gives each rank its own shard (a
+    DistributedSampler inside: padded by repetition when the sample count does
+    not divide evenly, so make it divide for strictly disjoint shards).
+    """
+
+    def __init__(self, path: str | Path, batch_size: int, channels: int, device: torch.device, seed: int,
+                 order: str = "random", flip: bool = False, drop_last: bool = True, distributed: bool = False,
+                 num_workers: int = 1) -> None:
+        check_beton(path)
+        from ffcv.fields.decoders import IntDecoder, SimpleRGBImageDecoder
+        from ffcv.loader import Loader, OrderOption
+        from ffcv.transforms import RandomHorizontalFlip, Squeeze, ToDevice, ToTensor, ToTorchImage
+
+        self.channels, self.device = channels, device
+        image = [SimpleRGBImageDecoder()] + ([RandomHorizontalFlip()] if flip else [])
+        image += [ToTensor(), ToDevice(device, non_blocking=device.type == "cuda"), ToTorchImage()]
+        ints = [IntDecoder(), ToTensor(), Squeeze(), ToDevice(device, non_blocking=device.type == "cuda")]
+        self.loader = Loader(str(path), batch_size=batch_size, num_workers=num_workers, seed=seed,
+                             order=OrderOption.RANDOM if order == "random" else OrderOption.QUASI_RANDOM,
+                             distributed=distributed, drop_last=drop_last,
+                             pipelines={"image": image, "label": ints, "index": ints, "attributes": None})
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.loader.next_epoch = epoch  # the order is a function of (seed, epoch)
+
+    def _batches(self):
+        for image, label, index in self.loader:
+            # RGB on disk, one channel kept for greyscale; the torchvision path's own uint8 -> float
+            # conversion, so both loaders give bit-identical inputs
+            x = to_dtype(image[:, : self.channels], torch.float32, scale=True)
+            yield x, label, index
+
+    def __iter__(self):
+        return self._batches()
+
+    def skip_first(self, n: int):
+        """This epoch's batches after the first n (resume inside an epoch)."""
+        batches = self._batches()
+        for _ in range(n):
+            next(batches)
+        return batches
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(prog="python -m fastvae.data.ffcv",
+                                     description="Convert a fastvae dataset (as its config describes) to .beton files.")
+    parser.add_argument("--config", required=True, help="e.g. configs/celeba.yaml (its data section is used)")
+    parser.add_argument("--out", required=True, help="folder for train.beton and test.beton")
+    parser.add_argument("--mode", default="raw", choices=("raw", "jpg"))
+    parser.add_argument("--quality", type=int, default=90, help="JPEG quality for --mode jpg")
+    parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. data.root=...")
+    return parser.parse_args(argv)
+
+
+@exit_on_user_error
+def main(argv=None) -> list[Path]:
+    from fastvae.data import build_datasets
+
+    args = parse_args(argv)
+    if not 1 <= args.quality <= 100:
+        raise UserError(f"--quality {args.quality}: expected 1 to 100")
+    require_ffcv()
+    cfg: Config = load_config(args.config, args.overrides)
+    train_set, test_set = build_datasets(cfg.data)
+    out = Path(args.out)
+    written = [write_beton(ds, out / f"{name}.beton", args.mode, args.quality, args.workers)
+               for name, ds in (("train", train_set), ("test", test_set))]
+    for path in written:
+        print(f"fastvae: wrote {path} ({check_beton(path)} images, {path.stat().st_size / 2**20:.1f} MiB)")
+    return written
+
+
+if __name__ == "__main__":
+    main()

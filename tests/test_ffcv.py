@@ -1,0 +1,163 @@
+"""FFCV: .beton round trips against the torchvision path, training from a .beton, bad files."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torchvision.transforms.v2.functional import to_dtype
+
+ffcv = pytest.importorskip("ffcv", reason="ffcv not installed (scripts/setup.sh installs it)")
+
+from fastvae.config import load_config  # noqa: E402
+from fastvae.data import build_datasets  # noqa: E402
+from fastvae.data.ffcv import FFCVTrainLoader, check_beton, main as ffcv_main, write_beton  # noqa: E402
+from fastvae.errors import UserError  # noqa: E402
+from fastvae.train import train  # noqa: E402
+from fastvae.data.celeba_fixture import write_celeba  # noqa: E402
+from helpers import CONFIGS, ROOT, TINY, assert_same_weights, final_weights, tiny_config  # noqa: E402
+
+
+def read_all(path, channels):
+    """Every record in file order: (images [N,C,H,W] float, labels, indices)."""
+    from ffcv.loader import Loader, OrderOption
+
+    batches = list(Loader(str(path), batch_size=64, order=OrderOption.SEQUENTIAL, drop_last=False,
+                          pipelines=_pipelines(channels)))
+    xs = to_dtype(torch.cat([b[0] for b in batches])[:, :channels], torch.float32, scale=True)
+    return xs, torch.cat([b[1] for b in batches]), torch.cat([b[2] for b in batches])
+
+
+def _pipelines(channels):
+    from ffcv.fields.decoders import IntDecoder, SimpleRGBImageDecoder
+    from ffcv.transforms import Squeeze, ToTensor, ToTorchImage
+
+    return {"image": [SimpleRGBImageDecoder(), ToTensor(), ToTorchImage()],
+            "label": [IntDecoder(), ToTensor(), Squeeze()], "index": [IntDecoder(), ToTensor(), Squeeze()],
+            "attributes": None}
+
+
+@pytest.fixture(scope="module")
+def mnist_subset():
+    train_set, _ = build_datasets(load_config(CONFIGS / "mnist.yaml", ["data.limit=256"]).data)
+    return train_set
+
+
+def test_raw_beton_is_pixel_identical_to_the_torchvision_path(tmp_path, mnist_subset):
+    path = write_beton(mnist_subset, tmp_path / "train.beton", "raw")
+    assert check_beton(path) == 256
+    x, y, idx = read_all(path, 1)
+    ref = torch.stack([mnist_subset[i][0] for i in range(256)])
+    assert torch.equal(x, ref)
+    assert torch.equal(y, torch.tensor([int(mnist_subset[i][1]) for i in range(256)]))
+    assert torch.equal(idx, torch.arange(256))
+
+
+def test_jpg_beton_is_close(tmp_path, mnist_subset):
+    path = write_beton(mnist_subset, tmp_path / "train.beton", "jpg", quality=95)
+    x, _, _ = read_all(path, 1)
+    ref = torch.stack([mnist_subset[i][0] for i in range(256)])
+    err = (x - ref).abs()
+    assert err.mean() < 0.01 and err.max() < 0.5  # stated tolerance for JPEG at quality 95
+    assert err.max() > 0  # it really is JPEG, not raw pixels
+
+
+def test_celeba_beton_keeps_crops_and_attributes(tmp_path):
+    from ffcv.fields.decoders import NDArrayDecoder
+    from ffcv.loader import Loader, OrderOption
+    from ffcv.transforms import ToTensor
+
+    root = write_celeba(tmp_path / "c", n=30)
+    paths = ffcv_main(["--config", str(CONFIGS / "celeba.yaml"), "--out", str(tmp_path / "b"),
+                       f"data.root={root}", "data.num_workers=0"])
+    assert [p.name for p in paths] == ["train.beton", "test.beton"]
+    train_set, _ = build_datasets(load_config(CONFIGS / "celeba.yaml", [f"data.root={root}"]).data)
+    x, y, idx = read_all(paths[0], 3)
+    assert x.shape == (21, 3, 64, 64)
+    assert torch.equal(x, torch.stack([train_set[i][0] for i in range(21)]))
+    assert torch.equal(y, train_set.labels)
+    pipes = {**_pipelines(3), "attributes": [NDArrayDecoder(), ToTensor()]}
+    attrs = torch.cat([b[3] for b in Loader(str(paths[0]), batch_size=8, order=OrderOption.SEQUENTIAL,
+                                              drop_last=False, pipelines=pipes)])
+    assert torch.equal(attrs, train_set.attributes)
+
+
+def test_training_from_a_beton_resumes_bit_identically(tmp_path, mnist_subset):
+    beton = write_beton(mnist_subset, tmp_path / "train.beton", "raw")
+    common = ["data.loader=ffcv", f"data.beton={beton}", "train.epochs=2"]
+    result = train(tiny_config(tmp_path / "straight", *common))
+    assert result["step"] == 16
+    records = [json.loads(line) for line in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()]
+    assert records[-1]["loss"] < records[0]["loss"]
+    out = tmp_path / "interrupted"
+    train(tiny_config(out, *common, "train.max_steps=5"))
+    train(tiny_config(out, *common, "train.resume=auto"))
+    assert_same_weights(final_weights(out), final_weights(tmp_path / "straight"))
+
+
+def test_training_on_the_celeba_fixture_with_ffcv(tmp_path):
+    root = write_celeba(tmp_path / "c", n=60)
+    paths = ffcv_main(["--config", str(CONFIGS / "celeba.yaml"), "--out", str(tmp_path / "b"), "--mode", "jpg",
+                       f"data.root={root}", "data.num_workers=0"])
+    cfg = load_config(CONFIGS / "celeba.yaml", [f"data.root={root}", "data.loader=ffcv", f"data.beton={paths[0]}",
+                                                "data.flip=true", "data.batch_size=8", "data.num_workers=0",
+                                                "train.epochs=1", "train.mixed_precision=no", "model.latent_dim=8",
+                                                "train.samples=4", f"out_dir={tmp_path / 'run'}"])
+    assert train(cfg)["step"] == 5  # 42 training faces / 8
+
+
+@pytest.mark.slow
+def test_two_ranks_read_disjoint_shards_that_cover_the_beton(tmp_path, mnist_subset):
+    beton = write_beton(mnist_subset, tmp_path / "train.beton", "raw")
+    out = tmp_path / "ddp"
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
+    cmd = [str(Path(sys.executable).with_name("accelerate")), "launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--main_process_port", "29541", "-m", "fastvae.train",
+           "--config", str(CONFIGS / "mnist.yaml"), *TINY, "data.batch_size=16", "data.loader=ffcv",
+           f"data.beton={beton}", "train.epochs=1", "train.record_sample_ids=true", f"out_dir={out}"]
+    proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    ids = [json.loads((out / f"sample_ids_rank{r}.json").read_text()) for r in (0, 1)]
+    assert len(ids[0]) == len(ids[1]) == 128
+    assert not set(ids[0]) & set(ids[1]) and set(ids[0]) | set(ids[1]) == set(range(256))
+    assert json.loads((out / "summary.json").read_text())["ranks_agree"] is True
+
+
+def test_bad_betons_are_one_line_errors(tmp_path, mnist_subset):
+    good = write_beton(mnist_subset, tmp_path / "good.beton", "raw")
+    truncated = tmp_path / "truncated.beton"
+    truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    foreign = tmp_path / "foreign.beton"
+    foreign.write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(4000))
+    with pytest.raises(UserError, match=f".beton '{tmp_path / 'nope.beton'}' not found"):
+        check_beton(tmp_path / "nope.beton")
+    with pytest.raises(UserError, match=f".beton '{truncated}' is (truncated or damaged|not an FFCV dataset)"):
+        check_beton(truncated)
+    with pytest.raises(UserError, match=f".beton '{foreign}' is not an FFCV dataset"):
+        check_beton(foreign)
+    with pytest.raises(UserError, match="config key 'data.beton' is empty"):
+        load_config(CONFIGS / "mnist.yaml", ["data.loader=ffcv"])
+
+
+def test_interrupted_write_leaves_nothing_that_looks_complete(tmp_path, mnist_subset, monkeypatch):
+    from ffcv.writer import DatasetWriter
+
+    def crash(self, dataset, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(DatasetWriter, "from_indexed_dataset", crash)
+    with pytest.raises(KeyboardInterrupt):
+        write_beton(mnist_subset, tmp_path / "train.beton")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_missing_ffcv_says_how_to_install(monkeypatch):
+    from fastvae.data.ffcv import require_ffcv
+
+    monkeypatch.setitem(sys.modules, "ffcv", None)  # as if not installed
+    with pytest.raises(UserError, match="apt-get install -y libopencv-dev libturbojpeg0-dev && pip install ffcv"):
+        require_ffcv()
