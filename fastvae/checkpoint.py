@@ -138,7 +138,7 @@ def check_compatible(meta: dict, cfg: Config, path: Path) -> None:
         saved, current = meta["config"].get(section), to_dict(cfg)[section]
         # how the data is fed and where it lives may change between runs; the model may not
         ignore = {"batch_size", "num_workers", "limit", "root", "label_attribute", "test_split", "loader",
-                  "beton", "order", "flip"}
+                  "beton", "order", "flip", "skip_corrupt"}
         diff = [k for k in current if k not in ignore and saved.get(k) != current[k]]
         if diff:
             k = diff[0]

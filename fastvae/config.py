@@ -37,6 +37,7 @@ class DataConfig:
     beton: str = ""  # data.loader=ffcv: the training .beton
     order: str = "random"  # data.loader=ffcv: random | quasi_random (less memory, not fully random)
     flip: bool = False  # data.loader=ffcv: random horizontal flips
+    skip_corrupt: bool = False  # celeba / imagefolder: skip (and name) undecodable images instead of stopping
     label_attribute: str = "Smiling"  # celeba: the attribute used as the label (colors latent plots)
     test_split: str = "test"  # celeba: the official partition used as the test set (test | valid)
 

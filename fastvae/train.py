@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 from fastvae import checkpoint, pictures
 from fastvae.config import Config, load_config
 from fastvae.data import build_datasets, in_order_loader
+from fastvae.data.base import collate_skipping_corrupt
 from fastvae.data.ffcv import FFCVTrainLoader
 from fastvae.errors import UserError, exit_on_user_error
 from fastvae.evaluate import Likelihood, evaluate_model, print_report
@@ -180,6 +181,7 @@ def train(cfg: Config) -> dict:
             num_workers=cfg.data.num_workers, persistent_workers=cfg.data.num_workers > 0,
             # a private generator: creating an iterator must not draw from the global RNG
             generator=torch.Generator().manual_seed(cfg.seed),
+            collate_fn=collate_skipping_corrupt,
         )
 
     # ---- model, ops, optimizer

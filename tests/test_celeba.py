@@ -75,12 +75,26 @@ def test_bad_celeba_files_name_the_file_and_line(tmp_path, damage, message):
     assert message.format(root=root) in str(err.value)
 
 
-def test_corrupt_jpeg_names_the_file(tmp_path):
+def test_corrupt_jpeg_names_the_file_or_is_skipped(tmp_path, capsys):
     root = write_celeba(tmp_path / "c", n=10)
     (root / "img_align_celeba" / "000002.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
     train_set, _ = build_datasets(celeba_config(root).data)
-    with pytest.raises(UserError, match="CelebA image '.*000002.jpg' could not be decoded"):
+    with pytest.raises(UserError, match="image '.*000002.jpg' could not be decoded"):
         train_set[1]
+    skipping, _ = build_datasets(celeba_config(root, "data.skip_corrupt=true").data)
+    assert skipping[1] is None and skipping[0] is not None
+    assert "fastvae: skipping image '" in capsys.readouterr().err
+
+
+def test_training_skips_corrupt_images_when_asked(tmp_path, capsys):
+    root = write_celeba(tmp_path / "c", n=60)
+    for name in ("000002.jpg", "000005.jpg"):
+        (root / "img_align_celeba" / name).write_bytes(b"not a jpeg")
+    cfg = celeba_config(root, f"out_dir={tmp_path / 'run'}", "data.batch_size=8", "train.epochs=1",
+                        "train.samples=4", "model.latent_dim=8", "data.skip_corrupt=true")
+    assert train(cfg)["step"] == 5  # the batches holding them are one image short, nothing stops
+    err = capsys.readouterr().err
+    assert "000002.jpg" in err and "000005.jpg" in err
 
 
 def test_train_on_celeba_fixture_then_make_them_smile(tmp_path):

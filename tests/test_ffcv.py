@@ -161,3 +161,18 @@ def test_missing_ffcv_says_how_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "ffcv", None)  # as if not installed
     with pytest.raises(UserError, match="apt-get install -y libopencv-dev libturbojpeg0-dev && pip install ffcv"):
         require_ffcv()
+
+
+def test_corrupt_image_stops_the_write_or_is_left_out(tmp_path, capsys):
+    root = write_celeba(tmp_path / "c", n=30)
+    (root / "img_align_celeba" / "000003.jpg").write_bytes(b"not a jpeg")
+    args = ["--config", str(CONFIGS / "celeba.yaml"), "--out", str(tmp_path / "b"), f"data.root={root}",
+            "data.num_workers=0"]
+    with pytest.raises(SystemExit) as exc:
+        ffcv_main(args)
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert exc.value.code == 2 and "000003.jpg' could not be decoded" in err and "--skip-corrupt" in err
+    assert not (tmp_path / "b").exists() or list((tmp_path / "b").iterdir()) == []
+    paths = ffcv_main([*args, "--skip-corrupt"])
+    assert check_beton(paths[0]) == 20  # 21 training images, one left out
+    assert "left 1 undecodable image(s) out of train.beton" in capsys.readouterr().err

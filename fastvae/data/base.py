@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import sys
+
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, default_collate
 from torchvision.transforms.v2.functional import to_dtype
 
 
@@ -38,4 +40,21 @@ def fixed_split(n: int, test_fraction: float, seed: int) -> tuple[torch.Tensor, 
 def in_order_loader(dataset: Dataset, batch_size: int = 256) -> DataLoader:
     """Batches in dataset order. Its own generator: starting an iterator draws a seed
     from the loader's generator, and the global one belongs to training (exact resume)."""
-    return DataLoader(dataset, batch_size=batch_size, shuffle=False, generator=torch.Generator())
+    return DataLoader(dataset, batch_size=batch_size, shuffle=False, generator=torch.Generator(),
+                      collate_fn=collate_skipping_corrupt)
+
+
+def report_corrupt(path, err: Exception, skip: bool):
+    """A file that cannot be decoded: None (the batch goes on without it) when skipping, else a one-line error."""
+    from fastvae.errors import UserError
+
+    message = f"image '{path}' could not be decoded ({type(err).__name__}); expected a valid image file"
+    if not skip:
+        raise UserError(message)
+    print(f"fastvae: skipping {message.split(';')[0]}", file=sys.stderr, flush=True)
+    return None
+
+
+def collate_skipping_corrupt(batch):
+    """default_collate over the items that decoded (data.skip_corrupt returns None for the others)."""
+    return default_collate([item for item in batch if item is not None])

@@ -20,6 +20,7 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 from torchvision.transforms.v2.functional import pil_to_tensor
 
+from fastvae.data.base import report_corrupt
 from fastvae.data.imagefolder import image_transform
 from fastvae.errors import UserError
 
@@ -85,8 +86,8 @@ def read_partition(path: Path, files: list[str]) -> torch.Tensor:
 
 class CelebA(Dataset):
     def __init__(self, image_dir: Path, files: list[str], attribute_names: list[str], attributes: torch.Tensor,
-                 image_size: int, center_crop: int, label_attribute: str) -> None:
-        self.image_dir, self.files = image_dir, files
+                 image_size: int, center_crop: int, label_attribute: str, skip_corrupt: bool = False) -> None:
+        self.image_dir, self.files, self.skip_corrupt = image_dir, files, skip_corrupt
         self.attribute_names = tuple(attribute_names)
         self.attributes = attributes
         self.transform = image_transform(image_size, center_crop)
@@ -107,12 +108,12 @@ class CelebA(Dataset):
             with Image.open(path) as img:
                 image = pil_to_tensor(img.convert("RGB"))
         except (OSError, UnidentifiedImageError) as err:
-            raise UserError(f"CelebA image '{path}' could not be decoded ({type(err).__name__}); "
-                            f"expected a valid JPEG") from None
+            return report_corrupt(path, err, self.skip_corrupt)
         return self.transform(image), self.labels[index], index
 
 
-def celeba(root: str, image_size: int, center_crop: int, label_attribute: str, test_split: str = "test"):
+def celeba(root: str, image_size: int, center_crop: int, label_attribute: str, test_split: str = "test",
+           skip_corrupt: bool = False):
     """(train, test) by the official partition; test_split may be "valid"."""
     base = find_root(root)
     files, names, attributes = read_attributes(base / ATTR_FILE)
@@ -128,6 +129,6 @@ def celeba(root: str, image_size: int, center_crop: int, label_attribute: str, t
     def subset(code: int) -> CelebA:
         keep = (split == code).nonzero().flatten().tolist()
         return CelebA(image_dir, [files[i] for i in keep], names, attributes[keep], image_size, center_crop,
-                      label_attribute)
+                      label_attribute, skip_corrupt)
 
     return subset(SPLIT_CODES["train"]), subset(SPLIT_CODES[test_split])

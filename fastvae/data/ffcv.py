@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -38,10 +39,15 @@ def require_ffcv():
 
 
 class _AsFFCVRecords(Dataset):
-    """(HWC uint8 RGB image, label, index[, attributes]): what FFCV's fields take."""
+    """(HWC uint8 RGB image, label, index[, attributes]): what FFCV's fields take.
 
-    def __init__(self, dataset) -> None:
-        self.dataset = dataset
+    FFCV's writer runs this in forked workers and waits forever for a worker that
+    died, so an undecodable image must not raise here: it is written as a black
+    placeholder and its index logged to `failures`, which the parent reads after.
+    """
+
+    def __init__(self, dataset, image_shape: tuple, failures: Path) -> None:
+        self.dataset, self.image_shape, self.failures = dataset, image_shape, failures
         self.attributes = getattr(dataset, "attributes", None)
         self.parent_pid = os.getpid()
 
@@ -53,7 +59,19 @@ class _AsFFCVRecords(Dataset):
             # FFCV's writer forks workers; an OpenMP thread pool inherited from a parent that
             # already computed in parallel deadlocks the child: run its torch ops on one thread
             torch.set_num_threads(1)
-        x, y, index = self.dataset[i]
+        try:
+            item = self.dataset[i]
+        except UserError as err:
+            item = None
+            reason = str(err)
+        else:
+            reason = "could not be decoded"
+        if item is None:  # undecodable (skip_corrupt datasets return None, the others raise)
+            with open(self.failures, "a") as fh:
+                fh.write(f"{i}\t{reason}\n")
+            x, y, index = torch.zeros(self.image_shape), 0, i
+        else:
+            x, y, index = item
         # the torchvision path gives uint8/255 after its resize: *255 round-trips exactly
         image = (x * 255).round().to(torch.uint8)
         if image.shape[0] == 1:
@@ -64,9 +82,22 @@ class _AsFFCVRecords(Dataset):
         return record
 
 
-def write_beton(dataset, path: str | Path, mode: str = "raw", quality: int = 90, num_workers: int = 1) -> Path:
+def _image_shape(dataset) -> tuple:
+    for i in range(len(dataset)):
+        try:
+            item = dataset[i]
+        except UserError:
+            continue
+        if item is not None:
+            return tuple(item[0].shape)
+    raise UserError("no image of the dataset could be decoded; expected valid image files")
+
+
+def write_beton(dataset, path: str | Path, mode: str = "raw", quality: int = 90, num_workers: int = 1,
+                skip_corrupt: bool = False) -> Path:
     """Write one split (FFCV's writer shows the progress bar); raw = uncompressed pixels (exact),
-    jpg = JPEG at `quality` (smaller, lossy)."""
+    jpg = JPEG at `quality` (smaller, lossy). Undecodable images stop the write with their name,
+    or with skip_corrupt are left out and counted."""
     require_ffcv()
     from ffcv.fields import IntField, NDArrayField, RGBImageField
     from ffcv.writer import DatasetWriter
@@ -75,19 +106,35 @@ def write_beton(dataset, path: str | Path, mode: str = "raw", quality: int = 90,
         raise UserError(f"--mode {mode!r}: expected raw or jpg")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    records = _AsFFCVRecords(dataset)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    failures = path.with_name(f".{path.name}.failures-{os.getpid()}")
+    records = _AsFFCVRecords(dataset, _image_shape(dataset), failures)
     fields = {"image": RGBImageField(write_mode=mode, jpeg_quality=quality), "label": IntField(),
               "index": IntField()}
     if records.attributes is not None:
         fields["attributes"] = NDArrayField(np.dtype("uint8"), (records.attributes.shape[1],))
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+
+    def write(indices=None):
+        DatasetWriter(str(tmp), fields, num_workers=num_workers).from_indexed_dataset(records, indices=indices)
+
     try:
-        writer = DatasetWriter(str(tmp), fields, num_workers=num_workers)
-        writer.from_indexed_dataset(records)
+        write()
+        bad = sorted(failures.read_text().splitlines()) if failures.exists() else []
+        if bad:
+            first = bad[0].split("\t", 1)[1]
+            if not skip_corrupt:
+                raise UserError(f"{first} ({len(bad)} undecodable image(s) in total); expected valid images, "
+                                f"or --skip-corrupt to leave them out")
+            skipped = {int(line.split("\t")[0]) for line in bad}
+            failures.unlink()
+            write([i for i in range(len(dataset)) if i not in skipped])
+            print(f"fastvae: left {len(skipped)} undecodable image(s) out of {path.name}, e.g. {first}",
+                  file=sys.stderr)
         os.replace(tmp, path)
     finally:
-        if tmp.exists():
-            tmp.unlink()
+        for leftover in (tmp, failures):
+            if leftover.exists():
+                leftover.unlink()
     return path
 
 
@@ -175,6 +222,7 @@ def parse_args(argv):
     parser.add_argument("--mode", default="raw", choices=("raw", "jpg"))
     parser.add_argument("--quality", type=int, default=90, help="JPEG quality for --mode jpg")
     parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--skip-corrupt", action="store_true", help="leave undecodable images out (and count them)")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. data.root=...")
     return parser.parse_args(argv)
 
@@ -190,7 +238,8 @@ def main(argv=None) -> list[Path]:
     cfg: Config = load_config(args.config, args.overrides)
     train_set, test_set = build_datasets(cfg.data)
     out = Path(args.out)
-    written = [write_beton(ds, out / f"{name}.beton", args.mode, args.quality, args.workers)
+    written = [write_beton(ds, out / f"{name}.beton", args.mode, args.quality, args.workers,
+                           args.skip_corrupt or cfg.data.skip_corrupt)
                for name, ds in (("train", train_set), ("test", test_set))]
     for path in written:
         print(f"fastvae: wrote {path} ({check_beton(path)} images, {path.stat().st_size / 2**20:.1f} MiB)")

@@ -10,7 +10,7 @@ from PIL import Image, UnidentifiedImageError
 from torchvision.transforms import v2
 from torchvision.transforms.v2.functional import pil_to_tensor
 
-from fastvae.data.base import fixed_split
+from fastvae.data.base import fixed_split, report_corrupt
 from fastvae.errors import UserError
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp"}
@@ -32,8 +32,8 @@ class ImageFolderDataset(Dataset):
     """Decoded lazily with torchvision.io; items are (image, label, index) like every fastvae dataset."""
 
     def __init__(self, files: list[Path], labels: list[int], image_size: int, channels: int,
-                 center_crop: int = 0) -> None:
-        self.files, self.labels = files, labels
+                 center_crop: int = 0, skip_corrupt: bool = False) -> None:
+        self.files, self.labels, self.skip_corrupt = files, labels, skip_corrupt
         self.mode = "L" if channels == 1 else "RGB"
         self.transform = image_transform(image_size, center_crop)
 
@@ -47,13 +47,12 @@ class ImageFolderDataset(Dataset):
             with Image.open(path) as img:
                 image = pil_to_tensor(img.convert(self.mode))
         except (OSError, UnidentifiedImageError, ValueError) as err:
-            raise UserError(f"image '{path}' could not be decoded ({type(err).__name__}); "
-                            f"expected a valid image file") from None
+            return report_corrupt(path, err, self.skip_corrupt)
         return self.transform(image), torch.tensor(self.labels[index]), index
 
 
 def image_folder(root: str, image_size: int, channels: int, center_crop: int,
-                 test_fraction: float, split_seed: int):
+                 test_fraction: float, split_seed: int, skip_corrupt: bool = False):
     if not root:
         raise UserError("data.root is empty; expected the folder of images for data.name=imagefolder")
     root_path = Path(root)
@@ -71,6 +70,6 @@ def image_folder(root: str, image_size: int, channels: int, center_crop: int,
 
     def subset(idx):
         return ImageFolderDataset([files[i] for i in idx], [labels[i] for i in idx],
-                                  image_size, channels, center_crop)
+                                  image_size, channels, center_crop, skip_corrupt)
 
     return subset(train_idx.tolist()), subset(test_idx.tolist())
