@@ -152,6 +152,48 @@ def trim_metrics(out_dir: Path, step: int) -> None:
         path.write_text("".join(line + "\n" for line in kept))
 
 
+def build_train_loader(cfg: Config, accelerator: Accelerator, train_set):
+    """A torch DataLoader (handed to accelerate.prepare by the caller) or an FFCV loader
+    (already sharded per rank and on the device)."""
+    global_batch = cfg.data.batch_size * accelerator.num_processes
+    if cfg.data.drop_last and len(train_set) < global_batch:
+        raise UserError(f"data.batch_size={cfg.data.batch_size} x {accelerator.num_processes} process(es) "
+                        f"is larger than the {len(train_set)} training images; expected at most "
+                        f"{len(train_set) // accelerator.num_processes} per process (or data.drop_last=false)")
+    if cfg.data.loader == "ffcv":
+        return FFCVTrainLoader(cfg.data.beton, cfg.data.batch_size, cfg.data.channels, accelerator.device,
+                               cfg.seed, cfg.data.order, cfg.data.flip, cfg.data.drop_last,
+                               distributed=accelerator.num_processes > 1, num_workers=max(1, cfg.data.num_workers))
+    return DataLoader(
+        train_set, batch_size=cfg.data.batch_size, shuffle=True, drop_last=cfg.data.drop_last,
+        num_workers=cfg.data.num_workers, persistent_workers=cfg.data.num_workers > 0,
+        # a private generator: creating an iterator must not draw from the global RNG
+        generator=torch.Generator().manual_seed(cfg.seed),
+        collate_fn=collate_skipping_corrupt,
+    )
+
+
+def restore(accelerator: Accelerator, cfg: Config, out_dir: Path) -> tuple[int, int, int, Path | None]:
+    """(step, epoch, batch_in_epoch, checkpoint) to start from: zeros for a fresh run; for
+    train.resume the checkpoint's state (model, optimizer, scheduler, RNG) is loaded."""
+    resume_path = checkpoint.resolve_resume(cfg.train.resume, out_dir, announce=accelerator.print)
+    if resume_path is None:
+        if cfg.train.resume:
+            accelerator.print(f"fastvae: no checkpoint in {checkpoint.checkpoint_dir(out_dir)}; starting fresh")
+        return 0, 0, 0, None
+    meta = checkpoint.read_meta(resume_path)
+    checkpoint.check_compatible(meta, cfg, resume_path)
+    try:
+        accelerator.load_state(str(resume_path))
+    except Exception as err:  # torch/safetensors/pickle each raise their own types
+        raise UserError(f"checkpoint '{resume_path}' could not be loaded ({type(err).__name__}: {err}); "
+                        f"expected an intact checkpoint of this model") from None
+    if accelerator.is_main_process:
+        trim_metrics(out_dir, meta["step"])
+    accelerator.print(f"fastvae: resumed from {resume_path} (step {meta['step']}, epoch {meta['epoch']})")
+    return meta["step"], meta["epoch"], meta["batch_in_epoch"], resume_path
+
+
 def train(cfg: Config) -> dict:
     accelerator = make_accelerator(cfg)
     set_seed(cfg.seed)
@@ -164,25 +206,8 @@ def train(cfg: Config) -> dict:
 
     # ---- data
     train_set, test_set = build_datasets(cfg.data)
-    global_batch = cfg.data.batch_size * accelerator.num_processes
-    if cfg.data.drop_last and len(train_set) < global_batch:
-        raise UserError(f"data.batch_size={cfg.data.batch_size} x {accelerator.num_processes} process(es) "
-                        f"is larger than the {len(train_set)} training images; expected at most "
-                        f"{len(train_set) // accelerator.num_processes} per process (or data.drop_last=false)")
     use_ffcv = cfg.data.loader == "ffcv"
-    if use_ffcv:  # already sharded per rank and on the device: not handed to accelerate
-        train_loader = FFCVTrainLoader(cfg.data.beton, cfg.data.batch_size, cfg.data.channels,
-                                       accelerator.device, cfg.seed, cfg.data.order, cfg.data.flip,
-                                       cfg.data.drop_last, distributed=accelerator.num_processes > 1,
-                                       num_workers=max(1, cfg.data.num_workers))
-    else:
-        train_loader = DataLoader(
-            train_set, batch_size=cfg.data.batch_size, shuffle=True, drop_last=cfg.data.drop_last,
-            num_workers=cfg.data.num_workers, persistent_workers=cfg.data.num_workers > 0,
-            # a private generator: creating an iterator must not draw from the global RNG
-            generator=torch.Generator().manual_seed(cfg.seed),
-            collate_fn=collate_skipping_corrupt,
-        )
+    train_loader = build_train_loader(cfg, accelerator, train_set)
 
     # ---- model, ops, optimizer
     model = build_model(cfg)
@@ -204,22 +229,7 @@ def train(cfg: Config) -> dict:
     raw_model = accelerator.unwrap_model(model)
 
     # ---- resume
-    step, epoch, batch_in_epoch = 0, 0, 0
-    resume_path = checkpoint.resolve_resume(cfg.train.resume, out_dir, announce=accelerator.print)
-    if resume_path is not None:
-        meta = checkpoint.read_meta(resume_path)
-        checkpoint.check_compatible(meta, cfg, resume_path)
-        try:
-            accelerator.load_state(str(resume_path))
-        except Exception as err:  # torch/safetensors/pickle each raise their own types
-            raise UserError(f"checkpoint '{resume_path}' could not be loaded ({type(err).__name__}: {err}); "
-                            f"expected an intact checkpoint of this model") from None
-        step, epoch, batch_in_epoch = meta["step"], meta["epoch"], meta["batch_in_epoch"]
-        if is_main:
-            trim_metrics(out_dir, step)
-            print(f"fastvae: resumed from {resume_path} (step {step}, epoch {epoch})", flush=True)
-    elif cfg.train.resume and is_main:
-        print(f"fastvae: no checkpoint in {checkpoint.checkpoint_dir(out_dir)}; starting fresh", flush=True)
+    step, epoch, batch_in_epoch, resume_path = restore(accelerator, cfg, out_dir)
 
     log = RunLog(accelerator, cfg)
     sample_ids = [] if cfg.train.record_sample_ids else None
