@@ -265,18 +265,16 @@ def cmd_attribute(vae, args) -> list[Path]:
         if z_diff.numel() != vae.model.latent_dim:
             raise UserError(f"attribute vector '{args.vector}' has {z_diff.numel()} dims; "
                             f"expected the model's {vae.model.latent_dim}")
-        written = []
+        name, written = Path(args.vector).stem, []
     else:
         z_diff, meta = attribute_vector_for(vae, args.split, args.attribute,
                                             tuple(args.labels) if args.labels else None)
-        name = args.attribute or f"labels_{args.labels[0]}_minus_{args.labels[1]}"
+        name = args.attribute or "labels_{}_minus_{}".format(*args.labels)
         written = [save_attribute_vector(out / f"attribute_{name}.pt", z_diff, meta)]
     what = meta.get("attribute") or "label {} - label {}".format(*meta["labels"])
     dataset = vae.split(args.apply_split)
     indices = args.indices or torch.linspace(0, len(dataset) - 1, min(6, len(dataset))).long().tolist()
-    images = images_at(vae, args.apply_split, indices)
-    sweep = apply_attribute(vae, images, z_diff, args.alphas)
-    name = (args.attribute or "labels_{}_minus_{}".format(*meta["labels"])) if not args.vector else Path(args.vector).stem
+    sweep = apply_attribute(vae, images_at(vae, args.apply_split, indices), z_diff, args.alphas)
     alphas = ", ".join(f"{a:g}" for a in args.alphas)
     written.append(pictures.save_grid(sweep.flatten(0, 1), out / f"attribute_sweep_{name}.png", nrow=len(args.alphas),
                                       title=f"z + alpha * z_diff[{what}], alpha = {alphas}",
