@@ -36,3 +36,14 @@ def test_two_process_cpu_run_shards_data_and_ranks_agree(tmp_path):
     assert per_epoch[0][0] != per_epoch[1][0]  # reshuffled each epoch
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [m["epoch"] for m in metrics] == [1, 2]  # written once, by rank 0
+
+
+@pytest.mark.slow
+def test_accelerate_launch_single_process_takes_the_launchers_precision(tmp_path):
+    cmd = [ACCELERATE, "launch", "--cpu", "--num_processes", "1", "--mixed_precision", "bf16", "-m", "fastvae.train",
+           "--config", str(CONFIGS / "mnist.yaml"), *TINY, "train.max_steps=3", "train.mixed_precision=null",
+           f"out_dir={tmp_path / 'run'}"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "1 process(es) on cpu" in proc.stdout and "mixed_precision=bf16" in proc.stdout
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["step"] == 3
