@@ -20,6 +20,14 @@ def _load_eps(eps_ptr, seed, offsets, mask, HAS_EPS: tl.constexpr, ACC: tl.const
 
 
 @triton.jit
+def _tile(rows, row_mask, start, n_cols, BLOCK: tl.constexpr):
+    """(mask, offsets) of the [BLOCK_B, BLOCK] tile at column `start` of a row-major [B, n_cols] tensor."""
+    cols = start + tl.arange(0, BLOCK)
+    mask = row_mask[:, None] & (cols < n_cols)[None, :]
+    return mask, rows[:, None].to(tl.int64) * n_cols + cols[None, :]
+
+
+@triton.jit
 def reparam_kl_fwd_kernel(mu_ptr, logvar_ptr, eps_ptr, z_ptr, kl_ptr, seed, B, D,
                           HAS_EPS: tl.constexpr, ACC: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr):
     """z = mu + exp(logvar/2) * eps ; kl[b] = -0.5 * sum_j (1 + logvar - mu^2 - exp(logvar))."""
@@ -27,9 +35,7 @@ def reparam_kl_fwd_kernel(mu_ptr, logvar_ptr, eps_ptr, z_ptr, kl_ptr, seed, B, D
     row_mask = rows < B
     kl = tl.zeros((BLOCK_B,), dtype=ACC)
     for start in range(0, D, BLOCK_D):
-        cols = start + tl.arange(0, BLOCK_D)
-        mask = row_mask[:, None] & (cols < D)[None, :]
-        offsets = rows[:, None].to(tl.int64) * D + cols[None, :]
+        mask, offsets = _tile(rows, row_mask, start, D, BLOCK_D)
         mu = tl.load(mu_ptr + offsets, mask=mask, other=0.0).to(ACC)
         logvar = tl.load(logvar_ptr + offsets, mask=mask, other=0.0).to(ACC)
         eps = _load_eps(eps_ptr, seed, offsets, mask, HAS_EPS, ACC)
@@ -49,9 +55,7 @@ def reparam_kl_bwd_kernel(dz_ptr, dkl_ptr, mu_ptr, logvar_ptr, eps_ptr, dmu_ptr,
     row_mask = rows < B
     dkl = tl.load(dkl_ptr + rows, mask=row_mask, other=0.0).to(ACC)[:, None]
     for start in range(0, D, BLOCK_D):
-        cols = start + tl.arange(0, BLOCK_D)
-        mask = row_mask[:, None] & (cols < D)[None, :]
-        offsets = rows[:, None].to(tl.int64) * D + cols[None, :]
+        mask, offsets = _tile(rows, row_mask, start, D, BLOCK_D)
         dz = tl.load(dz_ptr + offsets, mask=mask, other=0.0).to(ACC)
         mu = tl.load(mu_ptr + offsets, mask=mask, other=0.0).to(ACC)
         logvar = tl.load(logvar_ptr + offsets, mask=mask, other=0.0).to(ACC)
@@ -75,9 +79,7 @@ def recon_loss_fwd_kernel(logits_ptr, target_ptr, loss_ptr, grad_ptr, B, N,
     row_mask = rows < B
     acc = tl.zeros((BLOCK_B,), dtype=ACC)
     for start in range(0, N, BLOCK_N):
-        cols = start + tl.arange(0, BLOCK_N)
-        mask = row_mask[:, None] & (cols < N)[None, :]
-        offsets = rows[:, None].to(tl.int64) * N + cols[None, :]
+        mask, offsets = _tile(rows, row_mask, start, N, BLOCK_N)
         x = tl.load(logits_ptr + offsets, mask=mask, other=0.0).to(ACC)
         t = tl.load(target_ptr + offsets, mask=mask, other=0.0).to(ACC)
         # exp of -|x| never overflows; where() (not maximum) keeps NaN inputs NaN
