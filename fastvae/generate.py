@@ -28,7 +28,7 @@ import torch
 from fastvae import pictures
 from fastvae.checkpoint import load_model
 from fastvae.config import Config
-from fastvae.data import build_datasets, in_order_loader
+from fastvae.data import build_datasets
 from fastvae.errors import UserError, exit_on_user_error
 
 SPLITS = ("train", "test")
@@ -93,19 +93,9 @@ def encode(vae: LoadedVAE, images: torch.Tensor) -> torch.Tensor:
     return mu.float()
 
 
-@torch.no_grad()
 def encode_split(vae: LoadedVAE, split: str, max_images: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(posterior means [N, D], labels [N]) over a split, in dataset order."""
-    mus, labels, seen = [], [], 0
-    for x, y, _ in in_order_loader(vae.split(split)):
-        if max_images is not None:
-            x, y = x[: max_images - seen], y[: max_images - seen]
-        mus.append(encode(vae, x).cpu())
-        labels.append(y)
-        seen += len(x)
-        if max_images is not None and seen >= max_images:
-            break
-    return torch.cat(mus), torch.cat(labels)
+    return pictures.encode_dataset(vae.model, vae.split(split), vae.device, max_images)
 
 
 def slerp(a: torch.Tensor, b: torch.Tensor, t: float) -> torch.Tensor:
@@ -226,7 +216,7 @@ def cmd_sample(vae, args) -> list[Path]:
 
 def cmd_reconstruct(vae, args) -> list[Path]:
     dataset = vae.split(args.split)
-    picks = torch.linspace(0, len(dataset) - 1, min(args.n, len(dataset))).long().tolist()
+    picks = pictures.spread_indices(len(dataset), args.n)
     images = images_at(vae, args.split, picks)
     return [pictures.save_reconstruction_grid(vae.model, images.to(vae.device),
                                               _out_dir(vae, args.out) / "reconstructions.png")]
@@ -273,7 +263,7 @@ def cmd_attribute(vae, args) -> list[Path]:
         written = [save_attribute_vector(out / f"attribute_{name}.pt", z_diff, meta)]
     what = meta.get("attribute") or "label {} - label {}".format(*meta["labels"])
     dataset = vae.split(args.apply_split)
-    indices = args.indices or torch.linspace(0, len(dataset) - 1, min(6, len(dataset))).long().tolist()
+    indices = args.indices or pictures.spread_indices(len(dataset), 6)
     sweep = apply_attribute(vae, images_at(vae, args.apply_split, indices), z_diff, args.alphas)
     alphas = ", ".join(f"{a:g}" for a in args.alphas)
     written.append(pictures.save_grid(sweep.flatten(0, 1), out / f"attribute_sweep_{name}.png", nrow=len(args.alphas),

@@ -22,6 +22,8 @@ import torch  # noqa: E402
 from PIL import Image, ImageDraw, ImageFont  # noqa: E402
 from torchvision.utils import make_grid  # noqa: E402
 
+from fastvae.data.base import in_order_loader  # noqa: E402
+
 TITLE_HEIGHT = 28
 TITLE_LINE = 18
 TITLE_FONT = 14
@@ -114,6 +116,27 @@ def reconstruct(model, images: torch.Tensor) -> torch.Tensor:
     """Decoded from the posterior mean (z = mu): the deterministic reconstruction."""
     mu, _ = model.encode(images)
     return decode_images(model, mu)
+
+
+@torch.no_grad()
+def encode_dataset(model, dataset, device="cpu", max_images: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(posterior means [N, D] on the CPU, labels [N]) over a dataset in order, up to max_images."""
+    mus, labels, seen = [], [], 0
+    for x, y, _ in in_order_loader(dataset):
+        if max_images is not None:
+            x, y = x[: max_images - seen], y[: max_images - seen]
+        mu, _ = model.encode(x.to(device))
+        mus.append(mu.float().cpu())
+        labels.append(y)
+        seen += len(x)
+        if max_images is not None and seen >= max_images:
+            break
+    return torch.cat(mus), torch.cat(labels)
+
+
+def spread_indices(length: int, k: int) -> list[int]:
+    """k indices evenly spread over range(length): class-sorted splits still show every class."""
+    return torch.linspace(0, length - 1, min(k, length)).long().tolist()
 
 
 def save_reconstruction_grid(model, images: torch.Tensor, path, per_row: int = 10) -> Path:

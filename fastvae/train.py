@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 from fastvae import checkpoint, pictures
 from fastvae.config import Config, load_config
-from fastvae.data import build_datasets, in_order_loader
+from fastvae.data import build_datasets
 from fastvae.data.base import collate_skipping_corrupt
 from fastvae.data.ffcv import FFCVTrainLoader
 from fastvae.errors import UserError, exit_on_user_error
@@ -115,19 +115,8 @@ def write_pictures(model, test_set, cfg: Config, device) -> list[Path]:
     """Prior samples, reconstructions and the latent scatter, into out_dir."""
     model.eval()
     out = Path(cfg.out_dir)
-    n_scatter = min(len(test_set), 5000)
-    loader = in_order_loader(test_set)
-    mus, labels = [], []
-    for x, y, _ in loader:
-        mu, _ = model.encode(x.to(device))
-        mus.append(mu.float().cpu())
-        labels.append(y)
-        if sum(len(m) for m in mus) >= n_scatter:
-            break
-    # evenly spaced test images: splits of class-sorted files still show every class
-    picks = torch.linspace(0, len(test_set) - 1, min(40, len(test_set))).long().tolist()
-    originals = torch.stack([test_set[i][0] for i in picks])
-    mu_all, label_all = torch.cat(mus)[:n_scatter], torch.cat(labels)[:n_scatter]
+    mu_all, label_all = pictures.encode_dataset(model, test_set, device, max_images=5000)
+    originals = torch.stack([test_set[i][0] for i in pictures.spread_indices(len(test_set), 40)])
     title = f"Latent means of {len(mu_all)} test images ({cfg.data.name}), colored by label"
     written = [
         pictures.save_sample_grid(model, out / "samples.png", n=cfg.train.samples, seed=cfg.seed, device=device),

@@ -6,7 +6,6 @@ import math
 import pytest
 import torch
 
-from fastvae.data.base import ImageTensorDataset
 from fastvae.evaluate import Likelihood, evaluate_model, iwae_bound, main
 from fastvae.models.base import VAE
 
@@ -135,6 +134,7 @@ def test_cli_on_a_trained_checkpoint_writes_json(tmp_path, capsys):
     report = main(["--checkpoint", str(ckpt), "--iwae-samples", "20", "--chunk", "8", "--max-images", "50",
                    "--json", str(tmp_path / "eval.json")])
     saved = json.loads((tmp_path / "eval.json").read_text())
+    assert saved == json.loads(json.dumps(report))  # the file is what the call returned
     assert saved["images"] == 50 and saved["iwae_samples"] == 20 and saved["step"] == 8
     assert saved["iwae_log_likelihood_nats"] >= saved["elbo_nats"] - 1.0  # tighter bound, up to MC noise
     assert saved["elbo_bits_per_dim"] == pytest.approx(saved["elbo_nats"] / (784 * math.log(2)))

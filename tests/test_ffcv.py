@@ -6,7 +6,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from torchvision.transforms.v2.functional import to_dtype
@@ -15,7 +14,7 @@ ffcv = pytest.importorskip("ffcv", reason="ffcv not installed (scripts/setup.sh 
 
 from fastvae.config import load_config  # noqa: E402
 from fastvae.data import build_datasets  # noqa: E402
-from fastvae.data.ffcv import FFCVTrainLoader, check_beton, main as ffcv_main, write_beton  # noqa: E402
+from fastvae.data.ffcv import check_beton, main as ffcv_main, write_beton  # noqa: E402
 from fastvae.errors import UserError  # noqa: E402
 from fastvae.train import train  # noqa: E402
 from fastvae.data.celeba_fixture import write_celeba  # noqa: E402
