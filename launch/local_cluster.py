@@ -1,0 +1,262 @@
+"""A real one-node SLURM cluster on this machine, for tests, CI and trying the launcher.
+
+    python -m fastvae.launch.local_cluster start [--dir /tmp/fastvae-slurm]   # prints `export SLURM_CONF=...`
+    python -m fastvae.launch.local_cluster status | stop
+
+Debian's Slurm 22.05 (slurmctld, slurmd, slurmdbd), munge and MariaDB, started by hand as
+root (their packaged services don't start without systemd). Everything the daemons write
+lives under --dir; nothing in /etc is touched: clients find the cluster through SLURM_CONF.
+Why slurmdbd + MariaDB and not accounting_storage/none: without accounting, sacct knows
+no job states and submitit waits forever on a cancelled job (../shared/PLATFORM.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+APT_PACKAGES = ["slurmctld", "slurmd", "slurm-client", "munge", "slurmdbd", "mariadb-server"]
+BINARIES = ["slurmctld", "slurmd", "slurmdbd", "sbatch", "munged", "mungekey", "mariadbd", "mariadb-install-db"]
+DEFAULT_DIR = Path("/tmp/fastvae-slurm")
+CLUSTER_NAME = "fastvae"
+PARTITION = "debug"
+# Away from Slurm's own defaults (6817-6819) and MariaDB's 3306, so a system install does not clash.
+PORTS = {"slurmctld": 17817, "slurmd": 17818, "slurmdbd": 17819, "mariadb": 17306}
+MUNGE_SOCKET = "/run/munge/munge.socket.2"  # the default: sacctmgr and slurmdbd ignore another one
+
+
+class ClusterError(RuntimeError):
+    pass
+
+
+def why_unavailable() -> str | None:
+    """Why a local cluster cannot be started here (None when it can)."""
+    if sys.platform != "linux":
+        return "a local SLURM cluster needs Linux"
+    if os.geteuid() != 0:
+        return "starting the SLURM daemons needs root"
+    missing = [b for b in BINARIES if not shutil.which(b)]
+    if missing and not shutil.which("apt-get"):
+        return f"{', '.join(missing)} not installed and no apt-get to install {' '.join(APT_PACKAGES)}"
+    return None
+
+
+def install() -> None:
+    """apt-get install the daemons when a binary is missing (idempotent)."""
+    if all(shutil.which(b) for b in BINARIES):
+        return
+    print(f"local_cluster: apt-get install {' '.join(APT_PACKAGES)}", flush=True)
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    subprocess.run(["apt-get", "update", "-qq"], check=True, env=env, stdout=subprocess.DEVNULL)
+    subprocess.run(["apt-get", "install", "-y", "-qq", "--no-install-recommends", *APT_PACKAGES],
+                   check=True, env=env, stdout=subprocess.DEVNULL)
+
+
+def node_line() -> tuple[str, str, int, int]:
+    """`slurmd -C` describes this machine; memory is lowered a little so the node is never 'low memory'."""
+    out = subprocess.run(["slurmd", "-C"], check=True, capture_output=True, text=True).stdout
+    words = dict(w.split("=", 1) for w in out.split() if "=" in w)
+    mem = int(int(words["RealMemory"]) * 0.9)
+    return (f"NodeName={words['NodeName']} NodeAddr=127.0.0.1 CPUs={words['CPUs']} "
+            f"Boards={words['Boards']} SocketsPerBoard={words['SocketsPerBoard']} "
+            f"CoresPerSocket={words['CoresPerSocket']} ThreadsPerCore={words['ThreadsPerCore']} "
+            f"RealMemory={mem} State=UNKNOWN"), words["NodeName"], int(words["CPUs"]), mem
+
+
+def write_configs(root: Path) -> Path:
+    node, node_name, cpus, mem = node_line()
+    for sub in ("state", "spool", "log", "run", "db"):
+        (root / sub).mkdir(parents=True, exist_ok=True)
+    host = socket.gethostname()
+    conf = root / "slurm.conf"
+    conf.write_text(f"""# written by fastvae.launch.local_cluster
+ClusterName={CLUSTER_NAME}
+SlurmctldHost={host}(127.0.0.1)
+SlurmctldPort={PORTS['slurmctld']}
+SlurmdPort={PORTS['slurmd']}
+SlurmUser=root
+SlurmdUser=root
+AuthType=auth/munge
+StateSaveLocation={root}/state
+SlurmdSpoolDir={root}/spool
+SlurmctldPidFile={root}/run/slurmctld.pid
+SlurmdPidFile={root}/run/slurmd.pid
+SlurmctldLogFile={root}/log/slurmctld.log
+SlurmdLogFile={root}/log/slurmd.log
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+SelectType=select/cons_tres
+SelectTypeParameters=CR_CPU_Memory
+DefMemPerCPU={mem // cpus}
+ReturnToService=2
+JobRequeue=1
+MinJobAge=300
+KillWait=10
+SchedulerType=sched/backfill
+MpiDefault=none
+AccountingStorageType=accounting_storage/slurmdbd
+AccountingStorageHost=127.0.0.1
+AccountingStoragePort={PORTS['slurmdbd']}
+JobAcctGatherType=jobacct_gather/none
+{node}
+PartitionName={PARTITION} Nodes={node_name} Default=YES MaxTime=INFINITE State=UP
+""")
+    dbd = root / "slurmdbd.conf"
+    dbd.write_text(f"""# written by fastvae.launch.local_cluster
+AuthType=auth/munge
+DbdHost=localhost
+DbdAddr=127.0.0.1
+DbdPort={PORTS['slurmdbd']}
+SlurmUser=root
+PidFile={root}/run/slurmdbd.pid
+LogFile={root}/log/slurmdbd.log
+StorageType=accounting_storage/mysql
+StorageHost=127.0.0.1
+StoragePort={PORTS['mariadb']}
+StorageUser=root
+StorageLoc=slurm_acct_db
+""")
+    dbd.chmod(0o600)  # slurmdbd refuses a config others can read
+    return conf
+
+
+def _pid_alive(pid_file: Path) -> bool:
+    try:
+        os.kill(int(pid_file.read_text().split()[0]), 0)
+        return True
+    except (OSError, ValueError):
+        return False
+
+
+def _wait(what: str, ok, timeout: float, log: Path | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if ok():
+            return
+        time.sleep(0.25)
+    tail = ""
+    if log is not None and log.is_file():
+        tail = "\n" + "\n".join(log.read_text(errors="replace").splitlines()[-15:])
+    raise ClusterError(f"{what} did not come up within {timeout:.0f}s{tail}")
+
+
+def _port_open(port: int) -> bool:
+    with socket.socket() as s:
+        s.settimeout(0.5)
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def _start_munge(root: Path) -> None:
+    key = root / "munge.key"
+    if not key.exists():  # a root-owned key: munged running as root rejects the packaged one
+        subprocess.run(["mungekey", "--create", f"--keyfile={key}"], check=True)
+    Path("/run/munge").mkdir(parents=True, exist_ok=True)
+    pid = root / "run" / "munged.pid"
+    if _pid_alive(pid) and Path(MUNGE_SOCKET).exists():
+        return
+    subprocess.run(["munged", "--force", f"--key-file={key}", f"--pid-file={pid}",
+                    f"--log-file={root}/log/munged.log", f"--seed-file={root}/run/munged.seed"], check=True)
+    _wait("munged", lambda: subprocess.run(["munge", "-n"], capture_output=True).returncode == 0, 10,
+          root / "log" / "munged.log")
+
+
+def _start_mariadb(root: Path) -> None:
+    data = root / "db"
+    pid = root / "run" / "mariadb.pid"
+    if _pid_alive(pid):
+        return
+    if not (data / "mysql").is_dir():
+        subprocess.run(["mariadb-install-db", f"--datadir={data}", "--user=root", "--skip-test-db",
+                        "--auth-root-authentication-method=normal"], check=True, capture_output=True)
+    log = root / "log" / "mariadb.log"
+    subprocess.Popen(["mariadbd", f"--datadir={data}", "--user=root", f"--port={PORTS['mariadb']}",
+                      "--bind-address=127.0.0.1", f"--socket={root}/run/mariadb.sock", f"--pid-file={pid}",
+                      f"--log-error={log}", "--skip-name-resolve"],
+                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                     start_new_session=True)
+    _wait("mariadbd", lambda: _port_open(PORTS["mariadb"]), 60, log)
+
+
+def _daemon(root: Path, name: str, args: list[str], ready, timeout: float = 30) -> None:
+    if _pid_alive(root / "run" / f"{name}.pid"):
+        return
+    subprocess.run([name, *args], check=True, env=cluster_env(root))
+    _wait(name, ready, timeout, root / "log" / f"{name}.log")
+
+
+def cluster_env(root: Path = DEFAULT_DIR) -> dict:
+    return {**os.environ, "SLURM_CONF": str(root / "slurm.conf")}
+
+
+def node_state(root: Path = DEFAULT_DIR) -> str:
+    out = subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True, env=cluster_env(root))
+    return out.stdout.strip() if out.returncode == 0 else ""
+
+
+def start(root: Path = DEFAULT_DIR, timeout: float = 90) -> dict:
+    """Start (or find running) the cluster; returns the environment clients need (SLURM_CONF)."""
+    why = why_unavailable()
+    if why:
+        raise ClusterError(why)
+    install()
+    root = root.resolve()
+    root.mkdir(parents=True, exist_ok=True)
+    if not (root / "slurm.conf").is_file() or not (root / "slurmdbd.conf").is_file():
+        write_configs(root)
+    _start_munge(root)
+    _start_mariadb(root)
+    _daemon(root, "slurmdbd", [], lambda: _port_open(PORTS["slurmdbd"]))
+    _daemon(root, "slurmctld", [], lambda: _port_open(PORTS["slurmctld"]))
+    _daemon(root, "slurmd", [], lambda: node_state(root) in ("idle", "mixed", "allocated"), timeout)
+    return {"SLURM_CONF": str(root / "slurm.conf")}
+
+
+def stop(root: Path = DEFAULT_DIR) -> None:
+    """Stop every daemon started from `root` (the reverse order); leaves state for the next start."""
+    root = root.resolve()
+    for name in ("slurmd", "slurmctld", "slurmdbd", "mariadb", "munged"):
+        pid_file = root / "run" / f"{name}.pid"
+        if not _pid_alive(pid_file):
+            continue
+        pid = int(pid_file.read_text().split()[0])
+        os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and _pid_alive(pid_file):
+            time.sleep(0.2)
+        if _pid_alive(pid_file):
+            os.kill(pid, signal.SIGKILL)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m fastvae.launch.local_cluster",
+                                     description="Start or stop a one-node SLURM cluster on this machine (root).")
+    parser.add_argument("action", choices=["start", "stop", "status"])
+    parser.add_argument("--dir", type=Path, default=DEFAULT_DIR, help=f"state, logs and configs (default {DEFAULT_DIR})")
+    args = parser.parse_args(argv)
+    try:
+        if args.action == "start":
+            env = start(args.dir)
+            print(f"local_cluster: up, partition '{PARTITION}'. Point clients at it with:\n"
+                  f"export SLURM_CONF={env['SLURM_CONF']}")
+        elif args.action == "stop":
+            stop(args.dir)
+            print("local_cluster: stopped")
+        else:
+            state = node_state(args.dir.resolve())
+            print(f"local_cluster: node {state or 'unreachable (not started?)'}")
+            return 0 if state else 1
+    except (ClusterError, subprocess.CalledProcessError) as err:
+        print(f"local_cluster: error: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
