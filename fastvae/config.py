@@ -92,10 +92,22 @@ class TrainConfig:
 
 
 @dataclass
+class WandbConfig:  # used when logger=wandb
+    project: str = "fastvae"
+    entity: str = ""  # "" = your default W&B entity
+    name: str = ""  # run name; "" = the out_dir folder's name
+    group: str = ""  # e.g. one sweep's runs
+    tags: list[str] = field(default_factory=list)
+    log_images: bool = True  # per-epoch sample / reconstruction / latent pictures as wandb.Image
+    log_checkpoint: bool = False  # upload the final checkpoint as a W&B artifact
+
+
+@dataclass
 class Config:
     out_dir: str = "runs/mnist"
     seed: int = 0
-    logger: str = "none"  # none | wandb
+    logger: str = "none"  # none (metrics.jsonl only) | wandb (also W&B; see the wandb section)
+    wandb: WandbConfig = field(default_factory=WandbConfig)
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
@@ -252,6 +264,8 @@ def validate(cfg: Config) -> Config:
         raise UserError(f"config key 'model.dropout': expected 0 <= value < 1, got {cfg.model.dropout}")
     if len(cfg.optim.betas) != 2:
         raise UserError(f"config key 'optim.betas': expected two numbers, got {cfg.optim.betas}")
+    if cfg.logger == "wandb" and not cfg.wandb.project:
+        raise UserError("config key 'wandb.project' is empty; expected a W&B project name")
     if cfg.data.channels not in (1, 3):
         raise UserError(f"config key 'data.channels': expected 1 or 3, got {cfg.data.channels}")
     if cfg.data.loader == "ffcv" and not cfg.data.beton:

@@ -1,7 +1,8 @@
 """Reasons a training run stops early, checked at step boundaries by fastvae.train.
 
-- StopSignal: SIGTERM / SIGINT ask for a checkpoint at the next step boundary
-  and a clean exit (128 + signal number, the shell convention).
+- StopSignal: SIGTERM / SIGINT (and SIGUSR2 in SLURM jobs, the time-limit
+  warning) ask for a checkpoint at the next step boundary and a clean exit
+  (128 + signal number, the shell convention).
 - NonFiniteGuard: a NaN/inf reconstruction or KL term either stops the run
   (default, before anything non-finite is checkpointed) or skips the batch.
 
@@ -18,12 +19,16 @@ import torch
 from fastvae.errors import NonFiniteLoss
 
 
+DEFAULT_STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
 class StopSignal:
-    def __init__(self, accelerator) -> None:
+    def __init__(self, accelerator, signals=DEFAULT_STOP_SIGNALS) -> None:
         self.accelerator = accelerator
-        self.signum: int | None = None
+        self.signum: int | None = None  # the first one: why we stopped
+        self.received: list[str] = []  # all of them (a preempted SLURM job gets SIGTERM, then SIGUSR2)
         self._previous = {}
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in signals:
             try:
                 self._previous[sig] = signal.signal(sig, self._handle)
             except ValueError:  # not the main thread (e.g. a notebook worker): signals stay as they are
@@ -32,7 +37,9 @@ class StopSignal:
     def _handle(self, signum, frame) -> None:
         if self.signum is not None and signum == signal.SIGINT:
             raise KeyboardInterrupt  # a second Ctrl-C: stop now, without the checkpoint
-        self.signum = signum
+        self.received.append(signal.Signals(signum).name)
+        if self.signum is None:
+            self.signum = signum
 
     def requested(self) -> bool:
         local = float(self.signum or 0)

@@ -33,11 +33,11 @@ from fastvae.data.base import collate_skipping_corrupt
 from fastvae.data.ffcv import FFCVTrainLoader
 from fastvae.errors import UserError, exit_on_user_error
 from fastvae.evaluate import Likelihood, evaluate_model, print_report
-from fastvae.stopping import NonFiniteGuard, StopSignal
+from fastvae.stopping import DEFAULT_STOP_SIGNALS, NonFiniteGuard, StopSignal
 from fastvae.losses import kl_weight, vae_loss
 from fastvae.models import build_model
 from fastvae.ops import Ops, build_ops
-from fastvae.tracking import METRICS_FILE, RunLog
+from fastvae.tracking import METRICS_FILE, RunLog, check_wandb_ready
 
 
 def compute_loss(model, x: torch.Tensor, ops: Ops, loss_cfg, beta: float):
@@ -111,18 +111,21 @@ def epoch_test_metrics(model, test_set, cfg: Config, max_images: int = 2000) -> 
 
 
 @torch.no_grad()
-def write_pictures(model, test_set, cfg: Config, device) -> list[Path]:
-    """Prior samples, reconstructions and the latent scatter, into out_dir."""
+def write_pictures(model, test_set, cfg: Config, device, folder: Path | None = None,
+                   max_images: int = 5000) -> dict[str, Path]:
+    """Prior samples, reconstructions and the latent scatter, into `folder` (default out_dir)."""
     model.eval()
-    out = Path(cfg.out_dir)
-    mu_all, label_all = pictures.encode_dataset(model, test_set, device, max_images=5000)
+    out = Path(folder or cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    mu_all, label_all = pictures.encode_dataset(model, test_set, device, max_images=max_images)
     originals = torch.stack([test_set[i][0] for i in pictures.spread_indices(len(test_set), 40)])
     title = f"Latent means of {len(mu_all)} test images ({cfg.data.name}), colored by label"
-    written = [
-        pictures.save_sample_grid(model, out / "samples.png", n=cfg.train.samples, seed=cfg.seed, device=device),
-        pictures.save_reconstruction_grid(model, originals.to(device), out / "reconstructions.png"),
-        pictures.save_latent_scatter(mu_all, label_all, out / "latent_scatter.png", title),
-    ]
+    written = {
+        "samples": pictures.save_sample_grid(model, out / "samples.png", n=cfg.train.samples, seed=cfg.seed,
+                                             device=device),
+        "reconstructions": pictures.save_reconstruction_grid(model, originals.to(device), out / "reconstructions.png"),
+        "latent_scatter": pictures.save_latent_scatter(mu_all, label_all, out / "latent_scatter.png", title),
+    }
     model.train()
     return written
 
@@ -162,14 +165,14 @@ def build_train_loader(cfg: Config, accelerator: Accelerator, train_set):
     )
 
 
-def restore(accelerator: Accelerator, cfg: Config, out_dir: Path) -> tuple[int, int, int, Path | None]:
-    """(step, epoch, batch_in_epoch, checkpoint) to start from: zeros for a fresh run; for
-    train.resume the checkpoint's state (model, optimizer, scheduler, RNG) is loaded."""
+def restore(accelerator: Accelerator, cfg: Config, out_dir: Path) -> tuple[int, int, int, Path | None, dict]:
+    """(step, epoch, batch_in_epoch, checkpoint, its metadata) to start from: zeros for a fresh run;
+    for train.resume the checkpoint's state (model, optimizer, scheduler, RNG) is loaded."""
     resume_path = checkpoint.resolve_resume(cfg.train.resume, out_dir, announce=accelerator.print)
     if resume_path is None:
         if cfg.train.resume:
             accelerator.print(f"fastvae: no checkpoint in {checkpoint.checkpoint_dir(out_dir)}; starting fresh")
-        return 0, 0, 0, None
+        return 0, 0, 0, None, {}
     meta = checkpoint.read_meta(resume_path)
     checkpoint.check_compatible(meta, cfg, resume_path)
     try:
@@ -180,10 +183,13 @@ def restore(accelerator: Accelerator, cfg: Config, out_dir: Path) -> tuple[int, 
     if accelerator.is_main_process:
         trim_metrics(out_dir, meta["step"])
     accelerator.print(f"fastvae: resumed from {resume_path} (step {meta['step']}, epoch {meta['epoch']})")
-    return meta["step"], meta["epoch"], meta["batch_in_epoch"], resume_path
+    return meta["step"], meta["epoch"], meta["batch_in_epoch"], resume_path, meta
 
 
-def train(cfg: Config) -> dict:
+def train(cfg: Config, stop_signals=DEFAULT_STOP_SIGNALS) -> dict:
+    """Train (or resume) the run `cfg` describes; any of `stop_signals` checkpoints and stops it early."""
+    if cfg.logger == "wandb":
+        check_wandb_ready()
     accelerator = make_accelerator(cfg)
     set_seed(cfg.seed)
     out_dir = prepare_out_dir(cfg, accelerator)
@@ -218,18 +224,18 @@ def train(cfg: Config) -> dict:
     raw_model = accelerator.unwrap_model(model)
 
     # ---- resume
-    step, epoch, batch_in_epoch, resume_path = restore(accelerator, cfg, out_dir)
+    step, epoch, batch_in_epoch, resume_path, resume_meta = restore(accelerator, cfg, out_dir)
 
-    log = RunLog(accelerator, cfg)
+    log = RunLog(accelerator, cfg, resume_meta.get("wandb_run_id"))
     sample_ids = [] if cfg.train.record_sample_ids else None
     guard = NonFiniteGuard(cfg.train.nonfinite, accelerator)
-    stop = StopSignal(accelerator)
+    stop = StopSignal(accelerator, stop_signals)
 
     def save(at_epoch: int, at_batch: int) -> Path:
         guard.raise_if_bad()  # never checkpoint weights that saw a non-finite loss
         if at_batch >= len(train_loader):  # the end of an epoch is the start of the next
             at_epoch, at_batch = at_epoch + 1, 0
-        progress = {"step": step, "epoch": at_epoch, "batch_in_epoch": at_batch}
+        progress = {"step": step, "epoch": at_epoch, "batch_in_epoch": at_batch, "wandb_run_id": log.run_id}
         return checkpoint.save_checkpoint(accelerator, out_dir, cfg, progress, cfg.train.keep_checkpoints)
 
     if is_main:
@@ -240,6 +246,7 @@ def train(cfg: Config) -> dict:
     bar = tqdm(total=total_steps, initial=step, disable=not accelerator.is_local_main_process,
                desc="train", unit="step", dynamic_ncols=True)
     last_saved_step = step if resume_path is not None else -1
+    images_since_log, log_clock = 0, time.perf_counter()  # for images/s between log points
     try:  # the bar ends its line and the signal handlers are restored, whatever happens
         while epoch < cfg.train.epochs and step < total_steps:
             train_loader.set_epoch(epoch)
@@ -249,6 +256,7 @@ def train(cfg: Config) -> dict:
                           else accelerator.skip_first_batches(train_loader, batch_in_epoch))
             sums = torch.zeros(4, device=accelerator.device, dtype=torch.float64)  # loss, recon, kl, images
             epoch_start = time.perf_counter()
+            images_since_log, log_clock = 0, epoch_start
             model.train()
             batch_idx = batch_in_epoch - 1
             for batch_idx, (x, _, index) in enumerate(loader, start=batch_in_epoch):
@@ -268,6 +276,7 @@ def train(cfg: Config) -> dict:
                 n = x.shape[0]
                 sums += torch.stack([loss.detach() * n, recon.detach().sum(), kl.detach().sum(),
                                      torch.tensor(n, device=x.device)]).double()
+                images_since_log += n * accelerator.num_processes
                 if sample_ids is not None:
                     sample_ids.extend(index.tolist())
                 if not accelerator.sync_gradients:
@@ -277,8 +286,11 @@ def train(cfg: Config) -> dict:
                 bar.update(1)
                 if step % cfg.train.log_every == 0 or step == total_steps:
                     guard.raise_if_bad()
+                    now = time.perf_counter()
                     values = {"loss": loss.item(), "recon": recon.mean().item(), "kl": kl.mean().item(),
-                              "beta": beta, "lr": scheduler.get_last_lr()[0], "skipped_batches": guard.skipped}
+                              "beta": beta, "lr": scheduler.get_last_lr()[0], "skipped_batches": guard.skipped,
+                              "images_per_sec": images_since_log / max(now - log_clock, 1e-9)}
+                    images_since_log, log_clock = 0, now
                     bar.set_postfix(loss=f"{values['loss']:.2f}", kl=f"{values['kl']:.2f}")
                     log.log_step(values, step)
                 if cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0:
@@ -299,6 +311,9 @@ def train(cfg: Config) -> dict:
                 if is_main:
                     record.update(epoch_test_metrics(raw_model, test_set, cfg))
                 log.log_epoch(record)
+                if log.log_images and is_main:  # this epoch's pictures, kept on disk and shown in W&B
+                    log.log_pictures(write_pictures(raw_model, test_set, cfg, accelerator.device,
+                                                    out_dir / "pictures" / f"step_{step:08d}", 2000), step)
             accelerator.wait_for_everyone()
             if last_saved_step != step:
                 last_saved_step = step
@@ -313,7 +328,8 @@ def train(cfg: Config) -> dict:
         ids_path = out_dir / f"sample_ids_rank{accelerator.process_index}.json"
         ids_path.write_text(json.dumps(sample_ids))
     result = {"step": step, "epoch": epoch, "out_dir": str(out_dir), "skipped_batches": guard.skipped,
-              "param_checksum": param_checksum(raw_model), "stopped_by": stop.name}
+              "param_checksum": param_checksum(raw_model), "stopped_by": stop.name,
+              "signals": stop.received}
     if accelerator.num_processes > 1:
         result["ranks_agree"] = ranks_agree(accelerator, raw_model)
     if is_main:
@@ -323,7 +339,9 @@ def train(cfg: Config) -> dict:
                   f"continue with train.resume=auto", flush=True)
         else:
             written = write_pictures(raw_model, test_set, cfg, accelerator.device)
-            print(f"fastvae: wrote {', '.join(str(p) for p in written)}", flush=True)
+            print(f"fastvae: wrote {', '.join(str(p) for p in written.values())}", flush=True)
+            if cfg.wandb.log_checkpoint:
+                log.log_checkpoint(newest, cfg.wandb.name or out_dir.name)
             print(f"fastvae: metrics in {out_dir / METRICS_FILE}, checkpoint {newest}", flush=True)
             if cfg.train.final_eval:
                 report = evaluate_model(raw_model, test_set, Likelihood(cfg.loss.recon), cfg.train.final_eval_iwae,
