@@ -158,13 +158,19 @@ def _start_munge(root: Path) -> None:
     if not key.exists():  # a root-owned key: munged running as root rejects the packaged one
         subprocess.run(["mungekey", "--create", f"--keyfile={key}"], check=True)
     Path("/run/munge").mkdir(parents=True, exist_ok=True)
-    pid = root / "run" / "munged.pid"
-    if _pid_alive(pid) and Path(MUNGE_SOCKET).exists():
+    if _munge_works():  # ours from an earlier start, or the machine's own: either serves every daemon
         return
+    pid = root / "run" / "munged.pid"
     subprocess.run(["munged", "--force", f"--key-file={key}", f"--pid-file={pid}",
                     f"--log-file={root}/log/munged.log", f"--seed-file={root}/run/munged.seed"], check=True)
-    _wait("munged", lambda: subprocess.run(["munge", "-n"], capture_output=True).returncode == 0, 10,
-          root / "log" / "munged.log")
+    _wait("munged", _munge_works, 10, root / "log" / "munged.log")
+
+
+def _munge_works() -> bool:
+    if not Path(MUNGE_SOCKET).exists():
+        return False
+    cred = subprocess.run(["munge", "-n"], capture_output=True)
+    return cred.returncode == 0 and subprocess.run(["unmunge"], input=cred.stdout, capture_output=True).returncode == 0
 
 
 def _start_mariadb(root: Path) -> None:
@@ -196,8 +202,15 @@ def cluster_env(root: Path = DEFAULT_DIR) -> dict:
 
 
 def node_state(root: Path = DEFAULT_DIR) -> str:
-    out = subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True, env=cluster_env(root))
+    if not (root / "slurm.conf").is_file() or not shutil.which("sinfo"):
+        return ""
+    out = subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True, env=cluster_env(root),
+                         timeout=30)
     return out.stdout.strip() if out.returncode == 0 else ""
+
+
+def is_up(root: Path = DEFAULT_DIR) -> bool:
+    return node_state(root.resolve()) in ("idle", "mixed", "allocated", "completing")
 
 
 def start(root: Path = DEFAULT_DIR, timeout: float = 90) -> dict:
@@ -214,7 +227,7 @@ def start(root: Path = DEFAULT_DIR, timeout: float = 90) -> dict:
     _start_mariadb(root)
     _daemon(root, "slurmdbd", [], lambda: _port_open(PORTS["slurmdbd"]))
     _daemon(root, "slurmctld", [], lambda: _port_open(PORTS["slurmctld"]))
-    _daemon(root, "slurmd", [], lambda: node_state(root) in ("idle", "mixed", "allocated"), timeout)
+    _daemon(root, "slurmd", [], lambda: is_up(root), timeout)
     return {"SLURM_CONF": str(root / "slurm.conf")}
 
 

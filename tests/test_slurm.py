@@ -1,0 +1,164 @@
+"""fastvae.launch.slurm against a real one-node SLURM cluster started on this machine
+(fastvae.launch.local_cluster: slurmctld, slurmd, slurmdbd + MariaDB, munge).
+
+Skips where root or apt is missing; with FASTVAE_REQUIRE_SLURM=1 (CI) a missing
+cluster fails instead. Every wait is bounded.
+"""
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from fastvae.launch import local_cluster, slurm
+from helpers import CONFIGS
+from wandb_records import run_contents
+
+pytestmark = [pytest.mark.slow, pytest.mark.slurm]
+
+TINY_JOB = ["data.limit=256", "data.batch_size=32", "train.samples=16", "train.log_every=4"]
+JOB_TIMEOUT = 240  # seconds any one job may take here before the test fails
+
+
+@pytest.fixture(scope="session")
+def cluster():
+    why = local_cluster.why_unavailable()
+    if why:
+        if os.environ.get("FASTVAE_REQUIRE_SLURM") == "1":
+            pytest.fail(f"FASTVAE_REQUIRE_SLURM=1 but no SLURM cluster can be started: {why}")
+        pytest.skip(f"no local SLURM cluster: {why}")
+    root = local_cluster.DEFAULT_DIR
+    was_up = local_cluster.is_up(root)
+    env = local_cluster.start(root)
+    previous = os.environ.get("SLURM_CONF")
+    os.environ["SLURM_CONF"] = env["SLURM_CONF"]  # sbatch/sacct here and scontrol inside jobs
+    yield root
+    if previous is None:
+        os.environ.pop("SLURM_CONF", None)
+    else:
+        os.environ["SLURM_CONF"] = previous
+    if not was_up:
+        local_cluster.stop(root)
+
+
+def launch(*args, timeout=JOB_TIMEOUT):
+    """The command a user types, as a subprocess."""
+    return subprocess.run([sys.executable, "-m", "fastvae.launch.slurm", "--config", str(CONFIGS / "mnist.yaml"),
+                           "--time", "10", *args], capture_output=True, text=True, timeout=timeout)
+
+
+def submit(out_dir, *overrides, **options):
+    """Submit through the launcher's own functions; returns the submitit job."""
+    argv = ["--config", str(CONFIGS / "mnist.yaml"), "--time", "10"]
+    for k, v in options.items():
+        argv += [f"--{k.replace('_', '-')}", str(v)]
+    args = slurm.parse_args([*argv, f"out_dir={out_dir}", *TINY_JOB, *overrides])
+    slurm.check_options(args)
+    runs = slurm.build_submissions(args)
+    args.job_name = "fastvae-test"
+    (job,) = slurm.submit(slurm.make_executor(args, slurm.log_folder(args, runs), len(runs)), runs)
+    return job
+
+
+def wait_until(what, ok, timeout=JOB_TIMEOUT, poll=0.5):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if ok():
+            return
+        time.sleep(poll)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def read_metrics(out_dir):
+    import json
+
+    return [json.loads(line) for line in (Path(out_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_mnist_job_completes_with_metrics_and_checkpoint(cluster, tmp_path):
+    out = tmp_path / "single"
+    proc = launch("--wait", "--wait-timeout", str(JOB_TIMEOUT), f"out_dir={out}", *TINY_JOB, "train.epochs=2")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "submitted job" in proc.stdout and "completed: step 16" in proc.stdout
+    assert "fastvae: wrote" in proc.stdout  # the job's log, streamed by --wait
+    assert [r["step"] for r in read_metrics(out)] == [8, 16]
+    assert (out / "checkpoints" / "step_00000016" / "fastvae.json").is_file()
+    assert (out / "samples.png").is_file()
+    assert list((out / "slurm").glob("*_0_log.out"))
+
+
+def test_two_task_job_trains_ddp_over_gloo_and_ranks_agree(cluster, tmp_path):
+    out = tmp_path / "ddp"
+    job = submit(out, "train.epochs=1", "train.record_sample_ids=true", tasks_per_node=2)
+    final = slurm.wait_for([job], JOB_TIMEOUT, stream=False)
+    assert final == {job.job_id: "COMPLETED"}, Path(job.paths.stderr).read_text()[-3000:]
+    results = job.results()
+    assert len(results) == 2 and all(r["ranks_agree"] for r in results)
+    assert results[0]["param_checksum"] == results[1]["param_checksum"]
+    # two ranks, disjoint halves of the data: 256 images / (2 x 32) = 4 steps per epoch
+    assert results[0]["step"] == 4
+    import json
+
+    ids = [set(json.loads((out / f"sample_ids_rank{r}.json").read_text())) for r in (0, 1)]
+    assert len(ids[0]) == len(ids[1]) == 128 and not ids[0] & ids[1]
+
+
+def test_preempted_job_requeues_resumes_and_continues_the_wandb_run(cluster, tmp_path):
+    out = tmp_path / "preempted"
+    wandb_root = Path(os.environ["WANDB_DIR"]) / "wandb"
+    before = set(wandb_root.glob("offline-run-*"))
+    job = submit(out, "data.limit=1024", "train.epochs=3", "train.checkpoint_every=4", "logger=wandb")
+    wait_until("a first checkpoint", lambda: list(out.glob("checkpoints/step_*/fastvae.json")))
+    job._interrupt()  # what SLURM preemption does through submitit: SIGTERM, then SIGUSR2
+    wait_until("the requeue", lambda: job.state.split()[0] in ("PENDING", "REQUEUED"), timeout=60)
+    # a requeued job waits ~2 min for its BeginTime (PLATFORM.md): start it now
+    subprocess.run(["scontrol", "update", f"JobId={job.job_id}", "StartTime=now"], check=True, timeout=30)
+    final = slurm.wait_for([job], JOB_TIMEOUT, stream=False)
+    assert final == {job.job_id: "COMPLETED"}, Path(job.paths.stderr).read_text()[-3000:]
+    log = Path(job.paths.stdout).read_text()
+    assert "fastvae: stopped by SIG" in log and "fastvae: resumed from" in log
+    assert job.result()["step"] == 96  # 3 epochs x 1024/32: the same total as an uninterrupted run
+    steps = [r["step"] for r in read_metrics(out)]
+    assert steps[-1] == 96 and steps == sorted(steps)  # the interrupted epoch's partial record is kept once
+    # W&B: the requeued job logged into the same run (same id) and went on from the checkpoint's step
+    runs = sorted(set(wandb_root.glob("offline-run-*")) - before)
+    contents = [run_contents(r) for r in runs]
+    assert len(contents) == 2 and contents[0]["run_id"] == contents[1]["run_id"]
+    first, second = ([h["_step"] for h in c["history"]] for c in contents)
+    assert max(second) == 96 and min(second) > 0 and min(second) >= min(first)
+
+
+def test_sweep_runs_a_job_array_of_two_distinct_runs(cluster, tmp_path):
+    base = tmp_path / "sweep"
+    proc = launch("--sweep", "model.latent_dim=2,4", "--max-parallel", "2", "--wait", "--wait-timeout",
+                  str(JOB_TIMEOUT), f"out_dir={base}", *TINY_JOB, "train.epochs=1", timeout=JOB_TIMEOUT + 30)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "job array" in proc.stdout and proc.stdout.count("completed: step 8") == 2
+    runs = sorted(p for p in base.iterdir() if p.name.startswith("model.latent_dim="))
+    assert [p.name for p in runs] == ["model.latent_dim=2", "model.latent_dim=4"]
+    import json
+
+    summaries = [json.loads((p / "summary.json").read_text()) for p in runs]
+    assert summaries[0]["param_checksum"] != summaries[1]["param_checksum"]
+    metas = [json.loads(next(p.glob("checkpoints/step_*/fastvae.json")).read_text()) for p in runs]
+    assert [m["config"]["model"]["latent_dim"] for m in metas] == [2, 4]
+    assert [m["config"]["wandb"]["name"] for m in metas] == ["sweep-model.latent_dim=2", "sweep-model.latent_dim=4"]
+
+
+def test_cancelled_job_is_reported_not_waited_on(cluster, tmp_path):
+    out = tmp_path / "cancelled"
+    proc = subprocess.Popen([sys.executable, "-m", "fastvae.launch.slurm", "--config", str(CONFIGS / "mnist.yaml"),
+                             "--wait", f"out_dir={out}", "train.epochs=50"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_until("the job to start", lambda: list((out / "slurm").glob("*_0_log.out")), timeout=60)
+        job_id = next((out / "slurm").glob("*_0_log.out")).name.split("_")[0]
+        subprocess.run(["scancel", job_id], check=True, timeout=30)
+        stdout, stderr = proc.communicate(timeout=90)
+    finally:
+        proc.kill()
+    assert proc.returncode == 1, stdout + stderr
+    assert f"job {job_id} ended CANCELLED" in stderr
