@@ -47,7 +47,8 @@ class _Parser(argparse.ArgumentParser):
 
 
 def parse_args(argv):
-    p = _Parser(prog="python -m fastvae.launch.slurm", description="Submit fastvae training to SLURM (submitit).")
+    p = _Parser(prog="python -m fastvae.launch.slurm", description="Submit fastvae training to SLURM (submitit).",
+                allow_abbrev=False)  # a misspelt SLURM option is an error, never a guess
     p.add_argument("--config", help="YAML config, e.g. configs/mnist.yaml")
     p.add_argument("--nodes", type=int, default=1)
     p.add_argument("--gpus-per-node", type=int, default=0, help="GPUs per node; one task (process) per GPU")
@@ -139,7 +140,15 @@ def log_folder(args, runs: list[Submission]) -> Path:
 def make_executor(args, folder: Path, n_runs: int):
     import submitit
 
-    executor = submitit.AutoExecutor(folder=folder, cluster="slurm")  # explicit: never a silent local run
+    if args.dry_run:
+        # submitit refuses to build a SLURM executor where there is no srun; a dry run only
+        # renders the script, so it may run anywhere (e.g. a laptop, before logging in).
+        from unittest import mock
+
+        with mock.patch.object(submitit.SlurmExecutor, "affinity", classmethod(lambda cls: 1)):
+            executor = submitit.AutoExecutor(folder=folder, cluster="slurm")
+    else:
+        executor = submitit.AutoExecutor(folder=folder, cluster="slurm")  # explicit: never a silent local run
     params = dict(name=args.job_name, nodes=args.nodes, tasks_per_node=args.tasks_per_node,
                   cpus_per_task=args.cpus_per_task, timeout_min=args.time,
                   slurm_signal_delay_s=args.signal_delay,

@@ -1,0 +1,97 @@
+"""fastvae.launch.slurm without a cluster: --dry-run, option checks, sweep expansion."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from fastvae.errors import UserError
+from fastvae.launch import slurm, sweep
+from helpers import CONFIGS, ROOT
+
+
+def run_cli(*args, env=None):
+    return subprocess.run([sys.executable, "-m", "fastvae.launch.slurm", *args], capture_output=True, text=True,
+                          timeout=120, cwd=ROOT, env=env)
+
+
+def test_dry_run_prints_sbatch_script_and_resolved_configs_without_sbatch(tmp_path):
+    env = {**os.environ, "PATH": os.path.dirname(sys.executable)}  # no sbatch, sinfo or srun on PATH
+    proc = run_cli("--config", str(CONFIGS / "mnist.yaml"), "--dry-run", "--nodes", "2", "--gpus-per-node", "4",
+                   "--cpus-per-task", "8", "--partition", "gpu", "--account", "lab", "--qos", "high", "--time", "120",
+                   "--sweep", "optim.lr=1e-3,5e-4", "--sweep", "model.latent_dim=2,16", "--max-parallel", "3",
+                   f"out_dir={tmp_path / 'grid'}", "train.epochs=5", env=env)
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    for line in ("#SBATCH --nodes=2", "#SBATCH --ntasks-per-node=4", "#SBATCH --gpus-per-node=4",
+                 "#SBATCH --cpus-per-task=8", "#SBATCH --partition=gpu", "#SBATCH --account=lab",
+                 "#SBATCH --qos=high", "#SBATCH --time=120", "#SBATCH --array=0-3%3", "#SBATCH --signal=USR2@90",
+                 "export OMP_NUM_THREADS=${SLURM_CPUS_PER_TASK:-1}", "srun"):
+        assert line in out, line
+    assert out.count("# resolved config for ") == 4
+    assert f"out_dir: {tmp_path / 'grid'}/optim.lr=5e-4_model.latent_dim=16" in out
+    assert "name: grid-optim.lr=5e-4_model.latent_dim=16" in out and "group: grid" in out
+    assert "resume: auto" in out and "epochs: 5" in out
+    assert not (tmp_path / "grid").exists()  # nothing submitted, nothing written
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["--nodes", "0"], "--nodes 0: expected a whole number >= 1"),
+    (["--gpus-per-node", "-1"], "--gpus-per-node -1: expected a number >= 0"),
+    (["--gpus-per-node", "4", "--tasks-per-node", "2"], "expected equal numbers (one training process per GPU)"),
+    (["--time", "1", "--signal-delay", "90"], "--signal-delay 90: expected 1 <= seconds < --time (60 s)"),
+    (["--gpus", "1"], "unrecognized arguments: --gpus"),
+    (["--constraint", "a100"], "unrecognized arguments: --constraint"),
+    (["--nodes", "two"], "argument --nodes: invalid int value: 'two'"),
+    (["--sweep", "optim.lr"], "--sweep 'optim.lr': expected key=value1,value2"),
+    (["--sweep", "optim.lr=1,1"], "a value is repeated"),
+    (["--sweep", "optim.nope=1,2"], "unknown config key 'optim.nope'"),
+    (["--sweep", "optim.lr=-1,1"], "config key 'optim.lr': expected a value > 0, got -1.0"),
+    (["--wait-timeout", "5"], "--wait-timeout without --wait"),
+    (["train.epochs=x"], "config key 'train.epochs': expected int, got 'x'"),
+])
+def test_bad_options_fail_in_one_line_before_submission(tmp_path, args, expected):
+    proc = run_cli("--config", str(CONFIGS / "mnist.yaml"), "--dry-run", *args, f"out_dir={tmp_path / 'x'}")
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("fastvae: error: ") and expected in lines[0], proc.stderr
+
+
+def test_no_sbatch_is_a_one_line_error(tmp_path):
+    env = {**os.environ, "PATH": os.path.dirname(sys.executable)}
+    proc = run_cli("--config", str(CONFIGS / "mnist.yaml"), f"out_dir={tmp_path / 'x'}", env=env)
+    assert proc.returncode == 2 and "sbatch not found" in proc.stderr and len(proc.stderr.splitlines()) == 1
+
+
+def test_out_dir_with_checkpoints_needs_resume(tmp_path):
+    (tmp_path / "old" / "checkpoints" / "step_00000008").mkdir(parents=True)
+    (tmp_path / "old" / "checkpoints" / "step_00000008" / "fastvae.json").write_text("{}")
+    args = slurm.parse_args(["--config", str(CONFIGS / "mnist.yaml"), f"out_dir={tmp_path / 'old'}"])
+    with pytest.raises(UserError, match="already holds checkpoints"):
+        slurm.build_submissions(args)
+    args = slurm.parse_args(["--config", str(CONFIGS / "mnist.yaml"), f"out_dir={tmp_path / 'old'}",
+                             "train.resume=auto"])
+    assert slurm.build_submissions(args)[0].cfg.train.resume == "auto"
+
+
+def test_sweep_grid_and_value_splitting():
+    assert sweep.split_values("[0.5,0.9],[0.9,0.99]") == ["[0.5,0.9]", "[0.9,0.99]"]
+    assert sweep.split_values("'a,b',c") == ["'a,b'", "c"]
+    assert sweep.expand([]) == [[]]
+    grid = sweep.expand(["optim.lr=1e-3,5e-4", "model.latent_dim=2,8,16"])
+    assert len(grid) == 6 and grid[0] == ["optim.lr=1e-3", "model.latent_dim=2"]
+    assert len({sweep.run_tag(c) for c in grid}) == 6
+    assert sweep.run_tag(["optim.betas=[0.5, 0.9]"]) == "optim.betas=-0.5-0.9"
+    with pytest.raises(UserError, match="given twice"):
+        sweep.expand(["optim.lr=1,2", "optim.lr=3,4"])
+
+
+def test_checkpoint_resubmits_the_same_run_resuming():
+    from fastvae.config import load_config
+    from fastvae.launch.job import TrainJob
+
+    cfg = load_config(CONFIGS / "mnist.yaml", ["train.resume=runs/x/checkpoints/step_00000010"])
+    delayed = TrainJob(cfg).checkpoint()
+    assert isinstance(delayed.function, TrainJob) and delayed.function.cfg.train.resume == "auto"
+    assert cfg.train.resume.endswith("step_00000010")  # the original is untouched
