@@ -2,7 +2,7 @@
 
     python -m fastvae.train --config configs/mnist.yaml [key=value ...]
     accelerate launch -m fastvae.train --config configs/mnist.yaml [key=value ...]
-    ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 --num_machines 1 \
+    accelerate launch --config_file launch/accelerate/cpu_2proc.yaml \
         -m fastvae.train --config configs/mnist.yaml          # 2 CPU processes, gloo DDP
 
 accelerate does devices, DDP, mixed precision, gradient accumulation and state
@@ -77,7 +77,9 @@ def make_accelerator(cfg: Config) -> Accelerator:
     return Accelerator(
         mixed_precision=cfg.train.mixed_precision,  # None: `accelerate launch --mixed_precision` decides
         gradient_accumulation_steps=cfg.train.grad_accum_steps,
-        cpu=cfg.train.cpu,
+        # No GPU here: the CPU, and gloo when several processes were launched (accelerate
+        # would otherwise leave each launched process training alone).
+        cpu=cfg.train.cpu or not torch.cuda.is_available(),
         # Data order = f(seed, epoch), not of the global RNG: what makes exact resume possible.
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=cfg.seed),
         dynamo_backend="inductor" if cfg.train.compile else None,

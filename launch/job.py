@@ -7,8 +7,8 @@ host of the node list, port from the job id). Why not one task per node running
 `accelerate launch`: submitit's checkpoint/requeue, its signal handling and its
 result files are per task, and SLURM's time-limit signal then reaches the
 training processes themselves instead of a launcher that would have to forward it.
-accelerate picks the device and backend from that environment (NCCL on GPUs,
-gloo when the node has none).
+accelerate picks the backend from that environment: NCCL on GPUs, gloo on
+CPU-only nodes (fastvae.train asks for the CPU where there is no GPU).
 
 Preemption / time limit: submitit asks for SIGUSR2 90 s before the limit (and
 `job._interrupt()` sends SIGTERM then SIGUSR2). The training loop treats SIGTERM,
@@ -23,7 +23,6 @@ only checkpoints: SLURM decides whether the job comes back.
 from __future__ import annotations
 
 import copy
-import os
 import signal
 
 import submitit
@@ -39,10 +38,6 @@ def export_distributed_env() -> int:
     if env.num_tasks > 1:
         # every task sees all GPUs of its node; accelerate selects cuda:LOCAL_RANK
         submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
-        import torch
-
-        if not torch.cuda.is_available():  # a CPU-only node: accelerate's multi-CPU path uses gloo
-            os.environ["ACCELERATE_USE_CPU"] = "1"
     return env.num_tasks
 
 

@@ -16,10 +16,10 @@ ACCELERATE = str(Path(sys.executable).with_name("accelerate"))
 @pytest.mark.slow
 def test_two_process_cpu_run_shards_data_and_ranks_agree(tmp_path):
     out = tmp_path / "ddp"
-    # PLATFORM.md: --cpu starts one process and --multi_gpu alone gives two rank-0s;
-    # ACCELERATE_USE_CPU=1 with --multi_gpu is what starts a real 2-rank gloo group.
-    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
-    cmd = [ACCELERATE, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+    # The shipped config file (PLATFORM.md: --cpu starts one process; --multi_gpu spawns two, and
+    # fastvae.train puts them on the CPU with gloo because this machine has no GPU).
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [ACCELERATE, "launch", "--config_file", "launch/accelerate/cpu_2proc.yaml",
            "--main_process_port", "29517", "-m", "fastvae.train", "--config", str(CONFIGS / "mnist.yaml"),
            *TINY, "data.batch_size=16", "train.epochs=2", "train.record_sample_ids=true", f"out_dir={out}"]
     proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=400)
@@ -47,3 +47,13 @@ def test_accelerate_launch_single_process_takes_the_launchers_precision(tmp_path
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "1 process(es) on cpu" in proc.stdout and "mixed_precision=bf16" in proc.stdout
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["step"] == 3
+
+
+def test_accelerate_config_files_describe_their_layouts():
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    layouts = {name: load_config_from_file(str(ROOT / "launch" / "accelerate" / f"{name}.yaml"))
+               for name in ("1gpu", "8gpu", "multinode", "cpu_2proc")}
+    got = {k: (c.distributed_type.value, c.num_processes, c.num_machines) for k, c in layouts.items()}
+    assert got == {"1gpu": ("NO", 1, 1), "8gpu": ("MULTI_GPU", 8, 1), "multinode": ("MULTI_GPU", 16, 2),
+                   "cpu_2proc": ("MULTI_GPU", 2, 1)}

@@ -162,3 +162,38 @@ def test_cancelled_job_is_reported_not_waited_on(cluster, tmp_path):
         proc.kill()
     assert proc.returncode == 1, stdout + stderr
     assert f"job {job_id} ended CANCELLED" in stderr
+
+
+def sacct_state(job_id):
+    out = subprocess.run(["sacct", "-n", "-X", "-P", "-j", job_id, "-o", "State"], capture_output=True, text=True,
+                         timeout=30).stdout.split()
+    return out[-1] if out else ""
+
+
+def test_plain_sbatch_template_trains_ddp_and_requeues_at_the_time_limit(cluster, tmp_path):
+    """launch/train.sbatch without submitit: SIGTERM before the time limit -> checkpoint, exit 143,
+    the script requeues the job, the requeued job resumes and finishes all steps."""
+    from helpers import ROOT
+
+    out = tmp_path / "sbatch"
+    job_id = subprocess.run(
+        ["sbatch", "--parsable", "--ntasks-per-node=2", "--cpus-per-task=1", f"--output={tmp_path}/slurm-%j.out",
+         f"--export=ALL,FASTVAE_PYTHON={sys.executable}", "launch/train.sbatch", "configs/mnist.yaml",
+         f"out_dir={out}", "data.limit=1024", "data.batch_size=32", "train.epochs=6", "train.samples=16",
+         "train.checkpoint_every=4"], cwd=ROOT, check=True, capture_output=True, text=True, timeout=30).stdout.strip()
+    try:
+        wait_until("a first checkpoint", lambda: list(out.glob("checkpoints/step_*/fastvae.json")))
+        # what --signal=TERM@120 does at the time limit: SIGTERM to the job's tasks, not to the script
+        subprocess.run(["scancel", "--signal=TERM", job_id], check=True, timeout=30)
+        wait_until("the requeue", lambda: sacct_state(job_id) in ("PENDING", "REQUEUED"), timeout=60)
+        subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], check=True, timeout=30)
+        wait_until("the job to end", lambda: sacct_state(job_id) in slurm.FINAL_STATES)
+    finally:
+        subprocess.run(["scancel", job_id], timeout=30)
+    log = (tmp_path / f"slurm-{job_id}.out").read_text()
+    assert sacct_state(job_id) == "COMPLETED", log[-3000:]
+    assert "requeueing job" in log and "restart 1" in log and "fastvae: resumed from" in log
+    import json
+
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["step"] == 96 and summary["ranks_agree"] is True  # 6 epochs x 1024 / (2 x 32)
