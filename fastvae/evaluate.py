@@ -156,9 +156,13 @@ def log_to_wandb(report: dict, vae) -> None:
     import wandb
 
     from fastvae.config import flatten
+    from fastvae.tracking import check_wandb_ready
 
-    run = wandb.init(project="fastvae", name=f"{vae.run_dir.name}-eval", job_type="eval",
-                     config=flatten(vae.cfg), dir=os.environ.get("WANDB_DIR"))
+    check_wandb_ready()
+    w = vae.cfg.wandb
+    run = wandb.init(project=w.project, entity=w.entity or None, group=w.group or None, tags=w.tags or None,
+                     name=f"{w.name or vae.run_dir.name}-eval", job_type="eval", config=flatten(vae.cfg),
+                     dir=os.environ.get("WANDB_DIR"))
     run.log({f"eval/{k}": v for k, v in report.items() if isinstance(v, (int, float)) and v is not None})
     run.finish()
 

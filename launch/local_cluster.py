@@ -74,11 +74,10 @@ def write_configs(root: Path) -> Path:
     node, node_name, cpus, mem = node_line()
     for sub in ("state", "spool", "log", "run", "db"):
         (root / sub).mkdir(parents=True, exist_ok=True)
-    host = socket.gethostname()
     conf = root / "slurm.conf"
     conf.write_text(f"""# written by fastvae.launch.local_cluster
 ClusterName={CLUSTER_NAME}
-SlurmctldHost={host}(127.0.0.1)
+SlurmctldHost={node_name}(127.0.0.1)
 SlurmctldPort={PORTS['slurmctld']}
 SlurmdPort={PORTS['slurmd']}
 SlurmUser=root

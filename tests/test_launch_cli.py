@@ -95,3 +95,12 @@ def test_checkpoint_resubmits_the_same_run_resuming():
     delayed = TrainJob(cfg).checkpoint()
     assert isinstance(delayed.function, TrainJob) and delayed.function.cfg.train.resume == "auto"
     assert cfg.train.resume.endswith("step_00000010")  # the original is untouched
+
+
+def test_wandb_not_logged_in_is_refused_before_submission(tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
+    env.update(HOME=str(tmp_path), WANDB_CONFIG_DIR=str(tmp_path), WANDB_MODE="online",
+               NETRC=str(tmp_path / "no-netrc"))
+    proc = run_cli("--config", str(CONFIGS / "mnist.yaml"), "--dry-run", "logger=wandb",
+                   f"out_dir={tmp_path / 'x'}", env=env)
+    assert proc.returncode == 2 and len(proc.stderr.splitlines()) == 1 and "wandb login" in proc.stderr
