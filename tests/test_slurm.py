@@ -72,6 +72,15 @@ def wait_until(what, ok, timeout=JOB_TIMEOUT, poll=0.5):
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
+def start_now(job_id):
+    """A requeued job waits ~2 min for its BeginTime (PLATFORM.md); start it at once. But not in the
+    second its old run was killed: slurmd revokes the job's credential with 1-second resolution and
+    refuses a relaunch whose credential is from that same second ("Job credential revoked", the job
+    then ends FAILED). The ~2 min BeginTime is what protects real requeues from this."""
+    time.sleep(5)
+    subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], check=True, timeout=30)
+
+
 def read_metrics(out_dir):
     import json
 
@@ -114,8 +123,7 @@ def test_preempted_job_requeues_resumes_and_continues_the_wandb_run(cluster, tmp
     wait_until("a first checkpoint", lambda: list(out.glob("checkpoints/step_*/fastvae.json")))
     job._interrupt()  # what SLURM preemption does through submitit: SIGTERM, then SIGUSR2
     wait_until("the requeue", lambda: job.state.split()[0] in ("PENDING", "REQUEUED"), timeout=60)
-    # a requeued job waits ~2 min for its BeginTime (PLATFORM.md): start it now
-    subprocess.run(["scontrol", "update", f"JobId={job.job_id}", "StartTime=now"], check=True, timeout=30)
+    start_now(job.job_id)
     final = slurm.wait_for([job], JOB_TIMEOUT, stream=False)
     assert final == {job.job_id: "COMPLETED"}, Path(job.paths.stderr).read_text()[-3000:]
     log = Path(job.paths.stdout).read_text()
@@ -186,7 +194,7 @@ def test_plain_sbatch_template_trains_ddp_and_requeues_at_the_time_limit(cluster
         # what --signal=TERM@120 does at the time limit: SIGTERM to the job's tasks, not to the script
         subprocess.run(["scancel", "--signal=TERM", job_id], check=True, timeout=30)
         wait_until("the requeue", lambda: sacct_state(job_id) in ("PENDING", "REQUEUED"), timeout=60)
-        subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], check=True, timeout=30)
+        start_now(job_id)
         wait_until("the job to end", lambda: sacct_state(job_id) in slurm.FINAL_STATES)
     finally:
         subprocess.run(["scancel", job_id], timeout=30)
