@@ -133,8 +133,9 @@ def build_submissions(args) -> list[Submission]:
 
 
 def log_folder(args, runs: list[Submission]) -> Path:
-    base = load_config(args.config, args.overrides).out_dir if runs[0].tag else runs[0].cfg.out_dir
-    return Path(base).resolve() / "slurm"
+    """OUT_DIR/slurm; for a sweep, in the base out_dir its runs' folders sit in."""
+    first = Path(runs[0].cfg.out_dir)
+    return (first.parent if runs[0].tag else first).resolve() / "slurm"
 
 
 def make_executor(args, folder: Path, n_runs: int):
@@ -236,7 +237,8 @@ def wait_for(jobs, timeout_s: float = 0, poll_s: float = 2.0, stream: bool = Tru
                 continue
             if stream:
                 streams[job.job_id].pump()
-            state = job.state.split()[0] if job.state else "UNKNOWN"  # "CANCELLED by 0" -> CANCELLED
+            state = job.state  # one sacct call
+            state = state.split()[0] if state else "UNKNOWN"  # "CANCELLED by 0" -> CANCELLED
             if state in FINAL_STATES:
                 if stream:
                     streams[job.job_id].pump()
@@ -274,9 +276,9 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     check_options(args)
     runs = build_submissions(args)
-    if not args.job_name:
-        args.job_name = f"fastvae-{Path(load_config(args.config, args.overrides).out_dir).name}"
     folder = log_folder(args, runs)
+    if not args.job_name:
+        args.job_name = f"fastvae-{folder.parent.name}"
     if not args.dry_run:
         check_cluster(args)
     executor = make_executor(args, folder, len(runs))
