@@ -19,7 +19,7 @@ from harness import base_parser, interleaved, print_table, summarize, write_json
 
 from fastvae.config import load_config  # noqa: E402
 from fastvae.models import build_model  # noqa: E402
-from fastvae.ops import build_ops  # noqa: E402
+from fastvae.select_ops import select_ops  # noqa: E402
 from fastvae.train import build_optimizer, compute_loss  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -33,7 +33,7 @@ VARIANTS = [("eager", "fp32"), ("eager", "bf16"), ("compiled", "fp32"), ("compil
 def make_step(cfg, base_model, x, device, compiled: bool, precision: str):
     """The same step as fastvae.train, on its own copy of the same initial model."""
     model = copy.deepcopy(base_model).to(device).train()
-    ops = build_ops("eager", device)
+    ops = select_ops("eager", device)
     model.reparam_kl = ops.reparam_kl
     optimizer = build_optimizer(cfg, model.parameters())
     run_model = torch.compile(model) if compiled else model

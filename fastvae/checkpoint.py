@@ -9,22 +9,39 @@ directory without fastvae.json is never a checkpoint.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
 import shutil
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from fastvae.config import Config, from_dict, to_dict
+from fastvae.config import RESUME_MAY_DIFFER, Config, flatten, from_dict, to_dict
 from fastvae.errors import UserError
 
 META_FILE = "fastvae.json"
 MODEL_FILE = "model.safetensors"
 CHECKPOINT_RE = re.compile(r"^step_(\d+)$")
+
+
+@dataclass
+class TrainState:
+    """Where a run is: what a checkpoint holds beside accelerate's state (model, optimizer,
+    scheduler, RNG). batch_in_epoch = batches of `epoch` already trained (resume skips them)."""
+
+    step: int = 0
+    epoch: int = 0
+    batch_in_epoch: int = 0
+    wandb_run_id: str | None = None
+
+    @classmethod
+    def from_meta(cls, meta: dict) -> "TrainState":
+        return cls(**{f.name: meta.get(f.name) for f in dataclasses.fields(cls) if f.name in meta})
 
 
 def checkpoint_dir(out_dir: str | Path) -> Path:
@@ -40,10 +57,10 @@ def _fsync_tree(root: Path) -> None:
             os.close(fd)
 
 
-def save_checkpoint(accelerator, out_dir: str | Path, cfg: Config, progress: dict, keep: int) -> Path:
+def save_checkpoint(accelerator, out_dir: str | Path, cfg: Config, state: TrainState, keep: int) -> Path:
     """All ranks call this (each saves its RNG state); rank 0 finalizes. Returns the checkpoint path."""
     root = checkpoint_dir(out_dir)
-    name = f"step_{progress['step']:08d}"
+    name = f"step_{state.step:08d}"
     final, tmp = root / name, root / f".tmp-{name}"
     if accelerator.is_main_process:
         root.mkdir(parents=True, exist_ok=True)
@@ -55,7 +72,7 @@ def save_checkpoint(accelerator, out_dir: str | Path, cfg: Config, progress: dic
     if accelerator.is_main_process:
         # sizes of every file: a later truncation (disk full, bad copy) is detected before loading
         files = {p.name: p.stat().st_size for p in sorted(tmp.iterdir()) if p.is_file()}
-        meta = {"format": 1, "config": to_dict(cfg), **progress, "files": files}
+        meta = {"format": 1, "config": to_dict(cfg), **dataclasses.asdict(state), "files": files}
         with open(tmp / META_FILE, "w") as fh:
             json.dump(meta, fh, indent=2)
         _fsync_tree(tmp)
@@ -133,17 +150,33 @@ def resolve_resume(resume: str, out_dir: str | Path, announce=print) -> Path | N
 
 
 def check_compatible(meta: dict, cfg: Config, path: Path) -> None:
-    """A checkpoint can only resume the same model on the same data."""
-    for section in ("model", "data"):
-        saved, current = meta["config"].get(section), to_dict(cfg)[section]
-        # how the data is fed and where it lives may change between runs; the model may not
-        ignore = {"batch_size", "num_workers", "limit", "root", "label_attribute", "test_split", "loader",
-                  "beton", "order", "flip", "skip_corrupt"}
-        diff = [k for k in current if k not in ignore and saved.get(k) != current[k]]
-        if diff:
-            k = diff[0]
-            raise UserError(f"checkpoint '{path}' was trained with {section}.{k}={saved.get(k)!r}; "
-                            f"expected it to match this run's {current[k]!r}")
+    """A checkpoint resumes only the same model on the same data: every key outside
+    config.RESUME_MAY_DIFFER must be what it was."""
+    saved = flatten(from_dict(meta["config"]))
+    for key, value in flatten(cfg).items():
+        if key not in RESUME_MAY_DIFFER and saved[key] != value:
+            raise UserError(f"checkpoint '{path}' was trained with {key}={saved[key]!r}; "
+                            f"expected it to match this run's {value!r}")
+
+
+def restore(accelerator, cfg: Config, out_dir: Path) -> tuple[TrainState, Path | None]:
+    """The state to start from: a fresh TrainState, or for train.resume the checkpoint's, with
+    its model, optimizer, scheduler and RNG loaded into `accelerator`'s registered objects."""
+    path = resolve_resume(cfg.train.resume, out_dir, announce=accelerator.print)
+    if path is None:
+        if cfg.train.resume:
+            accelerator.print(f"fastvae: no checkpoint in {checkpoint_dir(out_dir)}; starting fresh")
+        return TrainState(), None
+    meta = read_meta(path)
+    check_compatible(meta, cfg, path)
+    try:
+        accelerator.load_state(str(path))
+    except Exception as err:  # torch/safetensors/pickle each raise their own types
+        raise UserError(f"checkpoint '{path}' could not be loaded ({type(err).__name__}: {err}); "
+                        f"expected an intact checkpoint of this model") from None
+    state = TrainState.from_meta(meta)
+    accelerator.print(f"fastvae: resumed from {path} (step {state.step}, epoch {state.epoch})")
+    return state, path
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu"):
@@ -166,3 +199,40 @@ def load_model(path: str | Path, device: str | torch.device = "cpu"):
         raise UserError(f"checkpoint '{path}' does not fit model {cfg.model.name} "
                         f"(missing {len(missing)}, unexpected {len(unexpected)} tensors)")
     return model.to(device).eval(), cfg, meta
+
+
+SPLITS = ("train", "test")
+
+
+@dataclass
+class LoadedVAE:
+    """A trained model in eval mode with the config it was trained with (from `load`)."""
+
+    model: torch.nn.Module
+    cfg: Config
+    meta: dict
+    path: Path
+    device: torch.device
+    _datasets: tuple | None = field(default=None, repr=False)
+
+    def split(self, name: str):
+        from fastvae.data import build_datasets
+
+        if name not in SPLITS:
+            raise UserError(f"split {name!r}: expected one of {', '.join(SPLITS)}")
+        if self._datasets is None:
+            self._datasets = build_datasets(self.cfg.data)
+        return self._datasets[SPLITS.index(name)]
+
+    @property
+    def run_dir(self) -> Path:
+        return self.path.parent.parent  # RUN_DIR/checkpoints/step_N
+
+
+def load(checkpoint: str | Path, device: str | torch.device | None = None) -> LoadedVAE:
+    """Rebuild the model from a checkpoint's stored config, on CUDA when there is one."""
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"device {device}: no CUDA device here; expected --device cpu")
+    model, cfg, meta = load_model(checkpoint, device)
+    return LoadedVAE(model, cfg, meta, Path(checkpoint), device)

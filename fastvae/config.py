@@ -7,106 +7,130 @@ strict type checks and one-line errors.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import json
 import os
 import re
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal, Optional
 
 import yaml
 
 from fastvae.errors import UserError
 
 
+def knob(default=dataclasses.MISSING, doc: str = "", *, factory=None, above=None, at_least=None, below=None):
+    """A config field with its documentation and range next to it (`--help` prints both).
+    above: value > above; at_least: value >= at_least; below: value < below."""
+    metadata = {"doc": doc, "above": above, "at_least": at_least, "below": below}
+    if factory is not None:
+        return field(default_factory=factory, metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+# Image sizes fixed by a model's layers or by a dataset's files: the one place these rules live.
+MODEL_IMAGE_SIZES = {"conv_vae": (28,), "dfc_vae": (64, 128)}
+DATASET_CHANNELS_AND_SIZE = {"mnist": (1, 28), "fashion_mnist": (1, 28)}
+
+
 @dataclass
 class DataConfig:
-    name: str = "mnist"  # mnist | fashion_mnist | imagefolder | celeba
-    root: str = ""  # dataset location; "" = the dataset's default
-    image_size: int = 28  # images are resized to image_size x image_size
-    channels: int = 1
-    center_crop: int = 0  # crop this square from the center before resizing; 0 = none
-    test_fraction: float = 0.1  # held-out share for datasets without an official split
-    split_seed: int = 0  # fixed seed of that split: independent of train.seed
-    limit: int = 0  # use only the first `limit` training images; 0 = all
-    batch_size: int = 128  # per process
-    num_workers: int = 0
-    drop_last: bool = True  # keeps DDP shards disjoint and equal in size
-    loader: str = "torch"  # torch (DataLoader) | ffcv (a .beton written by `python -m fastvae.data.ffcv`)
-    beton: str = ""  # data.loader=ffcv: the training .beton
-    order: str = "random"  # data.loader=ffcv: random | quasi_random (less memory, not fully random)
-    flip: bool = False  # data.loader=ffcv: random horizontal flips
-    skip_corrupt: bool = False  # celeba / imagefolder: skip (and name) undecodable images instead of stopping
-    label_attribute: str = "Smiling"  # celeba: the attribute used as the label (colors latent plots)
-    test_split: str = "test"  # celeba: the official partition used as the test set (test | valid)
+    name: Literal["mnist", "fashion_mnist", "imagefolder", "celeba"] = knob("mnist", "dataset")
+    root: str = knob("", "dataset location; empty = the dataset's default")
+    image_size: int = knob(28, "images are resized to image_size x image_size", above=0)
+    channels: Literal[1, 3] = knob(1, "1 (greyscale) or 3 (RGB)")
+    center_crop: int = knob(0, "crop this square from the center before resizing; 0 = none", at_least=0)
+    test_fraction: float = knob(0.1, "held-out share for datasets without an official split", at_least=0, below=1)
+    split_seed: int = knob(0, "seed of that fixed split, independent of seed")
+    limit: int = knob(0, "use only the first `limit` training images; 0 = all", at_least=0)
+    batch_size: int = knob(128, "images per step per process", above=0)
+    num_workers: int = knob(0, "DataLoader worker processes", at_least=0)
+    drop_last: bool = knob(True, "drop the last partial batch (keeps DDP shards equal in size)")
+    loader: Literal["torch", "ffcv"] = knob("torch", "torch DataLoader, or ffcv (a .beton from `python -m "
+                                            "fastvae.data.ffcv`)")
+    beton: str = knob("", "data.loader=ffcv: the training .beton")
+    order: Literal["random", "quasi_random"] = knob("random", "data.loader=ffcv: sample order (quasi_random "
+                                                    "needs less memory, is not fully random)")
+    flip: bool = knob(False, "data.loader=ffcv: random horizontal flips")
+    skip_corrupt: bool = knob(False, "celeba / imagefolder: skip (and name) undecodable images instead of "
+                                     "stopping")
+    label_attribute: str = knob("Smiling", "celeba: the attribute used as the label (colors latent plots)")
+    test_split: Literal["test", "valid"] = knob("test", "celeba: the official partition used as the test set")
 
 
 @dataclass
 class ModelConfig:
-    name: str = "conv_vae"  # conv_vae (the lecture's MNIST VAE) | dfc_vae (CelebA faces)
-    latent_dim: int = 2
-    dropout: float = 0.0
+    name: Literal["conv_vae", "dfc_vae"] = knob("conv_vae", "conv_vae (the lecture's MNIST VAE, 28 px) or "
+                                                "dfc_vae (CelebA faces, 64 or 128 px)")
+    latent_dim: int = knob(2, "size of z", above=0)
+    dropout: float = knob(0.0, "dfc_vae: dropout after each hidden block", at_least=0, below=1)
 
 
 @dataclass
 class LossConfig:
-    recon: str = "bce"  # bce (Bernoulli decoder) | mse (Gaussian decoder)
-    recon_weight: float = 1.0  # the lecture's alpha
-    beta: float = 1.0  # weight of the KL term (1 = plain VAE)
-    kl_warmup_steps: int = 0  # linear ramp of beta from 0 over this many steps; 0 = off
+    recon: Literal["bce", "mse"] = knob("bce", "bce (Bernoulli decoder) or mse (Gaussian decoder)")
+    recon_weight: float = knob(1.0, "weight of the reconstruction term (the lecture's alpha)", at_least=0)
+    beta: float = knob(1.0, "weight of the KL term (1 = plain VAE)", at_least=0)
+    kl_warmup_steps: int = knob(0, "ramp beta linearly from 0 over this many steps; 0 = off", at_least=0)
 
 
 @dataclass
 class OptimConfig:
-    name: str = "adam"  # adam | adamw | sgd
-    lr: float = 5e-4  # the lecture's learning rate
-    weight_decay: float = 0.0
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
-    momentum: float = 0.9  # sgd only
-    scheduler: str = "none"  # none | cosine | linear
-    warmup_steps: int = 0
-    grad_clip: float = 0.0  # max global grad norm; 0 = off
+    name: Literal["adam", "adamw", "sgd"] = knob("adam", "optimizer")
+    lr: float = knob(5e-4, "learning rate (the lecture's 5e-4)", above=0)
+    weight_decay: float = knob(0.0, "weight decay", at_least=0)
+    betas: list[float] = knob(doc="adam / adamw betas", factory=lambda: [0.9, 0.999])
+    momentum: float = knob(0.9, "sgd momentum", at_least=0)
+    scheduler: Literal["none", "cosine", "linear"] = knob("none", "learning-rate decay after the warm-up")
+    warmup_steps: int = knob(0, "linear learning-rate warm-up steps", at_least=0)
+    grad_clip: float = knob(0.0, "max global gradient norm; 0 = off", at_least=0)
 
 
 @dataclass
 class TrainConfig:
-    epochs: int = 30
-    max_steps: int = 0  # stop after this many optimizer steps (the LR schedule still spans all epochs); 0 = off
-    grad_accum_steps: int = 1
-    # no | bf16 | fp16; null lets `accelerate launch --mixed_precision` decide
-    mixed_precision: typing.Optional[str] = "no"
-    compile: bool = False  # wrap the model in torch.compile
-    ops: str = "auto"  # eager | compiled | triton | auto (triton on CUDA, else eager)
-    cpu: bool = False  # force CPU even where a GPU exists
-    checkpoint_every: int = 0  # also checkpoint every N steps; 0 = at epoch ends only
-    keep_checkpoints: int = 2
-    resume: str = ""  # "" = fresh run, "auto" = newest checkpoint in out_dir, or a path
-    nonfinite: str = "stop"  # on a NaN/inf loss: stop (keep the last good checkpoint) | skip the batch
-    log_every: int = 10  # steps between progress-bar / tracker updates
-    record_sample_ids: bool = False  # write the dataset indices each rank trained on
-    samples: int = 100  # images in the prior sample grid
-    final_eval: bool = False  # run fastvae.evaluate on the test split at the end (writes eval.json)
-    final_eval_iwae: int = 0  # importance samples K for that evaluation; 0 = ELBO only
-    final_eval_images: int = 0  # evaluate only this many test images; 0 = all
+    epochs: int = knob(30, "passes over the training set", at_least=0)
+    max_steps: int = knob(0, "stop after this many optimizer steps (the LR schedule still spans all epochs); "
+                             "0 = off", at_least=0)
+    grad_accum_steps: int = knob(1, "batches per optimizer step", above=0)
+    mixed_precision: Optional[Literal["no", "bf16", "fp16"]] = knob(
+        "no", "no, bf16 or fp16; null lets `accelerate launch --mixed_precision` decide")
+    compile: bool = knob(False, "torch.compile the model")
+    ops: Literal["eager", "compiled", "triton", "auto"] = knob("auto", "VAE ops: eager reference, "
+                                                               "torch.compile'd, fused Triton, or auto "
+                                                               "(triton on CUDA, else eager)")
+    cpu: bool = knob(False, "train on the CPU even where a GPU exists")
+    checkpoint_every: int = knob(0, "also checkpoint every N steps; 0 = at epoch ends only", at_least=0)
+    keep_checkpoints: int = knob(2, "newest checkpoints kept", above=0)
+    resume: str = knob("", "empty = fresh run, auto = newest checkpoint in out_dir, or a checkpoint path")
+    nonfinite: Literal["stop", "skip"] = knob("stop", "on a NaN/inf loss: stop (keep the last good "
+                                                      "checkpoint) or skip the batch")
+    log_every: int = knob(10, "steps between progress-bar / tracker updates", above=0)
+    samples: int = knob(100, "images in the prior sample grid", at_least=0)
+    final_eval: bool = knob(False, "run fastvae.evaluate on the test split at the end (writes eval.json)")
+    final_eval_iwae: int = knob(0, "importance samples K of that evaluation; 0 = ELBO only", at_least=0)
+    final_eval_images: int = knob(0, "evaluate only this many test images; 0 = all", at_least=0)
 
 
 @dataclass
-class WandbConfig:  # used when logger=wandb
-    project: str = "fastvae"
-    entity: str = ""  # "" = your default W&B entity
-    name: str = ""  # run name; "" = the out_dir folder's name
-    group: str = ""  # e.g. one sweep's runs
-    tags: list[str] = field(default_factory=list)
-    log_images: bool = True  # per-epoch sample / reconstruction / latent pictures as wandb.Image
-    log_checkpoint: bool = False  # upload the final checkpoint as a W&B artifact
+class WandbConfig:
+    project: str = knob("fastvae", "W&B project (logger=wandb)")
+    entity: str = knob("", "W&B entity; empty = your default")
+    name: str = knob("", "run name; empty = the out_dir folder's name")
+    group: str = knob("", "run group, e.g. one sweep's runs")
+    tags: list[str] = knob(doc="run tags", factory=list)
+    log_images: bool = knob(True, "per-epoch sample / reconstruction / latent pictures as wandb.Image")
+    log_checkpoint: bool = knob(False, "upload the final checkpoint as a W&B artifact")
 
 
 @dataclass
 class Config:
-    out_dir: str = "runs/mnist"
-    seed: int = 0
-    logger: str = "none"  # none (metrics.jsonl only) | wandb (also W&B; see the wandb section)
+    out_dir: str = knob("runs/mnist", "where metrics, checkpoints and pictures go")
+    seed: int = knob(0, "seed of the model's initialization, the data order and the noise")
+    logger: Literal["none", "wandb"] = knob("none", "none (metrics.jsonl only) or wandb (also W&B)")
     wandb: WandbConfig = field(default_factory=WandbConfig)
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -115,27 +139,25 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
 
 
-CHOICES = {
-    "logger": ("none", "wandb"),
-    "data.name": ("mnist", "fashion_mnist", "imagefolder", "celeba"),
-    "data.test_split": ("test", "valid"),
-    "data.loader": ("torch", "ffcv"),
-    "data.order": ("random", "quasi_random"),
-    "model.name": ("conv_vae", "dfc_vae"),
-    "loss.recon": ("bce", "mse"),
-    "optim.name": ("adam", "adamw", "sgd"),
-    "optim.scheduler": ("none", "cosine", "linear"),
-    "train.mixed_precision": (None, "no", "bf16", "fp16"),
-    "train.ops": ("eager", "compiled", "triton", "auto"),
-    "train.nonfinite": ("stop", "skip"),
-}
-
-POSITIVE = ("data.image_size", "data.channels", "data.batch_size", "model.latent_dim",
-            "optim.lr", "train.grad_accum_steps", "train.keep_checkpoints", "train.log_every")
-NON_NEGATIVE = ("data.center_crop", "data.limit", "data.num_workers", "model.dropout",
-                "loss.recon_weight", "loss.beta", "loss.kl_warmup_steps", "optim.weight_decay",
-                "optim.warmup_steps", "optim.grad_clip", "train.epochs", "train.max_steps",
-                "train.checkpoint_every", "train.samples", "train.final_eval_iwae", "train.final_eval_images")
+# What a checkpoint pins: resuming with another value of these keys is refused (the model or the
+# data would not be the same). Every other key may differ on resume, as this explicit list says;
+# tests/test_config.py checks that the two lists name every key exactly once.
+RESUME_MUST_MATCH = ("model.name", "model.latent_dim", "model.dropout", "data.name", "data.image_size",
+                     "data.channels", "data.center_crop", "data.test_fraction", "data.split_seed",
+                     "data.drop_last")
+RESUME_MAY_DIFFER = (
+    "out_dir", "seed", "logger",
+    "wandb.project", "wandb.entity", "wandb.name", "wandb.group", "wandb.tags", "wandb.log_images",
+    "wandb.log_checkpoint",
+    "data.root", "data.limit", "data.batch_size", "data.num_workers", "data.loader", "data.beton", "data.order",
+    "data.flip", "data.skip_corrupt", "data.label_attribute", "data.test_split",
+    "loss.recon", "loss.recon_weight", "loss.beta", "loss.kl_warmup_steps",
+    "optim.name", "optim.lr", "optim.weight_decay", "optim.betas", "optim.momentum", "optim.scheduler",
+    "optim.warmup_steps", "optim.grad_clip",
+    "train.epochs", "train.max_steps", "train.grad_accum_steps", "train.mixed_precision", "train.compile",
+    "train.ops", "train.cpu", "train.checkpoint_every", "train.keep_checkpoints", "train.resume",
+    "train.nonfinite", "train.log_every", "train.samples", "train.final_eval", "train.final_eval_iwae",
+    "train.final_eval_images")
 
 
 # ---------------------------------------------------------------- conversion
@@ -158,18 +180,33 @@ def _load_yaml(text: str):
 
 
 def _type_name(tp) -> str:
-    return getattr(tp, "__name__", str(tp).replace("typing.", ""))
+    """int, list[float], one of: a | b, ... (| null): how --help and errors name a type."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is Literal:
+        return " | ".join(str(a) for a in args)
+    if origin in (typing.Union, types.UnionType):
+        return " | ".join("null" if a is type(None) else _type_name(a) for a in args)
+    return getattr(tp, "__name__", str(tp)) if origin is None else str(tp).replace("typing.", "")
 
 
 def _coerce(value, tp, key: str):
     """Check `value` (already parsed from YAML) against the annotation `tp`."""
     origin = typing.get_origin(tp)
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value in choices and type(value) in {type(c) for c in choices}:
+            return value
+        shown = ", ".join(str(c) for c in choices)
+        raise UserError(f"config key '{key}': expected one of {shown}, got {value!r}")
     if origin in (typing.Union, types.UnionType):
         options = typing.get_args(tp)
         if value is None and type(None) in options:
             return None
         (inner,) = [t for t in options if t is not type(None)]
-        return _coerce(value, inner, key)
+        try:
+            return _coerce(value, inner, key)
+        except UserError as err:
+            raise UserError(f"{err}; or null") from None
     if origin is list:
         (inner,) = typing.get_args(tp)
         if not isinstance(value, list):
@@ -195,20 +232,12 @@ def _coerce(value, tp, key: str):
     raise UserError(f"config key '{key}': expected {_type_name(tp)}, got {value!r}")
 
 
-def _fields(cls) -> dict[str, dataclasses.Field]:
-    return {f.name: f for f in dataclasses.fields(cls)}
-
-
-def _resolved_hints(cls) -> dict:
-    return typing.get_type_hints(cls)
-
-
 def _apply(obj, mapping: dict, prefix: str = "") -> None:
     """Set the fields of dataclass `obj` from a nested mapping, checking every key."""
     if not isinstance(mapping, dict):
         raise UserError(f"config section '{prefix.rstrip('.') or '<top>'}': expected a mapping, got {mapping!r}")
-    hints = _resolved_hints(type(obj))
-    known = _fields(type(obj))
+    hints = typing.get_type_hints(type(obj))
+    known = [f.name for f in dataclasses.fields(obj)]
     for name, value in mapping.items():
         key = f"{prefix}{name}"
         if name not in known:
@@ -245,38 +274,37 @@ def _nest(key: str, value) -> dict:
 # ---------------------------------------------------------------- public API
 
 
+def _check_range(key: str, value, meta: dict) -> None:
+    if meta.get("above") is not None and not value > meta["above"]:
+        raise UserError(f"config key '{key}': expected a value > {meta['above']}, got {value!r}")
+    if meta.get("at_least") is not None and not value >= meta["at_least"]:
+        raise UserError(f"config key '{key}': expected a value >= {meta['at_least']}, got {value!r}")
+    if meta.get("below") is not None and not value < meta["below"]:
+        raise UserError(f"config key '{key}': expected a value < {meta['below']}, got {value!r}")
+
+
 def validate(cfg: Config) -> Config:
-    """Range and choice checks that types alone cannot express."""
-    flat = flatten(cfg)
-    for key, allowed in CHOICES.items():
-        if flat[key] not in allowed:
-            shown = ", ".join("null" if a is None else str(a) for a in allowed)
-            raise UserError(f"config key '{key}': expected one of {shown}, got {flat[key]!r}")
-    for key in POSITIVE:
-        if not flat[key] > 0:
-            raise UserError(f"config key '{key}': expected a value > 0, got {flat[key]!r}")
-    for key in NON_NEGATIVE:
-        if flat[key] < 0:
-            raise UserError(f"config key '{key}': expected a value >= 0, got {flat[key]!r}")
-    if not 0.0 <= cfg.data.test_fraction < 1.0:
-        raise UserError(f"config key 'data.test_fraction': expected 0 <= value < 1, got {cfg.data.test_fraction}")
-    if not 0.0 <= cfg.model.dropout < 1.0:
-        raise UserError(f"config key 'model.dropout': expected 0 <= value < 1, got {cfg.model.dropout}")
+    """Each field's range (from its knob), then the rules that tie fields together."""
+    for key, k in _walk(cfg).items():
+        _check_range(key, k.value, k.field.metadata)
     if len(cfg.optim.betas) != 2:
         raise UserError(f"config key 'optim.betas': expected two numbers, got {cfg.optim.betas}")
     if cfg.logger == "wandb" and not cfg.wandb.project:
         raise UserError("config key 'wandb.project' is empty; expected a W&B project name")
-    if cfg.data.channels not in (1, 3):
-        raise UserError(f"config key 'data.channels': expected 1 or 3, got {cfg.data.channels}")
     if cfg.data.loader == "ffcv" and not cfg.data.beton:
         raise UserError("config key 'data.beton' is empty; expected the training .beton for data.loader=ffcv "
                         "(write one with `python -m fastvae.data.ffcv`)")
     if cfg.data.flip and cfg.data.loader != "ffcv":
         raise UserError("config key 'data.flip': random flips come with data.loader=ffcv; expected data.flip=false")
-    if cfg.model.name == "conv_vae" and cfg.data.image_size != 28:
-        raise UserError(f"config key 'data.image_size': model conv_vae expects 28, got {cfg.data.image_size}")
-    if cfg.model.name == "dfc_vae" and cfg.data.image_size not in (64, 128):
-        raise UserError(f"config key 'data.image_size': model dfc_vae expects 64 or 128, got {cfg.data.image_size}")
+    sizes = MODEL_IMAGE_SIZES[cfg.model.name]
+    if cfg.data.image_size not in sizes:
+        raise UserError(f"config key 'data.image_size': model {cfg.model.name} expects "
+                        f"{' or '.join(map(str, sizes))}, got {cfg.data.image_size}")
+    fixed = DATASET_CHANNELS_AND_SIZE.get(cfg.data.name)
+    if fixed and (cfg.data.channels, cfg.data.image_size) != fixed:
+        raise UserError(f"data.name={cfg.data.name} gives {fixed[0]}x{fixed[1]}x{fixed[1]} images; expected "
+                        f"data.image_size={fixed[1]} and data.channels={fixed[0]}, got {cfg.data.image_size} "
+                        f"and {cfg.data.channels}")
     return cfg
 
 
@@ -305,22 +333,51 @@ def to_dict(cfg: Config) -> dict:
     return dataclasses.asdict(cfg)
 
 
+# Keys older checkpoints hold that no longer exist: dropped when such a config is read back.
+RETIRED_KEYS = ("train.record_sample_ids",)
+
+
 def from_dict(mapping: dict) -> Config:
+    mapping = copy.deepcopy(mapping)
+    for key in RETIRED_KEYS:
+        section, _, name = key.rpartition(".")
+        mapping.get(section, {}).pop(name, None)
     cfg = Config()
     _apply(cfg, mapping)
     return validate(cfg)
 
 
-def flatten(cfg: Config) -> dict:
-    """{"train.lr": ..., ...}: the form used in choices, W&B and error messages."""
+@dataclass(frozen=True)
+class Key:
+    """One leaf of the config: its dataclass field, type and current value."""
+
+    field: dataclasses.Field
+    type: object
+    value: object
+
+
+def _walk(obj, prefix: str = "") -> dict[str, Key]:
+    """{"train.lr": Key, ...} over every leaf, in declaration order."""
+    hints = typing.get_type_hints(type(obj))
     out = {}
-
-    def walk(d, prefix):
-        for k, v in d.items():
-            if isinstance(v, dict):
-                walk(v, f"{prefix}{k}.")
-            else:
-                out[f"{prefix}{k}"] = v
-
-    walk(to_dict(cfg), "")
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            out.update(_walk(value, f"{prefix}{f.name}."))
+        else:
+            out[f"{prefix}{f.name}"] = Key(f, hints[f.name], value)
     return out
+
+
+def flatten(cfg: Config) -> dict:
+    """{"train.lr": ..., ...}: the form used in W&B, resume checks and error messages."""
+    return {key: list(k.value) if isinstance(k.value, list) else k.value for key, k in _walk(cfg).items()}
+
+
+def keys_help() -> str:
+    """Every config key with its type, default and doc: the body of `python -m fastvae.train --help`."""
+    lines = []
+    for key, k in _walk(Config()).items():
+        default = "null" if k.value is None else json.dumps(k.value)
+        lines.append(f"  {key} = {default}  ({_type_name(k.type)})\n      {k.field.metadata.get('doc', '')}")
+    return "\n".join(lines)

@@ -71,7 +71,7 @@ def iwae_bound(model, x: torch.Tensor, likelihood: Likelihood, k: int, chunk: in
         c = min(chunk, k - start)
         # one draw per importance sample, in order: the same numbers whatever the chunk size
         eps = torch.stack([torch.randn(mu.shape, generator=generator, dtype=torch.float64) for _ in range(c)])
-        z = mu + (0.5 * logvar).exp() * eps.to(mu.device)  # [c, B, D]
+        z = losses.reparameterize(mu, logvar, eps.to(mu.device))  # [c, B, D]
         logits = model.decode(z.reshape(c * len(x), -1).to(next(model.parameters()).dtype))
         log_px = likelihood.log_prob(logits, x.repeat(c, *([1] * (x.ndim - 1)))).view(c, len(x))
         log_w = log_px + log_normal(z, torch.zeros_like(z), torch.zeros_like(z)) - log_normal(z, mu, logvar)
@@ -100,7 +100,7 @@ def evaluate_model(model, dataset, likelihood: Likelihood, iwae_samples: int = 0
         z = losses.reparameterize(mu, logvar, torch.randn(mu.shape, generator=g, dtype=torch.float64).to(device))
         dtype = next(model.parameters()).dtype
         sums["recon"] += -likelihood.log_prob(model.decode(z.to(dtype)), x).sum().item()
-        kl_per_dim = -0.5 * (1 + logvar - mu ** 2 - logvar.exp())
+        kl_per_dim = losses.kl_divergence_per_dim(mu, logvar)
         sums["kl"] += kl_per_dim.sum().item()
         kl_dims.append(kl_per_dim.sum(0))
         mus.append(mu.cpu())
@@ -184,7 +184,7 @@ def parse_args(argv):
 
 @exit_on_user_error
 def main(argv=None) -> dict:
-    from fastvae.generate import load
+    from fastvae.checkpoint import load
 
     args = parse_args(argv)
     if not 0 <= args.iwae_samples <= 5000:

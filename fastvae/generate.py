@@ -20,58 +20,64 @@ from __future__ import annotations
 import argparse
 import json
 import math
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from fastvae import pictures
-from fastvae.checkpoint import load_model
-from fastvae.config import Config
-from fastvae.data import build_datasets
+from fastvae.checkpoint import SPLITS, LoadedVAE, load
+from fastvae.data import in_order_loader
 from fastvae.errors import UserError, exit_on_user_error
 
-SPLITS = ("train", "test")
+__all__ = ["LoadedVAE", "load", "sample", "images_at", "reconstruct", "encode", "encode_split", "interpolate",
+           "latent_manifold", "attribute_vector", "attribute_vector_for", "apply_attribute"]
 
 
-@dataclass
-class LoadedVAE:
-    """A trained model with the config it was trained with."""
-
-    model: torch.nn.Module
-    cfg: Config
-    meta: dict
-    path: Path
-    device: torch.device
-    _datasets: tuple | None = field(default=None, repr=False)
-
-    def split(self, name: str):
-        if name not in SPLITS:
-            raise UserError(f"split {name!r}: expected one of {', '.join(SPLITS)}")
-        if self._datasets is None:
-            self._datasets = build_datasets(self.cfg.data)
-        return self._datasets[SPLITS.index(name)]
-
-    @property
-    def run_dir(self) -> Path:
-        return self.path.parent.parent  # RUN_DIR/checkpoints/step_N
+# ---------------------------------------------------------------- on a model
 
 
-def load(checkpoint: str | Path, device: str | torch.device | None = None) -> LoadedVAE:
-    """Rebuild the model from a checkpoint's stored config, on CUDA when there is one."""
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"device {device}: no CUDA device here; expected --device cpu")
-    model, cfg, meta = load_model(checkpoint, device)
-    return LoadedVAE(model, cfg, meta, Path(checkpoint), device)
+@torch.no_grad()
+def decode_images(model, z: torch.Tensor) -> torch.Tensor:
+    """Images are sigmoid(logits) (the decoder gives logits)."""
+    return torch.sigmoid(model.decode(z).float())
 
 
-# ---------------------------------------------------------------- the operations
+@torch.no_grad()
+def prior_samples(model, n: int, seed: int = 0, device="cpu") -> torch.Tensor:
+    """n images decoded from z ~ N(0, I), drawn from a seeded generator (the same for any device)."""
+    z = torch.randn(n, model.latent_dim, generator=torch.Generator().manual_seed(seed)).to(device)
+    return decode_images(model, z)
+
+
+@torch.no_grad()
+def reconstruct_images(model, images: torch.Tensor) -> torch.Tensor:
+    """Decoded from the posterior mean (z = mu): the deterministic reconstruction."""
+    mu, _ = model.encode(images)
+    return decode_images(model, mu)
+
+
+@torch.no_grad()
+def encode_dataset(model, dataset, device="cpu", max_images: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(posterior means [N, D] on the CPU, labels [N]) over a dataset in order, up to max_images."""
+    mus, labels, seen = [], [], 0
+    for x, y, _ in in_order_loader(dataset):
+        if max_images is not None:
+            x, y = x[: max_images - seen], y[: max_images - seen]
+        mu, _ = model.encode(x.to(device))
+        mus.append(mu.float().cpu())
+        labels.append(y)
+        seen += len(x)
+        if max_images is not None and seen >= max_images:
+            break
+    return torch.cat(mus), torch.cat(labels)
+
+
+# ---------------------------------------------------------------- on a loaded checkpoint
 
 
 def sample(vae: LoadedVAE, n: int = 64, seed: int = 0) -> torch.Tensor:
     """n images from the prior N(0, I)."""
-    return pictures.prior_samples(vae.model, n, seed, vae.device).cpu()
+    return prior_samples(vae.model, n, seed, vae.device).cpu()
 
 
 def images_at(vae: LoadedVAE, split: str, indices: list[int]) -> torch.Tensor:
@@ -84,7 +90,7 @@ def images_at(vae: LoadedVAE, split: str, indices: list[int]) -> torch.Tensor:
 
 def reconstruct(vae: LoadedVAE, images: torch.Tensor) -> torch.Tensor:
     """Reconstructions decoded from the posterior means."""
-    return pictures.reconstruct(vae.model, images.to(vae.device)).cpu()
+    return reconstruct_images(vae.model, images.to(vae.device)).cpu()
 
 
 @torch.no_grad()
@@ -95,7 +101,7 @@ def encode(vae: LoadedVAE, images: torch.Tensor) -> torch.Tensor:
 
 def encode_split(vae: LoadedVAE, split: str, max_images: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(posterior means [N, D], labels [N]) over a split, in dataset order."""
-    return pictures.encode_dataset(vae.model, vae.split(split), vae.device, max_images)
+    return encode_dataset(vae.model, vae.split(split), vae.device, max_images)
 
 
 def slerp(a: torch.Tensor, b: torch.Tensor, t: float) -> torch.Tensor:
@@ -119,7 +125,7 @@ def interpolate(vae: LoadedVAE, images: torch.Tensor, steps: int = 10, spherical
     for a, b in zip(mu[:-1], mu[1:]):
         ts = torch.linspace(0, 1, steps).tolist()
         z = torch.stack([slerp(a, b, t) if spherical else a + t * (b - a) for t in ts])
-        rows.append(pictures.decode_images(vae.model, z).cpu())
+        rows.append(decode_images(vae.model, z).cpu())
     return torch.stack(rows)
 
 
@@ -130,7 +136,7 @@ def latent_manifold(vae: LoadedVAE, grid: int = 20, span: float = 3.0) -> torch.
         raise UserError(f"latent manifold needs a 2-d latent; this model has {vae.model.latent_dim}")
     values = torch.linspace(-span, span, grid)
     z = torch.stack([torch.stack([x, y]) for y in values.flip(0) for x in values]).to(vae.device)
-    return pictures.decode_images(vae.model, z).cpu()
+    return decode_images(vae.model, z).cpu()
 
 
 def attribute_vector(mu: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
@@ -179,7 +185,7 @@ def apply_attribute(vae: LoadedVAE, images: torch.Tensor, z_diff: torch.Tensor,
     z_diff = z_diff.to(mu.device, mu.dtype)
     # one decode per alpha over all images: the alpha = 0 batch is then exactly the
     # reconstruction batch (same values, same batch shape, so bit-identical output)
-    columns = [pictures.decode_images(vae.model, mu + alpha * z_diff) for alpha in alphas]
+    columns = [decode_images(vae.model, mu + alpha * z_diff) for alpha in alphas]
     return torch.stack(columns, dim=1).cpu()
 
 
@@ -218,7 +224,7 @@ def cmd_reconstruct(vae, args) -> list[Path]:
     dataset = vae.split(args.split)
     picks = pictures.spread_indices(len(dataset), args.n)
     images = images_at(vae, args.split, picks)
-    return [pictures.save_reconstruction_grid(vae.model, images.to(vae.device),
+    return [pictures.save_reconstruction_grid(images, reconstruct(vae, images),
                                               _out_dir(vae, args.out) / "reconstructions.png")]
 
 

@@ -1,4 +1,5 @@
-"""The pictures a VAE is judged by: image grids with a title and row labels, and latent maps.
+"""Drawing the pictures a VAE is judged by: image grids with a title and row labels, and latent
+scatter plots. Only drawing: the images come from fastvae.generate.
 
 Grids come from torchvision's make_grid; the title band and row labels are drawn
 with Pillow so the PNG's pixel size is exact and predictable:
@@ -21,8 +22,6 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image, ImageDraw, ImageFont  # noqa: E402
 from torchvision.utils import make_grid  # noqa: E402
-
-from fastvae.data.base import in_order_loader  # noqa: E402
 
 TITLE_HEIGHT = 28
 TITLE_LINE = 18
@@ -92,56 +91,20 @@ def save_grid(images: torch.Tensor, path, nrow: int, title: str, row_labels: lis
     return path
 
 
-@torch.no_grad()
-def decode_images(model, z: torch.Tensor) -> torch.Tensor:
-    """Images are sigmoid(logits) (the decoder gives logits)."""
-    return torch.sigmoid(model.decode(z).float())
-
-
-@torch.no_grad()
-def prior_samples(model, n: int, seed: int = 0, device="cpu") -> torch.Tensor:
-    """n images decoded from z ~ N(0, I), drawn from a seeded generator (the same for any device)."""
-    z = torch.randn(n, model.latent_dim, generator=torch.Generator().manual_seed(seed)).to(device)
-    return decode_images(model, z)
-
-
-def save_sample_grid(model, path, n: int = 100, seed: int = 0, device="cpu") -> Path:
-    images = prior_samples(model, n, seed, device)
-    return save_grid(images, path, nrow=max(1, math.ceil(math.sqrt(n))),
-                     title=f"{n} samples from the prior N(0, I), latent dim {model.latent_dim}, seed {seed}")
-
-
-@torch.no_grad()
-def reconstruct(model, images: torch.Tensor) -> torch.Tensor:
-    """Decoded from the posterior mean (z = mu): the deterministic reconstruction."""
-    mu, _ = model.encode(images)
-    return decode_images(model, mu)
-
-
-@torch.no_grad()
-def encode_dataset(model, dataset, device="cpu", max_images: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(posterior means [N, D] on the CPU, labels [N]) over a dataset in order, up to max_images."""
-    mus, labels, seen = [], [], 0
-    for x, y, _ in in_order_loader(dataset):
-        if max_images is not None:
-            x, y = x[: max_images - seen], y[: max_images - seen]
-        mu, _ = model.encode(x.to(device))
-        mus.append(mu.float().cpu())
-        labels.append(y)
-        seen += len(x)
-        if max_images is not None and seen >= max_images:
-            break
-    return torch.cat(mus), torch.cat(labels)
-
-
 def spread_indices(length: int, k: int) -> list[int]:
     """k indices evenly spread over range(length): class-sorted splits still show every class."""
     return torch.linspace(0, length - 1, min(k, length)).long().tolist()
 
 
-def save_reconstruction_grid(model, images: torch.Tensor, path, per_row: int = 10) -> Path:
+def save_sample_grid(images: torch.Tensor, path, latent_dim: int, seed: int) -> Path:
+    n = len(images)
+    return save_grid(images, path, nrow=max(1, math.ceil(math.sqrt(n))),
+                     title=f"{n} samples from the prior N(0, I), latent dim {latent_dim}, seed {seed}")
+
+
+def save_reconstruction_grid(images: torch.Tensor, recon: torch.Tensor, path, per_row: int = 10) -> Path:
     """Rows alternate: originals, then their reconstructions."""
-    recon = reconstruct(model, images).cpu()
+    recon = recon.float().cpu()
     images = images.float().cpu()
     per_row = min(per_row, len(images))
     rows, labels = [], []

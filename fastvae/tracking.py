@@ -62,6 +62,19 @@ class RunLog:
                 init["dir"] = str(cfg.out_dir)
             accelerator.init_trackers(project_name=w.project, config=flatten(cfg), init_kwargs={"wandb": init})
 
+    def trim_after(self, step: int) -> None:
+        """On resume: drop the epoch records written after the checkpoint the run resumes from."""
+        if not (self.accelerator.is_main_process and self.path.is_file()):
+            return
+        kept = []
+        for line in self.path.read_text().splitlines():
+            try:
+                if json.loads(line)["step"] <= step:
+                    kept.append(line)
+            except (json.JSONDecodeError, KeyError, TypeError):
+                pass  # a line cut short by a crash
+        self.path.write_text("".join(line + "\n" for line in kept))
+
     def log_step(self, values: dict, step: int) -> None:
         if self.use_tracker:
             self.accelerator.log({f"train/{k}": v for k, v in values.items()}, step=step)

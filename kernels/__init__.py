@@ -1,12 +1,16 @@
 """Fused Triton kernels for the VAE ops, imported as `fastvae.kernels`.
 
-- fused_reparam_kl(mu, logvar, eps=None, seed=None) -> (z, kl[B])
-- fused_recon_loss(logits, target, kind) -> loss[B]
+- fused_reparam_kl(mu, logvar, eps=None, seed=None) -> (z, kl[B])   (reparam_kl.py)
+- fused_recon_loss(logits, target, kind) -> loss[B]                 (recon_loss.py)
 
-Parity oracle: `fastvae.losses`. Raw kernels: triton_kernels.py; the
-custom-op/autograd layer and the device-based fallback: ops.py.
+One file per op: its Triton kernels, launcher, torch.library custom op, fake
+kernel and autograd. Parity oracle and CPU fallback: `fastvae.losses`.
+Under TRITON_INTERPRET=1 (set before this package is imported) the kernels run
+on CPU tensors.
 """
 
-from fastvae.kernels.ops import fused_recon_loss, fused_reparam_kl, triton_runs_on
+from fastvae.kernels.recon_loss import fused_recon_loss
+from fastvae.kernels.reparam_kl import fused_reparam_kl
+from fastvae.kernels.utils import triton_runs_on
 
 __all__ = ["fused_reparam_kl", "fused_recon_loss", "triton_runs_on"]

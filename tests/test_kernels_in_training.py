@@ -7,8 +7,9 @@ import torch
 
 from fastvae.kernels import fused_recon_loss, fused_reparam_kl
 from fastvae.models import ConvVAE
-from fastvae.ops import build_ops
+from fastvae.select_ops import select_ops
 from fastvae.train import train
+from fastvae.trainer import Trainer
 from helpers import tiny_config
 
 
@@ -50,24 +51,22 @@ def test_compiled_step_matches_eager_forward_and_backward():
 
 
 def test_build_ops_triton_uses_the_fused_kernels():
-    ops = build_ops("triton", torch.device("cpu"))
+    ops = select_ops("triton", torch.device("cpu"))
     assert ops.name == "triton" and ops.recon_loss is fused_recon_loss
-    assert build_ops("auto", torch.device("cpu")).name == "eager"  # auto: triton on CUDA only
+    assert select_ops("auto", torch.device("cpu")).name == "eager"  # auto: triton on CUDA only
 
 
 def epoch_records(out_dir):
     return [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_triton_training_matches_eager_given_the_same_noise(tmp_path, monkeypatch):
-    import fastvae.kernels
-
-    real = fastvae.kernels.fused_reparam_kl
-    # the eager op draws eps with torch.randn_like on fp32 mu: hand the kernel the same draw
-    monkeypatch.setattr(fastvae.kernels, "fused_reparam_kl",
-                        lambda mu, logvar: real(mu, logvar, eps=torch.randn_like(mu.float())))
+def test_triton_training_matches_eager_given_the_same_noise(tmp_path):
     for ops in ("eager", "triton"):
-        train(tiny_config(tmp_path / ops, "train.epochs=2", f"train.ops={ops}"))
+        trainer = Trainer(tiny_config(tmp_path / ops, "train.epochs=2", f"train.ops={ops}"))
+        selected = trainer.ops.reparam_kl
+        # both ops get eps from the same draw of torch's generator (the kernel would draw Philox eps)
+        trainer.raw_model.reparam_kl = lambda mu, logvar, op=selected: op(mu, logvar, eps=torch.randn_like(mu.float()))
+        trainer.fit()
     eager, fused = epoch_records(tmp_path / "eager"), epoch_records(tmp_path / "triton")
     for e, f in zip(eager, fused):
         for key in ("loss", "recon", "test_loss"):

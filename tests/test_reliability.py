@@ -18,7 +18,7 @@ import torch
 
 import fastvae.checkpoint as checkpoint_module
 from fastvae.checkpoint import list_checkpoints, load_model, problem
-from fastvae.errors import NonFiniteLoss, UserError
+from fastvae.errors import NonFiniteLoss, UserError, exit_on_user_error
 from fastvae.stopping import NonFiniteGuard
 from fastvae.train import main, train
 from helpers import CONFIGS, ROOT, TINY, assert_same_weights, final_weights, tiny_config
@@ -151,24 +151,19 @@ class PoisonedDataset(torch.utils.data.Dataset):
         return (torch.full_like(x, float("nan")) if i == self.bad_index else x), y, idx
 
 
-def poison(monkeypatch, bad_index=100):
-    import fastvae.train as train_module
+def poisoned_datasets(bad_index=100):
+    """The tiny run's datasets, with one training image NaN."""
+    from fastvae.data import build_datasets
 
-    real = train_module.build_datasets
-
-    def build(data_cfg):
-        train_set, test_set = real(data_cfg)
-        return PoisonedDataset(train_set, bad_index), test_set
-
-    monkeypatch.setattr(train_module, "build_datasets", build)
+    train_set, test_set = build_datasets(tiny_config("unused").data)
+    return PoisonedDataset(train_set, bad_index), test_set
 
 
-def test_nonfinite_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch, capsys):
-    poison(monkeypatch)
+def test_nonfinite_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_path, capsys):
     out = tmp_path / "run"
+    cfg = tiny_config(out, "train.epochs=2", "train.checkpoint_every=1")
     with pytest.raises(SystemExit) as exc:
-        main(["--config", str(CONFIGS / "mnist.yaml"), *TINY, "train.epochs=2", "train.checkpoint_every=1",
-              f"out_dir={out}"])
+        exit_on_user_error(train)(cfg, datasets=poisoned_datasets())  # as `python -m fastvae.train` reports it
     assert exc.value.code == 3
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("fastvae: error: non-finite recon at step ")
@@ -180,10 +175,9 @@ def test_nonfinite_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(t
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
-def test_nonfinite_skip_policy_continues_and_counts(tmp_path, monkeypatch):
-    poison(monkeypatch)
+def test_nonfinite_skip_policy_continues_and_counts(tmp_path):
     out = tmp_path / "run"
-    result = train(tiny_config(out, "train.epochs=2", "train.nonfinite=skip"))
+    result = train(tiny_config(out, "train.epochs=2", "train.nonfinite=skip"), datasets=poisoned_datasets())
     assert result["skipped_batches"] == 2  # the poisoned image comes round once per epoch
     assert result["step"] == 14
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]

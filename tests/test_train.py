@@ -101,9 +101,9 @@ def test_bf16_mixed_precision_trains(tmp_path):
 
 
 def test_compiled_ops_match_eager_ops():
-    from fastvae.ops import build_ops
+    from fastvae.select_ops import select_ops
 
-    eager, compiled = build_ops("eager", torch.device("cpu")), build_ops("compiled", torch.device("cpu"))
+    eager, compiled = select_ops("eager", torch.device("cpu")), select_ops("compiled", torch.device("cpu"))
     mu = torch.randn(8, 5, requires_grad=True)
     logvar = torch.randn(8, 5, requires_grad=True)
     logits = torch.randn(8, 1, 28, 28, requires_grad=True)

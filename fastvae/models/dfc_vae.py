@@ -14,14 +14,15 @@ import math
 import torch
 from torch import nn
 
+from fastvae.config import MODEL_IMAGE_SIZES
 from fastvae.models.base import VAE
 
 BASE_CHANNELS = (32, 64, 128, 256)
 
 
 def _channels(image_size: int) -> list[int]:
-    if image_size not in (64, 128):
-        raise ValueError(f"DFCVAE image_size {image_size}: expected 64 or 128")
+    if image_size not in MODEL_IMAGE_SIZES["dfc_vae"]:
+        raise ValueError(f"DFCVAE image_size {image_size}: expected {' or '.join(map(str, MODEL_IMAGE_SIZES['dfc_vae']))}")
     blocks = int(math.log2(image_size // 4))  # 4 blocks for 64, 5 for 128
     return list(BASE_CHANNELS) + [BASE_CHANNELS[-1]] * (blocks - len(BASE_CHANNELS))
 

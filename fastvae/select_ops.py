@@ -1,4 +1,5 @@
-"""Which implementation of the VAE ops a run uses: eager reference, torch.compile'd, or fused Triton."""
+"""Selects which implementation of the VAE ops a run uses (`train.ops`):
+the eager reference, the reference under torch.compile, or the fused Triton kernels."""
 
 from __future__ import annotations
 
@@ -8,7 +9,6 @@ from typing import Callable
 import torch
 
 from fastvae import losses
-from fastvae.errors import UserError
 
 
 def recon_loss_fp32(logits: torch.Tensor, target: torch.Tensor, kind: str) -> torch.Tensor:
@@ -23,7 +23,7 @@ class Ops:
     recon_loss: Callable  # (logits, target, kind) -> recon[B]
 
 
-def build_ops(name: str, device: torch.device) -> Ops:
+def select_ops(name: str, device: torch.device) -> Ops:
     """`auto` = triton on CUDA, else eager. `triton` on a device where Triton cannot run
     (CPU without TRITON_INTERPRET=1) runs the fused ops' reference fallback."""
     if name == "auto":
@@ -39,7 +39,7 @@ def build_ops(name: str, device: torch.device) -> Ops:
 
         return Ops("compiled", reparam_kl, torch.compile(recon_loss_fp32))
     if name == "triton":
-        import fastvae.kernels as kernels  # attribute lookup at call time: tests may swap an op
+        from fastvae.kernels import fused_recon_loss, fused_reparam_kl
 
-        return Ops("triton", kernels.fused_reparam_kl, kernels.fused_recon_loss)
-    raise UserError(f"train.ops {name!r}: expected eager, compiled, triton or auto")
+        return Ops("triton", fused_reparam_kl, fused_recon_loss)
+    raise ValueError(f"ops {name!r}: expected eager, compiled, triton or auto")

@@ -1,0 +1,41 @@
+"""What a run reports besides its training loss: per-epoch test metrics and its pictures."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from fastvae import generate, pictures
+from fastvae.config import Config
+from fastvae.evaluate import Likelihood, evaluate_model
+
+
+def test_metrics(model, test_set, cfg: Config, max_images: int = 2000) -> dict:
+    """The test loss in training units (same weights, no Gaussian constant), from fastvae.evaluate.
+    Its eps come from a private generator: the global RNG, which resume restores, is untouched."""
+    report = evaluate_model(model, test_set, Likelihood(cfg.loss.recon, normalized=False), max_images=max_images,
+                            seed=cfg.seed + 1)
+    model.train()
+    recon, kl = report["recon_nll_nats"], report["kl_nats"]
+    return {"test_recon": recon, "test_kl": kl, "test_loss": cfg.loss.recon_weight * recon + cfg.loss.beta * kl,
+            "test_active_units": report["active_units"]}
+
+
+@torch.no_grad()
+def write_pictures(model, test_set, cfg: Config, device, folder: Path, max_images: int = 5000) -> dict[str, Path]:
+    """Prior samples, reconstructions and the latent scatter, as PNGs in `folder`."""
+    model.eval()
+    folder.mkdir(parents=True, exist_ok=True)
+    mu_all, label_all = generate.encode_dataset(model, test_set, device, max_images=max_images)
+    originals = torch.stack([test_set[i][0] for i in pictures.spread_indices(len(test_set), 40)])
+    title = f"Latent means of {len(mu_all)} test images ({cfg.data.name}), colored by label"
+    written = {
+        "samples": pictures.save_sample_grid(generate.prior_samples(model, cfg.train.samples, cfg.seed, device),
+                                             folder / "samples.png", model.latent_dim, cfg.seed),
+        "reconstructions": pictures.save_reconstruction_grid(
+            originals, generate.reconstruct_images(model, originals.to(device)), folder / "reconstructions.png"),
+        "latent_scatter": pictures.save_latent_scatter(mu_all, label_all, folder / "latent_scatter.png", title),
+    }
+    model.train()
+    return written

@@ -1,0 +1,304 @@
+"""The Trainer: one training step (`train_step`) and the loop around it (`fit`).
+
+accelerate does devices, DDP, mixed precision, gradient accumulation and state
+saving. `Trainer.train_step` is the one step training runs; `fit()` is the loop,
+top to bottom, with epoch ends, checkpoints and the end of the run in their own
+methods. Benchmarks and tests call these, never a copy.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DataLoaderConfiguration, set_seed
+from tqdm.auto import tqdm
+
+from fastvae import checkpoint, reports
+from fastvae.config import Config
+from fastvae.data import build_datasets
+from fastvae.data.loaders import build_train_loader
+from fastvae.errors import UserError
+from fastvae.losses import kl_weight, vae_loss
+from fastvae.models import build_model
+from fastvae.optim import build_optimizer, build_scheduler
+from fastvae.select_ops import select_ops
+from fastvae.stopping import DEFAULT_STOP_SIGNALS, NonFiniteGuard, StopSignal
+from fastvae.tracking import RunLog, check_wandb_ready
+
+
+def make_accelerator(cfg: Config) -> Accelerator:
+    return Accelerator(
+        mixed_precision=cfg.train.mixed_precision,  # None: `accelerate launch --mixed_precision` decides
+        gradient_accumulation_steps=cfg.train.grad_accum_steps,
+        # No GPU: the CPU, and gloo when several processes were launched (accelerate would
+        # otherwise leave each launched process training alone, each thinking it is rank 0 of 1).
+        cpu=cfg.train.cpu or not torch.cuda.is_available(),
+        # Data order = f(seed, epoch), not of the global RNG: what makes exact resume possible.
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=cfg.seed),
+        dynamo_backend="inductor" if cfg.train.compile else None,
+        log_with="wandb" if cfg.logger == "wandb" else None,
+    )
+
+
+def prepare_out_dir(cfg: Config, accelerator: Accelerator) -> Path:
+    """out_dir, checked writable and free of another run's checkpoints (unless resuming)."""
+    out = Path(cfg.out_dir)
+    if accelerator.is_main_process:
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            probe = out / ".write-test"
+            probe.write_text("ok")
+            probe.unlink()
+        except OSError as err:
+            raise UserError(f"out_dir '{out}' is not writable ({err.strerror}); expected a writable folder")
+    accelerator.wait_for_everyone()
+    existing = checkpoint.list_checkpoints(out)
+    if existing and not cfg.train.resume:
+        raise UserError(f"out_dir '{out}' already holds checkpoints (newest: {existing[-1].name}); expected "
+                        f"an empty out_dir, train.resume=auto to continue that run, or another out_dir")
+    return out
+
+
+class EpochSums:
+    """loss x n, recon, kl and images of an epoch, summed on the device (read once, at the epoch's end)."""
+
+    def __init__(self, device) -> None:
+        self.sums = torch.zeros(4, device=device, dtype=torch.float64)
+
+    def add(self, metrics: dict) -> None:
+        n = metrics["images"]
+        self.sums += torch.stack([metrics["loss"] * n, metrics["recon"].sum(), metrics["kl"].sum(),
+                                  torch.tensor(n, device=self.sums.device)]).double()
+
+
+class Trainer:
+    def __init__(self, cfg: Config, stop_signals=None, datasets: tuple | None = None) -> None:
+        """Set up the run `cfg` describes (resuming it when train.resume says so). `datasets`:
+        (train, test) to train on instead of the ones cfg.data names; any of `stop_signals`
+        checkpoints and stops fit() at the next step boundary."""
+        if cfg.logger == "wandb":
+            check_wandb_ready()
+        self.cfg, self.stop_signals = cfg, stop_signals or DEFAULT_STOP_SIGNALS
+        self.accelerator = acc = make_accelerator(cfg)
+        set_seed(cfg.seed)
+        self.out_dir = prepare_out_dir(cfg, acc)
+        self.train_set, self.test_set = datasets or build_datasets(cfg.data)
+        self.train_loader = build_train_loader(cfg, self.train_set, acc.num_processes, acc.device)
+        self.ops = select_ops(cfg.train.ops, acc.device)
+        model = build_model(cfg)
+        model.reparam_kl = self.ops.reparam_kl
+        optimizer = build_optimizer(cfg, model.parameters())
+        if cfg.data.loader == "ffcv":  # already sharded and on the device
+            self.model, self.optimizer = acc.prepare(model, optimizer)
+        else:
+            self.model, self.optimizer, self.train_loader = acc.prepare(model, optimizer, self.train_loader)
+        self.raw_model = acc.unwrap_model(self.model)
+        planned_steps = cfg.train.epochs * max(1, len(self.train_loader) // cfg.train.grad_accum_steps)
+        self.total_steps = min(planned_steps, cfg.train.max_steps) if cfg.train.max_steps else planned_steps
+        # The schedule spans the planned epochs whatever max_steps says: stopping early and resuming
+        # must see the same learning rates as one uninterrupted run. Not prepared: accelerate would
+        # step it once per process; it is stepped once per optimizer step.
+        self.scheduler = build_scheduler(cfg, self.optimizer, planned_steps)
+        acc.register_for_checkpointing(self.scheduler)
+        self.state, self.resumed_from = checkpoint.restore(acc, cfg, self.out_dir)
+        self.log = RunLog(acc, cfg, self.state.wandb_run_id)
+        if self.resumed_from is not None:
+            self.log.trim_after(self.state.step)
+        self.state.wandb_run_id = self.log.run_id
+        self.guard = NonFiniteGuard(cfg.train.nonfinite, acc)
+        self.last_saved_step = self.state.step if self.resumed_from is not None else -1
+
+    # ---------------------------------------------------------------- the step
+
+    def train_step(self, batch) -> dict | None:
+        """One batch: forward, loss, backward and, at the end of an accumulation window, gradient
+        clipping and the optimizer step. Returns the batch's metrics as device tensors (no host
+        sync), or None when train.nonfinite=skip dropped the batch."""
+        cfg, acc = self.cfg, self.accelerator
+        x = batch[0]
+        beta = kl_weight(cfg.loss.beta, self.state.step, cfg.loss.kl_warmup_steps)
+        with acc.accumulate(self.model):
+            logits, _, _, kl = self.model(x)
+            recon = self.ops.recon_loss(logits, x, cfg.loss.recon)
+            loss = vae_loss(recon, kl, cfg.loss.recon_weight, beta)
+            if self.guard.batch_is_bad(self.state.step, recon, kl):  # this batch updates nothing
+                self.optimizer.zero_grad(set_to_none=True)  # (nor does the rest of its accumulation window)
+                return None
+            acc.backward(loss)
+            if acc.sync_gradients and cfg.optim.grad_clip:
+                acc.clip_grad_norm_(self.model.parameters(), cfg.optim.grad_clip)
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        if acc.sync_gradients:
+            self.state.step += 1
+            self.scheduler.step()
+        return {"loss": loss.detach(), "recon": recon.detach(), "kl": kl.detach(), "beta": beta,
+                "images": x.shape[0], "stepped": acc.sync_gradients}
+
+    # ---------------------------------------------------------------- the loop
+
+    def fit(self) -> dict:
+        """Train until train.epochs / train.max_steps, a stop signal, or a non-finite loss."""
+        cfg, state = self.cfg, self.state
+        self._announce()
+        bar = tqdm(total=self.total_steps, initial=state.step, disable=not self.accelerator.is_local_main_process,
+                   desc="train", unit="step", dynamic_ncols=True)
+        self.stop = StopSignal(self.accelerator, self.stop_signals)
+        try:  # the bar ends its line and the signal handlers are restored, whatever happens
+            while state.epoch < cfg.train.epochs and state.step < self.total_steps:
+                sums, epoch_start = EpochSums(self.accelerator.device), time.perf_counter()
+                self.images_since_log, self.log_clock = 0, epoch_start
+                self.model.train()
+                for batch in self._remaining_batches():
+                    metrics = self.train_step(batch)
+                    state.batch_in_epoch += 1
+                    if metrics is None:
+                        continue
+                    sums.add(metrics)
+                    self.images_since_log += metrics["images"] * self.accelerator.num_processes
+                    if not metrics["stepped"]:
+                        continue
+                    bar.update(1)
+                    if state.step % cfg.train.log_every == 0 or state.step == self.total_steps:
+                        self._log_step(metrics, bar)
+                    if cfg.train.checkpoint_every and state.step % cfg.train.checkpoint_every == 0:
+                        self.save()
+                    if state.step >= self.total_steps or self.stop.requested():
+                        break
+                self._end_epoch(sums, time.perf_counter() - epoch_start)
+                if self.stop.signum:
+                    break
+        finally:
+            bar.close()
+            self.stop.restore()
+        return self._finish()
+
+    def _remaining_batches(self):
+        """This epoch's batches in its seeded order, without those a resumed run already trained."""
+        self.train_loader.set_epoch(self.state.epoch)
+        skip = self.state.batch_in_epoch
+        if not skip:
+            return self.train_loader
+        if self.cfg.data.loader == "ffcv":
+            return self.train_loader.skip_first(skip)
+        return self.accelerator.skip_first_batches(self.train_loader, skip)
+
+    def _announce(self) -> None:
+        cfg, acc = self.cfg, self.accelerator
+        if acc.is_main_process:
+            print(f"fastvae: {cfg.model.name} on {cfg.data.name} ({len(self.train_set)} train images), "
+                  f"{acc.num_processes} process(es) on {acc.device}, ops={self.ops.name}, "
+                  f"mixed_precision={acc.mixed_precision}, compile={cfg.train.compile}, "
+                  f"{self.total_steps} steps -> {self.out_dir}", flush=True)
+
+    def _log_step(self, metrics: dict, bar) -> None:
+        """Every log_every steps: the one host sync of the loop (guard, progress bar, tracker)."""
+        self.guard.raise_if_bad()
+        now = time.perf_counter()
+        values = {"loss": metrics["loss"].item(), "recon": metrics["recon"].mean().item(),
+                  "kl": metrics["kl"].mean().item(), "beta": metrics["beta"], "lr": self.scheduler.get_last_lr()[0],
+                  "skipped_batches": self.guard.skipped,
+                  "images_per_sec": self.images_since_log / max(now - self.log_clock, 1e-9)}
+        self.images_since_log, self.log_clock = 0, now
+        bar.set_postfix(loss=f"{values['loss']:.2f}", kl=f"{values['kl']:.2f}")
+        self.log.log_step(values, self.state.step)
+
+    def _end_epoch(self, sums: EpochSums, elapsed: float) -> None:
+        """Metrics of the epoch (or of its part this run trained), pictures, a checkpoint."""
+        state, acc = self.state, self.accelerator
+        totals = acc.reduce(sums.sums, reduction="sum").tolist()
+        batches = len(self.train_loader)
+        complete = state.batch_in_epoch >= batches
+        if totals[3] > 0:
+            record = {"epoch": state.epoch + 1 if complete else round(state.epoch + state.batch_in_epoch / batches, 4),
+                      "step": state.step, "loss": totals[0] / totals[3], "recon": totals[1] / totals[3],
+                      "kl": totals[2] / totals[3], "images_per_sec": totals[3] / elapsed,
+                      "lr": self.scheduler.get_last_lr()[0], "skipped_batches": self.guard.skipped}
+            if acc.is_main_process:
+                record.update(reports.test_metrics(self.raw_model, self.test_set, self.cfg))
+            self.log.log_epoch(record)
+            if self.log.log_images and acc.is_main_process:  # kept on disk and shown in W&B
+                folder = self.out_dir / "pictures" / f"step_{state.step:08d}"
+                self.log.log_pictures(reports.write_pictures(self.raw_model, self.test_set, self.cfg, acc.device,
+                                                             folder, 2000), state.step)
+        acc.wait_for_everyone()
+        if self.last_saved_step != state.step:
+            self.save()
+        if complete:
+            state.epoch, state.batch_in_epoch = state.epoch + 1, 0
+
+    def save(self) -> Path:
+        """A checkpoint of the current state (all ranks call this). Never of weights that saw a
+        non-finite loss."""
+        self.guard.raise_if_bad()
+        saved = dataclasses.replace(self.state)
+        if saved.batch_in_epoch >= len(self.train_loader):  # the end of an epoch is the start of the next
+            saved.epoch, saved.batch_in_epoch = saved.epoch + 1, 0
+        self.last_saved_step = saved.step
+        return checkpoint.save_checkpoint(self.accelerator, self.out_dir, self.cfg, saved,
+                                          self.cfg.train.keep_checkpoints)
+
+    # ---------------------------------------------------------------- the end of the run
+
+    def _finish(self) -> dict:
+        result = {"step": self.state.step, "epoch": self.state.epoch, "out_dir": str(self.out_dir),
+                  "skipped_batches": self.guard.skipped, "param_checksum": param_checksum(self.raw_model),
+                  "stopped_by": self.stop.name, "signals": self.stop.received}
+        if self.accelerator.num_processes > 1:
+            result["ranks_agree"] = ranks_agree(self.raw_model)
+        if self.accelerator.is_main_process:
+            self._final_outputs(result)
+        self.log.close()
+        self.accelerator.wait_for_everyone()
+        return result
+
+    def _final_outputs(self, result: dict) -> None:
+        """Main process: the final pictures, artifact and evaluation, or how to continue a stopped run."""
+        cfg, step = self.cfg, self.state.step
+        newest = checkpoint.list_checkpoints(self.out_dir)[-1]
+        if self.stop.signum:
+            print(f"fastvae: stopped by {self.stop.name} at step {step}; checkpoint {newest}; "
+                  f"continue with train.resume=auto", flush=True)
+        else:
+            written = reports.write_pictures(self.raw_model, self.test_set, cfg, self.accelerator.device, self.out_dir)
+            print(f"fastvae: wrote {', '.join(str(p) for p in written.values())}", flush=True)
+            if cfg.wandb.log_checkpoint:
+                self.log.log_checkpoint(newest, cfg.wandb.name or self.out_dir.name)
+            print(f"fastvae: metrics in {self.log.path}, checkpoint {newest}", flush=True)
+            if cfg.train.final_eval:
+                self._final_eval(newest)
+        if self.guard.skipped:
+            print(f"fastvae: skipped {self.guard.skipped} batch(es) with a non-finite loss", flush=True)
+        (self.out_dir / "summary.json").write_text(json.dumps(result, indent=2))
+
+    def _final_eval(self, newest: Path) -> None:
+        from fastvae.evaluate import Likelihood, evaluate_model, print_report
+
+        cfg = self.cfg
+        report = evaluate_model(self.raw_model, self.test_set, Likelihood(cfg.loss.recon), cfg.train.final_eval_iwae,
+                                max_images=cfg.train.final_eval_images or None, seed=cfg.seed)
+        self.log.log_eval({**report, "checkpoint": str(newest), "step": self.state.step}, self.state.step)
+        print_report(report)
+
+
+def param_checksum(model) -> float:
+    return float(sum(p.detach().double().sum().item() for p in model.parameters()))
+
+
+def ranks_agree(model) -> bool:
+    """Every rank holds the same parameters (what DDP promises), by one all-reduce of a checksum
+    (sum and sum of squares): max == min over ranks."""
+    import torch.distributed as dist
+
+    params = [p.detach().double() for p in model.parameters()]
+    local = torch.stack([sum(p.sum() for p in params), sum(p.square().sum() for p in params)])
+    both = torch.cat([local, -local])  # MAX of -x is -MIN of x: one all-reduce gives both
+    dist.all_reduce(both, op=dist.ReduceOp.MAX)
+    if not torch.equal(both[:2], -both[2:]):
+        raise RuntimeError("parameters differ across ranks after training")
+    return True

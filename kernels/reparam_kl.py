@@ -1,0 +1,182 @@
+"""Fused reparameterization + KL: z = mu + exp(logvar / 2) * eps and the per-sample KL in one pass.
+
+eps is either given, or drawn inside the kernel from Philox keyed by (seed, element
+index) and regenerated in backward instead of being stored. The seed is a tensor on
+the op's device, read by the kernel itself: no host sync, and a CUDA graph replay
+that draws a new seed on the device gets new eps.
+
+Kernels, launcher, custom op (with its fake and autograd) in this file; the eager
+math, used where Triton cannot run, is `fastvae.losses`.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from fastvae import losses
+from fastvae.kernels.utils import (accumulation_dtype, block_shape, per_sample_dtype, tile_offsets,
+                                   tl_accumulation_dtype, triton_runs_on)
+
+SEED_HIGH = 2**31 - 1
+
+
+# ---------------------------------------------------------------- Triton kernels
+
+
+@triton.jit
+def _eps(eps_ptr, seed, offsets, mask, HAS_EPS: tl.constexpr, ACC: tl.constexpr):
+    """eps from memory, or regenerated from Philox(seed, element index): the same numbers in fwd and bwd."""
+    if HAS_EPS:
+        return tl.load(eps_ptr + offsets, mask=mask, other=0.0).to(ACC)
+    return tl.randn(seed, offsets).to(ACC)
+
+
+@triton.jit
+def _forward_kernel(mu_ptr, logvar_ptr, eps_ptr, seed_ptr, z_ptr, kl_ptr, B, D,
+                    HAS_EPS: tl.constexpr, ACC: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr):
+    """z = mu + exp(logvar/2) * eps ; kl[b] = -0.5 * sum_j (1 + logvar - mu^2 - exp(logvar))."""
+    rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
+    row_mask = rows < B
+    seed = tl.load(seed_ptr)
+    kl = tl.zeros((BLOCK_B,), dtype=ACC)
+    for start in range(0, D, BLOCK_D):
+        mask, offsets = tile_offsets(rows, row_mask, start, D, BLOCK_D)
+        mu = tl.load(mu_ptr + offsets, mask=mask, other=0.0).to(ACC)
+        logvar = tl.load(logvar_ptr + offsets, mask=mask, other=0.0).to(ACC)
+        std = tl.exp(0.5 * logvar)
+        z = mu + std * _eps(eps_ptr, seed, offsets, mask, HAS_EPS, ACC)
+        tl.store(z_ptr + offsets, z.to(z_ptr.dtype.element_ty), mask=mask)
+        # masked lanes hold mu = logvar = 0, whose KL term is exactly 0
+        kl += tl.sum(1.0 + logvar - mu * mu - std * std, axis=1)
+    tl.store(kl_ptr + rows, (-0.5 * kl).to(kl_ptr.dtype.element_ty), mask=row_mask)
+
+
+@triton.jit
+def _backward_kernel(dz_ptr, dkl_ptr, mu_ptr, logvar_ptr, eps_ptr, seed_ptr, dmu_ptr, dlogvar_ptr, B, D,
+                     HAS_EPS: tl.constexpr, ACC: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr):
+    """dmu = dz + dkl*mu ; dlogvar = dz*eps*0.5*exp(logvar/2) + dkl*0.5*(exp(logvar) - 1)."""
+    rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
+    row_mask = rows < B
+    seed = tl.load(seed_ptr)
+    dkl = tl.load(dkl_ptr + rows, mask=row_mask, other=0.0).to(ACC)[:, None]
+    for start in range(0, D, BLOCK_D):
+        mask, offsets = tile_offsets(rows, row_mask, start, D, BLOCK_D)
+        dz = tl.load(dz_ptr + offsets, mask=mask, other=0.0).to(ACC)
+        mu = tl.load(mu_ptr + offsets, mask=mask, other=0.0).to(ACC)
+        logvar = tl.load(logvar_ptr + offsets, mask=mask, other=0.0).to(ACC)
+        std = tl.exp(0.5 * logvar)
+        dmu = dz + dkl * mu
+        dlogvar = 0.5 * dz * _eps(eps_ptr, seed, offsets, mask, HAS_EPS, ACC) * std + 0.5 * dkl * (std * std - 1.0)
+        tl.store(dmu_ptr + offsets, dmu.to(dmu_ptr.dtype.element_ty), mask=mask)
+        tl.store(dlogvar_ptr + offsets, dlogvar.to(dlogvar_ptr.dtype.element_ty), mask=mask)
+
+
+# ---------------------------------------------------------------- launchers
+
+
+def _launch(kernel, B: int, D: int, device, *args, has_eps: bool, dtype: torch.dtype) -> None:
+    block_b, block_d = block_shape(B, D, device)
+    kernel[(triton.cdiv(B, block_b),)](*args, B, D, HAS_EPS=has_eps, ACC=tl_accumulation_dtype(dtype),
+                                       BLOCK_B=block_b, BLOCK_D=block_d)
+
+
+def _forward_triton(mu, logvar, eps, seed):
+    mu, logvar = mu.contiguous(), logvar.contiguous()
+    eps_arg = eps.contiguous() if eps is not None else mu  # a placeholder pointer, never read
+    z = torch.empty_like(mu)
+    kl = torch.empty(mu.shape[0], device=mu.device, dtype=per_sample_dtype(mu.dtype))
+    _launch(_forward_kernel, *mu.shape, mu.device, mu, logvar, eps_arg, seed, z, kl,
+            has_eps=eps is not None, dtype=mu.dtype)
+    return z, kl
+
+
+def _backward_triton(dz, dkl, mu, logvar, eps, seed):
+    dz, dkl, mu, logvar = dz.contiguous(), dkl.contiguous(), mu.contiguous(), logvar.contiguous()
+    eps_arg = eps.contiguous() if eps is not None else mu
+    dmu, dlogvar = torch.empty_like(mu), torch.empty_like(logvar)
+    _launch(_backward_kernel, *mu.shape, mu.device, dz, dkl, mu, logvar, eps_arg, seed, dmu, dlogvar,
+            has_eps=eps is not None, dtype=mu.dtype)
+    return dmu, dlogvar
+
+
+# ---------------------------------------------------------------- reference fallback (no Triton here)
+
+
+def _reference(mu, logvar, eps, seed: Optional[int]):
+    """fastvae.losses with plain autograd (the math exists once, in eager form). Without eps: a torch
+    generator keyed by the seed (other numbers than Philox, same contract: one seed, one eps), or
+    torch's global generator; eps is then kept by autograd instead of regenerated."""
+    acc = accumulation_dtype(mu.dtype)
+    if eps is None:
+        generator = torch.Generator(mu.device).manual_seed(seed % SEED_HIGH) if seed is not None else None
+        eps = torch.randn(mu.shape, generator=generator, device=mu.device, dtype=torch.float32)
+    m, lv = mu.to(acc), logvar.to(acc)
+    z = losses.reparameterize(m, lv, eps.detach().to(acc))
+    return z.to(mu.dtype), losses.kl_divergence(m, lv).to(per_sample_dtype(mu.dtype))
+
+
+# ---------------------------------------------------------------- custom ops + autograd
+
+
+@torch.library.custom_op("fastvae::reparam_kl", mutates_args=())
+def reparam_kl_op(mu: torch.Tensor, logvar: torch.Tensor, eps: Optional[torch.Tensor],
+                  seed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return _forward_triton(mu, logvar, eps, seed)
+
+
+@reparam_kl_op.register_fake
+def _(mu, logvar, eps, seed):
+    return torch.empty_like(mu), mu.new_empty(mu.shape[0], dtype=per_sample_dtype(mu.dtype))
+
+
+@torch.library.custom_op("fastvae::reparam_kl_backward", mutates_args=())
+def reparam_kl_backward_op(dz: torch.Tensor, dkl: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor,
+                           eps: Optional[torch.Tensor], seed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return _backward_triton(dz, dkl, mu, logvar, eps, seed)
+
+
+@reparam_kl_backward_op.register_fake
+def _(dz, dkl, mu, logvar, eps, seed):
+    return torch.empty_like(mu), torch.empty_like(logvar)
+
+
+def _setup_context(ctx, inputs, output):
+    mu, logvar, eps, seed = inputs
+    ctx.save_for_backward(mu, logvar, eps, seed)  # eps is None when drawn in-kernel: nothing stored
+
+
+def _backward(ctx, dz, dkl):
+    mu, logvar, eps, seed = ctx.saved_tensors
+    dmu, dlogvar = reparam_kl_backward_op(dz, dkl, mu, logvar, eps, seed)
+    return dmu, dlogvar, None, None  # eps is noise and seed an integer: no gradients
+
+
+reparam_kl_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def fused_reparam_kl(mu: torch.Tensor, logvar: torch.Tensor, eps: Optional[torch.Tensor] = None,
+                     seed: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(z, kl[B]) in one pass over mu and logvar (the reference math where Triton cannot run).
+
+    eps given: z = mu + exp(logvar/2) * eps. eps None: drawn inside the kernel from
+    Philox keyed by `seed` and regenerated in backward instead of stored. Without a
+    seed, one is drawn from torch's generator of mu's device, on that device: so
+    torch.manual_seed and checkpointed RNG state reproduce it, and no host sync is needed.
+    """
+    if mu.shape != logvar.shape or mu.ndim != 2:
+        raise ValueError(f"mu {tuple(mu.shape)} and logvar {tuple(logvar.shape)}: expected equal [B, D] shapes")
+    if eps is not None and eps.shape != mu.shape:
+        raise ValueError(f"eps {tuple(eps.shape)}: expected the shape of mu {tuple(mu.shape)}")
+    if not triton_runs_on(mu.device):
+        return _reference(mu, logvar, eps, seed)
+    if eps is not None:
+        eps, seed_t = eps.detach(), torch.zeros((), dtype=torch.int64, device=mu.device)  # unused: draw nothing
+    elif seed is None:
+        seed_t = torch.randint(0, SEED_HIGH, (), dtype=torch.int64, device=mu.device)
+    else:
+        seed_t = torch.tensor(int(seed) % SEED_HIGH, dtype=torch.int64, device=mu.device)
+    return reparam_kl_op(mu, logvar, eps, seed_t)
