@@ -18,11 +18,13 @@ import torch
 from torch.utils.data import DataLoader
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+# the CelebA-format fixture writer the tests use (CelebA itself cannot be downloaded here)
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "support"))
 from harness import base_parser, print_table, write_json  # noqa: E402
 
 from fastvae.config import load_config  # noqa: E402
 from fastvae.data import build_datasets  # noqa: E402
-from fastvae.data.celeba_fixture import write_celeba  # noqa: E402
+from celeba_fixture import write_celeba  # noqa: E402
 from fastvae.data.ffcv import FFCVTrainLoader, write_beton  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]

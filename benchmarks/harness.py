@@ -60,9 +60,19 @@ def print_table(rows: list[dict], columns: list[tuple[str, str, str]]) -> None:
         print("  ".join(v.ljust(w) for v, w in zip(c, widths)))
 
 
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def machine() -> dict:
-    info = {"python": platform.python_version(), "torch": torch.__version__, "cpu": platform.processor()
-            or platform.machine(), "threads": torch.get_num_threads()}
+    info = {"python": platform.python_version(), "torch": torch.__version__, "cpu": cpu_model(),
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(), "threads": torch.get_num_threads()}
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
     return info

@@ -64,7 +64,7 @@ class TrainJob(submitit.helpers.Checkpointable):
             if world_size > 1:
                 import torch.distributed as dist
 
-                if dist.is_initialized():  # gloo may abort at interpreter exit otherwise (PLATFORM.md)
+                if dist.is_initialized():  # else gloo may abort at interpreter exit (SIGABRT) after correct work
                     dist.destroy_process_group()
         if "SIGUSR2" in result["signals"]:
             handler = signal.getsignal(signal.SIGUSR2)  # submitit's, put back when training stopped

@@ -42,8 +42,8 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ] || ! "$VENV/bin/python" -c "impo
 fi
 
 # --with-slurm (the test command): the Debian packages of the local one-node SLURM cluster the
-# launcher tests run against; fastvae.launch.local_cluster holds the list, and the tests start
+# launcher tests run against; tools/local_cluster.py holds the list, and the tests start
 # and stop the daemons. Without root or apt it only warns: those tests then skip.
 if [ "${1:-}" = "--with-slurm" ]; then
-    "$VENV/bin/python" -m fastvae.launch.local_cluster install
+    "$VENV/bin/python" tools/local_cluster.py install
 fi

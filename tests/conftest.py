@@ -1,9 +1,13 @@
 """Test-wide setup. TRITON_INTERPRET must be set before any module defining Triton
-kernels is imported (PLATFORM.md), so it is set here, at collection time."""
+kernels is imported (else: "RuntimeError: 0 active drivers"), so it is set here, at
+collection time. Shared test code lives in tests/support/."""
 
 import os
 import sys
 import tempfile
+
+_tests = os.path.dirname(os.path.abspath(__file__))
+sys.path[:0] = [os.path.join(_tests, "support"), os.path.join(os.path.dirname(_tests), "tools")]
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
 # W&B never touches the network or the user's home in tests.
@@ -18,8 +22,6 @@ import torch  # noqa: E402
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CONFIGS = os.path.join(ROOT, "configs")
 
 
 @pytest.fixture(autouse=True)

@@ -9,9 +9,7 @@ import pytest
 from fastvae.config import Config, from_dict, load_config, parse_override, to_dict
 from fastvae.errors import UserError
 from fastvae.train import main
-
-ROOT = Path(__file__).resolve().parents[1]
-CONFIGS = ROOT / "configs"
+from helpers import CONFIGS, ROOT
 
 
 @pytest.mark.parametrize("name", ["mnist", "fashion_mnist", "celeba"])

@@ -9,6 +9,9 @@ from pathlib import Path
 import pytest
 
 from helpers import CONFIGS, ROOT, TINY
+from record_sample_ids import read_sample_ids
+
+RECORDING_TRAIN = str(ROOT / "tests" / "support" / "record_sample_ids.py")  # fastvae.train + sample ids
 
 ACCELERATE = str(Path(sys.executable).with_name("accelerate"))
 
@@ -16,18 +19,18 @@ ACCELERATE = str(Path(sys.executable).with_name("accelerate"))
 @pytest.mark.slow
 def test_two_process_cpu_run_shards_data_and_ranks_agree(tmp_path):
     out = tmp_path / "ddp"
-    # The shipped config file (PLATFORM.md: --cpu starts one process; --multi_gpu spawns two, and
-    # fastvae.train puts them on the CPU with gloo because this machine has no GPU).
+    # The shipped config file (accelerate's --cpu would start one process; --multi_gpu spawns two,
+    # and fastvae.train puts them on the CPU with gloo because this machine has no GPU).
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [ACCELERATE, "launch", "--config_file", "launch/accelerate/cpu_2proc.yaml",
-           "--main_process_port", "29517", "-m", "fastvae.train", "--config", str(CONFIGS / "mnist.yaml"),
-           *TINY, "data.batch_size=16", "train.epochs=2", "train.record_sample_ids=true", f"out_dir={out}"]
+           "--main_process_port", "29517", RECORDING_TRAIN, "--config", str(CONFIGS / "mnist.yaml"),
+           *TINY, "data.batch_size=16", "train.epochs=2", f"out_dir={out}"]
     proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["ranks_agree"] is True
     assert summary["step"] == 16  # 256 images / (16 per rank x 2 ranks) = 8 steps per epoch
-    ids = [json.loads((out / f"sample_ids_rank{r}.json").read_text()) for r in (0, 1)]
+    ids = [read_sample_ids(out, r) for r in (0, 1)]
     per_epoch = [[ids[r][e * 128:(e + 1) * 128] for r in (0, 1)] for e in (0, 1)]
     for rank0, rank1 in per_epoch:
         assert len(rank0) == len(rank1) == 128

@@ -17,7 +17,8 @@ from fastvae.data import build_datasets  # noqa: E402
 from fastvae.data.ffcv import check_beton, main as ffcv_main, write_beton  # noqa: E402
 from fastvae.errors import UserError  # noqa: E402
 from fastvae.train import train  # noqa: E402
-from fastvae.data.celeba_fixture import write_celeba  # noqa: E402
+from celeba_fixture import write_celeba  # noqa: E402
+from record_sample_ids import read_sample_ids  # noqa: E402
 from helpers import CONFIGS, ROOT, TINY, assert_same_weights, final_weights, tiny_config  # noqa: E402
 
 
@@ -115,12 +116,12 @@ def test_two_ranks_read_disjoint_shards_that_cover_the_beton(tmp_path, mnist_sub
     out = tmp_path / "ddp"
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
     cmd = [str(Path(sys.executable).with_name("accelerate")), "launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--main_process_port", "29541", "-m", "fastvae.train",
+           "--num_machines", "1", "--main_process_port", "29541", str(ROOT / "tests" / "support" / "record_sample_ids.py"),
            "--config", str(CONFIGS / "mnist.yaml"), *TINY, "data.batch_size=16", "data.loader=ffcv",
-           f"data.beton={beton}", "train.epochs=1", "train.record_sample_ids=true", f"out_dir={out}"]
+           f"data.beton={beton}", "train.epochs=1", f"out_dir={out}"]
     proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    ids = [json.loads((out / f"sample_ids_rank{r}.json").read_text()) for r in (0, 1)]
+    ids = [read_sample_ids(out, r) for r in (0, 1)]
     assert len(ids[0]) == len(ids[1]) == 128
     assert not set(ids[0]) & set(ids[1]) and set(ids[0]) | set(ids[1]) == set(range(256))
     assert json.loads((out / "summary.json").read_text())["ranks_agree"] is True

@@ -50,7 +50,7 @@ def test_compiled_step_matches_eager_forward_and_backward():
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
-def test_build_ops_triton_uses_the_fused_kernels():
+def test_select_ops_triton_uses_the_fused_kernels():
     ops = select_ops("triton", torch.device("cpu"))
     assert ops.name == "triton" and ops.recon_loss is fused_recon_loss
     assert select_ops("auto", torch.device("cpu")).name == "eager"  # auto: triton on CUDA only

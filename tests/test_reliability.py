@@ -10,7 +10,6 @@ import random
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -21,7 +20,7 @@ from fastvae.checkpoint import list_checkpoints, load_model, problem
 from fastvae.errors import NonFiniteLoss, UserError, exit_on_user_error
 from fastvae.stopping import NonFiniteGuard
 from fastvae.train import main, train
-from helpers import CONFIGS, ROOT, TINY, assert_same_weights, final_weights, tiny_config
+from helpers import CONFIGS, ROOT, TINY, assert_same_weights, final_weights, tiny_config, wait_until
 
 TRAIN = [sys.executable, "-m", "fastvae.train", "--config", str(CONFIGS / "mnist.yaml"), *TINY]
 ACCELERATE_2 = [str(Path(sys.executable).with_name("accelerate")), "launch", "--multi_gpu", "--num_processes", "2",
@@ -45,14 +44,13 @@ def run_until(cmd, out: Path, min_step: int, timeout: float = 120):
     """Start a training subprocess and return it once a checkpoint of at least min_step exists."""
     proc = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             start_new_session=True)
-    deadline = time.time() + timeout
-    while newest_step(out) < min_step:
-        if proc.poll() is not None:
-            raise AssertionError(f"run ended before step {min_step}: {proc.stdout.read().decode()[-2000:]}")
-        if time.time() > deadline:
+    ended = lambda: proc.poll() is not None and f"it ended: {proc.stdout.read().decode()[-2000:]}"  # noqa: E731
+    try:
+        wait_until(f"a checkpoint of step {min_step}", lambda: newest_step(out) >= min_step, timeout, 0.05, ended)
+    except AssertionError:
+        if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
-            raise AssertionError(f"no checkpoint of step {min_step} within {timeout}s")
-        time.sleep(0.05)
+        raise
     return proc
 
 
@@ -207,9 +205,7 @@ def test_sigterm_saves_at_the_next_step_and_exits_cleanly(tmp_path):
     out = tmp_path / "stopped"
     proc = subprocess.Popen([*TRAIN, *common, "train.log_every=1", f"out_dir={out}"], cwd=ROOT, env=ENV,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    deadline = time.time() + 120
-    while not (out / "metrics.jsonl").exists() and time.time() < deadline:  # the first epoch is done
-        time.sleep(0.05)
+    wait_until("the first epoch's metrics", (out / "metrics.jsonl").exists, 120, 0.05)
     proc.send_signal(signal.SIGTERM)
     output, _ = proc.communicate(timeout=120)
     assert proc.returncode == 128 + signal.SIGTERM, output[-2000:]

@@ -1,5 +1,5 @@
 """fastvae.launch.slurm against a real one-node SLURM cluster started on this machine
-(fastvae.launch.local_cluster: slurmctld, slurmd, slurmdbd + MariaDB, munge).
+(tools/local_cluster.py: slurmctld, slurmd, slurmdbd + MariaDB, munge).
 
 Skips where root or apt is missing; with FASTVAE_REQUIRE_SLURM=1 (CI) a missing
 cluster fails instead. Every wait is bounded.
@@ -13,8 +13,11 @@ from pathlib import Path
 
 import pytest
 
-from fastvae.launch import local_cluster, slurm
-from helpers import CONFIGS
+import cloudpickle
+import local_cluster
+import record_sample_ids
+from fastvae.launch import slurm
+from helpers import CONFIGS, wait_until
 from wandb_records import run_contents
 
 pytestmark = [pytest.mark.slow, pytest.mark.slurm]
@@ -63,17 +66,8 @@ def submit(out_dir, *overrides, **options):
     return job
 
 
-def wait_until(what, ok, timeout=JOB_TIMEOUT, poll=0.5):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if ok():
-            return
-        time.sleep(poll)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-
-
 def start_now(job_id):
-    """A requeued job waits ~2 min for its BeginTime (PLATFORM.md); start it at once. But not in the
+    """A requeued job waits ~2 min for its BeginTime; start it at once. But not in the
     second its old run was killed: slurmd revokes the job's credential with 1-second resolution and
     refuses a relaunch whose credential is from that same second ("Job credential revoked", the job
     then ends FAILED). The ~2 min BeginTime is what protects real requeues from this."""
@@ -99,9 +93,12 @@ def test_mnist_job_completes_with_metrics_and_checkpoint(cluster, tmp_path):
     assert list((out / "slurm").glob("*_0_log.out"))
 
 
-def test_two_task_job_trains_ddp_over_gloo_and_ranks_agree(cluster, tmp_path):
+def test_two_task_job_trains_ddp_over_gloo_and_ranks_agree(cluster, tmp_path, monkeypatch):
     out = tmp_path / "ddp"
-    job = submit(out, "train.epochs=1", "train.record_sample_ids=true", tasks_per_node=2)
+    # the job records each rank's sample ids; its code travels in the pickle (tests/ is not on the job's path)
+    cloudpickle.register_pickle_by_value(record_sample_ids)
+    monkeypatch.setattr(slurm, "TrainJob", record_sample_ids.recording_train_job)
+    job = submit(out, "train.epochs=1", tasks_per_node=2)
     final = slurm.wait_for([job], JOB_TIMEOUT, stream=False)
     assert final == {job.job_id: "COMPLETED"}, Path(job.paths.stderr).read_text()[-3000:]
     results = job.results()
@@ -109,9 +106,7 @@ def test_two_task_job_trains_ddp_over_gloo_and_ranks_agree(cluster, tmp_path):
     assert results[0]["param_checksum"] == results[1]["param_checksum"]
     # two ranks, disjoint halves of the data: 256 images / (2 x 32) = 4 steps per epoch
     assert results[0]["step"] == 4
-    import json
-
-    ids = [set(json.loads((out / f"sample_ids_rank{r}.json").read_text())) for r in (0, 1)]
+    ids = [set(record_sample_ids.read_sample_ids(out, r)) for r in (0, 1)]
     assert len(ids[0]) == len(ids[1]) == 128 and not ids[0] & ids[1]
 
 
@@ -120,7 +115,7 @@ def test_preempted_job_requeues_resumes_and_continues_the_wandb_run(cluster, tmp
     wandb_root = Path(os.environ["WANDB_DIR"]) / "wandb"
     before = set(wandb_root.glob("offline-run-*"))
     job = submit(out, "data.limit=1024", "train.epochs=3", "train.checkpoint_every=4", "logger=wandb")
-    wait_until("a first checkpoint", lambda: list(out.glob("checkpoints/step_*/fastvae.json")))
+    wait_until("a first checkpoint", lambda: list(out.glob("checkpoints/step_*/fastvae.json")), JOB_TIMEOUT)
     job._interrupt()  # what SLURM preemption does through submitit: SIGTERM, then SIGUSR2
     wait_until("the requeue", lambda: job.state.split()[0] in ("PENDING", "REQUEUED"), timeout=60)
     start_now(job.job_id)
@@ -190,12 +185,12 @@ def test_plain_sbatch_template_trains_ddp_and_requeues_at_the_time_limit(cluster
          f"out_dir={out}", "data.limit=1024", "data.batch_size=32", "train.epochs=6", "train.samples=16",
          "train.checkpoint_every=4"], cwd=ROOT, check=True, capture_output=True, text=True, timeout=30).stdout.strip()
     try:
-        wait_until("a first checkpoint", lambda: list(out.glob("checkpoints/step_*/fastvae.json")))
+        wait_until("a first checkpoint", lambda: list(out.glob("checkpoints/step_*/fastvae.json")), JOB_TIMEOUT)
         # what --signal=TERM@120 does at the time limit: SIGTERM to the job's tasks, not to the script
         subprocess.run(["scancel", "--signal=TERM", job_id], check=True, timeout=30)
         wait_until("the requeue", lambda: sacct_state(job_id) in ("PENDING", "REQUEUED"), timeout=60)
         start_now(job_id)
-        wait_until("the job to end", lambda: sacct_state(job_id) in slurm.FINAL_STATES)
+        wait_until("the job to end", lambda: sacct_state(job_id) in slurm.FINAL_STATES, JOB_TIMEOUT)
     finally:
         subprocess.run(["scancel", job_id], timeout=30)
     log = (tmp_path / f"slurm-{job_id}.out").read_text()

@@ -1,14 +1,14 @@
 """A real one-node SLURM cluster on this machine, for tests, CI and trying the launcher.
 
-    python -m fastvae.launch.local_cluster start [--dir /tmp/fastvae-slurm]   # prints `export SLURM_CONF=...`
-    python -m fastvae.launch.local_cluster status | stop
-    python -m fastvae.launch.local_cluster install   # only the Debian packages (what the test set-up runs)
+    python tools/local_cluster.py start [--dir /tmp/fastvae-slurm]   # prints `export SLURM_CONF=...`
+    python tools/local_cluster.py status | stop
+    python tools/local_cluster.py install   # only the Debian packages (what the test set-up runs)
 
 Debian's Slurm 22.05 (slurmctld, slurmd, slurmdbd), munge and MariaDB, started by hand as
 root (their packaged services don't start without systemd). Everything the daemons write
 lives under --dir; nothing in /etc is touched: clients find the cluster through SLURM_CONF.
 Why slurmdbd + MariaDB and not accounting_storage/none: without accounting, sacct knows
-no job states and submitit waits forever on a cancelled job (../shared/PLATFORM.md).
+no job states and submitit waits forever on a cancelled job.
 """
 
 from __future__ import annotations
@@ -76,7 +76,7 @@ def write_configs(root: Path) -> Path:
     for sub in ("state", "spool", "log", "run", "db"):
         (root / sub).mkdir(parents=True, exist_ok=True)
     conf = root / "slurm.conf"
-    conf.write_text(f"""# written by fastvae.launch.local_cluster
+    conf.write_text(f"""# written by tools/local_cluster.py
 ClusterName={CLUSTER_NAME}
 SlurmctldHost={node_name}(127.0.0.1)
 SlurmctldPort={PORTS['slurmctld']}
@@ -109,7 +109,7 @@ JobAcctGatherType=jobacct_gather/none
 PartitionName={PARTITION} Nodes={node_name} Default=YES MaxTime=INFINITE State=UP
 """)
     dbd = root / "slurmdbd.conf"
-    dbd.write_text(f"""# written by fastvae.launch.local_cluster
+    dbd.write_text(f"""# written by tools/local_cluster.py
 AuthType=auth/munge
 DbdHost=localhost
 DbdAddr=127.0.0.1
@@ -248,7 +248,7 @@ def stop(root: Path = DEFAULT_DIR) -> None:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m fastvae.launch.local_cluster",
+    parser = argparse.ArgumentParser(prog="python tools/local_cluster.py",
                                      description="Start or stop a one-node SLURM cluster on this machine (root).")
     parser.add_argument("action", choices=["install", "start", "stop", "status"])
     parser.add_argument("--dir", type=Path, default=DEFAULT_DIR, help=f"state, logs and configs (default {DEFAULT_DIR})")

@@ -1,0 +1,42 @@
+"""Small shared helpers for tests: paths, the tiny run's config, weights, bounded waiting."""
+
+import time
+from pathlib import Path
+
+from safetensors.torch import load_file
+
+from fastvae.checkpoint import list_checkpoints
+from fastvae.config import load_config
+
+ROOT = Path(__file__).resolve().parents[2]
+CONFIGS = ROOT / "configs"
+
+# A tiny MNIST run: 256 real images, batch 32 -> 8 steps per epoch.
+TINY = ["data.limit=256", "data.batch_size=32", "train.log_every=4", "train.samples=16"]
+
+
+def tiny_config(out_dir, *overrides):
+    return load_config(CONFIGS / "mnist.yaml", [*TINY, f"out_dir={out_dir}", *overrides])
+
+
+def final_weights(out_dir):
+    return load_file(str(list_checkpoints(out_dir)[-1] / "model.safetensors"))
+
+
+def assert_same_weights(a, b):
+    assert a.keys() == b.keys()
+    for k in a:
+        assert a[k].equal(b[k]), f"tensor {k} differs"
+
+
+def wait_until(what: str, ok, timeout: float, poll: float = 0.5, give_up=None) -> None:
+    """Poll `ok()` until it is true; after `timeout` seconds (or when `give_up()` returns a reason)
+    fail the test saying what was awaited."""
+    deadline = time.monotonic() + timeout
+    while not ok():
+        reason = give_up() if give_up else None
+        if reason:
+            raise AssertionError(f"gave up waiting for {what}: {reason}")
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(poll)
