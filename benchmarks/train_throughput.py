@@ -76,7 +76,7 @@ def trainer_step(config_path, overrides, x, out_dir: Path):
 
 def cases_for(workload: str, precisions: list[str], device, tmp: Path) -> dict:
     config_path, batch = WORKLOADS[workload]
-    common = ["model.dropout=0.0", "train.ops=eager", f"train.cpu={device.type == 'cpu'}"]
+    common = ["model.dropout=0.0", "train.ops=eager", f"data.batch_size={batch}", f"train.cpu={device.type == 'cpu'}"]
     torch.manual_seed(0)
     cfg = load_config(config_path, common)
     x = torch.rand(batch, cfg.data.channels, cfg.data.image_size, cfg.data.image_size, device=device)
