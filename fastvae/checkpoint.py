@@ -21,7 +21,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from fastvae.config import RESUME_MAY_DIFFER, Config, flatten, from_dict, to_dict
+from fastvae.config import RESUME_MAY_DIFFER, Config, flatten, from_dict, override_data, to_dict
 from fastvae.errors import UserError
 
 META_FILE = "fastvae.json"
@@ -57,6 +57,15 @@ def _fsync_tree(root: Path) -> None:
             os.close(fd)
 
 
+def _share_like(reference: Path) -> None:
+    """Give every file of the checkpoint the mode of `reference` (written with the user's umask):
+    safetensors writes model.safetensors 0600, which teammates on a shared cluster cannot read."""
+    mode = reference.stat().st_mode & 0o777
+    for path in reference.parent.iterdir():
+        if path.is_file():
+            path.chmod(mode)
+
+
 def save_checkpoint(accelerator, out_dir: str | Path, cfg: Config, state: TrainState, keep: int) -> Path:
     """All ranks call this (each saves its RNG state); rank 0 finalizes. Returns the checkpoint path."""
     root = checkpoint_dir(out_dir)
@@ -75,6 +84,7 @@ def save_checkpoint(accelerator, out_dir: str | Path, cfg: Config, state: TrainS
         meta = {"format": 1, "config": to_dict(cfg), **dataclasses.asdict(state), "files": files}
         with open(tmp / META_FILE, "w") as fh:
             json.dump(meta, fh, indent=2)
+        _share_like(tmp / META_FILE)
         _fsync_tree(tmp)
         if final.exists():  # same step saved again (e.g. resumed and stopped at once)
             shutil.rmtree(final)
@@ -229,10 +239,11 @@ class LoadedVAE:
         return self.path.parent.parent  # RUN_DIR/checkpoints/step_N
 
 
-def load(checkpoint: str | Path, device: str | torch.device | None = None) -> LoadedVAE:
-    """Rebuild the model from a checkpoint's stored config, on CUDA when there is one."""
+def load(checkpoint: str | Path, device: str | torch.device | None = None, data_overrides=()) -> LoadedVAE:
+    """Rebuild the model from a checkpoint's stored config, on CUDA when there is one.
+    data_overrides: `data.key=value` changes of where and how its data is read (data.root=...)."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError(f"device {device}: no CUDA device here; expected --device cpu")
     model, cfg, meta = load_model(checkpoint, device)
-    return LoadedVAE(model, cfg, meta, Path(checkpoint), device)
+    return LoadedVAE(model, override_data(cfg, data_overrides), meta, Path(checkpoint), device)

@@ -329,6 +329,19 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tu
     return validate(cfg)
 
 
+def override_data(cfg: Config, overrides: list[str] | tuple) -> Config:
+    """A trained run's config with `data.*` overrides (e.g. data.root=/new/place), validated: what
+    generate and evaluate accept. Other sections describe the trained model and stay as they are."""
+    cfg = copy.deepcopy(cfg)
+    for text in overrides:
+        key, value = parse_override(text)
+        if not key.startswith("data."):
+            raise UserError(f"override '{text}': only data.* keys can change for a trained model; "
+                            f"expected e.g. data.root=/new/place")
+        _apply(cfg, _nest(key, value))
+    return validate(cfg)
+
+
 def to_dict(cfg: Config) -> dict:
     return dataclasses.asdict(cfg)
 

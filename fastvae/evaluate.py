@@ -1,7 +1,7 @@
 """Numbers to compare VAEs by: test ELBO, importance-weighted log-likelihood, active units, PSNR.
 
     python -m fastvae.evaluate --checkpoint CKPT [--split test] [--iwae-samples 1000]
-                               [--max-images N] [--json PATH]
+                               [--max-images N] [--json PATH] [data.key=value ...]
 
 Likelihoods (nats per image; bits/dim = nats / (pixels * ln 2)):
 - Bernoulli decoder (loss.recon=bce): log p(x|z) = -BCE(logits, x), summed over
@@ -178,6 +178,8 @@ def parse_args(argv):
     parser.add_argument("--gaussian-var", type=float, default=0.5, help="fixed variance of the Gaussian decoder")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    parser.add_argument("overrides", nargs="*", metavar="data.key=value",
+                        help="where the run's data is now, e.g. data.root=/new/place")
     parser.add_argument("--json", metavar="PATH", help="write the report as JSON")
     return parser.parse_args(argv)
 
@@ -191,7 +193,7 @@ def main(argv=None) -> dict:
         raise UserError(f"--iwae-samples {args.iwae_samples}: expected 0 to 5000")
     if args.chunk < 1 or args.gaussian_var <= 0 or (args.max_images is not None and args.max_images < 1):
         raise UserError("--chunk, --gaussian-var and --max-images: expected positive values")
-    vae = load(args.checkpoint, args.device)
+    vae = load(args.checkpoint, args.device, args.overrides)
     likelihood = Likelihood(vae.cfg.loss.recon, args.gaussian_var)
     report = evaluate_model(vae.model, vae.split(args.split), likelihood, args.iwae_samples, args.chunk,
                             args.max_images, args.binarize, args.seed, progress=True)

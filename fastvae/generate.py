@@ -7,7 +7,8 @@
     python -m fastvae.generate attribute   --checkpoint CKPT (--attribute Smiling | --labels 8 1)
                                            [--alphas -2 -1 0 1 2] [--indices 0 1 2]
 
-Every command writes PNGs (default: RUN_DIR/generated/) and prints their paths.
+Every command writes PNGs (default: RUN_DIR/generated/) and prints their paths, and takes
+`data.key=value` overrides for data that moved since training (e.g. data.root=/new/place).
 The same functions work from Python:
 
     from fastvae.generate import load, sample, attribute_vector_for, apply_attribute
@@ -292,6 +293,8 @@ def parse_args(argv):
         p.add_argument("--checkpoint", required=True, help="a checkpoint directory written by fastvae.train")
         p.add_argument("--out", help="output folder (default: RUN_DIR/generated)")
         p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+        p.add_argument("overrides", nargs="*", metavar="data.key=value",
+                       help="where the run's data is now, e.g. data.root=/new/place")
         return p
 
     p = command("sample", "images from the prior")
@@ -328,7 +331,7 @@ def main(argv=None) -> list[Path]:
     args = parse_args(argv)
     if getattr(args, "n", 1) < 1:
         raise UserError(f"--n {args.n}: expected at least 1")
-    vae = load(args.checkpoint, args.device)
+    vae = load(args.checkpoint, args.device, args.overrides)
     written = COMMANDS[args.command](vae, args)
     for path in written:
         print(f"fastvae: wrote {path}")

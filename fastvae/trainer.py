@@ -14,12 +14,13 @@ import time
 from pathlib import Path
 
 import torch
+import yaml
 from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, set_seed
 from tqdm.auto import tqdm
 
 from fastvae import checkpoint, reports
-from fastvae.config import Config
+from fastvae.config import Config, to_dict
 from fastvae.data import build_datasets
 from fastvae.data.loaders import build_train_loader
 from fastvae.errors import UserError
@@ -29,6 +30,9 @@ from fastvae.optim import build_optimizer, build_scheduler
 from fastvae.select_ops import select_ops
 from fastvae.stopping import DEFAULT_STOP_SIGNALS, NonFiniteGuard, StopSignal
 from fastvae.tracking import RunLog, check_wandb_ready
+
+
+RESOLVED_CONFIG = "config.yaml"
 
 
 def make_accelerator(cfg: Config) -> Accelerator:
@@ -87,6 +91,8 @@ class Trainer:
         self.accelerator = acc = make_accelerator(cfg)
         set_seed(cfg.seed)
         self.out_dir = prepare_out_dir(cfg, acc)
+        if acc.is_main_process:  # the resolved config, to read, share, or rerun with --config
+            (self.out_dir / RESOLVED_CONFIG).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
         self.train_set, self.test_set = datasets or build_datasets(cfg.data)
         self.train_loader = build_train_loader(cfg, self.train_set, acc.num_processes, acc.device)
         self.ops = select_ops(cfg.train.ops, acc.device)

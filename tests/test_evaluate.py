@@ -156,3 +156,34 @@ def test_train_runs_the_final_evaluation(tmp_path):
     report = json.loads((out / "eval.json").read_text())
     assert report["images"] == 30 and report["iwae_samples"] == 5 and report["step"] == 4
     assert math.isfinite(report["elbo_nats"]) and report["latent_dim"] == 2
+
+
+def test_data_that_moved_is_found_with_an_override(tmp_path, capsys):
+    import shutil
+
+    from fastvae.checkpoint import list_checkpoints
+    from fastvae.data.mnist import embedded_mnist_path
+    from fastvae.generate import main as generate_main
+    from fastvae.train import train
+    from helpers import tiny_config
+
+    csv = tmp_path / "old" / "mnist.csv.gz"
+    csv.parent.mkdir()
+    shutil.copy(embedded_mnist_path(), csv)
+    train(tiny_config(tmp_path / "run", "train.max_steps=2", f"data.root={csv}"))
+    ckpt = str(list_checkpoints(tmp_path / "run")[-1])
+    moved = tmp_path / "new" / "mnist.csv.gz"
+    moved.parent.mkdir()
+    csv.rename(moved)
+    with pytest.raises(SystemExit) as exc:
+        main(["--checkpoint", ckpt, "--max-images", "20"])
+    assert exc.value.code == 2 and f"MNIST csv '{csv}' not found" in capsys.readouterr().err
+    report = main(["--checkpoint", ckpt, "--max-images", "20", f"data.root={moved}"])
+    assert report["images"] == 20
+    (written,) = generate_main(["reconstruct", "--checkpoint", ckpt, "--n", "10", f"data.root={moved}"])
+    assert written.is_file()
+    with pytest.raises(SystemExit) as exc:
+        main(["--checkpoint", ckpt, "model.latent_dim=3"])
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert exc.value.code == 2 and err == ("fastvae: error: override 'model.latent_dim=3': only data.* keys can "
+                                           "change for a trained model; expected e.g. data.root=/new/place")

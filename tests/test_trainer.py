@@ -2,6 +2,7 @@
 the resume key lists."""
 
 import dataclasses
+import os
 import subprocess
 import sys
 
@@ -85,3 +86,17 @@ def test_help_lists_every_key_with_type_default_and_doc():
     assert '  train.ops = "auto"  (eager | compiled | triton | auto)\n      VAE ops: eager reference' in proc.stdout
     assert "  optim.lr = 0.0005  (float)\n      learning rate" in proc.stdout
     assert "  train.mixed_precision = \"no\"  (no | bf16 | fp16 | null)" in proc.stdout
+
+
+def test_run_folder_holds_its_resolved_config_and_shareable_checkpoints(tmp_path):
+    from fastvae.config import load_config
+
+    out = tmp_path / "run"
+    old = os.umask(0o022)
+    try:
+        train(tiny_config(out, "train.max_steps=2", "optim.lr=1e-3"))
+    finally:
+        os.umask(old)
+    assert load_config(out / "config.yaml") == tiny_config(out, "train.max_steps=2", "optim.lr=1e-3")
+    for path in list_checkpoints(out)[-1].iterdir():
+        assert path.stat().st_mode & 0o777 == 0o644, path.name  # group and others may read, as with any file
