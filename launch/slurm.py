@@ -28,7 +28,8 @@ from fastvae.checkpoint import list_checkpoints
 from fastvae.config import Config, load_config, to_dict
 from fastvae.errors import UserError, exit_on_user_error
 from fastvae.launch import sweep
-from fastvae.launch.job import TrainJob
+
+SUBMITIT_HINT = "pip install 'fastvae[slurm]' (or pip install submitit==1.5.4)"
 
 # sacct states after which a job never runs again (REQUEUED / PENDING / RUNNING / ... mean: keep waiting)
 FINAL_STATES = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "BOOT_FAIL",
@@ -57,7 +58,8 @@ def parse_args(argv):
     p.add_argument("--cpus-per-task", type=int, default=1)
     p.add_argument("--mem-gb", type=int, default=0, help="memory per node in GB (0 = the cluster's default)")
     p.add_argument("--partition", default="", help="SLURM partition (default: the cluster's default)")
-    p.add_argument("--time", type=int, default=60, metavar="MIN", help="time limit in minutes (default 60)")
+    p.add_argument("--time", type=time_limit_minutes, default=60, metavar="MIN|[D-]HH:MM:SS",
+                   help="time limit: minutes, or HH:MM:SS / D-HH:MM:SS as sbatch writes it (default 60)")
     p.add_argument("--account", default="")
     p.add_argument("--qos", default="")
     p.add_argument("--job-name", default="", help="default: fastvae-<out_dir name>")
@@ -66,6 +68,11 @@ def parse_args(argv):
     p.add_argument("--sweep", action="append", default=[], metavar="KEY=V1,V2",
                    help="train one run per value (repeat for a grid) as a job array")
     p.add_argument("--max-parallel", type=int, default=0, metavar="K", help="array runs at once (0 = no limit)")
+    p.add_argument("--max-requeues", type=int, default=3, metavar="N",
+                   help="times a job may checkpoint and requeue itself at its time limit (default 3)")
+    p.add_argument("--sbatch", action="append", default=[], metavar="KEY=VALUE", type=sbatch_option,
+                   help="any other sbatch option, e.g. --sbatch constraint=a100 --sbatch exclude=node7 "
+                        "(repeatable; KEY as in `sbatch --KEY=VALUE`)")
     p.add_argument("--dry-run", action="store_true", help="print the sbatch script and resolved configs; submit nothing")
     p.add_argument("--wait", action="store_true", help="block, stream the log, and report how the job(s) ended")
     p.add_argument("--wait-timeout", type=float, default=0, metavar="S", help="with --wait: give up after S seconds")
@@ -73,12 +80,35 @@ def parse_args(argv):
     return p.parse_args(argv)
 
 
+def time_limit_minutes(text: str) -> int:
+    """'90' -> 90; '01:30:00' -> 90; '1-00:00:00' -> 1440; seconds round up to a whole minute."""
+    days, _, clock = text.rpartition("-") if ":" in text else ("", "", text)
+    try:
+        parts = [int(p) for p in clock.split(":")]
+        if not 1 <= len(parts) <= 3 or min(parts) < 0 or (days and len(parts) != 3):
+            raise ValueError
+        if len(parts) == 1:
+            return parts[0] + 1440 * int(days or 0)
+        hours, minutes, seconds = ([0] * (3 - len(parts)) + parts) if len(parts) == 3 else (0, *parts)
+        return 1440 * int(days or 0) + 60 * hours + minutes + (seconds > 0)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid time {text!r}; expected minutes or [D-]HH:MM:SS") from None
+
+
+def sbatch_option(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    key = key.strip().lstrip("-")
+    if not key or not sep:
+        raise argparse.ArgumentTypeError(f"invalid sbatch option {text!r}; expected KEY=VALUE, e.g. constraint=a100")
+    return key, value
+
+
 def check_options(args) -> None:
     """Everything SLURM would reject that we can see before submitting."""
     for name in ("nodes", "cpus_per_task", "time"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} {getattr(args, name)}: expected a whole number >= 1")
-    for name in ("gpus_per_node", "mem_gb", "max_parallel", "wait_timeout"):
+    for name in ("gpus_per_node", "mem_gb", "max_parallel", "wait_timeout", "max_requeues"):
         if getattr(args, name) < 0:
             raise UserError(f"--{name.replace('_', '-')} {getattr(args, name)}: expected a number >= 0")
     if args.signal_delay < 1 or args.signal_delay >= args.time * 60:
@@ -138,8 +168,16 @@ def log_folder(args, runs: list[Submission]) -> Path:
     return (first.parent if runs[0].tag else first).resolve() / "slurm"
 
 
+def require_submitit():
+    try:
+        import submitit
+    except ImportError:
+        raise UserError(f"the SLURM launcher needs submitit, which is not installed; expected: {SUBMITIT_HINT}") from None
+    return submitit
+
+
 def make_executor(args, folder: Path, n_runs: int):
-    import submitit
+    submitit = require_submitit()
 
     if args.dry_run:
         # submitit refuses to build a SLURM executor where there is no srun; a dry run only
@@ -147,9 +185,9 @@ def make_executor(args, folder: Path, n_runs: int):
         from unittest import mock
 
         with mock.patch.object(submitit.SlurmExecutor, "affinity", classmethod(lambda cls: 1)):
-            executor = submitit.AutoExecutor(folder=folder, cluster="slurm")
-    else:
-        executor = submitit.AutoExecutor(folder=folder, cluster="slurm")  # explicit: never a silent local run
+            executor = submitit.AutoExecutor(folder=folder, cluster="slurm", slurm_max_num_timeout=args.max_requeues)
+    else:  # cluster= explicit: never a silent local run
+        executor = submitit.AutoExecutor(folder=folder, cluster="slurm", slurm_max_num_timeout=args.max_requeues)
     params = dict(name=args.job_name, nodes=args.nodes, tasks_per_node=args.tasks_per_node,
                   cpus_per_task=args.cpus_per_task, timeout_min=args.time,
                   slurm_signal_delay_s=args.signal_delay,
@@ -164,6 +202,8 @@ def make_executor(args, folder: Path, n_runs: int):
             params[f"slurm_{key}"] = getattr(args, key)
     if n_runs > 1:
         params["slurm_array_parallelism"] = args.max_parallel or n_runs
+    if args.sbatch:  # written into the script as `#SBATCH --KEY=VALUE`
+        params["slurm_additional_parameters"] = {key.replace("-", "_"): value for key, value in args.sbatch}
     executor.update_parameters(**params)
     return executor
 
@@ -181,7 +221,8 @@ def sbatch_script(executor, n_runs: int) -> str:
 
 
 def submit(executor, runs: list[Submission]) -> list:
-    import submitit
+    submitit = require_submitit()
+    from fastvae.launch.job import TrainJob
 
     try:
         if len(runs) == 1:
@@ -274,6 +315,7 @@ def report(jobs, final: dict[str, str]) -> int:
 @exit_on_user_error
 def main(argv=None) -> int:
     args = parse_args(argv)
+    require_submitit()
     check_options(args)
     runs = build_submissions(args)
     folder = log_folder(args, runs)

@@ -36,6 +36,35 @@ def test_dry_run_prints_sbatch_script_and_resolved_configs_without_sbatch(tmp_pa
     assert not (tmp_path / "grid").exists()  # nothing submitted, nothing written
 
 
+def test_dry_run_shows_requeues_extra_sbatch_options_and_clock_time_limits(tmp_path):
+    proc = run_cli("--config", str(CONFIGS / "mnist.yaml"), "--dry-run", "--time", "1-02:30:10",
+                   "--sbatch", "constraint=a100", "--sbatch", "exclude=node[1-3]", "--sbatch", "reservation=lab",
+                   "--max-requeues", "7", f"out_dir={tmp_path / 'run'}")
+    assert proc.returncode == 0, proc.stderr
+    for line in ("#SBATCH --constraint=a100", "#SBATCH --exclude='node[1-3]'", "#SBATCH --reservation=lab",
+                 "#SBATCH --time=1591"):  # 1 day + 2 h 30 min + 10 s, rounded up to whole minutes
+        assert line in proc.stdout, line
+    args = slurm.parse_args(["--max-requeues", "7", "--dry-run", f"out_dir={tmp_path / 'run'}"])
+    slurm.check_options(args)
+    executor = slurm.make_executor(args, tmp_path / "logs", 1)
+    assert executor._executor.max_num_timeout == 7  # submitit requeues up to 7 times at the time limit
+
+
+@pytest.mark.parametrize("text, minutes", [("90", 90), ("01:30:00", 90), ("45:30", 46), ("2-00:00:00", 2880)])
+def test_time_limit_formats(text, minutes):
+    assert slurm.time_limit_minutes(text) == minutes
+
+
+def test_missing_submitit_is_one_line(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "submitit", None)  # as if not installed
+    with pytest.raises(SystemExit) as exc:
+        slurm.main(["--config", str(CONFIGS / "mnist.yaml"), "--dry-run", f"out_dir={tmp_path / 'run'}"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err == ("fastvae: error: the SLURM launcher needs submitit, which is not installed; expected: "
+                   "pip install 'fastvae[slurm]' (or pip install submitit==1.5.4)")
+
+
 @pytest.mark.parametrize("args, expected", [
     (["--nodes", "0"], "--nodes 0: expected a whole number >= 1"),
     (["--gpus-per-node", "-1"], "--gpus-per-node -1: expected a number >= 0"),
@@ -44,6 +73,9 @@ def test_dry_run_prints_sbatch_script_and_resolved_configs_without_sbatch(tmp_pa
     (["--gpus", "1"], "unrecognized arguments: --gpus"),
     (["--constraint", "a100"], "unrecognized arguments: --constraint"),
     (["--nodes", "two"], "argument --nodes: invalid int value: 'two'"),
+    (["--time", "1:2:3:4"], "invalid time '1:2:3:4'; expected minutes or [D-]HH:MM:SS"),
+    (["--sbatch", "constraint"], "invalid sbatch option 'constraint'; expected KEY=VALUE"),
+    (["--max-requeues", "-1"], "--max-requeues -1: expected a number >= 0"),
     (["--sweep", "optim.lr"], "--sweep 'optim.lr': expected key=value1,value2"),
     (["--sweep", "optim.lr=1,1"], "a value is repeated"),
     (["--sweep", "optim.nope=1,2"], "unknown config key 'optim.nope'"),

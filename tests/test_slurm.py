@@ -16,6 +16,7 @@ import pytest
 import cloudpickle
 import local_cluster
 import record_sample_ids
+import fastvae.launch.job as job_module
 from fastvae.launch import slurm
 from helpers import CONFIGS, wait_until
 from wandb_records import run_contents
@@ -97,7 +98,7 @@ def test_two_task_job_trains_ddp_over_gloo_and_ranks_agree(cluster, tmp_path, mo
     out = tmp_path / "ddp"
     # the job records each rank's sample ids; its code travels in the pickle (tests/ is not on the job's path)
     cloudpickle.register_pickle_by_value(record_sample_ids)
-    monkeypatch.setattr(slurm, "TrainJob", record_sample_ids.recording_train_job)
+    monkeypatch.setattr(job_module, "TrainJob", record_sample_ids.RecordingTrainJob)
     job = submit(out, "train.epochs=1", tasks_per_node=2)
     final = slurm.wait_for([job], JOB_TIMEOUT, stream=False)
     assert final == {job.job_id: "COMPLETED"}, Path(job.paths.stderr).read_text()[-3000:]

@@ -3,12 +3,13 @@ to OUT_DIR/sample_ids_rank{R}.json. Run it in place of `-m fastvae.train` (same 
 
     accelerate launch ... tests/support/record_sample_ids.py --config configs/mnist.yaml ...
 
-or submit RecordingTrainJob in place of fastvae.launch.job.TrainJob."""
+or submit RecordingTrainJob in place of fastvae.launch.job.TrainJob (needs submitit)."""
 
 import json
 import sys
 
 from fastvae import train as train_cli
+from fastvae.launch.job import TrainJob
 from fastvae.trainer import Trainer
 
 FILE = "sample_ids_rank{}.json"
@@ -34,16 +35,12 @@ def read_sample_ids(out_dir, rank: int) -> list[int]:
     return json.loads((out_dir / FILE.format(rank)).read_text())
 
 
-def recording_train_job(cfg):
+class RecordingTrainJob(TrainJob):
     """A SLURM job (fastvae.launch.job.TrainJob) that records sample ids."""
-    from fastvae.launch.job import TrainJob
 
-    class RecordingTrainJob(TrainJob):
-        def __call__(self):
-            record_sample_ids()
-            return super().__call__()
-
-    return RecordingTrainJob(cfg)
+    def __call__(self):
+        record_sample_ids()
+        return super().__call__()
 
 
 if __name__ == "__main__":
