@@ -308,13 +308,31 @@ def validate(cfg: Config) -> Config:
     return cfg
 
 
+def shipped_configs() -> dict[str, Path]:
+    """{"mnist": .../configs/mnist.yaml, ...}: the configs installed with fastvae."""
+    from importlib.resources import files
+
+    return {p.name[:-5]: Path(str(p)) for p in files("fastvae.configs").iterdir() if p.name.endswith(".yaml")}
+
+
+def config_path(name: str | os.PathLike) -> Path:
+    """A YAML path, or the name of a shipped config (`mnist`)."""
+    path = Path(name)
+    if path.is_file():
+        return path
+    shipped = shipped_configs()
+    if str(name) in shipped:
+        return shipped[str(name)]
+    raise UserError(f"config file '{path}' not found; expected a YAML file such as configs/mnist.yaml "
+                    f"or a shipped config: {', '.join(sorted(shipped))}")
+
+
 def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tuple = ()) -> Config:
-    """Defaults, then the YAML file (if any), then each `key=value` override, then validation."""
+    """Defaults, then the YAML file or shipped config (if any), then each `key=value` override,
+    then validation."""
     cfg = Config()
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise UserError(f"config file '{path}' not found; expected a YAML file such as configs/mnist.yaml")
+        path = config_path(path)
         try:
             mapping = _load_yaml(path.read_text()) or {}
         except yaml.YAMLError as err:

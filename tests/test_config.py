@@ -99,7 +99,8 @@ def test_cli_missing_config_subprocess(tmp_path):
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert lines == [f"fastvae: error: config file '{tmp_path / 'x.yaml'}' not found; "
-                     f"expected a YAML file such as configs/mnist.yaml"]
+                     f"expected a YAML file such as configs/mnist.yaml or a shipped config: "
+                     f"celeba, fashion_mnist, mnist"]
 
 
 def test_yaml_12_booleans_keep_no_a_string(tmp_path):

@@ -1,0 +1,49 @@
+"""What a user gets from a wheel: the `fastvae` command, shipped configs and launch templates,
+working from a folder outside the repository."""
+
+import subprocess
+import sys
+import sysconfig
+import zipfile
+
+import pytest
+
+from helpers import ROOT
+
+
+def test_fastvae_command_lists_and_runs_its_subcommands(tmp_path):
+    from fastvae.cli import main
+
+    assert main(["--help"]) == 0
+    assert main(["nope"]) == 2
+    with pytest.raises(SystemExit) as exc:
+        main(["train", "--config", str(tmp_path / "missing.yaml")])
+    assert exc.value.code == 2
+
+
+@pytest.mark.slow
+def test_wheel_in_a_fresh_venv_trains_with_a_shipped_config_from_any_folder(tmp_path):
+    build = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
+                            "-w", str(tmp_path / "dist"), str(ROOT)], capture_output=True, text=True, timeout=300)
+    assert build.returncode == 0, build.stderr[-3000:]
+    (wheel,) = (tmp_path / "dist").glob("fastvae-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    for shipped in ("fastvae/configs/mnist.yaml", "fastvae/configs/celeba.yaml", "fastvae/launch/train.sbatch",
+                    "fastvae/launch/accelerate/cpu_2proc.yaml", "fastvae/kernels/reparam_kl.py"):
+        assert shipped in names, shipped
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)
+    site = next((venv / "lib").glob("python3*/site-packages"))
+    # the project's environment (torch, accelerate, ...) under the fresh venv instead of reinstalling it
+    (site / "project_env.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    install = subprocess.run([sys.executable, "-m", "pip", "--python", str(venv / "bin" / "python"), "install", "-q",
+                              "--no-deps", str(wheel)], capture_output=True, text=True, timeout=300)
+    assert install.returncode == 0, install.stderr[-3000:]
+    where = subprocess.run([str(venv / "bin" / "python"), "-c", "import fastvae; print(fastvae.__file__)"],
+                           capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert where.stdout.startswith(str(site)), where.stdout + where.stderr  # the wheel's copy, not the repo's
+    run = subprocess.run([str(venv / "bin" / "fastvae"), "train", "--config", "mnist", "train.max_steps=3",
+                          "data.limit=256", "data.batch_size=32", "train.samples=4", "out_dir=run"],
+                         capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    assert (tmp_path / "run" / "summary.json").is_file() and (tmp_path / "run" / "config.yaml").is_file()
