@@ -96,8 +96,9 @@ class TrainConfig:
     max_steps: int = knob(0, "stop after this many optimizer steps (the LR schedule still spans all epochs); "
                              "0 = off", at_least=0)
     grad_accum_steps: int = knob(1, "batches per optimizer step", above=0)
-    mixed_precision: Optional[Literal["no", "bf16", "fp16"]] = knob(
-        "no", "no, bf16 or fp16; null lets `accelerate launch --mixed_precision` decide")
+    mixed_precision: Optional[Literal["auto", "no", "bf16", "fp16"]] = knob(
+        "auto", "auto (accelerate launch's value, else bf16 where the device runs it natively, else fp32), "
+                "no, bf16, fp16, or null (accelerate launch decides)")
     compile: bool = knob(False, "torch.compile the model")
     ops: Literal["eager", "compiled", "triton", "auto"] = knob("auto", "VAE ops: eager reference, "
                                                                "torch.compile'd, fused Triton, or auto "

@@ -19,7 +19,7 @@ from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, set_seed
 from tqdm.auto import tqdm
 
-from fastvae import checkpoint, reports
+from fastvae import checkpoint, precision, reports
 from fastvae.config import Config, to_dict
 from fastvae.data import build_datasets
 from fastvae.data.loaders import build_train_loader
@@ -35,18 +35,21 @@ from fastvae.tracking import RunLog, check_wandb_ready
 RESOLVED_CONFIG = "config.yaml"
 
 
-def make_accelerator(cfg: Config) -> Accelerator:
+def make_accelerator(cfg: Config) -> tuple[Accelerator, str]:
+    """The accelerator, and where its mixed precision came from (fastvae.precision)."""
+    # No GPU: the CPU, and gloo when several processes were launched (accelerate would
+    # otherwise leave each launched process training alone, each thinking it is rank 0 of 1).
+    cpu = cfg.train.cpu or not torch.cuda.is_available()
+    mixed_precision, why = precision.choose(cfg.train.mixed_precision, "cpu" if cpu else "cuda")
     return Accelerator(
-        mixed_precision=cfg.train.mixed_precision,  # None: `accelerate launch --mixed_precision` decides
+        mixed_precision=mixed_precision,  # None: `accelerate launch --mixed_precision` decides
         gradient_accumulation_steps=cfg.train.grad_accum_steps,
-        # No GPU: the CPU, and gloo when several processes were launched (accelerate would
-        # otherwise leave each launched process training alone, each thinking it is rank 0 of 1).
-        cpu=cfg.train.cpu or not torch.cuda.is_available(),
+        cpu=cpu,
         # Data order = f(seed, epoch), not of the global RNG: what makes exact resume possible.
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=cfg.seed),
         dynamo_backend="inductor" if cfg.train.compile else None,
         log_with="wandb" if cfg.logger == "wandb" else None,
-    )
+    ), why
 
 
 def prepare_out_dir(cfg: Config, accelerator: Accelerator) -> Path:
@@ -88,7 +91,8 @@ class Trainer:
         if cfg.logger == "wandb":
             check_wandb_ready()
         self.cfg, self.stop_signals = cfg, stop_signals or DEFAULT_STOP_SIGNALS
-        self.accelerator = acc = make_accelerator(cfg)
+        self.accelerator, self.precision_source = make_accelerator(cfg)
+        acc = self.accelerator
         set_seed(cfg.seed)
         self.out_dir = prepare_out_dir(cfg, acc)
         if acc.is_main_process:  # the resolved config, to read, share, or rerun with --config
@@ -199,7 +203,7 @@ class Trainer:
         if acc.is_main_process:
             print(f"fastvae: {cfg.model.name} on {cfg.data.name} ({len(self.train_set)} train images), "
                   f"{acc.num_processes} process(es) on {acc.device}, ops={self.ops.name}, "
-                  f"mixed_precision={acc.mixed_precision}, compile={cfg.train.compile}, "
+                  f"mixed_precision={acc.mixed_precision} ({self.precision_source}), compile={cfg.train.compile}, "
                   f"{self.total_steps} steps -> {self.out_dir}", flush=True)
 
     def _log_step(self, metrics: dict, bar) -> None:

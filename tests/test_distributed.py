@@ -42,13 +42,14 @@ def test_two_process_cpu_run_shards_data_and_ranks_agree(tmp_path):
 
 
 @pytest.mark.slow
-def test_accelerate_launch_single_process_takes_the_launchers_precision(tmp_path):
+@pytest.mark.parametrize("setting, source", [("null", "from accelerate launch"), ("auto", "auto: accelerate launch says bf16")])
+def test_accelerate_launch_single_process_takes_the_launchers_precision(tmp_path, setting, source):
     cmd = [ACCELERATE, "launch", "--cpu", "--num_processes", "1", "--mixed_precision", "bf16", "-m", "fastvae.train",
-           "--config", str(CONFIGS / "mnist.yaml"), *TINY, "train.max_steps=3", "train.mixed_precision=null",
+           "--config", "mnist", *TINY, "train.max_steps=3", f"train.mixed_precision={setting}",
            f"out_dir={tmp_path / 'run'}"]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "1 process(es) on cpu" in proc.stdout and "mixed_precision=bf16" in proc.stdout
+    assert "1 process(es) on cpu" in proc.stdout and f"mixed_precision=bf16 ({source}" in proc.stdout
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["step"] == 3
 
 

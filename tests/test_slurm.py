@@ -23,7 +23,7 @@ from wandb_records import run_contents
 
 pytestmark = [pytest.mark.slow, pytest.mark.slurm]
 
-TINY_JOB = ["data.limit=256", "data.batch_size=32", "train.samples=16", "train.log_every=4"]
+TINY_JOB = ["data.limit=256", "data.batch_size=32", "train.samples=16", "train.log_every=4", "train.mixed_precision=no"]
 JOB_TIMEOUT = 240  # seconds any one job may take here before the test fails
 
 

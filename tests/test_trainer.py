@@ -85,7 +85,7 @@ def test_help_lists_every_key_with_type_default_and_doc():
         assert f"\n  {key} = " in proc.stdout, key
     assert '  train.ops = "auto"  (eager | compiled | triton | auto)\n      VAE ops: eager reference' in proc.stdout
     assert "  optim.lr = 0.0005  (float)\n      learning rate" in proc.stdout
-    assert "  train.mixed_precision = \"no\"  (no | bf16 | fp16 | null)" in proc.stdout
+    assert "  train.mixed_precision = \"auto\"  (auto | no | bf16 | fp16 | null)" in proc.stdout
 
 
 def test_run_folder_holds_its_resolved_config_and_shareable_checkpoints(tmp_path):

@@ -11,8 +11,9 @@ from fastvae.config import load_config
 ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = ROOT / "configs"
 
-# A tiny MNIST run: 256 real images, batch 32 -> 8 steps per epoch.
-TINY = ["data.limit=256", "data.batch_size=32", "train.log_every=4", "train.samples=16"]
+# A tiny MNIST run: 256 real images, batch 32 -> 8 steps per epoch, fp32.
+TINY = ["data.limit=256", "data.batch_size=32", "train.log_every=4", "train.samples=16",
+        "train.mixed_precision=no"]  # fp32 whatever the CPU (auto would pick bf16 on some)
 
 
 def tiny_config(out_dir, *overrides):
