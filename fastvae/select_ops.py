@@ -9,6 +9,7 @@ from typing import Callable
 import torch
 
 from fastvae import losses
+from fastvae.errors import UserError
 
 
 def recon_loss_fp32(logits: torch.Tensor, target: torch.Tensor, kind: str) -> torch.Tensor:
@@ -39,7 +40,11 @@ def select_ops(name: str, device: torch.device) -> Ops:
 
         return Ops("compiled", reparam_kl, torch.compile(recon_loss_fp32))
     if name == "triton":
-        from fastvae.kernels import fused_recon_loss, fused_reparam_kl
+        try:
+            from fastvae.kernels import fused_recon_loss, fused_reparam_kl
+        except ImportError as err:  # e.g. macOS, where torch comes without triton
+            raise UserError(f"train.ops=triton needs the triton package ({err}); expected train.ops=eager "
+                            f"or auto on this machine") from None
 
         return Ops("triton", fused_reparam_kl, fused_recon_loss)
     raise ValueError(f"ops {name!r}: expected eager, compiled, triton or auto")

@@ -25,7 +25,7 @@ def check_wandb_ready() -> None:
         import wandb
         from wandb.sdk.lib.wbauth import authenticate_session
     except ImportError:
-        raise UserError("logger=wandb but wandb is not installed; expected `pip install -e '.[tracking]'` "
+        raise UserError("logger=wandb but wandb is not installed; expected `pip install 'fastvae[wandb]'` "
                         "or logger=none") from None
     settings = wandb.setup().settings
     if settings.mode in OFFLINE_MODES:

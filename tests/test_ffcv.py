@@ -159,7 +159,7 @@ def test_missing_ffcv_says_how_to_install(monkeypatch):
     from fastvae.data.ffcv import require_ffcv
 
     monkeypatch.setitem(sys.modules, "ffcv", None)  # as if not installed
-    with pytest.raises(UserError, match="apt-get install -y libopencv-dev libturbojpeg0-dev && pip install ffcv"):
+    with pytest.raises(UserError, match=r"apt-get install -y libopencv-dev libturbojpeg0-dev && pip install 'fastvae\[ffcv\]'"):
         require_ffcv()
 
 

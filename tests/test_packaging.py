@@ -47,3 +47,44 @@ def test_wheel_in_a_fresh_venv_trains_with_a_shipped_config_from_any_folder(tmp_
                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
     assert (tmp_path / "run" / "summary.json").is_file() and (tmp_path / "run" / "config.yaml").is_file()
+
+
+# import name -> distribution name, where they differ
+DISTRIBUTIONS = {"PIL": "pillow", "yaml": "pyyaml"}
+
+
+def imported_packages() -> set[str]:
+    """Top-level names of every third-party package the product imports (lazily or not)."""
+    import ast
+
+    names = set()
+    for folder in ("fastvae", "kernels", "launch"):
+        for path in (ROOT / folder).rglob("*.py"):
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, ast.Import):
+                    names |= {a.name.split(".")[0] for a in node.names}
+                elif isinstance(node, ast.ImportFrom) and node.level == 0:
+                    names.add(node.module.split(".")[0])
+    return {n for n in names if n not in sys.stdlib_module_names and n not in ("fastvae", "__future__")}
+
+
+def test_every_imported_package_is_declared():
+    import re
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    declared = {re.split(r"[<>=!;\[ ]", spec)[0].lower()
+                for spec in [*project["dependencies"], *sum(project["optional-dependencies"].values(), [])]}
+    imported = {DISTRIBUTIONS.get(name, name).lower() for name in imported_packages()}
+    assert {"torch", "pillow", "pyyaml", "wandb", "submitit", "ffcv", "triton"} <= imported  # the scan works
+    assert imported - declared == set()
+    assert {"wandb", "slurm", "ffcv", "test", "all"} <= project["optional-dependencies"].keys()
+
+
+def test_missing_wandb_names_the_extra(monkeypatch):
+    from fastvae.errors import UserError
+    from fastvae.tracking import check_wandb_ready
+
+    monkeypatch.setitem(sys.modules, "wandb", None)  # as if not installed
+    with pytest.raises(UserError, match=r"pip install 'fastvae\[wandb\]'"):
+        check_wandb_ready()

@@ -25,7 +25,7 @@ from torchvision.transforms.v2.functional import to_dtype
 from fastvae.config import Config, load_config
 from fastvae.errors import UserError, exit_on_user_error
 
-INSTALL_HINT = ("apt-get install -y libopencv-dev libturbojpeg0-dev && pip install ffcv "
+INSTALL_HINT = ("apt-get install -y libopencv-dev libturbojpeg0-dev && pip install 'fastvae[ffcv]' "
                 "(the Debian packages must come first: the build needs opencv4.pc and libturbojpeg.pc)")
 FIELDS = ("image", "label", "index")
 
