@@ -118,11 +118,11 @@ class TrainConfig:
 
 @dataclass
 class WandbConfig:
-    project: str = knob("fastvae", "W&B project (logger=wandb)")
-    entity: str = knob("", "W&B entity; empty = your default")
-    name: str = knob("", "run name; empty = the out_dir folder's name")
-    group: str = knob("", "run group, e.g. one sweep's runs")
-    tags: list[str] = knob(doc="run tags", factory=list)
+    project: str = knob("", "W&B project (logger=wandb); empty = $WANDB_PROJECT, else fastvae")
+    entity: str = knob("", "W&B entity; empty = $WANDB_ENTITY, else your default")
+    name: str = knob("", "run name; empty = $WANDB_NAME, else the out_dir folder's name")
+    group: str = knob("", "run group, e.g. one sweep's runs; empty = $WANDB_RUN_GROUP")
+    tags: list[str] = knob(doc="run tags; empty = $WANDB_TAGS (comma-separated)", factory=list)
     log_images: bool = knob(True, "per-epoch sample / reconstruction / latent pictures as wandb.Image")
     log_checkpoint: bool = knob(False, "upload the final checkpoint as a W&B artifact")
 
@@ -290,8 +290,6 @@ def validate(cfg: Config) -> Config:
         _check_range(key, k.value, k.field.metadata)
     if len(cfg.optim.betas) != 2:
         raise UserError(f"config key 'optim.betas': expected two numbers, got {cfg.optim.betas}")
-    if cfg.logger == "wandb" and not cfg.wandb.project:
-        raise UserError("config key 'wandb.project' is empty; expected a W&B project name")
     if cfg.data.loader == "ffcv" and not cfg.data.beton:
         raise UserError("config key 'data.beton' is empty; expected the training .beton for data.loader=ffcv "
                         "(write one with `python -m fastvae.data.ffcv`)")

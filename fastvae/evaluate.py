@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -152,17 +151,18 @@ def print_report(report: dict) -> None:
 
 
 def log_to_wandb(report: dict, vae) -> None:
-    """The run was tracked with W&B: put its evaluation there too (a run named RUN-eval)."""
+    """The evaluation as its own W&B run (RUN-eval, job type eval) beside the training run: same
+    project, entity, group and tags, files in the run's folder (or $WANDB_DIR)."""
     import wandb
 
     from fastvae.config import flatten
-    from fastvae.tracking import check_wandb_ready
+    from fastvae.tracking import check_wandb_ready, new_run_id, wandb_init_args
 
     check_wandb_ready()
-    w = vae.cfg.wandb
-    run = wandb.init(project=w.project, entity=w.entity or None, group=w.group or None, tags=w.tags or None,
-                     name=f"{w.name or vae.run_dir.name}-eval", job_type="eval", config=flatten(vae.cfg),
-                     dir=os.environ.get("WANDB_DIR"))
+    init = wandb_init_args(vae.cfg.wandb, vae.run_dir, new_run_id())
+    init.pop("resume")
+    init["name"] = f"{init['name']}-eval"
+    run = wandb.init(**init, job_type="eval", config=flatten(vae.cfg))
     run.log({f"eval/{k}": v for k, v in report.items() if isinstance(v, (int, float)) and v is not None})
     run.finish()
 
@@ -180,7 +180,9 @@ def parse_args(argv):
     parser.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     parser.add_argument("overrides", nargs="*", metavar="data.key=value",
                         help="where the run's data is now, e.g. data.root=/new/place")
-    parser.add_argument("--json", metavar="PATH", help="write the report as JSON")
+    parser.add_argument("--json", metavar="PATH", help="write the report as JSON (before anything is sent to W&B)")
+    parser.add_argument("--wandb", action=argparse.BooleanOptionalAction, default=None,
+                        help="log the evaluation to W&B (default: when the run was trained with logger=wandb)")
     return parser.parse_args(argv)
 
 
@@ -199,12 +201,12 @@ def main(argv=None) -> dict:
                             args.max_images, args.binarize, args.seed, progress=True)
     report.update({"checkpoint": str(vae.path), "split": args.split, "step": vae.meta["step"]})
     print_report(report)
-    if vae.cfg.logger == "wandb":
-        log_to_wandb(report, vae)
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(report, indent=2))
         print(f"fastvae: wrote {args.json}")
+    if args.wandb if args.wandb is not None else vae.cfg.logger == "wandb":
+        log_to_wandb(report, vae)
     return report
 
 

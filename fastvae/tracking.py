@@ -15,6 +15,8 @@ from fastvae.config import Config, flatten
 from fastvae.errors import UserError
 
 METRICS_FILE = "metrics.jsonl"
+LOGGED_FILE = "wandb_logged.json"
+DEFAULT_PROJECT = "fastvae"
 EVAL_FILE = "eval.json"
 OFFLINE_MODES = ("offline", "dryrun", "disabled")
 
@@ -39,10 +41,49 @@ def check_wandb_ready() -> None:
                         f"(or WANDB_API_KEY), or WANDB_MODE=offline to log locally and `wandb sync` later")
 
 
+class LoggedSteps:
+    """What this W&B run has logged last: a step and the kinds of records logged at it.
+
+    W&B keeps the steps of a run increasing and drops a record whose step is below the run's
+    last one. After a crash, a resumed run replays the steps since its checkpoint; logging them
+    again would be dropped (and warned about) in W&B, so they are not logged again: the first
+    attempt's values stand, and they are the replay's values too, since resuming is exact."""
+
+    def __init__(self, path: Path, run_id: str) -> None:
+        self.path, self.run_id, self.step, self.kinds = path, run_id, -1, []
+        try:
+            saved = json.loads(path.read_text())
+            if saved["run_id"] == run_id:
+                self.step, self.kinds = saved["step"], saved["kinds"]
+        except (OSError, ValueError, KeyError, TypeError):
+            pass  # none yet, or not this run's
+
+    def is_new(self, step: int, kind: str) -> bool:
+        """True (and noted) when a `kind` record at `step` has not been logged to this run yet."""
+        if step < self.step or (step == self.step and kind in self.kinds):
+            return False
+        self.step, self.kinds = step, ([*self.kinds, kind] if step == self.step else [kind])
+        self.path.write_text(json.dumps({"run_id": self.run_id, "step": self.step, "kinds": self.kinds}))
+        return True
+
+
 def new_run_id() -> str:
     from wandb.sdk.lib.runid import generate_id
 
     return generate_id()
+
+
+def wandb_init_args(w, out_dir: Path, run_id: str | None = None) -> dict:
+    """wandb.init's own order for every setting: the config's value, else the WANDB_* variable, else
+    our default. Resolved here because an explicit init argument would hide the environment."""
+    env = os.environ
+    tags = w.tags or [t for t in env.get("WANDB_TAGS", "").split(",") if t]
+    return {"project": w.project or env.get("WANDB_PROJECT") or DEFAULT_PROJECT,
+            "id": run_id or env.get("WANDB_RUN_ID") or new_run_id(), "resume": env.get("WANDB_RESUME") or "allow",
+            "name": w.name or env.get("WANDB_NAME") or out_dir.name, "group": w.group or env.get("WANDB_RUN_GROUP"),
+            "tags": tags or None, "entity": w.entity or env.get("WANDB_ENTITY"),
+            # by default the run's files sit next to its checkpoints, not in the current folder
+            "dir": env.get("WANDB_DIR") or str(out_dir)}
 
 
 class RunLog:
@@ -53,14 +94,12 @@ class RunLog:
         self.log_images = self.use_tracker and cfg.wandb.log_images
         self.run_id = None
         if self.use_tracker:
-            w = cfg.wandb
             # Only the main process's id matters: it alone logs and writes checkpoint metadata.
-            self.run_id = wandb_run_id or new_run_id()
-            init = {"id": self.run_id, "resume": "allow", "name": w.name or Path(cfg.out_dir).name,
-                    "group": w.group or None, "tags": w.tags or None, "entity": w.entity or None}
-            if not os.environ.get("WANDB_DIR"):  # by default the run's files sit next to its checkpoints
-                init["dir"] = str(cfg.out_dir)
-            accelerator.init_trackers(project_name=w.project, config=flatten(cfg), init_kwargs={"wandb": init})
+            init = wandb_init_args(cfg.wandb, Path(cfg.out_dir), wandb_run_id)
+            self.run_id = init["id"]
+            self.logged = LoggedSteps(Path(cfg.out_dir) / LOGGED_FILE, self.run_id)
+            accelerator.init_trackers(project_name=init.pop("project"), config=flatten(cfg),
+                                      init_kwargs={"wandb": init})
 
     def trim_after(self, step: int) -> None:
         """On resume: drop the epoch records written after the checkpoint the run resumes from."""
@@ -75,8 +114,11 @@ class RunLog:
                 pass  # a line cut short by a crash
         self.path.write_text("".join(line + "\n" for line in kept))
 
+    def _to_tracker(self, step: int, kind: str) -> bool:
+        return self.use_tracker and self.accelerator.is_main_process and self.logged.is_new(step, kind)
+
     def log_step(self, values: dict, step: int) -> None:
-        if self.use_tracker:
+        if self._to_tracker(step, "train"):
             self.accelerator.log({f"train/{k}": v for k, v in values.items()}, step=step)
 
     def log_epoch(self, record: dict) -> None:
@@ -84,12 +126,12 @@ class RunLog:
         if self.accelerator.is_main_process:
             with open(self.path, "a") as fh:
                 fh.write(json.dumps(record) + "\n")
-        if self.use_tracker:
+        if self._to_tracker(record["step"], "epoch"):
             self.accelerator.log({f"epoch/{k}": v for k, v in record.items()}, step=record["step"])
 
     def log_pictures(self, paths: dict[str, Path], step: int) -> None:
         """PNG files as wandb.Image under `pictures/<name>` (main process only)."""
-        if self.log_images and self.accelerator.is_main_process:
+        if self.log_images and self._to_tracker(step, "pictures"):
             import wandb
 
             self.accelerator.log({f"pictures/{k}": wandb.Image(str(p), caption=f"step {step}")
@@ -109,7 +151,7 @@ class RunLog:
         """The final evaluation: eval.json in out_dir, and its scalars to the tracker."""
         if self.accelerator.is_main_process:
             (self.path.parent / EVAL_FILE).write_text(json.dumps(report, indent=2))
-        if self.use_tracker:
+        if self._to_tracker(step, "eval"):
             scalars = {f"eval/{k}": v for k, v in report.items() if isinstance(v, (int, float)) and v is not None}
             self.accelerator.log(scalars, step=step)
 

@@ -83,3 +83,73 @@ def test_wandb_not_logged_in_fails_at_once_with_one_line(tmp_path):
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "wandb login" in lines[0] and "WANDB_MODE=offline" in lines[0], proc.stderr
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def new_offline_runs(before):
+    return sorted(p for p in offline_runs() if p not in before)
+
+
+def test_wandb_environment_variables_are_fallbacks_the_config_wins_over(tmp_path, monkeypatch):
+    from wandb_records import run_contents
+
+    for var, value in {"WANDB_PROJECT": "envproject", "WANDB_NAME": "envname", "WANDB_RUN_GROUP": "envgroup",
+                       "WANDB_TAGS": "a,b", "WANDB_RUN_ID": "envrunid1"}.items():
+        monkeypatch.setenv(var, value)
+    before = set(offline_runs())
+    train(tiny_config(tmp_path / "env", "logger=wandb", "train.max_steps=2"))
+    train(tiny_config(tmp_path / "cfg", "logger=wandb", "train.max_steps=2", "wandb.project=cfgproject",
+                      "wandb.name=cfgname", "wandb.group=cfggroup", "wandb.tags=[c]"))
+    from_env, from_cfg = (run_contents(p) for p in new_offline_runs(before))
+    assert (from_env["project"], from_env["name"], from_env["group"], from_env["tags"], from_env["run_id"]) == \
+        ("envproject", "envname", "envgroup", ["a", "b"], "envrunid1")
+    assert (from_cfg["project"], from_cfg["name"], from_cfg["group"], from_cfg["tags"]) == \
+        ("cfgproject", "cfgname", "cfggroup", ["c"])
+
+
+def test_resume_after_a_crash_past_the_checkpoint_logs_no_step_twice(tmp_path):
+    import shutil
+
+    from wandb_records import run_contents
+
+    before = set(offline_runs())
+    out = tmp_path / "crashed"
+    common = ["logger=wandb", "train.epochs=2", "train.log_every=2", "train.checkpoint_every=4", "wandb.log_images=false"]
+    train(tiny_config(out, *common, "train.max_steps=12"))
+    # as if the run died after logging step 12 but before its checkpoint 12 was written
+    shutil.rmtree(list_checkpoints(out)[-1])
+    assert list_checkpoints(out)[-1].name == "step_00000008"
+    train(tiny_config(out, *common, "train.resume=auto"))
+    first, second = (run_contents(p) for p in new_offline_runs(before))
+    assert first["run_id"] == second["run_id"]
+    steps = [[h["_step"] for h in run["history"] if "train/loss" in h] for run in (first, second)]
+    assert steps == [[2, 4, 6, 8, 10, 12], [14, 16]]  # W&B would drop a second 10 and 12: not sent at all
+    epochs = [[h["_step"] for h in run["history"] if "epoch/loss" in h] for run in (first, second)]
+    assert epochs == [[8, 12], [16]]
+
+
+def test_evaluate_writes_its_json_first_and_logs_to_wandb_only_when_asked(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    out = tmp_path / "tracked"
+    train(tiny_config(out, "logger=wandb", "train.max_steps=2"))
+    ckpt = str(list_checkpoints(out)[-1])
+    evaluate = [sys.executable, "-m", "fastvae.evaluate", "--checkpoint", ckpt, "--max-images", "20"]
+    home = tmp_path / "home"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
+    env.update(HOME=str(home), WANDB_CONFIG_DIR=str(home), WANDB_CACHE_DIR=str(home), WANDB_DATA_DIR=str(home),
+               NETRC=str(home / "no-netrc"), WANDB_MODE="online")  # online and not logged in
+    proc = subprocess.run([*evaluate, "--json", str(tmp_path / "a.json")], capture_output=True, text=True,
+                          timeout=180, env=env, cwd=tmp_path, stdin=subprocess.DEVNULL)
+    assert proc.returncode == 2 and "wandb login" in proc.stderr.strip().splitlines()[-1]
+    assert json.loads((tmp_path / "a.json").read_text())["images"] == 20  # written before W&B was tried
+    proc = subprocess.run([*evaluate, "--no-wandb"], capture_output=True, text=True, timeout=180, env=env,
+                          cwd=tmp_path, stdin=subprocess.DEVNULL)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    env["WANDB_MODE"] = "offline"
+    proc = subprocess.run([*evaluate, "--wandb"], capture_output=True, text=True, timeout=180, env=env,
+                          cwd=tmp_path, stdin=subprocess.DEVNULL)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert list((out / "wandb").glob("offline-run-*"))  # in the run's folder
+    assert not (tmp_path / "wandb").exists()  # not in the current folder
