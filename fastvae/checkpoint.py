@@ -21,7 +21,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from fastvae.config import RESUME_MAY_DIFFER, Config, flatten, from_dict, override_data, to_dict
+from fastvae.config import RESUME_MAY_DIFFER, SPLITS, Config, flatten, from_dict, override_data, to_dict
 from fastvae.errors import UserError
 
 META_FILE = "fastvae.json"
@@ -209,9 +209,6 @@ def load_model(path: str | Path, device: str | torch.device = "cpu"):
         raise UserError(f"checkpoint '{path}' does not fit model {cfg.model.name} "
                         f"(missing {len(missing)}, unexpected {len(unexpected)} tensors)")
     return model.to(device).eval(), cfg, meta
-
-
-SPLITS = ("train", "test")
 
 
 @dataclass

@@ -14,6 +14,8 @@ from __future__ import annotations
 import importlib
 import sys
 
+from fastvae.commands import PARSERS
+
 COMMANDS = {
     "train": ("fastvae.train", "train a VAE (--help lists every config key)"),
     "generate": ("fastvae.generate", "samples, reconstructions, interpolation, latent plots, attribute sweeps"),
@@ -39,6 +41,8 @@ def main(argv: list[str] | None = None) -> int:
     if argv[0] not in COMMANDS:
         print(f"fastvae: error: unknown command {argv[0]!r}; expected one of {', '.join(COMMANDS)}", file=sys.stderr)
         return 2
+    if argv[0] in PARSERS and {"-h", "--help"} & set(argv[1:]):  # without importing torch
+        PARSERS[argv[0]]().parse_args(argv[1:])
     module = importlib.import_module(COMMANDS[argv[0]][0])
     result = module.main(argv[1:])
     return result if isinstance(result, int) else 0

@@ -32,6 +32,8 @@ def knob(default=dataclasses.MISSING, doc: str = "", *, factory=None, above=None
     return field(default=default, metadata=metadata)
 
 
+SPLITS = ("train", "test")
+
 # Image sizes fixed by a model's layers or by a dataset's files: the one place these rules live.
 MODEL_IMAGE_SIZES = {"conv_vae": (28,), "dfc_vae": (64, 128)}
 DATASET_CHANNELS_AND_SIZE = {"mnist": (1, 28), "fashion_mnist": (1, 28)}

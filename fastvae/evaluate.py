@@ -20,7 +20,6 @@ memory is bounded and the chunk size does not change the result.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 from dataclasses import dataclass
@@ -30,6 +29,7 @@ import torch
 from tqdm.auto import tqdm
 
 from fastvae import losses
+from fastvae.commands import evaluate_parser
 from fastvae.data import in_order_loader
 from fastvae.errors import UserError, exit_on_user_error
 
@@ -168,22 +168,7 @@ def log_to_wandb(report: dict, vae) -> None:
 
 
 def parse_args(argv):
-    parser = argparse.ArgumentParser(prog="python -m fastvae.evaluate", description=__doc__.splitlines()[0])
-    parser.add_argument("--checkpoint", required=True)
-    parser.add_argument("--split", default="test", choices=("train", "test"))
-    parser.add_argument("--iwae-samples", type=int, default=0, help="K for the IWAE bound (0 = skip; up to 5000)")
-    parser.add_argument("--chunk", type=int, default=100, help="importance samples decoded at once")
-    parser.add_argument("--max-images", type=int, help="evaluate only the first N images of the split")
-    parser.add_argument("--binarize", action="store_true", help="threshold images at 0.5 (Bernoulli decoder)")
-    parser.add_argument("--gaussian-var", type=float, default=0.5, help="fixed variance of the Gaussian decoder")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", help="cpu or cuda (default: cuda when available)")
-    parser.add_argument("overrides", nargs="*", metavar="data.key=value",
-                        help="where the run's data is now, e.g. data.root=/new/place")
-    parser.add_argument("--json", metavar="PATH", help="write the report as JSON (before anything is sent to W&B)")
-    parser.add_argument("--wandb", action=argparse.BooleanOptionalAction, default=None,
-                        help="log the evaluation to W&B (default: when the run was trained with logger=wandb)")
-    return parser.parse_args(argv)
+    return evaluate_parser().parse_args(argv)
 
 
 @exit_on_user_error

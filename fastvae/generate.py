@@ -18,7 +18,6 @@ The same functions work from Python:
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 from pathlib import Path
@@ -26,7 +25,8 @@ from pathlib import Path
 import torch
 
 from fastvae import pictures
-from fastvae.checkpoint import SPLITS, LoadedVAE, load
+from fastvae.checkpoint import LoadedVAE, load
+from fastvae.commands import generate_parser
 from fastvae.data import in_order_loader
 from fastvae.errors import UserError, exit_on_user_error
 
@@ -284,46 +284,7 @@ COMMANDS = {"sample": cmd_sample, "reconstruct": cmd_reconstruct, "interpolate":
 
 
 def parse_args(argv):
-    parser = argparse.ArgumentParser(prog="python -m fastvae.generate",
-                                     description="Pictures and latent arithmetic from a fastvae checkpoint.")
-    sub = parser.add_subparsers(dest="command", required=True)
-
-    def command(name, help_text):
-        p = sub.add_parser(name, help=help_text)
-        p.add_argument("--checkpoint", required=True, help="a checkpoint directory written by fastvae.train")
-        p.add_argument("--out", help="output folder (default: RUN_DIR/generated)")
-        p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
-        p.add_argument("overrides", nargs="*", metavar="data.key=value",
-                       help="where the run's data is now, e.g. data.root=/new/place")
-        return p
-
-    p = command("sample", "images from the prior")
-    p.add_argument("--n", type=int, default=64)
-    p.add_argument("--seed", type=int, default=0)
-    p = command("reconstruct", "originals above their reconstructions")
-    p.add_argument("--split", default="test", choices=SPLITS)
-    p.add_argument("--n", type=int, default=20)
-    p = command("interpolate", "walk in z between images")
-    p.add_argument("--indices", type=int, nargs="+", required=True, help="two or more image indices")
-    p.add_argument("--split", default="test", choices=SPLITS)
-    p.add_argument("--steps", type=int, default=10)
-    p.add_argument("--spherical", action="store_true", help="slerp instead of a straight line")
-    p = command("latent-plot", "latent scatter colored by label (+ decoded manifold for 2-d latents)")
-    p.add_argument("--split", default="test", choices=SPLITS)
-    p.add_argument("--max-points", type=int, default=5000)
-    p.add_argument("--grid", type=int, default=20)
-    p.add_argument("--span", type=float, default=3.0)
-    p = command("attribute", "attribute vector and an alpha sweep")
-    group = p.add_mutually_exclusive_group(required=True)
-    group.add_argument("--attribute", help="a named attribute, e.g. Smiling (CelebA)")
-    group.add_argument("--labels", type=int, nargs=2, metavar=("PRESENT", "ABSENT"),
-                       help="a label pair on labeled data: mean(PRESENT) - mean(ABSENT)")
-    group.add_argument("--vector", help="apply a saved attribute vector (.pt) instead of computing one")
-    p.add_argument("--split", default="train", choices=SPLITS, help="split the vector is computed on")
-    p.add_argument("--apply-split", default="test", choices=SPLITS, help="split of the edited images")
-    p.add_argument("--indices", type=int, nargs="*", help="images to edit (default: 6 spread over the split)")
-    p.add_argument("--alphas", type=float, nargs="+", default=[-2.0, -1.0, 0.0, 1.0, 2.0])
-    return parser.parse_args(argv)
+    return generate_parser().parse_args(argv)
 
 
 @exit_on_user_error

@@ -24,7 +24,6 @@ from pathlib import Path
 
 import yaml
 
-from fastvae.checkpoint import list_checkpoints
 from fastvae.config import Config, load_config, to_dict
 from fastvae.errors import UserError, exit_on_user_error
 from fastvae.launch import sweep
@@ -137,6 +136,8 @@ def check_cluster(args) -> None:
 
 def build_submissions(args) -> list[Submission]:
     """One resolved, validated config per run; bad overrides fail here, before anything is submitted."""
+    from fastvae.checkpoint import list_checkpoints
+
     base = load_config(args.config, args.overrides)
     combos = sweep.expand(args.sweep)
     runs = []

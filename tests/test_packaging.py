@@ -88,3 +88,14 @@ def test_missing_wandb_names_the_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, "wandb", None)  # as if not installed
     with pytest.raises(UserError, match=r"pip install 'fastvae\[wandb\]'"):
         check_wandb_ready()
+
+
+@pytest.mark.parametrize("command", ["train", "generate", "evaluate", "ffcv", "slurm"])
+def test_command_help_does_not_import_torch(command):
+    """`fastvae COMMAND --help` answers without the seconds torch takes to import."""
+    code = ("import sys; from fastvae.cli import main\n"
+            f"try:\n    main([{command!r}, '--help'])\nexcept SystemExit:\n    pass\n"
+            "print('torch' in sys.modules)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "usage:" in proc.stdout and proc.stdout.strip().splitlines()[-1] == "False"

@@ -12,7 +12,6 @@ never leaves a file that looks complete.
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 from pathlib import Path
@@ -22,6 +21,7 @@ import torch
 from torch.utils.data import Dataset
 from torchvision.transforms.v2.functional import to_dtype
 
+from fastvae.commands import ffcv_parser
 from fastvae.config import Config, load_config
 from fastvae.errors import UserError, exit_on_user_error
 
@@ -215,16 +215,7 @@ class FFCVTrainLoader:
 
 
 def parse_args(argv):
-    parser = argparse.ArgumentParser(prog="python -m fastvae.data.ffcv",
-                                     description="Convert a fastvae dataset (as its config describes) to .beton files.")
-    parser.add_argument("--config", required=True, help="e.g. configs/celeba.yaml (its data section is used)")
-    parser.add_argument("--out", required=True, help="folder for train.beton and test.beton")
-    parser.add_argument("--mode", default="raw", choices=("raw", "jpg"))
-    parser.add_argument("--quality", type=int, default=90, help="JPEG quality for --mode jpg")
-    parser.add_argument("--workers", type=int, default=1)
-    parser.add_argument("--skip-corrupt", action="store_true", help="leave undecodable images out (and count them)")
-    parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. data.root=...")
-    return parser.parse_args(argv)
+    return ffcv_parser().parse_args(argv)
 
 
 @exit_on_user_error

@@ -1,0 +1,86 @@
+"""The command-line options of generate, evaluate and ffcv, importable without torch: `fastvae
+COMMAND --help` answers at once (the commands themselves import torch, which takes seconds)."""
+
+from __future__ import annotations
+
+import argparse
+
+from fastvae.config import SPLITS
+
+
+def generate_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m fastvae.generate",
+                                     description="Pictures and latent arithmetic from a fastvae checkpoint.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def command(name, help_text):
+        p = sub.add_parser(name, help=help_text)
+        p.add_argument("--checkpoint", required=True, help="a checkpoint directory written by fastvae.train")
+        p.add_argument("--out", help="output folder (default: RUN_DIR/generated)")
+        p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+        p.add_argument("overrides", nargs="*", metavar="data.key=value",
+                       help="where the run's data is now, e.g. data.root=/new/place")
+        return p
+
+    p = command("sample", "images from the prior")
+    p.add_argument("--n", type=int, default=64)
+    p.add_argument("--seed", type=int, default=0)
+    p = command("reconstruct", "originals above their reconstructions")
+    p.add_argument("--split", default="test", choices=SPLITS)
+    p.add_argument("--n", type=int, default=20)
+    p = command("interpolate", "walk in z between images")
+    p.add_argument("--indices", type=int, nargs="+", required=True, help="two or more image indices")
+    p.add_argument("--split", default="test", choices=SPLITS)
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--spherical", action="store_true", help="slerp instead of a straight line")
+    p = command("latent-plot", "latent scatter colored by label (+ decoded manifold for 2-d latents)")
+    p.add_argument("--split", default="test", choices=SPLITS)
+    p.add_argument("--max-points", type=int, default=5000)
+    p.add_argument("--grid", type=int, default=20)
+    p.add_argument("--span", type=float, default=3.0)
+    p = command("attribute", "attribute vector and an alpha sweep")
+    group = p.add_mutually_exclusive_group(required=True)
+    group.add_argument("--attribute", help="a named attribute, e.g. Smiling (CelebA)")
+    group.add_argument("--labels", type=int, nargs=2, metavar=("PRESENT", "ABSENT"),
+                       help="a label pair on labeled data: mean(PRESENT) - mean(ABSENT)")
+    group.add_argument("--vector", help="apply a saved attribute vector (.pt) instead of computing one")
+    p.add_argument("--split", default="train", choices=SPLITS, help="split the vector is computed on")
+    p.add_argument("--apply-split", default="test", choices=SPLITS, help="split of the edited images")
+    p.add_argument("--indices", type=int, nargs="*", help="images to edit (default: 6 spread over the split)")
+    p.add_argument("--alphas", type=float, nargs="+", default=[-2.0, -1.0, 0.0, 1.0, 2.0])
+    return parser
+
+
+def evaluate_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m fastvae.evaluate", description="Numbers to compare VAEs by: test ELBO, importance-weighted log-likelihood, active units, PSNR.")
+    parser.add_argument("--checkpoint", required=True)
+    parser.add_argument("--split", default="test", choices=SPLITS)
+    parser.add_argument("--iwae-samples", type=int, default=0, help="K for the IWAE bound (0 = skip; up to 5000)")
+    parser.add_argument("--chunk", type=int, default=100, help="importance samples decoded at once")
+    parser.add_argument("--max-images", type=int, help="evaluate only the first N images of the split")
+    parser.add_argument("--binarize", action="store_true", help="threshold images at 0.5 (Bernoulli decoder)")
+    parser.add_argument("--gaussian-var", type=float, default=0.5, help="fixed variance of the Gaussian decoder")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    parser.add_argument("overrides", nargs="*", metavar="data.key=value",
+                        help="where the run's data is now, e.g. data.root=/new/place")
+    parser.add_argument("--json", metavar="PATH", help="write the report as JSON (before anything is sent to W&B)")
+    parser.add_argument("--wandb", action=argparse.BooleanOptionalAction, default=None,
+                        help="log the evaluation to W&B (default: when the run was trained with logger=wandb)")
+    return parser
+
+
+def ffcv_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m fastvae.data.ffcv",
+                                     description="Convert a fastvae dataset (as its config describes) to .beton files.")
+    parser.add_argument("--config", required=True, help="e.g. configs/celeba.yaml (its data section is used)")
+    parser.add_argument("--out", required=True, help="folder for train.beton and test.beton")
+    parser.add_argument("--mode", default="raw", choices=("raw", "jpg"))
+    parser.add_argument("--quality", type=int, default=90, help="JPEG quality for --mode jpg")
+    parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--skip-corrupt", action="store_true", help="leave undecodable images out (and count them)")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. data.root=...")
+    return parser
+
+
+PARSERS = {"generate": generate_parser, "evaluate": evaluate_parser, "ffcv": ffcv_parser}
