@@ -1,19 +1,34 @@
-"""Images/s of the training step users run, `Trainer.train_step` (through accelerate: accumulate,
-backward, optimizer step, the selected ops, the non-finite guard), against a plain PyTorch step
-(the lecture's loop: eager fp32 model, eager losses, backward, Adam) in the same run.
+"""Training speed as users get it, against the plain PyTorch loop of the lecture, in the same run.
 
-Variants: eager / torch.compile x fp32 / bf16 autocast, for the MNIST conv VAE (batch 128) and the
-64x64 CelebA DFC-VAE (batch 64), on one fixed batch of synthetic images (this measures the step,
-not data loading). Every row is a ratio to the plain step.
+step: `Trainer.train_step` (through accelerate: accumulate, backward, optimizer step, the selected
+ops, the non-finite guard) on one fixed batch of synthetic images, for eager / torch.compile x
+fp32 / bf16 autocast x contiguous / channels_last (x ops eager / triton where Triton runs), for the
+MNIST conv VAE (batch 128) and the 64x64 CelebA DFC-VAE (batch 64); baseline: the lecture's step
+written out (eager fp32 model, eager losses, backward, Adam).
 
-    python benchmarks/train_throughput.py [--repeats 7] [--steps 3] [--precisions fp32 bf16] [--json PATH]
+loop: whole epochs on the embedded MNIST (4,500 images, batch 128), data loading included:
+`Trainer.fit()` with the torch DataLoader or the in-memory loader, against the plain loop over
+shuffled batches of the in-memory tensor. images/s is what fastvae writes to metrics.jsonl (the
+epoch's training loop); the wall time of fit() (set-up, test metrics, checkpoint, pictures) is
+reported beside it.
+
+Every row is a ratio to its baseline, interleaved and repeated, with its peak memory (CUDA max
+allocated, or the growth of the process's peak RSS while the case ran: a lower bound on CPU).
+
+    python benchmarks/train_throughput.py [--parts step loop] [--repeats 5] [--steps 3]
+        [--precisions fp32 bf16] [--formats contiguous channels_last] [--json PATH]
 """
 
 from __future__ import annotations
 
 import copy
+import json
+import os
+import resource
+import statistics
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -24,22 +39,64 @@ from harness import base_parser, interleaved, print_table, summarize, write_json
 
 from fastvae import losses  # noqa: E402
 from fastvae.config import load_config  # noqa: E402
+from fastvae.data import build_datasets  # noqa: E402
 from fastvae.data.base import ImageTensorDataset  # noqa: E402
 from fastvae.models import build_model  # noqa: E402
 from fastvae.optim import build_optimizer  # noqa: E402
 from fastvae.trainer import Trainer  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-WORKLOADS = {
-    "mnist conv_vae 1x28x28": (ROOT / "configs" / "mnist.yaml", 128),
-    "celeba dfc_vae 3x64x64": (ROOT / "configs" / "celeba.yaml", 64),
+WORKLOADS = {  # name: (config, batch, overrides); the first two run by default
+    "mnist conv_vae 1x28x28": (ROOT / "configs" / "mnist.yaml", 128, []),
+    "celeba dfc_vae 3x64x64": (ROOT / "configs" / "celeba.yaml", 64, []),
+    "celeba dfc_vae 3x128x128": (ROOT / "configs" / "celeba.yaml", 64, ["data.image_size=128"]),
 }
 PRECISIONS = {"fp32": "no", "bf16": "bf16"}
+FORMATS = ("contiguous", "channels_last")
 BASELINE = "plain PyTorch fp32"
 
 
+def fresh_accelerate_state() -> None:
+    """accelerate keeps one process-wide state and refuses a second precision; the precision a
+    Trainer runs with is fixed when its model is prepared (autocast wraps forward), which
+    trainer_step checks, so each Trainer may start from a clean state."""
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    PartialState._reset_state()
+
+
+class PeakMemory:
+    """Peak memory of what runs inside: CUDA max allocated, or the growth of the peak RSS."""
+
+    def __init__(self, device) -> None:
+        self.device, self.peak = device, 0
+
+    def __enter__(self):
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        self.rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        return self
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            self.peak = max(self.peak, torch.cuda.max_memory_allocated(self.device))
+        else:
+            grown = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - self.rss_before
+            self.peak = max(self.peak, grown)
+
+
+def measured(fn, meter: PeakMemory):
+    def run():
+        with meter:
+            fn()
+    return run
+
+
+# ---------------------------------------------------------------- the step
+
+
 def plain_step(cfg, model, x):
-    """The lecture's loop written out: no accelerate, eager fp32, the eager reference losses."""
+    """The lecture's step written out: no accelerate, eager fp32, the eager reference losses."""
     model = copy.deepcopy(model).train()
     optimizer = build_optimizer(cfg, model.parameters())
 
@@ -55,12 +112,8 @@ def plain_step(cfg, model, x):
 
 
 def trainer_step(config_path, overrides, x, out_dir: Path):
-    """Trainer.train_step on the batch x. Each Trainer gets its own accelerate state: accelerate keeps
-    one process-wide state and refuses a second precision; the precision a variant runs with is
-    fixed when its model is prepared (autocast wraps forward), which the check below confirms."""
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    PartialState._reset_state()
+    """Trainer.train_step on the batch x, checked to run in the precision asked for."""
+    fresh_accelerate_state()
     cfg = load_config(config_path, [*overrides, f"out_dir={out_dir}", "train.epochs=1000", "logger=none"])
     images = (x.cpu() * 255).to(torch.uint8)
     trainer = Trainer(cfg, datasets=(ImageTensorDataset(images, torch.zeros(len(x))),) * 2)
@@ -74,48 +127,159 @@ def trainer_step(config_path, overrides, x, out_dir: Path):
     return lambda: trainer.train_step(batch)
 
 
-def cases_for(workload: str, precisions: list[str], device, tmp: Path) -> dict:
-    config_path, batch = WORKLOADS[workload]
-    common = ["model.dropout=0.0", "train.ops=eager", f"data.batch_size={batch}", f"train.cpu={device.type == 'cpu'}"]
+def step_cases(workload: str, args, device, tmp: Path) -> dict:
+    config_path, batch, extra = WORKLOADS[workload]
+    common = ["model.dropout=0.0", f"data.batch_size={batch}", f"train.cpu={device.type == 'cpu'}", *extra]
     torch.manual_seed(0)
     cfg = load_config(config_path, common)
     x = torch.rand(batch, cfg.data.channels, cfg.data.image_size, cfg.data.image_size, device=device)
     cases = {BASELINE: plain_step(cfg, build_model(cfg).to(device), x)}
-    for compile_ in (False, True):
-        for precision in precisions:
-            name = f"train_step {'compiled' if compile_ else 'eager'} {precision}"
-            overrides = [*common, f"train.compile={str(compile_).lower()}",
-                         f"train.mixed_precision={PRECISIONS[precision]}"]
-            cases[name] = trainer_step(config_path, overrides, x, tmp / f"{len(cases)}")
+    for ops in args.ops:
+        for compile_ in (False, True):
+            for precision in args.precisions:
+                for fmt in args.formats:
+                    name = f"train_step {'compiled' if compile_ else 'eager'} {precision} {fmt} ops={ops}"
+                    overrides = [*common, f"train.ops={ops}", f"train.compile={str(compile_).lower()}",
+                                 f"train.mixed_precision={PRECISIONS[precision]}", f"train.memory_format={fmt}"]
+                    cases[name] = trainer_step(config_path, overrides, x, tmp / f"{len(cases)}")
     return cases
+
+
+def run_steps(args, device, tmp: Path) -> list[dict]:
+    rows = []
+    for workload in args.workloads:
+        print(f"{workload}: building the step variants (compiling takes a while on first use)...", flush=True)
+        cases = step_cases(workload, args, device, tmp / workload.replace(" ", "_"))
+        meters = {name: PeakMemory(device) for name in cases}
+        samples = interleaved({n: measured(fn, meters[n]) for n, fn in cases.items()}, device,
+                              repeats=args.repeats, calls_per_sample=args.steps, warmup=2)
+        base = summarize(samples[BASELINE])["median_s"]
+        batch = WORKLOADS[workload][1]
+        for name, times in samples.items():
+            s = summarize(times)
+            rows.append({"part": "step", "workload": workload, "variant": name, "batch": batch, **s,
+                         "ms": s["median_s"] * 1e3, "images_per_s": batch / s["median_s"],
+                         "x_baseline": base / s["median_s"], "peak_MB": meters[name].peak / 2**20})
+    return rows
+
+
+# ---------------------------------------------------------------- whole epochs, data included
+
+
+def plain_epoch(cfg, images_u8: torch.Tensor, device):
+    """The lecture's loop: shuffled batches of the in-memory tensor, eager fp32, Adam; images/s."""
+    model = build_model(cfg).to(device).train()
+    optimizer = build_optimizer(cfg, model.parameters())
+    images = images_u8.to(device)
+    batch = cfg.data.batch_size
+
+    def epoch() -> float:
+        start = time.perf_counter()
+        order = torch.randperm(len(images), device=device)
+        for b in range(len(images) // batch):
+            x = images[order[b * batch:(b + 1) * batch]].float() / 255
+            mu, logvar = model.encode(x)
+            z, kl = losses.reparam_kl(mu, logvar)
+            recon = losses.reconstruction_loss(model.decode(z), x, cfg.loss.recon)
+            losses.vae_loss(recon, kl, cfg.loss.recon_weight, cfg.loss.beta).backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        return (len(images) // batch) * batch / (time.perf_counter() - start)
+
+    return epoch
+
+
+def fit_epoch(overrides: list[str], tmp: Path, device):
+    """One epoch of `Trainer.fit()` in a fresh run folder: (images/s from metrics.jsonl, wall s)."""
+    runs = iter(range(10**6))
+
+    def epoch() -> tuple[float, float]:
+        fresh_accelerate_state()
+        out = tmp / f"run{next(runs)}"
+        start = time.perf_counter()
+        Trainer(load_config(ROOT / "configs" / "mnist.yaml", [*overrides, "train.epochs=1", f"out_dir={out}",
+                                                                f"train.cpu={device.type == 'cpu'}"])).fit()
+        wall = time.perf_counter() - start
+        return json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])["images_per_sec"], wall
+
+    return epoch
+
+
+LOOP_VARIANTS = {
+    "fit data.loader=torch contiguous (0.1 defaults)": ["data.loader=torch", "train.memory_format=contiguous"],
+    "fit defaults (in-memory loader, channels_last)": [],
+}
+
+
+def run_loop(args, device, tmp: Path) -> list[dict]:
+    print("mnist epochs: plain loop vs Trainer.fit() (data loading included)...", flush=True)
+    cfg = load_config(ROOT / "configs" / "mnist.yaml", ["train.mixed_precision=no"])
+    train_set, _ = build_datasets(cfg.data)
+    plain = plain_epoch(cfg, train_set.images, device)
+    os.environ.setdefault("TQDM_DISABLE", "1")  # no progress bars between the tables
+    fits = {name: fit_epoch(["train.mixed_precision=no", *extra], tmp / f"loop{i}", device)
+            for i, (name, extra) in enumerate(LOOP_VARIANTS.items())}
+    results = {name: [] for name in [BASELINE + " loop", *fits]}
+    walls = {name: [] for name in fits}
+    plain()  # warm-up
+    for r in range(args.loop_repeats):
+        names = list(results)
+        for name in names[r % len(names):] + names[:r % len(names)]:  # interleaved, rotated
+            if name in fits:
+                rate, wall = fits[name]()
+                results[name].append(rate)
+                walls[name].append(wall)
+            else:
+                results[name].append(plain())
+    base = statistics.median(results[BASELINE + " loop"])
+    rows = []
+    for name, rates in results.items():
+        rate = statistics.median(rates)
+        rows.append({"part": "loop", "workload": "mnist conv_vae, 4,500 images", "variant": name,
+                     "batch": cfg.data.batch_size, "images_per_s": rate, "min_images_per_s": min(rates),
+                     "max_images_per_s": max(rates), "x_baseline": rate / base,
+                     "fit_wall_s": statistics.median(walls[name]) if name in walls else None})
+    return rows
 
 
 def main(argv=None) -> None:
     parser = base_parser(__doc__.splitlines()[0])
+    parser.add_argument("--parts", nargs="*", default=["step", "loop"], choices=["step", "loop"])
     parser.add_argument("--steps", type=int, default=3, help="training steps per timing sample")
-    parser.add_argument("--workloads", nargs="*", default=list(WORKLOADS), choices=list(WORKLOADS))
+    parser.add_argument("--loop-repeats", type=int, default=3, help="epochs per loop variant")
+    parser.add_argument("--workloads", nargs="*", default=list(WORKLOADS)[:2], choices=list(WORKLOADS))
+    parser.add_argument("--ops", nargs="*", choices=["eager", "compiled", "triton"],
+                        help="train.ops modes (default: eager, compiled and triton on CUDA; eager on a CPU, where "
+                             "the Triton kernels only run under the interpreter)")
     parser.add_argument("--precisions", nargs="*", default=list(PRECISIONS), choices=list(PRECISIONS))
+    parser.add_argument("--formats", nargs="*", default=list(FORMATS), choices=list(FORMATS))
     args = parser.parse_args(argv)
     device = torch.device(args.device)
+    args.ops = args.ops or (["eager", "compiled", "triton"] if device.type == "cuda" else ["eager"])
     rows = []
     with tempfile.TemporaryDirectory(prefix="fastvae-bench-") as tmp:
-        for workload in args.workloads:
-            print(f"{workload}: building the variants (compiling takes a while on first use)...", flush=True)
-            cases = cases_for(workload, args.precisions, device, Path(tmp) / workload.split()[0])
-            samples = interleaved(cases, device, repeats=args.repeats, calls_per_sample=args.steps, warmup=2)
-            base = summarize(samples[BASELINE])["median_s"]
-            batch = WORKLOADS[workload][1]
-            for name, times in samples.items():
-                s = summarize(times)
-                rows.append({"workload": workload, "variant": name, "batch": batch, **s, "median_ms": s["median_s"] * 1e3,
-                             "images_per_s": batch / s["median_s"], "x_plain_pytorch": base / s["median_s"]})
+        if "step" in args.parts:
+            rows += run_steps(args, device, Path(tmp))
+        if "loop" in args.parts:
+            rows += run_loop(args, device, Path(tmp))
     print()
-    print(f"device: {device}, {args.repeats} interleaved repeats x {args.steps} steps, median step time")
-    print_table(rows, [("workload", "workload", ""), ("variant", "variant", ""), ("batch", "batch", "d"),
-                       ("median_ms", "step ms", ".1f"), ("images_per_s", "images/s", ".0f"),
-                       ("x_plain_pytorch", "x plain PyTorch", ".2f")])
+    steps = [r for r in rows if r["part"] == "step"]
+    if steps:
+        print(f"step, device {device}: {args.repeats} interleaved repeats x {args.steps} steps, median")
+        print_table(steps, [("workload", "workload", ""), ("variant", "variant", ""), ("batch", "batch", "d"),
+                            ("ms", "step ms", ".1f"), ("images_per_s", "images/s", ".0f"),
+                            ("x_baseline", "x plain", ".2f"), ("peak_MB", "peak MB", ".0f")])
+    loops = [r for r in rows if r["part"] == "loop"]
+    if loops:
+        print(f"\nloop, device {device}: {args.loop_repeats} interleaved epochs each, median images/s")
+        for r in loops:
+            r["wall"] = "" if r["fit_wall_s"] is None else f"{r['fit_wall_s']:.1f}"
+        print_table(loops, [("variant", "variant", ""), ("images_per_s", "images/s", ".0f"),
+                            ("min_images_per_s", "min", ".0f"), ("max_images_per_s", "max", ".0f"),
+                            ("x_baseline", "x plain loop", ".2f"), ("wall", "fit() wall s", "")])
     write_json(args.json, {"benchmark": "train_throughput", "device": str(device), "repeats": args.repeats,
-                           "steps_per_sample": args.steps, "baseline": BASELINE, "results": rows})
+                           "steps_per_sample": args.steps, "loop_repeats": args.loop_repeats,
+                           "baseline": BASELINE, "results": rows})
 
 
 if __name__ == "__main__":

@@ -52,12 +52,14 @@ class DataConfig:
     batch_size: int = knob(128, "images per step per process", above=0)
     num_workers: int = knob(0, "DataLoader worker processes", at_least=0)
     drop_last: bool = knob(True, "drop the last partial batch (keeps DDP shards equal in size)")
-    loader: Literal["torch", "ffcv"] = knob("torch", "torch DataLoader, or ffcv (a .beton from `python -m "
-                                            "fastvae.data.ffcv`)")
+    loader: Literal["auto", "memory", "torch", "ffcv"] = knob(
+        "auto", "memory (batches sliced from the uint8 data set held on the device), torch (DataLoader), ffcv "
+                "(a .beton from `fastvae ffcv`), or auto: memory for data sets held as tensors (mnist, "
+                "fashion_mnist), else torch")
     beton: str = knob("", "data.loader=ffcv: the training .beton")
     order: Literal["random", "quasi_random"] = knob("random", "data.loader=ffcv: sample order (quasi_random "
                                                     "needs less memory, is not fully random)")
-    flip: bool = knob(False, "data.loader=ffcv: random horizontal flips")
+    flip: bool = knob(False, "random horizontal flips (data.loader memory or ffcv)")
     skip_corrupt: bool = knob(False, "celeba / imagefolder: skip (and name) undecodable images instead of "
                                      "stopping")
     label_attribute: str = knob("Smiling", "celeba: the attribute used as the label (colors latent plots)")
@@ -101,7 +103,13 @@ class TrainConfig:
     mixed_precision: Optional[Literal["auto", "no", "bf16", "fp16"]] = knob(
         "auto", "auto (accelerate launch's value, else bf16 where the device runs it natively, else fp32), "
                 "no, bf16, fp16, or null (accelerate launch decides)")
-    compile: bool = knob(False, "torch.compile the model")
+    compile: bool = knob(False, "torch.compile the step's forward: model, reparameterization + KL, "
+                                "reconstruction loss and ELBO in one graph")
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune"] = knob(
+        "default", "torch.compile mode with train.compile=true; reduce-overhead replays CUDA graphs (GPU)")
+    memory_format: Literal["channels_last", "contiguous"] = knob(
+        "channels_last", "layout of the conv models' weights and inputs (channels_last: NHWC convolutions, "
+                         "faster on CPUs and on GPU tensor cores; see benchmarks/README.md)")
     ops: Literal["eager", "compiled", "triton", "auto"] = knob("auto", "VAE ops: eager reference, "
                                                                "torch.compile'd, fused Triton, or auto "
                                                                "(triton on CUDA, else eager)")
@@ -158,6 +166,7 @@ RESUME_MAY_DIFFER = (
     "optim.name", "optim.lr", "optim.weight_decay", "optim.betas", "optim.momentum", "optim.scheduler",
     "optim.warmup_steps", "optim.grad_clip",
     "train.epochs", "train.max_steps", "train.grad_accum_steps", "train.mixed_precision", "train.compile",
+    "train.compile_mode", "train.memory_format",
     "train.ops", "train.cpu", "train.checkpoint_every", "train.keep_checkpoints", "train.resume",
     "train.nonfinite", "train.log_every", "train.samples", "train.final_eval", "train.final_eval_iwae",
     "train.final_eval_images")
@@ -295,8 +304,9 @@ def validate(cfg: Config) -> Config:
     if cfg.data.loader == "ffcv" and not cfg.data.beton:
         raise UserError("config key 'data.beton' is empty; expected the training .beton for data.loader=ffcv "
                         "(write one with `python -m fastvae.data.ffcv`)")
-    if cfg.data.flip and cfg.data.loader != "ffcv":
-        raise UserError("config key 'data.flip': random flips come with data.loader=ffcv; expected data.flip=false")
+    if cfg.data.flip and cfg.data.loader == "torch":
+        raise UserError("config key 'data.flip': random flips come with data.loader memory, ffcv or auto; "
+                        "expected data.flip=false")
     sizes = MODEL_IMAGE_SIZES[cfg.model.name]
     if cfg.data.image_size not in sizes:
         raise UserError(f"config key 'data.image_size': model {cfg.model.name} expects "

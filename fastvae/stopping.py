@@ -41,10 +41,14 @@ class StopSignal:
         if self.signum is None:
             self.signum = signum
 
-    def requested(self) -> bool:
+    def requested(self, sync: bool = True) -> bool:
+        """Whether to stop now. One process: its own flag. Several: they must stop at the same step,
+        which takes an all-reduce (a host sync): only when `sync` (log points, epoch ends)."""
         local = float(self.signum or 0)
         if self.accelerator.num_processes == 1:
             return bool(local)
+        if not sync:
+            return False
         flag = torch.tensor([local], device=self.accelerator.device)
         value = self.accelerator.reduce(flag, reduction="max").item()
         if value and self.signum is None:

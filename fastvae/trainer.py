@@ -17,6 +17,7 @@ import torch
 import yaml
 from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, set_seed
+from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from fastvae import checkpoint, precision, reports
@@ -33,6 +34,7 @@ from fastvae.tracking import RunLog, check_wandb_ready
 
 
 RESOLVED_CONFIG = "config.yaml"
+MEMORY_FORMATS = {"channels_last": torch.channels_last, "contiguous": torch.contiguous_format}
 
 
 def make_accelerator(cfg: Config) -> tuple[Accelerator, str]:
@@ -47,7 +49,6 @@ def make_accelerator(cfg: Config) -> tuple[Accelerator, str]:
         cpu=cpu,
         # Data order = f(seed, epoch), not of the global RNG: what makes exact resume possible.
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=cfg.seed),
-        dynamo_backend="inductor" if cfg.train.compile else None,
         log_with="wandb" if cfg.logger == "wandb" else None,
     ), why
 
@@ -95,18 +96,18 @@ class Trainer:
         acc = self.accelerator
         set_seed(cfg.seed)
         self.out_dir = prepare_out_dir(cfg, acc)
-        if acc.is_main_process:  # the resolved config, to read, share, or rerun with --config
-            (self.out_dir / RESOLVED_CONFIG).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
         self.train_set, self.test_set = datasets or build_datasets(cfg.data)
-        self.train_loader = build_train_loader(cfg, self.train_set, acc.num_processes, acc.device)
+        self.train_loader = build_train_loader(cfg, self.train_set, acc.num_processes, acc.device, acc.process_index)
         self.ops = select_ops(cfg.train.ops, acc.device)
-        model = build_model(cfg)
+        self.memory_format = MEMORY_FORMATS[cfg.train.memory_format]
+        model = build_model(cfg).to(memory_format=self.memory_format)
         model.reparam_kl = self.ops.reparam_kl
-        optimizer = build_optimizer(cfg, model.parameters())
-        if cfg.data.loader == "ffcv":  # already sharded and on the device
-            self.model, self.optimizer = acc.prepare(model, optimizer)
-        else:
+        model.to(acc.device)  # before the optimizer: fused Adam needs its parameters on the GPU
+        optimizer = build_optimizer(cfg, model.parameters(), acc.device)
+        if isinstance(self.train_loader, DataLoader):
             self.model, self.optimizer, self.train_loader = acc.prepare(model, optimizer, self.train_loader)
+        else:  # in-memory or FFCV: already sharded and on the device
+            self.model, self.optimizer = acc.prepare(model, optimizer)
         self.raw_model = acc.unwrap_model(self.model)
         planned_steps = cfg.train.epochs * max(1, len(self.train_loader) // cfg.train.grad_accum_steps)
         self.total_steps = min(planned_steps, cfg.train.max_steps) if cfg.train.max_steps else planned_steps
@@ -121,7 +122,14 @@ class Trainer:
             self.log.trim_after(self.state.step)
         self.state.wandb_run_id = self.log.run_id
         self.guard = NonFiniteGuard(cfg.train.nonfinite, acc)
+        self.forward_loss = self._forward_loss
+        if cfg.train.compile:  # one graph from images to the loss (the ops and loss too, not only the model)
+            mode = None if cfg.train.compile_mode == "default" else cfg.train.compile_mode
+            self.forward_loss = torch.compile(self._forward_loss, mode=mode)
         self.last_saved_step = self.state.step if self.resumed_from is not None else -1
+        if acc.is_main_process:  # the resolved config, to read, share, or rerun with --config; only
+            # once set-up succeeded: a refused run changes nothing in out_dir
+            (self.out_dir / RESOLVED_CONFIG).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
     # ---------------------------------------------------------------- the step
 
@@ -130,12 +138,12 @@ class Trainer:
         clipping and the optimizer step. Returns the batch's metrics as device tensors (no host
         sync), or None when train.nonfinite=skip dropped the batch."""
         cfg, acc = self.cfg, self.accelerator
-        x = batch[0]
+        x = batch[0].contiguous(memory_format=self.memory_format)
         beta = kl_weight(cfg.loss.beta, self.state.step, cfg.loss.kl_warmup_steps)
         with acc.accumulate(self.model):
-            logits, _, _, kl = self.model(x)
-            recon = self.ops.recon_loss(logits, x, cfg.loss.recon)
-            loss = vae_loss(recon, kl, cfg.loss.recon_weight, beta)
+            # beta as a device tensor: a Python float would be baked into a compiled graph, which
+            # KL warm-up would then recompile every step
+            loss, recon, kl = self.forward_loss(x, torch.full((), beta, device=x.device))
             if self.guard.batch_is_bad(self.state.step, recon, kl):  # this batch updates nothing
                 self.optimizer.zero_grad(set_to_none=True)  # (nor does the rest of its accumulation window)
                 return None
@@ -149,6 +157,12 @@ class Trainer:
             self.scheduler.step()
         return {"loss": loss.detach(), "recon": recon.detach(), "kl": kl.detach(), "beta": beta,
                 "images": x.shape[0], "stepped": acc.sync_gradients}
+
+    def _forward_loss(self, x: torch.Tensor, beta: torch.Tensor):
+        """(loss, recon[B], kl[B]) of a batch: the part of the step train.compile compiles."""
+        logits, _, _, kl = self.model(x)
+        recon = self.ops.recon_loss(logits, x, self.cfg.loss.recon)
+        return vae_loss(recon, kl, self.cfg.loss.recon_weight, beta), recon, kl
 
     # ---------------------------------------------------------------- the loop
 
@@ -174,14 +188,15 @@ class Trainer:
                     if not metrics["stepped"]:
                         continue
                     bar.update(1)
-                    if state.step % cfg.train.log_every == 0 or state.step == self.total_steps:
+                    log_point = state.step % cfg.train.log_every == 0 or state.step == self.total_steps
+                    if log_point:
                         self._log_step(metrics, bar)
                     if cfg.train.checkpoint_every and state.step % cfg.train.checkpoint_every == 0:
                         self.save()
-                    if state.step >= self.total_steps or self.stop.requested():
+                    if state.step >= self.total_steps or self.stop.requested(sync=log_point):
                         break
                 self._end_epoch(sums, time.perf_counter() - epoch_start)
-                if self.stop.signum:
+                if self.stop.requested():
                     break
         finally:
             bar.close()
@@ -194,7 +209,7 @@ class Trainer:
         skip = self.state.batch_in_epoch
         if not skip:
             return self.train_loader
-        if self.cfg.data.loader == "ffcv":
+        if hasattr(self.train_loader, "skip_first"):  # in-memory or FFCV
             return self.train_loader.skip_first(skip)
         return self.accelerator.skip_first_batches(self.train_loader, skip)
 
@@ -203,7 +218,9 @@ class Trainer:
         if acc.is_main_process:
             print(f"fastvae: {cfg.model.name} on {cfg.data.name} ({len(self.train_set)} train images), "
                   f"{acc.num_processes} process(es) on {acc.device}, ops={self.ops.name}, "
-                  f"mixed_precision={acc.mixed_precision} ({self.precision_source}), compile={cfg.train.compile}, "
+                  f"mixed_precision={acc.mixed_precision} ({self.precision_source}), "
+                  f"compile={cfg.train.compile and cfg.train.compile_mode}, memory_format={cfg.train.memory_format}, "
+                  f"loader={type(self.train_loader).__name__}, "
                   f"{self.total_steps} steps -> {self.out_dir}", flush=True)
 
     def _log_step(self, metrics: dict, bar) -> None:

@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 
 from fastvae import losses
-from fastvae.kernels.utils import (accumulation_dtype, as_rows, block_shape, per_sample_dtype, tile_offsets,
+from fastvae.kernels.utils import (accumulation_dtype, as_rows, launch_settings, per_sample_dtype, tile_offsets,
                                    tl_accumulation_dtype, triton_runs_on)
 
 
@@ -25,7 +25,7 @@ def _forward_kernel(logits_ptr, target_ptr, loss_ptr, grad_ptr, B, N,
                     KIND_BCE: tl.constexpr, ACC: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
     row_mask = rows < B
-    acc = tl.zeros((BLOCK_B,), dtype=ACC)
+    acc = tl.zeros((BLOCK_B, BLOCK_N), dtype=ACC)  # summed across columns once, after the loop
     for start in range(0, N, BLOCK_N):
         mask, offsets = tile_offsets(rows, row_mask, start, N, BLOCK_N)
         x = tl.load(logits_ptr + offsets, mask=mask, other=0.0).to(ACC)
@@ -40,20 +40,26 @@ def _forward_kernel(logits_ptr, target_ptr, loss_ptr, grad_ptr, B, N,
             diff = s - t
             loss = diff * diff
             grad = 2.0 * diff * s * (1.0 - s)
-        acc += tl.sum(tl.where(mask, loss, 0.0), axis=1)
+        acc += tl.where(mask, loss, 0.0)
         tl.store(grad_ptr + offsets, grad.to(grad_ptr.dtype.element_ty), mask=mask)
-    tl.store(loss_ptr + rows, acc.to(loss_ptr.dtype.element_ty), mask=row_mask)
+    tl.store(loss_ptr + rows, tl.sum(acc, axis=1).to(loss_ptr.dtype.element_ty), mask=row_mask)
+
+
+def gradient_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The stored gradient's dtype: float32 for fp16 logits, whose small gradients would underflow in
+    fp16 before the loss scale multiplies them in backward; else the logits' dtype."""
+    return torch.float32 if dtype == torch.float16 else dtype
 
 
 def _forward_triton(logits: torch.Tensor, target: torch.Tensor, kind: str):
     rows_x, rows_t = as_rows(logits), as_rows(target)  # the target keeps its dtype: cast in the kernel
     B, N = rows_x.shape
     loss = torch.empty(B, device=logits.device, dtype=per_sample_dtype(logits.dtype))
-    grad = torch.empty_like(rows_x)
-    block_b, block_n = block_shape(B, N, logits.device)
-    _forward_kernel[(triton.cdiv(B, block_b),)](
+    grad = torch.empty(rows_x.shape, device=logits.device, dtype=gradient_dtype(logits.dtype))
+    settings = launch_settings(B, N, logits.device)
+    _forward_kernel[(triton.cdiv(B, settings["BLOCK_B"]),)](
         rows_x, rows_t, loss, grad, B, N, KIND_BCE=kind == "bce", ACC=tl_accumulation_dtype(logits.dtype),
-        BLOCK_B=block_b, BLOCK_N=block_n)
+        **settings)
     return loss, grad.view(logits.shape)
 
 
@@ -66,10 +72,11 @@ def recon_loss_op(logits: torch.Tensor, target: torch.Tensor, kind: str) -> tupl
 @recon_loss_op.register_fake
 def _(logits, target, kind):
     return logits.new_empty(logits.shape[0], dtype=per_sample_dtype(logits.dtype)), torch.empty_like(
-        logits, memory_format=torch.contiguous_format)
+        logits, dtype=gradient_dtype(logits.dtype), memory_format=torch.contiguous_format)
 
 
 def _setup_context(ctx, inputs, output):
+    ctx.logits_dtype = inputs[0].dtype
     ctx.save_for_backward(output[1])
     ctx.mark_non_differentiable(output[1])
 
@@ -77,7 +84,7 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, dloss, _dgrad):
     (grad,) = ctx.saved_tensors
     scale = dloss.reshape(-1, *([1] * (grad.ndim - 1)))
-    return (grad * scale).to(grad.dtype), None, None
+    return (grad * scale).to(ctx.logits_dtype), None, None
 
 
 recon_loss_op.register_autograd(_backward, setup_context=_setup_context)

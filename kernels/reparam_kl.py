@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 
 from fastvae import losses
-from fastvae.kernels.utils import (accumulation_dtype, block_shape, per_sample_dtype, tile_offsets,
+from fastvae.kernels.utils import (accumulation_dtype, launch_settings, per_sample_dtype, tile_offsets,
                                    tl_accumulation_dtype, triton_runs_on)
 
 SEED_HIGH = 2**31 - 1
@@ -37,34 +37,34 @@ def _eps(eps_ptr, seed, offsets, mask, HAS_EPS: tl.constexpr, ACC: tl.constexpr)
 
 @triton.jit
 def _forward_kernel(mu_ptr, logvar_ptr, eps_ptr, seed_ptr, z_ptr, kl_ptr, B, D,
-                    HAS_EPS: tl.constexpr, ACC: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr):
+                    HAS_EPS: tl.constexpr, ACC: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr):
     """z = mu + exp(logvar/2) * eps ; kl[b] = -0.5 * sum_j (1 + logvar - mu^2 - exp(logvar))."""
     rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
     row_mask = rows < B
     seed = tl.load(seed_ptr)
-    kl = tl.zeros((BLOCK_B,), dtype=ACC)
-    for start in range(0, D, BLOCK_D):
-        mask, offsets = tile_offsets(rows, row_mask, start, D, BLOCK_D)
+    kl = tl.zeros((BLOCK_B, BLOCK_N), dtype=ACC)  # summed across columns once, after the loop
+    for start in range(0, D, BLOCK_N):
+        mask, offsets = tile_offsets(rows, row_mask, start, D, BLOCK_N)
         mu = tl.load(mu_ptr + offsets, mask=mask, other=0.0).to(ACC)
         logvar = tl.load(logvar_ptr + offsets, mask=mask, other=0.0).to(ACC)
         std = tl.exp(0.5 * logvar)
         z = mu + std * _eps(eps_ptr, seed, offsets, mask, HAS_EPS, ACC)
         tl.store(z_ptr + offsets, z.to(z_ptr.dtype.element_ty), mask=mask)
         # masked lanes hold mu = logvar = 0, whose KL term is exactly 0
-        kl += tl.sum(1.0 + logvar - mu * mu - std * std, axis=1)
-    tl.store(kl_ptr + rows, (-0.5 * kl).to(kl_ptr.dtype.element_ty), mask=row_mask)
+        kl += 1.0 + logvar - mu * mu - std * std
+    tl.store(kl_ptr + rows, (-0.5 * tl.sum(kl, axis=1)).to(kl_ptr.dtype.element_ty), mask=row_mask)
 
 
 @triton.jit
 def _backward_kernel(dz_ptr, dkl_ptr, mu_ptr, logvar_ptr, eps_ptr, seed_ptr, dmu_ptr, dlogvar_ptr, B, D,
-                     HAS_EPS: tl.constexpr, ACC: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr):
+                     HAS_EPS: tl.constexpr, ACC: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr):
     """dmu = dz + dkl*mu ; dlogvar = dz*eps*0.5*exp(logvar/2) + dkl*0.5*(exp(logvar) - 1)."""
     rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
     row_mask = rows < B
     seed = tl.load(seed_ptr)
     dkl = tl.load(dkl_ptr + rows, mask=row_mask, other=0.0).to(ACC)[:, None]
-    for start in range(0, D, BLOCK_D):
-        mask, offsets = tile_offsets(rows, row_mask, start, D, BLOCK_D)
+    for start in range(0, D, BLOCK_N):
+        mask, offsets = tile_offsets(rows, row_mask, start, D, BLOCK_N)
         dz = tl.load(dz_ptr + offsets, mask=mask, other=0.0).to(ACC)
         mu = tl.load(mu_ptr + offsets, mask=mask, other=0.0).to(ACC)
         logvar = tl.load(logvar_ptr + offsets, mask=mask, other=0.0).to(ACC)
@@ -79,9 +79,9 @@ def _backward_kernel(dz_ptr, dkl_ptr, mu_ptr, logvar_ptr, eps_ptr, seed_ptr, dmu
 
 
 def _launch(kernel, B: int, D: int, device, *args, has_eps: bool, dtype: torch.dtype) -> None:
-    block_b, block_d = block_shape(B, D, device)
-    kernel[(triton.cdiv(B, block_b),)](*args, B, D, HAS_EPS=has_eps, ACC=tl_accumulation_dtype(dtype),
-                                       BLOCK_B=block_b, BLOCK_D=block_d)
+    settings = launch_settings(B, D, device)
+    kernel[(triton.cdiv(B, settings["BLOCK_B"]),)](*args, B, D, HAS_EPS=has_eps, ACC=tl_accumulation_dtype(dtype),
+                                                   **settings)
 
 
 def _forward_triton(mu, logvar, eps, seed):

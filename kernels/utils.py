@@ -20,14 +20,27 @@ def triton_runs_on(device: torch.device) -> bool:
     return device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def block_shape(n_rows: int, n_cols: int, device: torch.device) -> tuple[int, int]:
-    """(BLOCK_ROWS, BLOCK_COLS) of one program's tile: at most 4096 elements on a GPU (registers);
-    16384 under the interpreter, where each program instance costs about a millisecond, so fewer
-    and bigger programs are faster."""
-    max_tile = 4096 if device.type == "cuda" else 16384
-    block_cols = min(triton.next_power_of_2(max(n_cols, 1)), max_tile)
-    block_rows = max(1, min(triton.next_power_of_2(max(n_rows, 1)), max_tile // block_cols))
-    return block_rows, block_cols
+PROGRAMS_PER_SM = 2  # enough programs in flight to hide memory latency on every SM
+
+
+def launch_settings(n_rows: int, n_cols: int, device: torch.device) -> dict:
+    """BLOCK_B x BLOCK_N tile of one program, and num_warps.
+
+    On a GPU: at most 4096 elements per tile (registers), and no more rows per program than leave
+    PROGRAMS_PER_SM programs for every SM, so a [256, 200] latent still fills an H100's 132 SMs;
+    warps grow with the tile as in Liger-Kernel's calculate_settings. Under the interpreter each
+    program instance costs about a millisecond: 16384-element tiles, so fewer and bigger programs."""
+    cuda = device.type == "cuda"
+    max_tile = 4096 if cuda else 16384
+    block_n = min(triton.next_power_of_2(max(n_cols, 1)), max_tile)
+    block_b = max(1, min(triton.next_power_of_2(max(n_rows, 1)), max_tile // block_n))
+    if cuda:
+        sms = torch.cuda.get_device_properties(device).multi_processor_count
+        rows_to_fill = triton.next_power_of_2(max(1, triton.cdiv(n_rows, sms * PROGRAMS_PER_SM)))
+        block_b = max(1, min(block_b, rows_to_fill))
+    tile = block_b * block_n
+    num_warps = 16 if tile >= 8192 else 8 if tile >= 2048 else 4
+    return {"BLOCK_B": block_b, "BLOCK_N": block_n, "num_warps": num_warps}
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:

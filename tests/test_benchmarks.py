@@ -29,3 +29,29 @@ def test_kernel_benchmark_quick_writes_json_with_parity(tmp_path):
             assert r["time_us"] is None  # the interpreter is not a timing
         else:
             assert r["time_us"] > 0 and r["GB_per_s"] > 0
+
+
+@pytest.mark.slow
+def test_gpu_check_kit_smoke_mode_runs_every_check_on_the_cpu(tmp_path):
+    """The kit a lent GPU runs, in its CPU smoke mode, so it cannot rot between GPU sessions."""
+    out = tmp_path / "gpu"
+    proc = subprocess.run(["bash", "benchmarks/gpu_check.sh", str(out), "--smoke"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = json.loads((out / "gpu_check.json").read_text())
+    assert report["smoke"] is True and report["ok"] is True
+    assert {r["op"] for r in report["parity"]} == {"reparam_kl", "recon_bce", "recon_mse"}
+    assert {r["dtype"] for r in report["parity"]} == {"fp32", "bf16", "fp16"}
+    assert report["compile"]["graph_breaks"] == 0
+    assert report["cuda_graph_replay"] == {"skipped": "no CUDA device"}
+    assert set(report["runs"]) == {"kernels", "train_throughput", "training_triton"}
+    assert json.loads((out / "kernels.json").read_text())["results"]
+    assert json.loads((out / "train_throughput.json").read_text())["results"]
+    assert (out / "run_triton" / "summary.json").is_file()
+
+
+def test_gpu_check_without_a_gpu_says_so():
+    proc = subprocess.run([sys.executable, "benchmarks/gpu_check.py", "--out", "/tmp/unused-gpu-check"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == "gpu_check: error: no CUDA device; expected a GPU machine (or --smoke on a CPU)"

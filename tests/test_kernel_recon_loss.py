@@ -112,3 +112,14 @@ def test_fallback_without_triton_matches_reference(kind, monkeypatch):
     assert loss.dtype == torch.float32 and logits.grad.dtype == torch.bfloat16
     assert_parity(loss, ref, torch.bfloat16, "loss")
     assert_parity(logits.grad, x64.grad, torch.bfloat16, "dlogits")
+
+
+def test_fp16_gradient_survives_until_the_loss_scale():
+    """fp16 training scales the loss (e.g. by 2^16) so that small gradients survive; the stored
+    gradient must not underflow to 0 in fp16 before that scale reaches it in backward."""
+    logits = torch.full((2, 1, 4, 4), -20.0, dtype=torch.float16, requires_grad=True)  # sigmoid = 2.1e-9
+    target = torch.zeros(2, 1, 4, 4, dtype=torch.float16)
+    (fused_recon_loss(logits, target, "bce").sum() * 2.0**16).backward()
+    expected = torch.sigmoid(torch.tensor(-20.0, dtype=torch.float64)).item() * 2.0**16  # 1.35e-4, fine in fp16
+    assert logits.grad.dtype == torch.float16
+    assert torch.allclose(logits.grad.double(), torch.full_like(logits.grad, expected).double(), rtol=1e-2)

@@ -1,5 +1,6 @@
-"""The training loader: a torch DataLoader (handed to accelerate.prepare, which shards it per
-rank) or an FFCV loader (already sharded per rank and on the device)."""
+"""The training loader: batches from the data set held in memory, a torch DataLoader (handed to
+accelerate.prepare, which shards it per rank), or an FFCV loader. The in-memory and FFCV loaders
+are sharded per rank and deliver batches on the device themselves."""
 
 from __future__ import annotations
 
@@ -8,10 +9,11 @@ from torch.utils.data import DataLoader
 
 from fastvae.config import Config
 from fastvae.data.base import collate_skipping_corrupt
+from fastvae.data.memory import InMemoryLoader, decode_to_memory, in_memory_tensors
 from fastvae.errors import UserError
 
 
-def build_train_loader(cfg: Config, train_set, num_processes: int, device: torch.device):
+def build_train_loader(cfg: Config, train_set, num_processes: int, device: torch.device, rank: int = 0):
     global_batch = cfg.data.batch_size * num_processes
     if cfg.data.drop_last and len(train_set) < global_batch:
         raise UserError(f"data.batch_size={cfg.data.batch_size} x {num_processes} process(es) "
@@ -23,6 +25,15 @@ def build_train_loader(cfg: Config, train_set, num_processes: int, device: torch
         return FFCVTrainLoader(cfg.data.beton, cfg.data.batch_size, cfg.data.channels, device, cfg.seed,
                                cfg.data.order, cfg.data.flip, cfg.data.drop_last, distributed=num_processes > 1,
                                num_workers=max(1, cfg.data.num_workers))
+    tensors = in_memory_tensors(train_set) if cfg.data.loader in ("auto", "memory") else None
+    if tensors is None and cfg.data.loader == "memory":
+        tensors = decode_to_memory(train_set)
+    if tensors is not None:
+        return InMemoryLoader(tensors, cfg.data.batch_size, cfg.seed, device, cfg.data.drop_last, cfg.data.flip,
+                              rank, num_processes)
+    if cfg.data.flip:
+        raise UserError(f"data.flip: random flips need data.loader=memory or ffcv, and {cfg.data.name} is read "
+                        f"image by image; expected data.flip=false or data.loader=ffcv")
     return DataLoader(
         train_set, batch_size=cfg.data.batch_size, shuffle=True, drop_last=cfg.data.drop_last,
         num_workers=cfg.data.num_workers, persistent_workers=cfg.data.num_workers > 0,

@@ -1,0 +1,202 @@
+"""The checks only a GPU can answer, in one run, every number into one JSON with the GPU's name.
+
+1. parity of both fused ops against fastvae.losses in float64, fp32 / bf16 / fp16, at the real
+   shapes (latents B=128 D=2 and B=256 D=200; images 256x1x28x28, 256x3x64x64, 256x3x128x128)
+2. CUDA graphs: replaying a captured fused_reparam_kl must draw new eps every replay
+3. torch.compile of the full training step with train.ops=triton: graph breaks (want 0)
+4. benchmarks/kernels.py (fused vs eager vs compiled, fraction of copy bandwidth)
+5. benchmarks/train_throughput.py step rows for every ops mode: MNIST, CelebA 64 and 128 px, bf16
+6. a 40-step training run with train.ops=triton
+
+    bash benchmarks/gpu_check.sh OUT          # on a GPU machine: < 9 minutes on one H100
+    bash benchmarks/gpu_check.sh OUT --smoke  # on a CPU: tiny shapes under TRITON_INTERPRET=1 (CI)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+SMOKE = "--smoke" in sys.argv
+if SMOKE:
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before fastvae.kernels defines the kernels
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from harness import machine  # noqa: E402
+
+from fastvae import losses  # noqa: E402
+from fastvae.kernels import fused_recon_loss, fused_reparam_kl  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+TOLERANCE = {"fp32": 1e-5, "bf16": 1e-2, "fp16": 1e-2}  # max |err| / max |ref|, as in the tests
+LATENTS = [(128, 2), (256, 200)]
+IMAGES = [(256, 1, 28, 28), (256, 3, 64, 64), (256, 3, 128, 128)]
+SMOKE_LATENTS, SMOKE_IMAGES = [(8, 2), (16, 20)], [(4, 1, 28, 28), (2, 3, 64, 64)]
+
+
+def relative_error(actual, reference) -> float:
+    ref = reference.detach().double()
+    return (actual.detach().double() - ref).abs().max().item() / max(ref.abs().max().item(), 1e-30)
+
+
+def reparam_parity(shape, dtype, device) -> dict:
+    g = torch.Generator().manual_seed(0)
+    mu, logvar, eps = (torch.randn(*shape, generator=g).to(device, dtype) for _ in range(3))
+    mu.requires_grad_(True)
+    logvar.requires_grad_(True)
+    z, kl = fused_reparam_kl(mu, logvar, eps)
+    dz, dkl = torch.randn(*shape, generator=g).to(device, dtype), torch.randn(shape[0], generator=g).to(device)
+    dmu, dlogvar = torch.autograd.grad((z, kl), (mu, logvar), (dz, dkl))
+    m64, l64 = (t.detach().double().requires_grad_(True) for t in (mu, logvar))
+    z64, kl64 = losses.reparameterize(m64, l64, eps.double()), losses.kl_divergence(m64, l64)
+    dm64, dl64 = torch.autograd.grad((z64, kl64), (m64, l64), (dz.double(), dkl.double()))
+    return {"z": relative_error(z, z64), "kl": relative_error(kl, kl64), "dmu": relative_error(dmu, dm64),
+            "dlogvar": relative_error(dlogvar, dl64)}
+
+
+def recon_parity(shape, dtype, device, kind) -> dict:
+    g = torch.Generator().manual_seed(1)
+    logits = (3 * torch.randn(*shape, generator=g)).to(device, dtype).requires_grad_(True)
+    target = torch.rand(*shape, generator=g).to(device, dtype)
+    loss = fused_recon_loss(logits, target, kind)
+    dloss = (torch.rand(shape[0], generator=g) + 0.5).to(device)
+    (dlogits,) = torch.autograd.grad(loss, logits, dloss)
+    x64 = logits.detach().double().requires_grad_(True)
+    loss64 = losses.reconstruction_loss(x64, target.double(), kind)
+    (dx64,) = torch.autograd.grad(loss64, x64, dloss.double())
+    return {"loss": relative_error(loss, loss64), "dlogits": relative_error(dlogits, dx64)}
+
+
+def parity(device) -> list[dict]:
+    rows = []
+    latents, images = (SMOKE_LATENTS, SMOKE_IMAGES) if SMOKE else (LATENTS, IMAGES)
+    for precision, dtype in DTYPES.items():
+        for shape in latents:
+            rows.append({"op": "reparam_kl", "shape": list(shape), "dtype": precision,
+                         "errors": reparam_parity(shape, dtype, device)})
+        for shape in images:
+            for kind in ("bce", "mse"):
+                rows.append({"op": f"recon_{kind}", "shape": list(shape), "dtype": precision,
+                             "errors": recon_parity(shape, dtype, device, kind)})
+    for row in rows:
+        row["max_error"] = max(row["errors"].values())
+        row["ok"] = row["max_error"] <= TOLERANCE[row["dtype"]]
+    return rows
+
+
+def cuda_graph_replays_draw_new_eps(device) -> dict:
+    if device.type != "cuda":
+        return {"skipped": "no CUDA device"}
+    mu = torch.zeros(256, 200, device=device)
+    logvar = torch.zeros_like(mu)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm up (compile the kernels) outside the capture
+        for _ in range(3):
+            fused_reparam_kl(mu, logvar)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        z, _ = fused_reparam_kl(mu, logvar)  # mu = 0, sigma = 1: z is eps
+    draws = []
+    for _ in range(3):
+        graph.replay()
+        torch.cuda.synchronize()
+        draws.append(z.clone())
+    distinct = all(not torch.equal(a, b) for i, a in enumerate(draws) for b in draws[i + 1:])
+    return {"replays": len(draws), "all_different": distinct, "eps_std": float(draws[0].std()), "ok": distinct}
+
+
+def graph_breaks(device) -> dict:
+    from fastvae.config import load_config
+    from fastvae.models import build_model
+
+    torch._dynamo.reset()
+    cfg = load_config("celeba", ["model.latent_dim=16" if SMOKE else "model.latent_dim=200"])
+    model = build_model(cfg).to(device)
+    model.reparam_kl = fused_reparam_kl
+    x = torch.rand(4 if SMOKE else 64, 3, 64, 64, device=device)
+
+    def step(x):
+        logits, _, _, kl = model(x)
+        return losses.vae_loss(fused_recon_loss(logits, x, "mse"), kl, 1.0, 1.0)
+
+    explanation = torch._dynamo.explain(step)(x)
+    return {"graph_breaks": explanation.graph_break_count, "graphs": explanation.graph_count,
+            "reasons": [str(r.reason) for r in explanation.break_reasons], "ok": explanation.graph_break_count == 0}
+
+
+def run(name: str, command: list[str], out: Path, timeout: int) -> dict:
+    """A benchmark or training run as a subprocess, bounded in time; its output kept in OUT."""
+    start = time.perf_counter()
+    try:
+        proc = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+        code, output = proc.returncode, proc.stdout + proc.stderr
+    except subprocess.TimeoutExpired as err:
+        code, output = "timeout", f"{err.stdout or ''}{err.stderr or ''}"
+    (out / f"{name}.log").write_text(output if isinstance(output, str) else output.decode(errors="replace"))
+    return {"command": " ".join(command), "returncode": code, "seconds": round(time.perf_counter() - start, 1),
+            "ok": code == 0}
+
+
+def subprocess_checks(out: Path) -> dict:
+    py = sys.executable
+    if SMOKE:
+        kernels = [py, "benchmarks/kernels.py", "--quick", "--repeats", "1"]
+        throughput = [py, "benchmarks/train_throughput.py", "--parts", "step", "--workloads", "mnist conv_vae 1x28x28",
+                      "--repeats", "1", "--steps", "1", "--precisions", "fp32", "--formats", "channels_last"]
+        training = ["train.max_steps=4", "data.limit=256", "data.batch_size=32", "train.samples=4"]
+    else:
+        kernels = [py, "benchmarks/kernels.py", "--repeats", "5"]
+        throughput = [py, "benchmarks/train_throughput.py", "--parts", "step", "--repeats", "5", "--precisions", "bf16",
+                      "--formats", "channels_last", "--workloads", "mnist conv_vae 1x28x28",
+                      "celeba dfc_vae 3x64x64", "celeba dfc_vae 3x128x128"]
+        training = ["train.max_steps=40"]
+    return {
+        "kernels": run("kernels", [*kernels, "--json", str(out / "kernels.json")], out, 240),
+        "train_throughput": run("train_throughput", [*throughput, "--json", str(out / "train_throughput.json")],
+                                out, 300),
+        "training_triton": run("training_triton", [py, "-m", "fastvae.train", "--config", "mnist", "train.ops=triton",
+                                                   *training, f"out_dir={out / 'run_triton'}"], out, 240),
+    }
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", required=True, help="folder for gpu_check.json, the benchmarks' JSON and logs")
+    parser.add_argument("--smoke", action="store_true", help="CPU smoke mode: tiny shapes under the interpreter")
+    args = parser.parse_args(argv)
+    device = torch.device("cpu" if args.smoke else "cuda")
+    if not args.smoke and not torch.cuda.is_available():
+        print("gpu_check: error: no CUDA device; expected a GPU machine (or --smoke on a CPU)", file=sys.stderr)
+        return 2
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    report = {"machine": machine(), "smoke": args.smoke, "parity": parity(device),
+              "cuda_graph_replay": cuda_graph_replays_draw_new_eps(device), "compile": graph_breaks(device)}
+    report["runs"] = subprocess_checks(out)
+    failed = [r for r in report["parity"] if not r["ok"]]
+    report["ok"] = not failed and report["compile"]["ok"] and report["cuda_graph_replay"].get("ok", True) and all(
+        r["ok"] for r in report["runs"].values())
+    (out / "gpu_check.json").write_text(json.dumps(report, indent=2))
+    print(f"{'op':<12}{'shape':<20}{'dtype':<7}{'max rel err':>12}  ok")
+    for r in report["parity"]:
+        print(f"{r['op']:<12}{'x'.join(map(str, r['shape'])):<20}{r['dtype']:<7}{r['max_error']:>12.2e}  {r['ok']}")
+    print(f"CUDA graph replays draw new eps: {report['cuda_graph_replay']}")
+    print(f"torch.compile of the step with fused ops: {report['compile']['graph_breaks']} graph break(s)")
+    for name, r in report["runs"].items():
+        print(f"{name}: exit {r['returncode']} in {r['seconds']} s (log: {out / (name + '.log')})")
+    print(f"{'all checks passed' if report['ok'] else 'SOME CHECKS FAILED'}; wrote {out / 'gpu_check.json'}")
+    return 0 if report["ok"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,77 @@
+"""Where the time of one training step goes: torch.profiler over `Trainer.train_step`, self time of
+every operator grouped into what it is for (convolutions, normalization, the VAE ops, the
+optimizer, ...), as a share of the step.
+
+    python benchmarks/profile_step.py [--workload "mnist conv_vae 1x28x28"] [--steps 5] [key=value ...]
+"""
+
+from __future__ import annotations
+
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from harness import base_parser, print_table, write_json  # noqa: E402
+from train_throughput import WORKLOADS, trainer_step  # noqa: E402
+
+# (group, substrings of operator names), first match wins
+GROUPS = [
+    ("optimizer (Adam)", ("adam", "_foreach", "addcdiv", "addcmul", "lerp", "sqrt", "_fused")),
+    ("convolutions fwd+bwd", ("conv", "mkldnn", "cudnn", "slow_conv")),
+    ("linear layers", ("addmm", "mm", "linear", "bmm")),
+    ("normalization", ("batch_norm", "native_batch_norm")),
+    ("activations, dropout, upsampling", ("leaky_relu", "dropout", "upsample", "bernoulli")),
+    ("VAE ops: reparam, KL, reconstruction loss", ("exp", "randn", "binary_cross_entropy", "sigmoid", "pow",
+                                                   "fastvae", "log_sigmoid", "sum", "mean", "neg", "rsub")),
+    ("copies, layout, memory", ("copy", "contiguous", "empty", "zero", "fill", "clone", "to", "cat", "stack")),
+]
+
+
+def group_of(name: str) -> str:
+    low = name.lower()
+    for group, keys in GROUPS:
+        if any(k in low for k in keys):
+            return group
+    return "other (elementwise, autograd bookkeeping)"
+
+
+def main(argv=None) -> None:
+    parser = base_parser(__doc__.splitlines()[0])
+    parser.add_argument("--workload", default="mnist conv_vae 1x28x28", choices=list(WORKLOADS))
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("overrides", nargs="*", help="config overrides, e.g. train.memory_format=contiguous")
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    config_path, batch, extra = WORKLOADS[args.workload]
+    from fastvae.config import load_config
+
+    cfg = load_config(config_path, [f"data.batch_size={batch}", *extra])
+    x = torch.rand(batch, cfg.data.channels, cfg.data.image_size, cfg.data.image_size, device=device)
+    with tempfile.TemporaryDirectory() as tmp:
+        step = trainer_step(config_path, [f"data.batch_size={batch}", "model.dropout=0.0", "train.ops=eager",
+                                          f"train.cpu={device.type == 'cpu'}", *extra, *args.overrides], x, Path(tmp))
+        for _ in range(2):
+            step()
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+        with profile(activities=activities) as prof:
+            for _ in range(args.steps):
+                step()
+    key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    totals: dict[str, float] = {}
+    for event in prof.key_averages():
+        totals[group_of(event.key)] = totals.get(group_of(event.key), 0.0) + getattr(event, key)
+    whole = sum(totals.values())
+    rows = [{"group": g, "ms_per_step": t / 1e3 / args.steps, "share": t / whole}
+            for g, t in sorted(totals.items(), key=lambda kv: -kv[1])]
+    print(f"{args.workload}, batch {batch}, {device}, {args.steps} steps, self time by group")
+    print_table(rows, [("group", "group", ""), ("ms_per_step", "ms / step", ".1f"), ("share", "share", ".0%")])
+    write_json(args.json, {"benchmark": "profile_step", "workload": args.workload, "device": str(device),
+                           "overrides": args.overrides, "results": rows})
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,95 @@
+"""Training batches sliced from a uint8 image tensor held in memory: on the CPU, or on the GPU
+(the data set then never crosses PCIe again).
+
+A torch DataLoader calls `__getitem__` once per image and collates the results; here a batch is
+one gather from the uint8 tensor and one uint8 -> float conversion (the same conversion as every
+other fastvae loader, so inputs are bit-identical), with random flips on the device.
+
+Order: a permutation seeded by (seed, epoch), so resuming skips batches of the same order. With
+several processes every global batch of world x batch_size images is split into one contiguous
+share per rank: the shards are disjoint and every rank gets the same number of batches. The last
+partial global batch (data.drop_last=false) is split evenly across ranks, and dropped when it has
+fewer images than there are ranks.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.utils.data import Subset
+from torchvision.transforms.v2.functional import to_dtype
+
+from fastvae.data.base import ImageTensorDataset
+
+
+def decode_to_memory(dataset) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Every item of a data set read image by image (CelebA, image folders), decoded once into one
+    uint8 tensor: the same quantization as a raw .beton. Skipped corrupt images stay out."""
+    from tqdm.auto import tqdm
+
+    from fastvae.data.base import in_order_loader
+
+    images, labels, indices = [], [], []
+    for x, y, index in tqdm(in_order_loader(dataset), desc="decode into memory", unit="batch"):
+        images.append((x * 255).round().to(torch.uint8))
+        labels.append(torch.as_tensor(y))
+        indices.append(torch.as_tensor(index))
+    return torch.cat(images), torch.cat(labels), torch.cat(indices)
+
+
+def in_memory_tensors(dataset) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """(uint8 images, labels, dataset indices) of a dataset held as tensors, else None."""
+    if isinstance(dataset, ImageTensorDataset):
+        return dataset.images, dataset.labels, torch.arange(len(dataset))
+    if isinstance(dataset, Subset) and isinstance(dataset.dataset, ImageTensorDataset):
+        keep = torch.as_tensor(list(dataset.indices))
+        return dataset.dataset.images[keep], dataset.dataset.labels[keep], torch.arange(len(keep))
+    return None
+
+
+class InMemoryLoader:
+    def __init__(self, tensors, batch_size: int, seed: int, device: torch.device, drop_last: bool = True,
+                 flip: bool = False, rank: int = 0, world_size: int = 1) -> None:
+        images, labels, indices = tensors
+        self.images, self.labels, self.indices = images.to(device), labels.to(device), indices.to(device)
+        self.batch_size, self.seed, self.device, self.drop_last, self.flip = batch_size, seed, device, drop_last, flip
+        self.rank, self.world_size, self.epoch = rank, world_size, 0
+
+    @property
+    def nbytes(self) -> int:
+        return self.images.numel() * self.images.element_size()
+
+    def __len__(self) -> int:
+        per_step = self.batch_size * self.world_size
+        n = len(self.images)
+        if self.drop_last:
+            return n // per_step
+        last = n % per_step
+        return n // per_step + (last >= self.world_size)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _generator(self, purpose: int) -> torch.Generator:
+        # one stream per (seed, epoch, purpose): the order and the flips of an epoch never depend
+        # on how many batches were drawn before (exact resume)
+        return torch.Generator().manual_seed((self.seed * 1_000_003 + self.epoch) * 2 + purpose)
+
+    def _batches(self, start: int):
+        order = torch.randperm(len(self.images), generator=self._generator(0)).to(self.device)
+        per_step = self.batch_size * self.world_size
+        flips = torch.rand(len(self.images), generator=self._generator(1)).to(self.device) < 0.5
+        for b in range(start, len(self)):
+            global_batch = order[b * per_step:(b + 1) * per_step]
+            take = torch.tensor_split(global_batch, self.world_size)[self.rank]
+            x = to_dtype(self.images[take], torch.float32, scale=True)
+            if self.flip:
+                x = torch.where(flips[take].view(-1, 1, 1, 1), x.flip(-1), x)
+            yield x, self.labels[take], self.indices[take]
+
+    def __iter__(self):
+        return self._batches(0)
+
+    def skip_first(self, n: int):
+        """This epoch's batches after the first n (resume inside an epoch)."""
+        return self._batches(n)
+

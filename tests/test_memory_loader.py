@@ -1,0 +1,97 @@
+"""The in-memory loader: the DataLoader's images, seeded order, disjoint shards, exact resume."""
+
+import pytest
+import torch
+from torch.utils.data import Subset
+from torchvision.transforms.v2.functional import to_dtype
+
+from fastvae.config import load_config
+from fastvae.data.base import ImageTensorDataset
+from fastvae.data.loaders import build_train_loader
+from fastvae.data.memory import InMemoryLoader, in_memory_tensors
+from fastvae.errors import UserError
+
+CPU = torch.device("cpu")
+
+
+def dataset(n=100):
+    g = torch.Generator().manual_seed(0)
+    return ImageTensorDataset(torch.randint(0, 256, (n, 1, 4, 4), dtype=torch.uint8, generator=g), torch.arange(n) % 7)
+
+
+def loader(data, batch=8, **kw):
+    return InMemoryLoader(in_memory_tensors(data), batch, seed=3, device=CPU, **kw)
+
+
+def test_batches_are_the_datasets_items_bit_for_bit():
+    data = Subset(dataset(), range(10, 90))  # data.limit gives a Subset: indices are the subset's
+    for x, y, index in loader(data):
+        assert torch.equal(x, torch.stack([data[i][0] for i in index.tolist()]))
+        assert torch.equal(y, torch.stack([data[i][1] for i in index.tolist()]))
+
+
+def test_order_is_a_function_of_seed_and_epoch():
+    a, b = loader(dataset()), loader(dataset())
+    first = [i.tolist() for _, _, i in a]
+    assert first == [i.tolist() for _, _, i in b]
+    a.set_epoch(1)
+    assert [i.tolist() for _, _, i in a] != first
+
+
+def test_two_ranks_get_disjoint_equal_shards_of_every_global_batch():
+    data = dataset(100)
+    ranks = [loader(data, rank=r, world_size=2) for r in (0, 1)]
+    assert len(ranks[0]) == len(ranks[1]) == 100 // 16
+    seen = [[i.tolist() for _, _, i in r] for r in ranks]
+    for a, b in zip(*seen):
+        assert len(a) == len(b) == 8 and not set(a) & set(b)
+    single = [i.tolist() for _, _, i in loader(data, batch=16)]
+    assert [a + b for a, b in zip(*seen)] == single  # the same global batches as one process x 16
+
+
+def test_last_partial_batch_is_split_evenly_or_dropped():
+    data = dataset(37)  # 2 full global batches of 16, then 5 images
+    ranks = [loader(data, rank=r, world_size=2, drop_last=False) for r in (0, 1)]
+    sizes = [[len(i) for _, _, i in r] for r in ranks]
+    assert sizes == [[8, 8, 3], [8, 8, 2]]
+    ids = sorted(i for r in ranks for _, _, idx in r for i in idx.tolist())
+    assert ids == list(range(37))  # every image once
+    few = [loader(dataset(33), rank=r, world_size=2, drop_last=False) for r in (0, 1)]
+    assert len(few[0]) == len(few[1]) == 2  # 1 image left for 2 ranks: dropped, not a hang
+
+
+def test_skip_first_resumes_inside_an_epoch():
+    full = [i.tolist() for _, _, i in loader(dataset())]
+    assert [i.tolist() for _, _, i in loader(dataset()).skip_first(5)] == full[5:]
+
+
+def test_flips_are_seeded_and_flip_about_half():
+    data = dataset(200)
+    flipped = 0
+    for x, _, index in loader(data, flip=True):
+        plain = torch.stack([data[i][0] for i in index.tolist()])
+        same = (x == plain).flatten(1).all(1)
+        mirrored = (x == plain.flip(-1)).flatten(1).all(1)
+        assert (same | mirrored).all()
+        flipped += int((~same).sum())
+    assert 60 < flipped < 140
+    a, b = loader(data, flip=True), loader(data, flip=True)
+    assert all(torch.equal(x, y) for (x, _, _), (y, _, _) in zip(a, b))
+
+
+def test_auto_picks_memory_for_tensor_datasets_and_says_what_it_cannot():
+    cfg = load_config("mnist", ["data.limit=64", "data.batch_size=16"])
+    assert isinstance(build_train_loader(cfg, Subset(dataset(), range(64)), 1, CPU), InMemoryLoader)
+    torch_cfg = load_config("mnist", ["data.loader=torch", "data.batch_size=16"])
+    assert not isinstance(build_train_loader(torch_cfg, dataset(), 1, CPU), InMemoryLoader)
+    # a data set read item by item, with fastvae's one uint8 -> float conversion (as CelebA's and image folders')
+    folder = [(to_dtype(torch.full((1, 4, 4), i, dtype=torch.uint8), torch.float32, scale=True), torch.tensor(i % 3), i)
+              for i in range(64)]
+    assert not isinstance(build_train_loader(cfg, folder, 1, CPU), InMemoryLoader)  # auto: only tensor data sets
+    with pytest.raises(UserError, match="data.flip: random flips need data.loader=memory or ffcv"):
+        build_train_loader(load_config("mnist", ["data.flip=true", "data.batch_size=16"]), folder, 1, CPU)
+    decoded = build_train_loader(load_config("mnist", ["data.loader=memory", "data.batch_size=16"]), folder, 1, CPU)
+    assert isinstance(decoded, InMemoryLoader)  # decoded once into a uint8 tensor
+    for x, y, index in decoded:
+        assert torch.equal(x, torch.stack([folder[i][0] for i in index.tolist()]))
+        assert torch.equal(y, index % 3)
