@@ -95,20 +95,20 @@ def measured(fn, meter: PeakMemory):
 # ---------------------------------------------------------------- the step
 
 
-def plain_step(cfg, model, x):
+def lecture_step(cfg, model, optimizer, x) -> None:
     """The lecture's step written out: no accelerate, eager fp32, the eager reference losses."""
+    mu, logvar = model.encode(x)
+    z, kl = losses.reparam_kl(mu, logvar)
+    recon = losses.reconstruction_loss(model.decode(z), x, cfg.loss.recon)
+    losses.vae_loss(recon, kl, cfg.loss.recon_weight, cfg.loss.beta).backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def plain_step(cfg, model, x):
     model = copy.deepcopy(model).train()
     optimizer = build_optimizer(cfg, model.parameters())
-
-    def step():
-        mu, logvar = model.encode(x)
-        z, kl = losses.reparam_kl(mu, logvar)
-        recon = losses.reconstruction_loss(model.decode(z), x, cfg.loss.recon)
-        losses.vae_loss(recon, kl, cfg.loss.recon_weight, cfg.loss.beta).backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
-    return step
+    return lambda: lecture_step(cfg, model, optimizer, x)
 
 
 def trainer_step(config_path, overrides, x, out_dir: Path):
@@ -177,13 +177,7 @@ def plain_epoch(cfg, images_u8: torch.Tensor, device):
         start = time.perf_counter()
         order = torch.randperm(len(images), device=device)
         for b in range(len(images) // batch):
-            x = images[order[b * batch:(b + 1) * batch]].float() / 255
-            mu, logvar = model.encode(x)
-            z, kl = losses.reparam_kl(mu, logvar)
-            recon = losses.reconstruction_loss(model.decode(z), x, cfg.loss.recon)
-            losses.vae_loss(recon, kl, cfg.loss.recon_weight, cfg.loss.beta).backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            lecture_step(cfg, model, optimizer, images[order[b * batch:(b + 1) * batch]].float() / 255)
         return (len(images) // batch) * batch / (time.perf_counter() - start)
 
     return epoch

@@ -73,15 +73,22 @@ def prepare_out_dir(cfg: Config, accelerator: Accelerator) -> Path:
 
 
 class EpochSums:
-    """loss x n, recon, kl and images of an epoch, summed on the device (read once, at the epoch's end)."""
+    """loss x n, recon and kl of an epoch summed on the device (read once, at the epoch's end), and
+    its image count on the host: nothing crosses between them per step."""
 
     def __init__(self, device) -> None:
-        self.sums = torch.zeros(4, device=device, dtype=torch.float64)
+        self.sums, self.images = torch.zeros(3, device=device, dtype=torch.float64), 0
 
     def add(self, metrics: dict) -> None:
         n = metrics["images"]
-        self.sums += torch.stack([metrics["loss"] * n, metrics["recon"].sum(), metrics["kl"].sum(),
-                                  torch.tensor(n, device=self.sums.device)]).double()
+        self.sums += torch.stack([metrics["loss"] * n, metrics["recon"].sum(), metrics["kl"].sum()]).double()
+        self.images += n
+
+    def totals(self, accelerator) -> list[float]:
+        """[loss x n, recon, kl, images] summed over all ranks."""
+        local = torch.cat([self.sums, torch.tensor([float(self.images)], device=self.sums.device,
+                                                   dtype=torch.float64)])
+        return accelerator.reduce(local, reduction="sum").tolist()
 
 
 class Trainer:
@@ -238,7 +245,7 @@ class Trainer:
     def _end_epoch(self, sums: EpochSums, elapsed: float) -> None:
         """Metrics of the epoch (or of its part this run trained), pictures, a checkpoint."""
         state, acc = self.state, self.accelerator
-        totals = acc.reduce(sums.sums, reduction="sum").tolist()
+        totals = sums.totals(acc)
         batches = len(self.train_loader)
         complete = state.batch_in_epoch >= batches
         if totals[3] > 0:
