@@ -152,7 +152,8 @@ def subprocess_checks(out: Path) -> dict:
     if SMOKE:
         kernels = [py, "benchmarks/kernels.py", "--quick", "--repeats", "1"]
         throughput = [py, "benchmarks/train_throughput.py", "--parts", "step", "--workloads", "mnist conv_vae 1x28x28",
-                      "--repeats", "1", "--steps", "1", "--precisions", "fp32", "--formats", "channels_last"]
+                      "--repeats", "1", "--steps", "1", "--precisions", "fp32", "--formats", "channels_last",
+                      "--modes", "eager"]
         training = ["train.max_steps=4", "data.limit=256", "data.batch_size=32", "train.samples=4"]
     else:
         kernels = [py, "benchmarks/kernels.py", "--repeats", "5"]

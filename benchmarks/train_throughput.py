@@ -15,7 +15,7 @@ reported beside it.
 Every row is a ratio to its baseline, interleaved and repeated, with its peak memory (CUDA max
 allocated, or the growth of the process's peak RSS while the case ran: a lower bound on CPU).
 
-    python benchmarks/train_throughput.py [--parts step loop] [--repeats 5] [--steps 3]
+    python benchmarks/train_throughput.py [--parts step loop] [--repeats 5] [--steps 3] [--modes eager compiled]
         [--precisions fp32 bf16] [--formats contiguous channels_last] [--json PATH]
 """
 
@@ -135,7 +135,7 @@ def step_cases(workload: str, args, device, tmp: Path) -> dict:
     x = torch.rand(batch, cfg.data.channels, cfg.data.image_size, cfg.data.image_size, device=device)
     cases = {BASELINE: plain_step(cfg, build_model(cfg).to(device), x)}
     for ops in args.ops:
-        for compile_ in (False, True):
+        for compile_ in [mode == "compiled" for mode in args.modes]:
             for precision in args.precisions:
                 for fmt in args.formats:
                     name = f"train_step {'compiled' if compile_ else 'eager'} {precision} {fmt} ops={ops}"
@@ -247,6 +247,8 @@ def main(argv=None) -> None:
                              "the Triton kernels only run under the interpreter)")
     parser.add_argument("--precisions", nargs="*", default=list(PRECISIONS), choices=list(PRECISIONS))
     parser.add_argument("--formats", nargs="*", default=list(FORMATS), choices=list(FORMATS))
+    parser.add_argument("--modes", nargs="*", default=["eager", "compiled"], choices=["eager", "compiled"],
+                        help="the step as it is, and under train.compile=true")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     args.ops = args.ops or (["eager", "compiled", "triton"] if device.type == "cuda" else ["eager"])
