@@ -17,17 +17,14 @@ from __future__ import annotations
 import torch
 from torch.utils.data import Subset
 from torchvision.transforms.v2.functional import to_dtype
+from tqdm.auto import tqdm
 
-from fastvae.data.base import ImageTensorDataset
+from fastvae.data.base import ImageTensorDataset, in_order_loader
 
 
 def decode_to_memory(dataset) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Every item of a data set read image by image (CelebA, image folders), decoded once into one
     uint8 tensor: the same quantization as a raw .beton. Skipped corrupt images stay out."""
-    from tqdm.auto import tqdm
-
-    from fastvae.data.base import in_order_loader
-
     images, labels, indices = [], [], []
     for x, y, index in tqdm(in_order_loader(dataset), desc="decode into memory", unit="batch"):
         images.append((x * 255).round().to(torch.uint8))
@@ -54,10 +51,6 @@ class InMemoryLoader:
         self.batch_size, self.seed, self.device, self.drop_last, self.flip = batch_size, seed, device, drop_last, flip
         self.rank, self.world_size, self.epoch = rank, world_size, 0
 
-    @property
-    def nbytes(self) -> int:
-        return self.images.numel() * self.images.element_size()
-
     def __len__(self) -> int:
         per_step = self.batch_size * self.world_size
         n = len(self.images)
@@ -77,7 +70,8 @@ class InMemoryLoader:
     def _batches(self, start: int):
         order = torch.randperm(len(self.images), generator=self._generator(0)).to(self.device)
         per_step = self.batch_size * self.world_size
-        flips = torch.rand(len(self.images), generator=self._generator(1)).to(self.device) < 0.5
+        if self.flip:
+            flips = torch.rand(len(self.images), generator=self._generator(1)).to(self.device) < 0.5
         for b in range(start, len(self)):
             global_batch = order[b * per_step:(b + 1) * per_step]
             take = torch.tensor_split(global_batch, self.world_size)[self.rank]
@@ -92,4 +86,3 @@ class InMemoryLoader:
     def skip_first(self, n: int):
         """This epoch's batches after the first n (resume inside an epoch)."""
         return self._batches(n)
-
