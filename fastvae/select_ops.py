@@ -8,7 +8,7 @@ from typing import Callable
 
 import torch
 
-from fastvae import losses
+from fastvae import losses, noise
 from fastvae.errors import UserError
 
 
@@ -17,10 +17,17 @@ def recon_loss_fp32(logits: torch.Tensor, target: torch.Tensor, kind: str) -> to
     return losses.reconstruction_loss(logits.float(), target.float(), kind)
 
 
+def draw_eps(mu: torch.Tensor, key) -> torch.Tensor:
+    """eps for mu [B, D]: each sample's own (fastvae.noise) when keyed, else from torch's generator."""
+    if key is None:
+        return torch.randn(mu.shape, device=mu.device)
+    return noise.keyed_normal(key[0], key[1], mu.shape[1])
+
+
 @dataclass(frozen=True)
 class Ops:
     name: str
-    reparam_kl: Callable  # (mu, logvar) -> (z, kl[B])
+    reparam_kl: Callable  # (mu, logvar, noise_key=None) -> (z, kl[B]); noise_key: see fastvae.noise
     recon_loss: Callable  # (logits, target, kind) -> recon[B]
 
 
@@ -30,13 +37,14 @@ def select_ops(name: str, device: torch.device) -> Ops:
     if name == "auto":
         name = "triton" if device.type == "cuda" else "eager"
     if name == "eager":
-        return Ops("eager", losses.reparam_kl, recon_loss_fp32)
+        return Ops("eager", lambda mu, logvar, key=None: losses.reparam_kl(mu, logvar, draw_eps(mu, key)),
+                   recon_loss_fp32)
     if name == "compiled":
         compiled_reparam_kl = torch.compile(losses.reparam_kl)
 
-        def reparam_kl(mu, logvar):
+        def reparam_kl(mu, logvar, key=None):
             # eps drawn eagerly: inductor's own RNG would give other numbers than eager for one seed
-            return compiled_reparam_kl(mu, logvar, torch.randn(mu.shape, device=mu.device))
+            return compiled_reparam_kl(mu, logvar, draw_eps(mu, key))
 
         return Ops("compiled", reparam_kl, torch.compile(recon_loss_fp32))
     if name == "triton":
@@ -46,5 +54,9 @@ def select_ops(name: str, device: torch.device) -> Ops:
             raise UserError(f"train.ops=triton needs the triton package ({err}); expected train.ops=eager "
                             f"or auto on this machine") from None
 
-        return Ops("triton", fused_reparam_kl, fused_recon_loss)
+        def fused(mu, logvar, key=None):  # keyed: the kernel draws each row's eps from its counter
+            return fused_reparam_kl(mu, logvar) if key is None else fused_reparam_kl(mu, logvar, seed=key[0],
+                                                                                     row_offsets=key[1])
+
+        return Ops("triton", fused, fused_recon_loss)
     raise ValueError(f"ops {name!r}: expected eager, compiled, triton or auto")

@@ -16,17 +16,17 @@ from pathlib import Path
 import torch
 import yaml
 from accelerate import Accelerator
-from accelerate.utils import DataLoaderConfiguration, set_seed
-from torch.utils.data import DataLoader
+from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
-from fastvae import checkpoint, precision, reports
+from fastvae import checkpoint, noise, precision, reports
 from fastvae.config import Config, to_dict
 from fastvae.data import build_datasets
 from fastvae.data.loaders import build_train_loader
 from fastvae.errors import UserError
 from fastvae.losses import kl_weight, vae_loss
 from fastvae.models import build_model
+from fastvae.models.sync_batchnorm import convert_sync_batchnorm
 from fastvae.optim import build_optimizer, build_scheduler
 from fastvae.select_ops import select_ops
 from fastvae.stopping import DEFAULT_STOP_SIGNALS, NonFiniteGuard, StopSignal
@@ -46,9 +46,7 @@ def make_accelerator(cfg: Config) -> tuple[Accelerator, str]:
     return Accelerator(
         mixed_precision=mixed_precision,  # None: `accelerate launch --mixed_precision` decides
         gradient_accumulation_steps=cfg.train.grad_accum_steps,
-        cpu=cpu,
-        # Data order = f(seed, epoch), not of the global RNG: what makes exact resume possible.
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=cfg.seed),
+        cpu=cpu,  # the data loaders are not prepared: they shard themselves (fastvae.data.sharding)
         log_with="wandb" if cfg.logger == "wandb" else None,
     ), why
 
@@ -109,12 +107,11 @@ class Trainer:
         self.memory_format = MEMORY_FORMATS[cfg.train.memory_format]
         model = build_model(cfg).to(memory_format=self.memory_format)
         model.reparam_kl = self.ops.reparam_kl
+        if cfg.train.sync_batchnorm and acc.num_processes > 1:
+            model = convert_sync_batchnorm(model, acc.device)
         model.to(acc.device)  # before the optimizer: fused Adam needs its parameters on the GPU
         optimizer = build_optimizer(cfg, model.parameters(), acc.device)
-        if isinstance(self.train_loader, DataLoader):
-            self.model, self.optimizer, self.train_loader = acc.prepare(model, optimizer, self.train_loader)
-        else:  # in-memory or FFCV: already sharded and on the device
-            self.model, self.optimizer = acc.prepare(model, optimizer)
+        self.model, self.optimizer = acc.prepare(model, optimizer)
         self.raw_model = acc.unwrap_model(self.model)
         planned_steps = cfg.train.epochs * max(1, len(self.train_loader) // cfg.train.grad_accum_steps)
         self.total_steps = min(planned_steps, cfg.train.max_steps) if cfg.train.max_steps else planned_steps
@@ -129,6 +126,7 @@ class Trainer:
             self.log.trim_after(self.state.step)
         self.state.wandb_run_id = self.log.run_id
         self.guard = NonFiniteGuard(cfg.train.nonfinite, acc)
+        self.noise_seed = torch.tensor(cfg.seed, dtype=torch.int64, device=acc.device)
         self.forward_loss = self._forward_loss
         if cfg.train.compile:  # one graph from images to the loss (the ops and loss too, not only the model)
             mode = None if cfg.train.compile_mode == "default" else cfg.train.compile_mode
@@ -145,12 +143,15 @@ class Trainer:
         clipping and the optimizer step. Returns the batch's metrics as device tensors (no host
         sync), or None when train.nonfinite=skip dropped the batch."""
         cfg, acc = self.cfg, self.accelerator
-        x = batch[0].contiguous(memory_format=self.memory_format)
+        x, sample_ids = batch[0].contiguous(memory_format=self.memory_format), batch[2]
         beta = kl_weight(cfg.loss.beta, self.state.step, cfg.loss.kl_warmup_steps)
+        # Each sample's eps is keyed by (seed, step, its index): the same on any number of processes.
+        # beta and the step as device tensors: Python numbers would be baked into a compiled graph,
+        # which would then recompile every step.
+        step = torch.full((), self.state.step, dtype=torch.int64, device=x.device)
+        noise_key = (self.noise_seed, noise.row_offsets(sample_ids, self.raw_model.latent_dim, step))
         with acc.accumulate(self.model):
-            # beta as a device tensor: a Python float would be baked into a compiled graph, which
-            # KL warm-up would then recompile every step
-            loss, recon, kl = self.forward_loss(x, torch.full((), beta, device=x.device))
+            loss, recon, kl = self.forward_loss(x, torch.full((), beta, device=x.device), noise_key)
             if self.guard.batch_is_bad(self.state.step, recon, kl):  # this batch updates nothing
                 self.optimizer.zero_grad(set_to_none=True)  # (nor does the rest of its accumulation window)
                 return None
@@ -165,9 +166,9 @@ class Trainer:
         return {"loss": loss.detach(), "recon": recon.detach(), "kl": kl.detach(), "beta": beta,
                 "images": x.shape[0], "stepped": acc.sync_gradients}
 
-    def _forward_loss(self, x: torch.Tensor, beta: torch.Tensor):
+    def _forward_loss(self, x: torch.Tensor, beta: torch.Tensor, noise_key: tuple[torch.Tensor, torch.Tensor]):
         """(loss, recon[B], kl[B]) of a batch: the part of the step train.compile compiles."""
-        logits, _, _, kl = self.model(x)
+        logits, _, _, kl = self.model(x, noise_key)
         recon = self.ops.recon_loss(logits, x, self.cfg.loss.recon)
         return vae_loss(recon, kl, self.cfg.loss.recon_weight, beta), recon, kl
 
@@ -214,11 +215,7 @@ class Trainer:
         """This epoch's batches in its seeded order, without those a resumed run already trained."""
         self.train_loader.set_epoch(self.state.epoch)
         skip = self.state.batch_in_epoch
-        if not skip:
-            return self.train_loader
-        if hasattr(self.train_loader, "skip_first"):  # in-memory or FFCV
-            return self.train_loader.skip_first(skip)
-        return self.accelerator.skip_first_batches(self.train_loader, skip)
+        return self.train_loader.skip_first(skip) if skip else self.train_loader
 
     def _announce(self) -> None:
         cfg, acc = self.cfg, self.accelerator

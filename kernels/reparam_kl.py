@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastvae import losses
+from fastvae import losses, noise
 from fastvae.kernels.utils import (accumulation_dtype, launch_settings, per_sample_dtype, tile_offsets,
                                    tl_accumulation_dtype, triton_runs_on)
 
@@ -28,27 +28,41 @@ SEED_HIGH = 2**31 - 1
 
 
 @triton.jit
-def _eps(eps_ptr, seed, offsets, mask, HAS_EPS: tl.constexpr, ACC: tl.constexpr):
-    """eps from memory, or regenerated from Philox(seed, element index): the same numbers in fwd and bwd."""
+def _row_counters(row_offsets_ptr, rows, row_mask, HAS_ROWS: tl.constexpr):
+    """Each row's Philox counter of its element 0 (given per row, fastvae.noise), or 0 (unused)."""
+    if HAS_ROWS:
+        return tl.load(row_offsets_ptr + rows, mask=row_mask, other=0)
+    return rows.to(tl.int64) * 0
+
+
+@triton.jit
+def _eps(eps_ptr, seed, offsets, row_start, start, mask, HAS_EPS: tl.constexpr, HAS_ROWS: tl.constexpr,
+         ACC: tl.constexpr, BLOCK_N: tl.constexpr):
+    """eps from memory, or regenerated from Philox(seed, counter): the same numbers in fwd and bwd.
+    The counter is the element's index, or its row's given counter + its column."""
     if HAS_EPS:
         return tl.load(eps_ptr + offsets, mask=mask, other=0.0).to(ACC)
+    if HAS_ROWS:
+        return tl.randn(seed, row_start[:, None] + (start + tl.arange(0, BLOCK_N))[None, :]).to(ACC)
     return tl.randn(seed, offsets).to(ACC)
 
 
 @triton.jit
-def _forward_kernel(mu_ptr, logvar_ptr, eps_ptr, seed_ptr, z_ptr, kl_ptr, B, D,
-                    HAS_EPS: tl.constexpr, ACC: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr):
+def _forward_kernel(mu_ptr, logvar_ptr, eps_ptr, seed_ptr, row_offsets_ptr, z_ptr, kl_ptr, B, D,
+                    HAS_EPS: tl.constexpr, HAS_ROWS: tl.constexpr, ACC: tl.constexpr, BLOCK_B: tl.constexpr,
+                    BLOCK_N: tl.constexpr):
     """z = mu + exp(logvar/2) * eps ; kl[b] = -0.5 * sum_j (1 + logvar - mu^2 - exp(logvar))."""
     rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
     row_mask = rows < B
     seed = tl.load(seed_ptr)
+    row_start = _row_counters(row_offsets_ptr, rows, row_mask, HAS_ROWS)
     kl = tl.zeros((BLOCK_B, BLOCK_N), dtype=ACC)  # summed across columns once, after the loop
     for start in range(0, D, BLOCK_N):
         mask, offsets = tile_offsets(rows, row_mask, start, D, BLOCK_N)
         mu = tl.load(mu_ptr + offsets, mask=mask, other=0.0).to(ACC)
         logvar = tl.load(logvar_ptr + offsets, mask=mask, other=0.0).to(ACC)
         std = tl.exp(0.5 * logvar)
-        z = mu + std * _eps(eps_ptr, seed, offsets, mask, HAS_EPS, ACC)
+        z = mu + std * _eps(eps_ptr, seed, offsets, row_start, start, mask, HAS_EPS, HAS_ROWS, ACC, BLOCK_N)
         tl.store(z_ptr + offsets, z.to(z_ptr.dtype.element_ty), mask=mask)
         # masked lanes hold mu = logvar = 0, whose KL term is exactly 0
         kl += 1.0 + logvar - mu * mu - std * std
@@ -56,12 +70,14 @@ def _forward_kernel(mu_ptr, logvar_ptr, eps_ptr, seed_ptr, z_ptr, kl_ptr, B, D,
 
 
 @triton.jit
-def _backward_kernel(dz_ptr, dkl_ptr, mu_ptr, logvar_ptr, eps_ptr, seed_ptr, dmu_ptr, dlogvar_ptr, B, D,
-                     HAS_EPS: tl.constexpr, ACC: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr):
+def _backward_kernel(dz_ptr, dkl_ptr, mu_ptr, logvar_ptr, eps_ptr, seed_ptr, row_offsets_ptr, dmu_ptr,
+                     dlogvar_ptr, B, D, HAS_EPS: tl.constexpr, HAS_ROWS: tl.constexpr, ACC: tl.constexpr,
+                     BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr):
     """dmu = dz + dkl*mu ; dlogvar = dz*eps*0.5*exp(logvar/2) + dkl*0.5*(exp(logvar) - 1)."""
     rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
     row_mask = rows < B
     seed = tl.load(seed_ptr)
+    row_start = _row_counters(row_offsets_ptr, rows, row_mask, HAS_ROWS)
     dkl = tl.load(dkl_ptr + rows, mask=row_mask, other=0.0).to(ACC)[:, None]
     for start in range(0, D, BLOCK_N):
         mask, offsets = tile_offsets(rows, row_mask, start, D, BLOCK_N)
@@ -70,7 +86,7 @@ def _backward_kernel(dz_ptr, dkl_ptr, mu_ptr, logvar_ptr, eps_ptr, seed_ptr, dmu
         logvar = tl.load(logvar_ptr + offsets, mask=mask, other=0.0).to(ACC)
         std = tl.exp(0.5 * logvar)
         dmu = dz + dkl * mu
-        dlogvar = 0.5 * dz * _eps(eps_ptr, seed, offsets, mask, HAS_EPS, ACC) * std + 0.5 * dkl * (std * std - 1.0)
+        dlogvar = 0.5 * dz * _eps(eps_ptr, seed, offsets, row_start, start, mask, HAS_EPS, HAS_ROWS, ACC, BLOCK_N) * std + 0.5 * dkl * (std * std - 1.0)
         tl.store(dmu_ptr + offsets, dmu.to(dmu_ptr.dtype.element_ty), mask=mask)
         tl.store(dlogvar_ptr + offsets, dlogvar.to(dlogvar_ptr.dtype.element_ty), mask=mask)
 
@@ -78,41 +94,46 @@ def _backward_kernel(dz_ptr, dkl_ptr, mu_ptr, logvar_ptr, eps_ptr, seed_ptr, dmu
 # ---------------------------------------------------------------- launchers
 
 
-def _launch(kernel, B: int, D: int, device, *args, has_eps: bool, dtype: torch.dtype) -> None:
+def _launch(kernel, B: int, D: int, device, *args, has_eps: bool, has_rows: bool, dtype: torch.dtype) -> None:
     settings = launch_settings(B, D, device)
-    kernel[(triton.cdiv(B, settings["BLOCK_B"]),)](*args, B, D, HAS_EPS=has_eps, ACC=tl_accumulation_dtype(dtype),
-                                                   **settings)
+    kernel[(triton.cdiv(B, settings["BLOCK_B"]),)](*args, B, D, HAS_EPS=has_eps, HAS_ROWS=has_rows,
+                                                   ACC=tl_accumulation_dtype(dtype), **settings)
 
 
-def _forward_triton(mu, logvar, eps, seed):
+def _forward_triton(mu, logvar, eps, seed, row_offsets):
     mu, logvar = mu.contiguous(), logvar.contiguous()
     eps_arg = eps.contiguous() if eps is not None else mu  # a placeholder pointer, never read
+    rows_arg = row_offsets.contiguous() if row_offsets is not None else seed  # the same
     z = torch.empty_like(mu)
     kl = torch.empty(mu.shape[0], device=mu.device, dtype=per_sample_dtype(mu.dtype))
-    _launch(_forward_kernel, *mu.shape, mu.device, mu, logvar, eps_arg, seed, z, kl,
-            has_eps=eps is not None, dtype=mu.dtype)
+    _launch(_forward_kernel, *mu.shape, mu.device, mu, logvar, eps_arg, seed, rows_arg, z, kl,
+            has_eps=eps is not None, has_rows=row_offsets is not None, dtype=mu.dtype)
     return z, kl
 
 
-def _backward_triton(dz, dkl, mu, logvar, eps, seed):
+def _backward_triton(dz, dkl, mu, logvar, eps, seed, row_offsets):
     dz, dkl, mu, logvar = dz.contiguous(), dkl.contiguous(), mu.contiguous(), logvar.contiguous()
     eps_arg = eps.contiguous() if eps is not None else mu
+    rows_arg = row_offsets.contiguous() if row_offsets is not None else seed
     dmu, dlogvar = torch.empty_like(mu), torch.empty_like(logvar)
-    _launch(_backward_kernel, *mu.shape, mu.device, dz, dkl, mu, logvar, eps_arg, seed, dmu, dlogvar,
-            has_eps=eps is not None, dtype=mu.dtype)
+    _launch(_backward_kernel, *mu.shape, mu.device, dz, dkl, mu, logvar, eps_arg, seed, rows_arg, dmu, dlogvar,
+            has_eps=eps is not None, has_rows=row_offsets is not None, dtype=mu.dtype)
     return dmu, dlogvar
 
 
 # ---------------------------------------------------------------- reference fallback (no Triton here)
 
 
-def _reference(mu, logvar, eps, seed: Optional[int]):
-    """fastvae.losses with plain autograd (the math exists once, in eager form). Without eps: a torch
-    generator keyed by the seed (other numbers than Philox, same contract: one seed, one eps), or
-    torch's global generator; eps is then kept by autograd instead of regenerated."""
+def _reference(mu, logvar, eps, seed: Optional[int], row_offsets):
+    """fastvae.losses with plain autograd (the math exists once, in eager form). Without eps: the
+    kernel's own Philox numbers (fastvae.noise) when rows are keyed, else a torch generator keyed
+    by the seed (other numbers than Philox, same contract: one seed, one eps), or torch's global
+    generator; eps is then kept by autograd instead of regenerated."""
     acc = accumulation_dtype(mu.dtype)
-    if eps is None:
-        generator = torch.Generator(mu.device).manual_seed(seed % SEED_HIGH) if seed is not None else None
+    if eps is None and row_offsets is not None:
+        eps = noise.keyed_normal(seed, row_offsets, mu.shape[1])
+    elif eps is None:
+        generator = torch.Generator(mu.device).manual_seed(int(seed) % SEED_HIGH) if seed is not None else None
         eps = torch.randn(mu.shape, generator=generator, device=mu.device, dtype=torch.float32)
     m, lv = mu.to(acc), logvar.to(acc)
     z = losses.reparameterize(m, lv, eps.detach().to(acc))
@@ -123,60 +144,71 @@ def _reference(mu, logvar, eps, seed: Optional[int]):
 
 
 @torch.library.custom_op("fastvae::reparam_kl", mutates_args=())
-def reparam_kl_op(mu: torch.Tensor, logvar: torch.Tensor, eps: Optional[torch.Tensor],
-                  seed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    return _forward_triton(mu, logvar, eps, seed)
+def reparam_kl_op(mu: torch.Tensor, logvar: torch.Tensor, eps: Optional[torch.Tensor], seed: torch.Tensor,
+                  row_offsets: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    return _forward_triton(mu, logvar, eps, seed, row_offsets)
 
 
 @reparam_kl_op.register_fake
-def _(mu, logvar, eps, seed):
+def _(mu, logvar, eps, seed, row_offsets):
     return torch.empty_like(mu), mu.new_empty(mu.shape[0], dtype=per_sample_dtype(mu.dtype))
 
 
 @torch.library.custom_op("fastvae::reparam_kl_backward", mutates_args=())
 def reparam_kl_backward_op(dz: torch.Tensor, dkl: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor,
-                           eps: Optional[torch.Tensor], seed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    return _backward_triton(dz, dkl, mu, logvar, eps, seed)
+                           eps: Optional[torch.Tensor], seed: torch.Tensor,
+                           row_offsets: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    return _backward_triton(dz, dkl, mu, logvar, eps, seed, row_offsets)
 
 
 @reparam_kl_backward_op.register_fake
-def _(dz, dkl, mu, logvar, eps, seed):
+def _(dz, dkl, mu, logvar, eps, seed, row_offsets):
     return torch.empty_like(mu), torch.empty_like(logvar)
 
 
 def _setup_context(ctx, inputs, output):
-    mu, logvar, eps, seed = inputs
-    ctx.save_for_backward(mu, logvar, eps, seed)  # eps is None when drawn in-kernel: nothing stored
+    mu, logvar, eps, seed, row_offsets = inputs
+    ctx.save_for_backward(mu, logvar, eps, seed, row_offsets)  # eps is None when drawn in-kernel: nothing stored
 
 
 def _backward(ctx, dz, dkl):
-    mu, logvar, eps, seed = ctx.saved_tensors
-    dmu, dlogvar = reparam_kl_backward_op(dz, dkl, mu, logvar, eps, seed)
-    return dmu, dlogvar, None, None  # eps is noise and seed an integer: no gradients
+    mu, logvar, eps, seed, row_offsets = ctx.saved_tensors
+    dmu, dlogvar = reparam_kl_backward_op(dz, dkl, mu, logvar, eps, seed, row_offsets)
+    return dmu, dlogvar, None, None, None  # eps is noise, seed and counters integers: no gradients
 
 
 reparam_kl_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def fused_reparam_kl(mu: torch.Tensor, logvar: torch.Tensor, eps: Optional[torch.Tensor] = None,
-                     seed: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor]:
+                     seed=None, row_offsets: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(z, kl[B]) in one pass over mu and logvar (the reference math where Triton cannot run).
 
     eps given: z = mu + exp(logvar/2) * eps. eps None: drawn inside the kernel from
     Philox keyed by `seed` and regenerated in backward instead of stored. Without a
     seed, one is drawn from torch's generator of mu's device, on that device: so
     torch.manual_seed and checkpointed RNG state reproduce it, and no host sync is needed.
+    `seed` may be an int or an int64 tensor on mu's device (read by the kernel: no host sync).
+    row_offsets (int64 [B], fastvae.noise.row_offsets): row b draws at counters row_offsets[b] + j,
+    the numbers fastvae.noise.keyed_normal gives, so a sample's eps does not depend on its batch.
     """
     if mu.shape != logvar.shape or mu.ndim != 2:
         raise ValueError(f"mu {tuple(mu.shape)} and logvar {tuple(logvar.shape)}: expected equal [B, D] shapes")
     if eps is not None and eps.shape != mu.shape:
         raise ValueError(f"eps {tuple(eps.shape)}: expected the shape of mu {tuple(mu.shape)}")
+    if row_offsets is not None and (seed is None or row_offsets.shape != mu.shape[:1]):
+        raise ValueError(f"row_offsets {tuple(row_offsets.shape)}: expected [B] = [{mu.shape[0]}] and a seed")
     if not triton_runs_on(mu.device):
-        return _reference(mu, logvar, eps, seed)
+        return _reference(mu, logvar, eps, seed, row_offsets)
     if eps is not None:
         eps, seed_t = eps.detach(), torch.zeros((), dtype=torch.int64, device=mu.device)  # unused: draw nothing
+        row_offsets = None
     elif seed is None:
         seed_t = torch.randint(0, SEED_HIGH, (), dtype=torch.int64, device=mu.device)
+    elif isinstance(seed, torch.Tensor):
+        seed_t = seed.to(device=mu.device, dtype=torch.int64).reshape(())
     else:
         seed_t = torch.tensor(int(seed) % SEED_HIGH, dtype=torch.int64, device=mu.device)
-    return reparam_kl_op(mu, logvar, eps, seed_t)
+    if row_offsets is not None:
+        row_offsets = row_offsets.to(torch.int64)
+    return reparam_kl_op(mu, logvar, eps, seed_t, row_offsets)

@@ -9,7 +9,6 @@ from fastvae.kernels import fused_recon_loss, fused_reparam_kl
 from fastvae.models import ConvVAE
 from fastvae.select_ops import select_ops
 from fastvae.train import train
-from fastvae.trainer import Trainer
 from helpers import tiny_config
 
 
@@ -60,25 +59,15 @@ def epoch_records(out_dir):
     return [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_triton_training_matches_eager_given_the_same_noise(tmp_path):
+def test_triton_training_draws_the_eager_noise_and_matches_eager(tmp_path):
+    # training keys every sample's eps (fastvae.noise): the kernel draws in-kernel the Philox numbers
+    # the eager ops compute in torch, so the two runs differ only by float rounding
     for ops in ("eager", "triton"):
-        trainer = Trainer(tiny_config(tmp_path / ops, "train.epochs=2", f"train.ops={ops}"))
-        selected = trainer.ops.reparam_kl
-        # both ops get eps from the same draw of torch's generator (the kernel would draw Philox eps)
-        trainer.raw_model.reparam_kl = lambda mu, logvar, op=selected: op(mu, logvar, eps=torch.randn_like(mu.float()))
-        trainer.fit()
+        train(tiny_config(tmp_path / ops, "train.epochs=2", f"train.ops={ops}"))
     eager, fused = epoch_records(tmp_path / "eager"), epoch_records(tmp_path / "triton")
+    assert len(eager) == len(fused) == 2
     for e, f in zip(eager, fused):
         for key in ("loss", "recon", "test_loss"):
             assert f[key] == pytest.approx(e[key], rel=1e-4), key
         assert f["kl"] == pytest.approx(e["kl"], rel=1e-3, abs=1e-4)  # KL is ~0.1 early on: rounding shows
-
-
-def test_triton_training_with_in_kernel_noise_follows_eager(tmp_path):
-    for ops in ("eager", "triton"):
-        train(tiny_config(tmp_path / ops, "data.limit=512", "train.epochs=3", f"train.ops={ops}"))
-    eager, fused = epoch_records(tmp_path / "eager"), epoch_records(tmp_path / "triton")
-    # Philox noise instead of torch's: same math, other draws, so agreement within the noise
-    for e, f in zip(eager, fused):
-        assert f["loss"] == pytest.approx(e["loss"], rel=0.05)
-    assert fused[-1]["loss"] < fused[0]["loss"] - 30
+    assert fused[-1]["loss"] < fused[0]["loss"]

@@ -23,6 +23,7 @@ from torchvision.transforms.v2.functional import to_dtype
 
 from fastvae.commands import ffcv_parser
 from fastvae.config import Config, load_config
+from fastvae.data.sharding import ShardPlan
 from fastvae.errors import UserError, exit_on_user_error
 
 INSTALL_HINT = ("apt-get install -y libopencv-dev libturbojpeg0-dev && pip install 'fastvae[ffcv]' "
@@ -164,30 +165,51 @@ def check_beton(path: str | Path) -> int:
     return int(reader.num_samples)
 
 
+class ShardOrder:
+    """An FFCV TraversalOrder giving this rank its shares of fastvae.data.sharding's global batches,
+    concatenated: FFCV cuts them into batch_size batches again. FFCV's Loader takes an order as an
+    instance it calls with itself (ffcv/loader/loader.py), hence __call__."""
+
+    def __init__(self, plan: ShardPlan) -> None:
+        self.plan = plan
+
+    def __call__(self, loader):
+        return self
+
+    def sample_order(self, epoch: int):
+        shares = list(self.plan.shares(epoch))
+        return torch.cat(shares).numpy() if shares else np.zeros(0, dtype=np.int64)
+
+
 class FFCVTrainLoader:
     """Training batches (image float NCHW in [0, 1] on the device, label, index) from a .beton.
 
-    Order: seeded random (or quasi-random) permutation per epoch; with several
-    processes FFCV's distributed traversal gives each rank its own shard (a
-    DistributedSampler inside: padded by repetition when the sample count does
-    not divide evenly, so make it divide for strictly disjoint shards).
+    Order: data.order=random follows fastvae.data.sharding, the rule of every fastvae loader
+    (FFCV's own distributed order pads shards with repeated images); quasi_random is FFCV's
+    page-local order, for one process (FFCV does not shard it).
     """
 
     def __init__(self, path: str | Path, batch_size: int, channels: int, device: torch.device, seed: int,
-                 order: str = "random", flip: bool = False, drop_last: bool = True, distributed: bool = False,
-                 num_workers: int = 1) -> None:
-        check_beton(path)
+                 order: str = "random", flip: bool = False, drop_last: bool = True, rank: int = 0,
+                 world_size: int = 1, num_workers: int = 1) -> None:
+        images = check_beton(path)
+        if order == "quasi_random" and world_size > 1:
+            raise UserError(f"data.order=quasi_random with {world_size} processes: FFCV cannot shard that "
+                            f"order; expected data.order=random")
         from ffcv.fields.decoders import IntDecoder, SimpleRGBImageDecoder
         from ffcv.loader import Loader, OrderOption
+        from ffcv.traversal_order.base import TraversalOrder
         from ffcv.transforms import RandomHorizontalFlip, Squeeze, ToDevice, ToTensor, ToTorchImage
 
         self.channels, self.device = channels, device
         image = [SimpleRGBImageDecoder()] + ([RandomHorizontalFlip()] if flip else [])
         image += [ToTensor(), ToDevice(device, non_blocking=device.type == "cuda"), ToTorchImage()]
         ints = [IntDecoder(), ToTensor(), Squeeze(), ToDevice(device, non_blocking=device.type == "cuda")]
+        TraversalOrder.register(ShardOrder)  # what FFCV's Loader checks an order object for
+        plan = ShardPlan(images, batch_size, seed, rank, world_size, drop_last)
         self.loader = Loader(str(path), batch_size=batch_size, num_workers=num_workers, seed=seed,
-                             order=OrderOption.RANDOM if order == "random" else OrderOption.QUASI_RANDOM,
-                             distributed=distributed, drop_last=drop_last,
+                             order=ShardOrder(plan) if order == "random" else OrderOption.QUASI_RANDOM,
+                             drop_last=drop_last,
                              pipelines={"image": image, "label": ints, "index": ints, "attributes": None})
 
     def __len__(self) -> int:

@@ -1,6 +1,6 @@
-"""The training loader: batches from the data set held in memory, a torch DataLoader (handed to
-accelerate.prepare, which shards it per rank), or an FFCV loader. The in-memory and FFCV loaders
-are sharded per rank and deliver batches on the device themselves."""
+"""The training loader: batches from the data set held in memory, from a torch DataLoader, or from
+an FFCV loader. All three shard by one rule (fastvae.data.sharding), deliver (x, label, sample id)
+on the device, and resume inside an epoch with skip_first."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from torch.utils.data import DataLoader
 from fastvae.config import Config
 from fastvae.data.base import collate_skipping_corrupt
 from fastvae.data.memory import InMemoryLoader, decode_to_memory, in_memory_tensors
+from fastvae.data.sharding import ShardPlan
 from fastvae.errors import UserError
 
 
@@ -23,7 +24,7 @@ def build_train_loader(cfg: Config, train_set, num_processes: int, device: torch
         from fastvae.data.ffcv import FFCVTrainLoader
 
         return FFCVTrainLoader(cfg.data.beton, cfg.data.batch_size, cfg.data.channels, device, cfg.seed,
-                               cfg.data.order, cfg.data.flip, cfg.data.drop_last, distributed=num_processes > 1,
+                               cfg.data.order, cfg.data.flip, cfg.data.drop_last, rank, num_processes,
                                num_workers=max(1, cfg.data.num_workers))
     tensors = in_memory_tensors(train_set) if cfg.data.loader in ("auto", "memory") else None
     if tensors is None and cfg.data.loader == "memory":
@@ -34,10 +35,50 @@ def build_train_loader(cfg: Config, train_set, num_processes: int, device: torch
     if cfg.data.flip:
         raise UserError(f"data.flip: random flips need data.loader=memory or ffcv, and {cfg.data.name} is read "
                         f"image by image; expected data.flip=false or data.loader=ffcv")
-    return DataLoader(
-        train_set, batch_size=cfg.data.batch_size, shuffle=True, drop_last=cfg.data.drop_last,
-        num_workers=cfg.data.num_workers, persistent_workers=cfg.data.num_workers > 0,
-        # a private generator: creating an iterator must not draw from the global RNG (exact resume)
-        generator=torch.Generator().manual_seed(cfg.seed),
-        collate_fn=collate_skipping_corrupt,
-    )
+    plan = ShardPlan(len(train_set), cfg.data.batch_size, cfg.seed, rank, num_processes, cfg.data.drop_last)
+    return TorchTrainLoader(train_set, plan, device, cfg.data.num_workers)
+
+
+class ShardBatchSampler:
+    """The batch_sampler of a DataLoader: this rank's index batches of the epoch, from `start` on."""
+
+    def __init__(self, plan: ShardPlan) -> None:
+        self.plan, self.epoch, self.start = plan, 0, 0
+
+    def __len__(self) -> int:
+        return len(self.plan) - self.start
+
+    def __iter__(self):
+        return (share.tolist() for share in self.plan.shares(self.epoch, self.start))
+
+
+class TorchTrainLoader:
+    """A torch DataLoader (workers decode images) over this rank's shard, batches moved to the device."""
+
+    def __init__(self, dataset, plan: ShardPlan, device: torch.device, num_workers: int) -> None:
+        self.sampler, self.device = ShardBatchSampler(plan), device
+        self.loader = DataLoader(
+            dataset, batch_sampler=self.sampler, num_workers=num_workers, persistent_workers=num_workers > 0,
+            pin_memory=device.type == "cuda", collate_fn=collate_skipping_corrupt,
+            # a private generator: creating an iterator must not draw from the global RNG (exact resume)
+            generator=torch.Generator())
+
+    def __len__(self) -> int:
+        return len(self.sampler.plan)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.sampler.epoch, self.sampler.start = epoch, 0
+
+    def _batches(self):
+        non_blocking = self.device.type == "cuda"
+        for x, label, index in self.loader:
+            yield x.to(self.device, non_blocking=non_blocking), label.to(self.device), index.to(self.device)
+
+    def __iter__(self):
+        self.sampler.start = 0
+        return self._batches()
+
+    def skip_first(self, n: int):
+        """This epoch's batches after the first n (resume inside an epoch)."""
+        self.sampler.start = n
+        return self._batches()

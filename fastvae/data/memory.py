@@ -5,11 +5,8 @@ A torch DataLoader calls `__getitem__` once per image and collates the results; 
 one gather from the uint8 tensor and one uint8 -> float conversion (the same conversion as every
 other fastvae loader, so inputs are bit-identical), with random flips on the device.
 
-Order: a permutation seeded by (seed, epoch), so resuming skips batches of the same order. With
-several processes every global batch of world x batch_size images is split into one contiguous
-share per rank: the shards are disjoint and every rank gets the same number of batches. The last
-partial global batch (data.drop_last=false) is split evenly across ranks, and dropped when it has
-fewer images than there are ranks.
+Order and shards: fastvae.data.sharding (the rule every loader follows), with the epoch's
+permutation held on the device.
 """
 
 from __future__ import annotations
@@ -20,6 +17,7 @@ from torchvision.transforms.v2.functional import to_dtype
 from tqdm.auto import tqdm
 
 from fastvae.data.base import ImageTensorDataset, in_order_loader
+from fastvae.data.sharding import ShardPlan
 
 
 def decode_to_memory(dataset) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -48,33 +46,22 @@ class InMemoryLoader:
                  flip: bool = False, rank: int = 0, world_size: int = 1) -> None:
         images, labels, indices = tensors
         self.images, self.labels, self.indices = images.to(device), labels.to(device), indices.to(device)
-        self.batch_size, self.seed, self.device, self.drop_last, self.flip = batch_size, seed, device, drop_last, flip
-        self.rank, self.world_size, self.epoch = rank, world_size, 0
+        self.plan = ShardPlan(len(images), batch_size, seed, rank, world_size, drop_last)
+        self.seed, self.device, self.flip, self.epoch = seed, device, flip, 0
 
     def __len__(self) -> int:
-        per_step = self.batch_size * self.world_size
-        n = len(self.images)
-        if self.drop_last:
-            return n // per_step
-        last = n % per_step
-        return n // per_step + (last >= self.world_size)
+        return len(self.plan)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
-    def _generator(self, purpose: int) -> torch.Generator:
-        # one stream per (seed, epoch, purpose): the order and the flips of an epoch never depend
-        # on how many batches were drawn before (exact resume)
-        return torch.Generator().manual_seed((self.seed * 1_000_003 + self.epoch) * 2 + purpose)
-
     def _batches(self, start: int):
-        order = torch.randperm(len(self.images), generator=self._generator(0)).to(self.device)
-        per_step = self.batch_size * self.world_size
-        if self.flip:
-            flips = torch.rand(len(self.images), generator=self._generator(1)).to(self.device) < 0.5
+        order = self.plan.order(self.epoch).to(self.device)
+        if self.flip:  # one draw per image and epoch: the flips never depend on how many batches ran before
+            generator = torch.Generator().manual_seed((self.seed * 1_000_003 + self.epoch) * 2 + 1)
+            flips = torch.rand(len(self.images), generator=generator).to(self.device) < 0.5
         for b in range(start, len(self)):
-            global_batch = order[b * per_step:(b + 1) * per_step]
-            take = torch.tensor_split(global_batch, self.world_size)[self.rank]
+            take = self.plan.share(order, b)
             x = to_dtype(self.images[take], torch.float32, scale=True)
             if self.flip:
                 x = torch.where(flips[take].view(-1, 1, 1, 1), x.flip(-1), x)

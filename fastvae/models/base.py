@@ -31,7 +31,9 @@ class VAE(nn.Module):
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
-    def forward(self, x: torch.Tensor):
+    def forward(self, x: torch.Tensor, noise_key: tuple[torch.Tensor, torch.Tensor] | None = None):
+        """noise_key: (seed, row counters) of fastvae.noise, to draw each sample's own eps; None:
+        eps from torch's generator."""
         mu, logvar = self.encode(x)
-        z, kl = self.reparam_kl(mu, logvar)
+        z, kl = self.reparam_kl(mu, logvar) if noise_key is None else self.reparam_kl(mu, logvar, noise_key)
         return self.decode(z.to(mu.dtype)), mu, logvar, kl

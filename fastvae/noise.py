@@ -1,0 +1,71 @@
+"""Reparameterization noise keyed by what a sample is, not by where it is computed.
+
+eps of sample i in training step s is Philox(seed; counter = (i * D + j, s)), i its index in the
+data set. Every process draws the eps of its own samples and gets the numbers a single process
+would have drawn for them: N processes x B/N follow the trajectory of 1 x B, whatever the loader,
+the world size or the position of the sample in its batch.
+
+`philox_normal` is Triton's `tl.randn(seed, offset)` written in torch (triton/language/random.py:
+Philox4x32-10 on (offset low, offset high, 0, 0) with the 64-bit seed as key, then Box-Muller), so
+the fused kernel drawing in-kernel and the eager ops drawing here give the same eps. torch has no
+keyed normal of its own: its generators are streams, whose numbers depend on what was drawn before.
+"""
+
+from __future__ import annotations
+
+import torch
+
+_MASK32 = 0xFFFFFFFF
+_KEY_A, _KEY_B = 0x9E3779B9, 0xBB67AE85
+_ROUND_A, _ROUND_B = 0xD2511F53, 0xCD9E8D57
+_STREAM_SHIFT = 32  # the counter's high word: the step (or importance sample) the noise is for
+
+
+def _mul_hi_lo(a: int, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(high, low) 32-bit words of a * b for a 32-bit constant a and uint32 values b in int64
+    tensors; b is split in 16-bit halves so no product leaves int64."""
+    b_hi, b_lo = b >> 16, b & 0xFFFF
+    p_hi, p_lo = a * b_hi, a * b_lo  # each < 2**48
+    high = (p_hi + (p_lo >> 16)) >> 16
+    low = (((p_hi & 0xFFFF) << 16) + p_lo) & _MASK32
+    return high, low
+
+
+def philox_uint32x2(seed: torch.Tensor | int, offsets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first two uint32 words of Philox4x32-10 (as int64) for each int64 counter in `offsets`."""
+    seed = torch.as_tensor(seed, dtype=torch.int64, device=offsets.device)
+    k0, k1 = seed & _MASK32, (seed >> 32) & _MASK32
+    c0, c1 = offsets & _MASK32, (offsets >> 32) & _MASK32
+    c2 = c3 = torch.zeros_like(c0)
+    for _ in range(10):
+        hi_b, lo_b = _mul_hi_lo(_ROUND_B, c2)
+        hi_a, lo_a = _mul_hi_lo(_ROUND_A, c0)
+        c0, c1, c2, c3 = hi_b ^ c1 ^ k0, lo_b, hi_a ^ c3 ^ k1, lo_a
+        k0, k1 = (k0 + _KEY_A) & _MASK32, (k1 + _KEY_B) & _MASK32
+    return c0, c1
+
+
+def _uniform(words: torch.Tensor) -> torch.Tensor:
+    """Triton's uint_to_uniform_float: the word as int32, negatives folded by ~x, times 2**-31."""
+    signed = torch.where(words >= 2**31, words - 2**32, words)
+    folded = torch.where(signed < 0, ~signed, signed)
+    return folded.to(torch.float32) * 4.6566127342e-10
+
+
+def philox_normal(seed: torch.Tensor | int, offsets: torch.Tensor) -> torch.Tensor:
+    """float32 N(0, 1) per counter, equal to Triton's tl.randn(seed, offsets)."""
+    w0, w1 = philox_uint32x2(seed, offsets)
+    u1, u2 = _uniform(w0).clamp_min(1.0e-7), _uniform(w1)
+    return torch.sqrt(-2.0 * torch.log(u1)) * torch.cos(6.283185307179586 * u2)
+
+
+def row_offsets(sample_ids: torch.Tensor, dim: int, stream: torch.Tensor | int) -> torch.Tensor:
+    """The Philox counter of element 0 of each row: (stream << 32) + sample_id * dim."""
+    return (torch.as_tensor(stream, dtype=torch.int64, device=sample_ids.device) << _STREAM_SHIFT) \
+        + sample_ids.to(torch.int64) * dim
+
+
+def keyed_normal(seed: torch.Tensor | int, offsets_of_rows: torch.Tensor, dim: int) -> torch.Tensor:
+    """eps [B, dim]: row b, column j drawn at counter offsets_of_rows[b] + j."""
+    columns = torch.arange(dim, dtype=torch.int64, device=offsets_of_rows.device)
+    return philox_normal(seed, offsets_of_rows[:, None] + columns)
