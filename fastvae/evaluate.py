@@ -13,22 +13,29 @@ Likelihoods (nats per image; bits/dim = nats / (pixels * ln 2)):
   (pixels / 2) * log(pi), so the ELBO here is the training objective, normalized.
 
 IWAE (Burda et al. 2015): log p(x) >= log (1/K) sum_k p(x, z_k) / q(z_k|x),
-z_k ~ q(z|x); K = 1 is a one-sample ELBO. Samples come one per k from a seeded
-generator and are decoded in chunks with a running logsumexp in float64, so
-memory is bounded and the chunk size does not change the result.
+z_k ~ q(z|x); K = 1 is a one-sample ELBO. Each sample's eps is keyed by (seed, k,
+image index) and samples are decoded in chunks with a running logsumexp in
+float64, so memory is bounded and the chunk size does not change the result.
+
+Under `accelerate launch -m fastvae.evaluate` every process evaluates a contiguous
+share of the images and the sums are all-reduced: the report is the one a single
+process writes (to float rounding), and only the main process writes it.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
-from fastvae import losses
+from torch.utils.data import Subset
+
+from fastvae import losses, noise
 from fastvae.commands import evaluate_parser
 from fastvae.data import in_order_loader
 from fastvae.errors import UserError, exit_on_user_error
@@ -60,17 +67,25 @@ def log_normal(z: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor) -> torch
     return -0.5 * (LOG_2PI + logvar + (z - mu) ** 2 / logvar.exp()).sum(-1)
 
 
+def eval_noise(seed: int, sample_ids: torch.Tensor, dim: int, draw: int) -> torch.Tensor:
+    """eps [B, dim] (float64) of draw `draw` (0: the ELBO's, 1..K: importance samples) for these
+    samples: keyed by (seed, draw, sample id) as in training (fastvae.noise), so any chunking of the
+    draws and any split of the images over processes give the same numbers."""
+    offsets = noise.row_offsets(sample_ids, dim, draw)
+    return noise.keyed_normal(seed, offsets, dim, torch.float64)
+
+
 @torch.no_grad()
-def iwae_bound(model, x: torch.Tensor, likelihood: Likelihood, k: int, chunk: int,
-               generator: torch.Generator) -> torch.Tensor:
+def iwae_bound(model, x: torch.Tensor, likelihood: Likelihood, k: int, chunk: int, seed: int = 0,
+               sample_ids: torch.Tensor | None = None) -> torch.Tensor:
     """Importance-weighted bound on log p(x) per image [B], float64."""
     mu, logvar = (t.double() for t in model.encode(x))
+    ids = (sample_ids if sample_ids is not None else torch.arange(len(x))).to(mu.device)
     running = torch.full((len(x),), -math.inf, dtype=torch.float64, device=mu.device)
     for start in range(0, k, chunk):
         c = min(chunk, k - start)
-        # one draw per importance sample, in order: the same numbers whatever the chunk size
-        eps = torch.stack([torch.randn(mu.shape, generator=generator, dtype=torch.float64) for _ in range(c)])
-        z = losses.reparameterize(mu, logvar, eps.to(mu.device))  # [c, B, D]
+        eps = torch.stack([eval_noise(seed, ids, mu.shape[1], 1 + start + i) for i in range(c)])
+        z = losses.reparameterize(mu, logvar, eps)  # [c, B, D]
         logits = model.decode(z.reshape(c * len(x), -1).to(next(model.parameters()).dtype))
         log_px = likelihood.log_prob(logits, x.repeat(c, *([1] * (x.ndim - 1)))).view(c, len(x))
         log_w = log_px + log_normal(z, torch.zeros_like(z), torch.zeros_like(z)) - log_normal(z, mu, logvar)
@@ -78,56 +93,93 @@ def iwae_bound(model, x: torch.Tensor, likelihood: Likelihood, k: int, chunk: in
     return running - math.log(k)
 
 
-@torch.no_grad()
+class EvalSums:
+    """What the report is made of, as one float64 vector: summed over batches, then over processes."""
+
+    SCALARS = ("recon", "kl", "iwae", "sq_err", "images")
+
+    def __init__(self, latent_dim: int, device) -> None:
+        self.d = latent_dim
+        self.values = torch.zeros(len(self.SCALARS) + 3 * latent_dim, dtype=torch.float64, device=device)
+
+    def add(self, recon, kl_per_dim, iwae, sq_err, mu) -> None:
+        self.values += torch.cat([torch.stack([recon.sum(), kl_per_dim.sum(), iwae.sum(), sq_err.sum(),
+                                               torch.tensor(float(len(mu)), dtype=torch.float64, device=mu.device)]),
+                                  kl_per_dim.sum(0), mu.sum(0), (mu * mu).sum(0)])
+
+    def scalar(self, name: str) -> float:
+        return self.values[self.SCALARS.index(name)].item()
+
+    def per_dim(self, block: int) -> torch.Tensor:
+        start = len(self.SCALARS) + block * self.d
+        return self.values[start:start + self.d].cpu()
+
+
+def shard_of(total: int, shard: tuple[int, int]) -> list[int]:
+    """The positions one process evaluates: a contiguous share of the first `total` images."""
+    rank, world = shard
+    return torch.tensor_split(torch.arange(total), world)[rank].tolist()
+
+
 def evaluate_model(model, dataset, likelihood: Likelihood, iwae_samples: int = 0, chunk: int = 100,
                    max_images: int | None = None, binarize: bool = False, seed: int = 0,
-                   batch_size: int = 100, progress: bool = False) -> dict:
-    """All metrics over (up to max_images of) a dataset; see the module docstring for definitions."""
+                   batch_size: int = 100, progress: bool = False, shard: tuple[int, int] = (0, 1),
+                   all_reduce=None) -> dict:
+    """All metrics over (up to max_images of) a dataset; see the module docstring for definitions.
+    With several processes each evaluates its `shard` (rank, world size) and `all_reduce` (a sum
+    over processes) makes every process's report that of the whole split."""
+    sums, pixels = evaluate_sums(model, dataset, likelihood, iwae_samples, chunk, max_images, binarize, seed,
+                                 batch_size, progress, shard)
+    if all_reduce is not None:
+        sums.values = all_reduce(sums.values)
+    return report_of(sums, pixels, likelihood, binarize, iwae_samples)
+
+
+@torch.no_grad()
+def evaluate_sums(model, dataset, likelihood: Likelihood, iwae_samples: int, chunk: int, max_images: int | None,
+                  binarize: bool, seed: int, batch_size: int, progress: bool,
+                  shard: tuple[int, int]) -> tuple[EvalSums, int]:
+    """(the sums of this process's share of the images, pixels per image)."""
     model.eval()
     device = next(model.parameters()).device
-    g = torch.Generator().manual_seed(seed)
-    sums = {"recon": 0.0, "kl": 0.0, "iwae": 0.0, "sq_err": 0.0}
-    mus, kl_dims, n, pixels = [], [], 0, None
+    dtype = next(model.parameters()).dtype
     total = min(len(dataset), max_images or len(dataset))
-    bar = tqdm(total=total, desc="evaluate", unit="img", disable=not progress)
-    for x, _, _ in in_order_loader(dataset, batch_size):
-        x = x[: total - n].to(device)
+    sums, pixels = EvalSums(model.latent_dim, device), None
+    bar = tqdm(total=total, desc="evaluate", unit="img", disable=not progress or shard[0] != 0)
+    for x, _, sample_ids in in_order_loader(Subset(dataset, shard_of(total, shard)), batch_size):
+        x, sample_ids, pixels = x.to(device), torch.as_tensor(sample_ids).to(device), x[0].numel()
         if binarize:
             x = (x > 0.5).to(x.dtype)
-        pixels = x[0].numel()
         mu, logvar = (t.double() for t in model.encode(x))
-        z = losses.reparameterize(mu, logvar, torch.randn(mu.shape, generator=g, dtype=torch.float64).to(device))
-        dtype = next(model.parameters()).dtype
-        sums["recon"] += -likelihood.log_prob(model.decode(z.to(dtype)), x).sum().item()
-        kl_per_dim = losses.kl_divergence_per_dim(mu, logvar)
-        sums["kl"] += kl_per_dim.sum().item()
-        kl_dims.append(kl_per_dim.sum(0))
-        mus.append(mu.cpu())
-        recon_mean = torch.sigmoid(model.decode(mu.to(dtype)).double())
-        sums["sq_err"] += ((recon_mean - x.double()) ** 2).sum().item()
-        if iwae_samples:
-            sums["iwae"] += iwae_bound(model, x, likelihood, iwae_samples, chunk, g).sum().item()
-        n += len(x)
-        bar.update(len(x))
-        if n >= total:
-            break
+        z = losses.reparameterize(mu, logvar, eval_noise(seed, sample_ids, mu.shape[1], 0))
+        recon = -likelihood.log_prob(model.decode(z.to(dtype)), x)
+        sq_err = (torch.sigmoid(model.decode(mu.to(dtype)).double()) - x.double()).pow(2).flatten(1).sum(1)
+        iwae = (iwae_bound(model, x, likelihood, iwae_samples, chunk, seed, sample_ids) if iwae_samples
+                else torch.zeros(len(x), dtype=torch.float64, device=device))
+        sums.add(recon, losses.kl_divergence_per_dim(mu, logvar), iwae, sq_err, mu)
+        bar.update(len(x) * shard[1])
     bar.close()
-    mu_all = torch.cat(mus)
-    activity = mu_all.var(dim=0, unbiased=True) if n > 1 else torch.zeros(mu_all.shape[1], dtype=torch.float64)
-    mse = sums["sq_err"] / (n * pixels)
-    elbo = -(sums["recon"] + sums["kl"]) / n
+    return sums, pixels or dataset[0][0].numel()  # (a process whose share was empty reads one image)
+
+
+def report_of(sums: EvalSums, pixels: int, likelihood: Likelihood, binarize: bool, iwae_samples: int) -> dict:
+    n = sums.scalar("images")
+    mu_sum, mu_sq = sums.per_dim(1), sums.per_dim(2)
+    activity = (mu_sq - mu_sum * mu_sum / n) / (n - 1) if n > 1 else torch.zeros_like(mu_sum)  # unbiased Var_x
+    mse = sums.scalar("sq_err") / (n * pixels)
+    elbo = -(sums.scalar("recon") + sums.scalar("kl")) / n
     to_bits = 1.0 / (pixels * math.log(2))
     out = {
-        "images": n, "pixels_per_image": pixels, "likelihood": likelihood.kind,
+        "images": int(n), "pixels_per_image": pixels, "likelihood": likelihood.kind,
         "gaussian_var": likelihood.gaussian_var if likelihood.kind == "mse" else None, "binarized": binarize,
         "elbo_nats": elbo, "elbo_bits_per_dim": elbo * to_bits,
-        "recon_nll_nats": sums["recon"] / n, "kl_nats": sums["kl"] / n,
-        "active_units": int((activity > ACTIVE_UNIT_THRESHOLD).sum()), "latent_dim": int(mu_all.shape[1]),
-        "unit_activity": activity.tolist(), "kl_per_dim_nats": (torch.stack(kl_dims).sum(0) / n).tolist(),
+        "recon_nll_nats": sums.scalar("recon") / n, "kl_nats": sums.scalar("kl") / n,
+        "active_units": int((activity > ACTIVE_UNIT_THRESHOLD).sum()), "latent_dim": sums.d,
+        "unit_activity": activity.tolist(), "kl_per_dim_nats": (sums.per_dim(0) / n).tolist(),
         "recon_mse": mse, "psnr_db": 10 * math.log10(1.0 / mse) if mse > 0 else math.inf,
     }
     if iwae_samples:
-        nll = -sums["iwae"] / n
+        nll = -sums.scalar("iwae") / n
         out.update({"iwae_samples": iwae_samples, "iwae_log_likelihood_nats": -nll, "iwae_nll_nats": nll,
                     "iwae_nll_bits_per_dim": nll * to_bits})
     return out
@@ -171,6 +223,22 @@ def parse_args(argv):
     return evaluate_parser().parse_args(argv)
 
 
+def launched_processes(device: str | None):
+    """accelerate's PartialState when `accelerate launch` started several processes (each then
+    evaluates a share), else None. On the CPU (or --device cpu) the processes talk over gloo."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return None
+    from accelerate import PartialState
+
+    return PartialState(cpu=device == "cpu" or not torch.cuda.is_available())
+
+
+def sum_over_processes(t: torch.Tensor) -> torch.Tensor:
+    from accelerate.utils import reduce
+
+    return reduce(t, reduction="sum")
+
+
 @exit_on_user_error
 def main(argv=None) -> dict:
     from fastvae.checkpoint import load
@@ -180,11 +248,17 @@ def main(argv=None) -> dict:
         raise UserError(f"--iwae-samples {args.iwae_samples}: expected 0 to 5000")
     if args.chunk < 1 or args.gaussian_var <= 0 or (args.max_images is not None and args.max_images < 1):
         raise UserError("--chunk, --gaussian-var and --max-images: expected positive values")
-    vae = load(args.checkpoint, args.device, args.overrides)
+    state = launched_processes(args.device)
+    vae = load(args.checkpoint, str(state.device) if state else args.device, args.overrides)
     likelihood = Likelihood(vae.cfg.loss.recon, args.gaussian_var)
+    shard, all_reduce = ((state.process_index, state.num_processes), sum_over_processes) if state else ((0, 1), None)
     report = evaluate_model(vae.model, vae.split(args.split), likelihood, args.iwae_samples, args.chunk,
-                            args.max_images, args.binarize, args.seed, progress=True)
-    report.update({"checkpoint": str(vae.path), "split": args.split, "step": vae.meta["step"]})
+                            args.max_images, args.binarize, args.seed, progress=True, shard=shard,
+                            all_reduce=all_reduce)
+    report.update({"checkpoint": str(vae.path), "split": args.split, "step": vae.meta["step"],
+                   "processes": shard[1]})
+    if shard[0] != 0:
+        return report
     print_report(report)
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)

@@ -11,11 +11,12 @@ from fastvae.config import Config
 from fastvae.evaluate import Likelihood, evaluate_model
 
 
-def test_metrics(model, test_set, cfg: Config, max_images: int = 2000) -> dict:
-    """The test loss in training units (same weights, no Gaussian constant), from fastvae.evaluate.
-    Its eps come from a private generator: the global RNG, which resume restores, is untouched."""
+def test_metrics(model, test_set, cfg: Config, max_images: int = 2000, shard=(0, 1), all_reduce=None) -> dict:
+    """The test loss in training units (same weights, no Gaussian constant), from fastvae.evaluate,
+    each process evaluating its shard. Its eps are keyed (fastvae.noise): the global RNG, which
+    resume restores, is untouched."""
     report = evaluate_model(model, test_set, Likelihood(cfg.loss.recon, normalized=False), max_images=max_images,
-                            seed=cfg.seed + 1)
+                            seed=cfg.seed + 1, shard=shard, all_reduce=all_reduce)
     model.train()
     recon, kl = report["recon_nll_nats"], report["kl_nats"]
     return {"test_recon": recon, "test_kl": kl, "test_loss": cfg.loss.recon_weight * recon + cfg.loss.beta * kl,

@@ -15,6 +15,7 @@ from fastvae.config import Config, flatten
 from fastvae.errors import UserError
 
 METRICS_FILE = "metrics.jsonl"
+STEPS_FILE = "steps.jsonl"  # the training loss at every log point (train.log_every)
 LOGGED_FILE = "wandb_logged.json"
 DEFAULT_PROJECT = "fastvae"
 EVAL_FILE = "eval.json"
@@ -90,6 +91,7 @@ class RunLog:
     def __init__(self, accelerator, cfg: Config, wandb_run_id: str | None = None) -> None:
         self.accelerator = accelerator
         self.path = Path(cfg.out_dir) / METRICS_FILE
+        self.steps_path = Path(cfg.out_dir) / STEPS_FILE
         self.use_tracker = cfg.logger == "wandb"
         self.log_images = self.use_tracker and cfg.wandb.log_images
         self.run_id = None
@@ -102,22 +104,27 @@ class RunLog:
                                       init_kwargs={"wandb": init})
 
     def trim_after(self, step: int) -> None:
-        """On resume: drop the epoch records written after the checkpoint the run resumes from."""
-        if not (self.accelerator.is_main_process and self.path.is_file()):
-            return
-        kept = []
-        for line in self.path.read_text().splitlines():
-            try:
-                if json.loads(line)["step"] <= step:
-                    kept.append(line)
-            except (json.JSONDecodeError, KeyError, TypeError):
-                pass  # a line cut short by a crash
-        self.path.write_text("".join(line + "\n" for line in kept))
+        """On resume: drop the step and epoch records written after the checkpoint the run resumes from."""
+        for path in (self.path, self.steps_path):
+            if not (self.accelerator.is_main_process and path.is_file()):
+                continue
+            kept = []
+            for line in path.read_text().splitlines():
+                try:
+                    if json.loads(line)["step"] <= step:
+                        kept.append(line)
+                except (json.JSONDecodeError, KeyError, TypeError):
+                    pass  # a line cut short by a crash
+            path.write_text("".join(line + "\n" for line in kept))
 
     def _to_tracker(self, step: int, kind: str) -> bool:
         return self.use_tracker and self.accelerator.is_main_process and self.logged.is_new(step, kind)
 
     def log_step(self, values: dict, step: int) -> None:
+        """A log point: a line of steps.jsonl, and the tracker's train/ panel."""
+        if self.accelerator.is_main_process:
+            with open(self.steps_path, "a") as fh:
+                fh.write(json.dumps({"step": step, **values}) + "\n")
         if self._to_tracker(step, "train"):
             self.accelerator.log({f"train/{k}": v for k, v in values.items()}, step=step)
 

@@ -228,12 +228,17 @@ class Trainer:
                   f"{self.total_steps} steps -> {self.out_dir}", flush=True)
 
     def _log_step(self, metrics: dict, bar) -> None:
-        """Every log_every steps: the one host sync of the loop (guard, progress bar, tracker)."""
+        """Every log_every steps: the one host sync of the loop (guard, progress bar, tracker). The
+        batch's loss over all ranks' shares (the loss of the global batch), not rank 0's alone."""
         self.guard.raise_if_bad()
         now = time.perf_counter()
-        values = {"loss": metrics["loss"].item(), "recon": metrics["recon"].mean().item(),
-                  "kl": metrics["kl"].mean().item(), "beta": metrics["beta"], "lr": self.scheduler.get_last_lr()[0],
-                  "skipped_batches": self.guard.skipped,
+        n = metrics["images"]
+        local = torch.stack([metrics["loss"].double() * n, metrics["recon"].double().sum(),
+                             metrics["kl"].double().sum(), torch.tensor(float(n), dtype=torch.float64,
+                                                                        device=metrics["loss"].device)])
+        loss, recon, kl, images = self.accelerator.reduce(local, reduction="sum").tolist()
+        values = {"loss": loss / images, "recon": recon / images, "kl": kl / images, "beta": metrics["beta"],
+                  "lr": self.scheduler.get_last_lr()[0], "skipped_batches": self.guard.skipped,
                   "images_per_sec": self.images_since_log / max(now - self.log_clock, 1e-9)}
         self.images_since_log, self.log_clock = 0, now
         bar.set_postfix(loss=f"{values['loss']:.2f}", kl=f"{values['kl']:.2f}")
@@ -250,8 +255,7 @@ class Trainer:
                       "step": state.step, "loss": totals[0] / totals[3], "recon": totals[1] / totals[3],
                       "kl": totals[2] / totals[3], "images_per_sec": totals[3] / elapsed,
                       "lr": self.scheduler.get_last_lr()[0], "skipped_batches": self.guard.skipped}
-            if acc.is_main_process:
-                record.update(reports.test_metrics(self.raw_model, self.test_set, self.cfg))
+            record.update(reports.test_metrics(self.raw_model, self.test_set, self.cfg, **self._eval_shard()))
             self.log.log_epoch(record)
             if self.log.log_images and acc.is_main_process:  # kept on disk and shown in W&B
                 folder = self.out_dir / "pictures" / f"step_{state.step:08d}"
@@ -262,6 +266,12 @@ class Trainer:
             self.save()
         if complete:
             state.epoch, state.batch_in_epoch = state.epoch + 1, 0
+
+    def _eval_shard(self) -> dict:
+        """Evaluation split across the processes (each its share, sums all-reduced): no rank idles."""
+        acc = self.accelerator
+        return {"shard": (acc.process_index, acc.num_processes),
+                "all_reduce": lambda t: acc.reduce(t, reduction="sum") if acc.num_processes > 1 else t}
 
     def save(self) -> Path:
         """A checkpoint of the current state (all ranks call this). Never of weights that saw a
@@ -282,13 +292,14 @@ class Trainer:
                   "stopped_by": self.stop.name, "signals": self.stop.received}
         if self.accelerator.num_processes > 1:
             result["ranks_agree"] = ranks_agree(self.raw_model)
+        report = self._final_eval() if self.cfg.train.final_eval and not self.stop.signum else None
         if self.accelerator.is_main_process:
-            self._final_outputs(result)
+            self._final_outputs(result, report)
         self.log.close()
         self.accelerator.wait_for_everyone()
         return result
 
-    def _final_outputs(self, result: dict) -> None:
+    def _final_outputs(self, result: dict, eval_report: dict | None) -> None:
         """Main process: the final pictures, artifact and evaluation, or how to continue a stopped run."""
         cfg, step = self.cfg, self.state.step
         newest = checkpoint.list_checkpoints(self.out_dir)[-1]
@@ -301,20 +312,22 @@ class Trainer:
             if cfg.wandb.log_checkpoint:
                 self.log.log_checkpoint(newest, cfg.wandb.name or self.out_dir.name)
             print(f"fastvae: metrics in {self.log.path}, checkpoint {newest}", flush=True)
-            if cfg.train.final_eval:
-                self._final_eval(newest)
+            if eval_report is not None:
+                from fastvae.evaluate import print_report
+
+                self.log.log_eval({**eval_report, "checkpoint": str(newest), "step": step}, step)
+                print_report(eval_report)
         if self.guard.skipped:
             print(f"fastvae: skipped {self.guard.skipped} batch(es) with a non-finite loss", flush=True)
         (self.out_dir / "summary.json").write_text(json.dumps(result, indent=2))
 
-    def _final_eval(self, newest: Path) -> None:
-        from fastvae.evaluate import Likelihood, evaluate_model, print_report
+    def _final_eval(self) -> dict:
+        """fastvae.evaluate on the test split, every process evaluating its share."""
+        from fastvae.evaluate import Likelihood, evaluate_model
 
         cfg = self.cfg
-        report = evaluate_model(self.raw_model, self.test_set, Likelihood(cfg.loss.recon), cfg.train.final_eval_iwae,
-                                max_images=cfg.train.final_eval_images or None, seed=cfg.seed)
-        self.log.log_eval({**report, "checkpoint": str(newest), "step": self.state.step}, self.state.step)
-        print_report(report)
+        return evaluate_model(self.raw_model, self.test_set, Likelihood(cfg.loss.recon), cfg.train.final_eval_iwae,
+                              max_images=cfg.train.final_eval_images or None, seed=cfg.seed, **self._eval_shard())
 
 
 def param_checksum(model) -> float:
