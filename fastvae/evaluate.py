@@ -249,7 +249,8 @@ def main(argv=None) -> dict:
     if args.chunk < 1 or args.gaussian_var <= 0 or (args.max_images is not None and args.max_images < 1):
         raise UserError("--chunk, --gaussian-var and --max-images: expected positive values")
     state = launched_processes(args.device)
-    vae = load(args.checkpoint, str(state.device) if state else args.device, args.overrides)
+    device = args.device if state is None else "cpu" if state.device.type == "cpu" else str(state.device)
+    vae = load(args.checkpoint, device, args.overrides)
     likelihood = Likelihood(vae.cfg.loss.recon, args.gaussian_var)
     shard, all_reduce = ((state.process_index, state.num_processes), sum_over_processes) if state else ((0, 1), None)
     report = evaluate_model(vae.model, vae.split(args.split), likelihood, args.iwae_samples, args.chunk,
