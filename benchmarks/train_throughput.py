@@ -117,7 +117,8 @@ def trainer_step(config_path, overrides, x, out_dir: Path):
     cfg = load_config(config_path, [*overrides, f"out_dir={out_dir}", "train.epochs=1000", "logger=none"])
     images = (x.cpu() * 255).to(torch.uint8)
     trainer = Trainer(cfg, datasets=(ImageTensorDataset(images, torch.zeros(len(x))),) * 2)
-    batch = (x.to(trainer.accelerator.device), None, None)
+    device = trainer.accelerator.device
+    batch = (x.to(device), None, torch.arange(len(x), device=device))  # (images, labels, sample ids: the noise keys)
     seen = []
     hook = trainer.raw_model.encoder[0].register_forward_hook(lambda m, i, out: seen.append(out.dtype))
     trainer.train_step(batch)

@@ -1,4 +1,4 @@
-"""A real one-node SLURM cluster on this machine, for tests, CI and trying the launcher.
+"""A real two-node SLURM cluster on this machine, for tests, CI and trying the launcher.
 
     python tools/local_cluster.py start [--dir /tmp/fastvae-slurm]   # prints `export SLURM_CONF=...`
     python tools/local_cluster.py status | stop
@@ -9,6 +9,12 @@ root (their packaged services don't start without systemd). Everything the daemo
 lives under --dir; nothing in /etc is touched: clients find the cluster through SLURM_CONF.
 Why slurmdbd + MariaDB and not accounting_storage/none: without accounting, sacct knows
 no job states and submitit waits forever on a cancelled job.
+
+Two nodes: two slurmd (`slurmd -N NAME`, each its own port, spool, pid and log file), named
+after this host and `localhost`: both names resolve here, as a job's first node name must (it is
+the rendezvous address, MASTER_ADDR). Each declares the whole machine, so a one-node job may
+use every CPU and a two-node job really spans two slurmd. Where the host's name is `localhost`
+the cluster has one node.
 """
 
 from __future__ import annotations
@@ -30,6 +36,8 @@ CLUSTER_NAME = "fastvae"
 PARTITION = "debug"
 # Away from Slurm's own defaults (6817-6819) and MariaDB's 3306, so a system install does not clash.
 PORTS = {"slurmctld": 17817, "slurmd": 17818, "slurmdbd": 17819, "mariadb": 17306}
+SECOND_NODE = "localhost"
+SECOND_SLURMD_PORT = 17820
 MUNGE_SOCKET = "/run/munge/munge.socket.2"  # the default: sacctmgr and slurmdbd ignore another one
 
 
@@ -60,36 +68,41 @@ def install() -> None:
                    check=True, env=env, stdout=subprocess.DEVNULL)
 
 
-def node_line() -> tuple[str, str, int, int]:
-    """`slurmd -C` describes this machine; memory is lowered a little so the node is never 'low memory'."""
+def machine() -> tuple[str, dict, int, int]:
+    """(host name, node hardware words, CPUs, memory MB) from `slurmd -C`; memory is lowered a
+    little so the node is never 'low memory'."""
     out = subprocess.run(["slurmd", "-C"], check=True, capture_output=True, text=True).stdout
     words = dict(w.split("=", 1) for w in out.split() if "=" in w)
-    mem = int(int(words["RealMemory"]) * 0.9)
-    return (f"NodeName={words['NodeName']} NodeAddr=127.0.0.1 CPUs={words['CPUs']} "
-            f"Boards={words['Boards']} SocketsPerBoard={words['SocketsPerBoard']} "
-            f"CoresPerSocket={words['CoresPerSocket']} ThreadsPerCore={words['ThreadsPerCore']} "
-            f"RealMemory={mem} State=UNKNOWN"), words["NodeName"], int(words["CPUs"]), mem
+    return words["NodeName"], words, int(words["CPUs"]), int(int(words["RealMemory"]) * 0.9)
 
 
-def write_configs(root: Path) -> Path:
-    node, node_name, cpus, mem = node_line()
-    for sub in ("state", "spool", "log", "run", "db"):
-        (root / sub).mkdir(parents=True, exist_ok=True)
-    conf = root / "slurm.conf"
-    conf.write_text(f"""# written by tools/local_cluster.py
+def node_names() -> list[str]:
+    host = machine()[0]
+    return [host] if host == SECOND_NODE else [host, SECOND_NODE]
+
+
+def render_configs(root: Path) -> tuple[str, str]:
+    """(slurm.conf, slurmdbd.conf) of the cluster."""
+    host, words, cpus, mem = machine()
+    hardware = (f"CPUs={words['CPUs']} Boards={words['Boards']} SocketsPerBoard={words['SocketsPerBoard']} "
+                f"CoresPerSocket={words['CoresPerSocket']} ThreadsPerCore={words['ThreadsPerCore']} RealMemory={mem}")
+    ports = [PORTS["slurmd"], SECOND_SLURMD_PORT]
+    nodes = "\n".join(f"NodeName={name} NodeHostname={host} NodeAddr=127.0.0.1 Port={port} {hardware} State=UNKNOWN"
+                      for name, port in zip(node_names(), ports))
+    conf = f"""# written by tools/local_cluster.py
 ClusterName={CLUSTER_NAME}
-SlurmctldHost={node_name}(127.0.0.1)
+SlurmctldHost={host}(127.0.0.1)
 SlurmctldPort={PORTS['slurmctld']}
 SlurmdPort={PORTS['slurmd']}
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
 StateSaveLocation={root}/state
-SlurmdSpoolDir={root}/spool
+SlurmdSpoolDir={root}/spool/%n
 SlurmctldPidFile={root}/run/slurmctld.pid
-SlurmdPidFile={root}/run/slurmd.pid
+SlurmdPidFile={root}/run/slurmd-%n.pid
 SlurmctldLogFile={root}/log/slurmctld.log
-SlurmdLogFile={root}/log/slurmd.log
+SlurmdLogFile={root}/log/slurmd-%n.log
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
 SelectType=select/cons_tres
@@ -105,11 +118,10 @@ AccountingStorageType=accounting_storage/slurmdbd
 AccountingStorageHost=127.0.0.1
 AccountingStoragePort={PORTS['slurmdbd']}
 JobAcctGatherType=jobacct_gather/none
-{node}
-PartitionName={PARTITION} Nodes={node_name} Default=YES MaxTime=INFINITE State=UP
-""")
-    dbd = root / "slurmdbd.conf"
-    dbd.write_text(f"""# written by tools/local_cluster.py
+{nodes}
+PartitionName={PARTITION} Nodes={",".join(node_names())} Default=YES MaxTime=INFINITE State=UP
+"""
+    dbd = f"""# written by tools/local_cluster.py
 AuthType=auth/munge
 DbdHost=localhost
 DbdAddr=127.0.0.1
@@ -122,9 +134,23 @@ StorageHost=127.0.0.1
 StoragePort={PORTS['mariadb']}
 StorageUser=root
 StorageLoc=slurm_acct_db
-""")
-    dbd.chmod(0o600)  # slurmdbd refuses a config others can read
-    return conf
+"""
+    return conf, dbd
+
+
+def write_configs(root: Path) -> bool:
+    """Write the configs; True when they changed (daemons started from the old ones must restart)."""
+    conf, dbd = render_configs(root)
+    for sub in ("state", "spool", "log", "run", "db"):
+        (root / sub).mkdir(parents=True, exist_ok=True)
+    for name in node_names():
+        (root / "spool" / name).mkdir(parents=True, exist_ok=True)
+    paths = {root / "slurm.conf": conf, root / "slurmdbd.conf": dbd}
+    changed = any(not p.is_file() or p.read_text() != text for p, text in paths.items())
+    for path, text in paths.items():
+        path.write_text(text)
+    (root / "slurmdbd.conf").chmod(0o600)  # slurmdbd refuses a config others can read
+    return changed
 
 
 def _pid_alive(pid_file: Path) -> bool:
@@ -190,11 +216,12 @@ def _start_mariadb(root: Path) -> None:
     _wait("mariadbd", lambda: _port_open(PORTS["mariadb"]), 60, log)
 
 
-def _daemon(root: Path, name: str, args: list[str], ready, timeout: float = 30) -> None:
-    if _pid_alive(root / "run" / f"{name}.pid"):
+def _daemon(root: Path, name: str, args: list[str], ready, timeout: float = 30, instance: str = "") -> None:
+    label = f"{name}-{instance}" if instance else name
+    if _pid_alive(root / "run" / f"{label}.pid"):
         return
     subprocess.run([name, *args], check=True, env=cluster_env(root))
-    _wait(name, ready, timeout, root / "log" / f"{name}.log")
+    _wait(label, ready, timeout, root / "log" / f"{label}.log")
 
 
 def cluster_env(root: Path = DEFAULT_DIR) -> dict:
@@ -202,15 +229,18 @@ def cluster_env(root: Path = DEFAULT_DIR) -> dict:
 
 
 def node_state(root: Path = DEFAULT_DIR) -> str:
+    """The nodes' states, as `name=state` words ("" when the cluster does not answer)."""
     if not (root / "slurm.conf").is_file() or not shutil.which("sinfo"):
         return ""
-    out = subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True, env=cluster_env(root),
+    out = subprocess.run(["sinfo", "-h", "-N", "-o", "%N=%T"], capture_output=True, text=True, env=cluster_env(root),
                          timeout=30)
-    return out.stdout.strip() if out.returncode == 0 else ""
+    return " ".join(sorted(set(out.stdout.split()))) if out.returncode == 0 else ""
 
 
 def is_up(root: Path = DEFAULT_DIR) -> bool:
-    return node_state(root.resolve()) in ("idle", "mixed", "allocated", "completing")
+    states = dict(word.split("=", 1) for word in node_state(root.resolve()).split())
+    return set(states) == set(node_names()) and all(
+        s.rstrip("*") in ("idle", "mixed", "allocated", "completing") for s in states.values())
 
 
 def start(root: Path = DEFAULT_DIR, timeout: float = 90) -> dict:
@@ -221,20 +251,23 @@ def start(root: Path = DEFAULT_DIR, timeout: float = 90) -> dict:
     install()
     root = root.resolve()
     root.mkdir(parents=True, exist_ok=True)
-    if not (root / "slurm.conf").is_file() or not (root / "slurmdbd.conf").is_file():
-        write_configs(root)
+    if write_configs(root):  # a cluster started from other configs (e.g. one node) starts again
+        stop(root)
     _start_munge(root)
     _start_mariadb(root)
     _daemon(root, "slurmdbd", [], lambda: _port_open(PORTS["slurmdbd"]))
     _daemon(root, "slurmctld", [], lambda: _port_open(PORTS["slurmctld"]))
-    _daemon(root, "slurmd", [], lambda: is_up(root), timeout)
+    for name in node_names():
+        _daemon(root, "slurmd", ["-N", name], lambda: name in node_state(root), timeout, instance=name)
+    _wait("every node", lambda: is_up(root), timeout, root / "log" / "slurmctld.log")
     return {"SLURM_CONF": str(root / "slurm.conf")}
 
 
 def stop(root: Path = DEFAULT_DIR) -> None:
     """Stop every daemon started from `root` (the reverse order); leaves state for the next start."""
     root = root.resolve()
-    for name in ("slurmd", "slurmctld", "slurmdbd", "mariadb", "munged"):
+    slurmds = sorted(p.stem for p in (root / "run").glob("slurmd*.pid"))  # slurmd.pid: an older one-node cluster
+    for name in (*slurmds, "slurmctld", "slurmdbd", "mariadb", "munged"):
         pid_file = root / "run" / f"{name}.pid"
         if not _pid_alive(pid_file):
             continue
@@ -249,7 +282,7 @@ def stop(root: Path = DEFAULT_DIR) -> None:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python tools/local_cluster.py",
-                                     description="Start or stop a one-node SLURM cluster on this machine (root).")
+                                     description="Start or stop a two-node SLURM cluster on this machine (root).")
     parser.add_argument("action", choices=["install", "start", "stop", "status"])
     parser.add_argument("--dir", type=Path, default=DEFAULT_DIR, help=f"state, logs and configs (default {DEFAULT_DIR})")
     args = parser.parse_args(argv)
@@ -269,7 +302,7 @@ def main(argv=None) -> int:
             print("local_cluster: stopped")
         else:
             state = node_state(args.dir.resolve())
-            print(f"local_cluster: node {state or 'unreachable (not started?)'}")
+            print(f"local_cluster: nodes {state or 'unreachable (not started?)'}")
             return 0 if state else 1
     except (ClusterError, subprocess.CalledProcessError) as err:
         print(f"local_cluster: error: {err}", file=sys.stderr)
