@@ -26,7 +26,8 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from harness import machine, write_json  # noqa: E402
 
 ACCELERATE = str(Path(sys.executable).with_name("accelerate"))
 WARMUP_STEPS = 10
@@ -155,19 +156,16 @@ def main(argv=None) -> dict:
     result = {"model": {"links": [NVLINK, INFINIBAND], "backward_share": BACKWARD_SHARE, "step_ms": step_ms, "batch": args.batch,
                         "rows": model_rows(step_ms, args.batch)}}
     if not args.model_only:
-        from benchmarks.harness import machine_info
-
         measured = measure(args)
-        result.update({"measured": measured, "machine": machine_info()})
-        print(f"Measured here ({result['machine']}), {args.config}, global batch {measured['global_batch']}:")
+        result["measured"] = measured
+        print(f"Measured here ({machine()['cpu']}), {args.config}, global batch {measured['global_batch']}:")
         for name, rate in measured["median"].items():
             runs = ", ".join(f"{v:.0f}" for v in measured["images_per_sec"][name])
             print(f"  {name:<26} {rate:8.0f} images/s  (runs: {runs})")
         print(f"  2-process efficiency vs one core each: {measured['efficiency_vs_one_core']:.2f}; "
               f"speed vs 1 process on all {measured['cores']} cores: {measured['speedup_vs_all_cores']:.2f}x")
     print_model(result["model"]["rows"], args.batch)
-    if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2))
+    write_json(args.json, result)
     return result
 
 

@@ -292,7 +292,8 @@ class Trainer:
                   "stopped_by": self.stop.name, "signals": self.stop.received}
         if self.accelerator.num_processes > 1:
             result["ranks_agree"] = ranks_agree(self.raw_model)
-        report = self._final_eval() if self.cfg.train.final_eval and not self.stop.signum else None
+        # stop.requested() agrees across ranks (a signal may reach one rank only): all or none evaluate
+        report = self._final_eval() if self.cfg.train.final_eval and not self.stop.requested() else None
         if self.accelerator.is_main_process:
             self._final_outputs(result, report)
         self.log.close()
