@@ -143,15 +143,12 @@ class Trainer:
         clipping and the optimizer step. Returns the batch's metrics as device tensors (no host
         sync), or None when train.nonfinite=skip dropped the batch."""
         cfg, acc = self.cfg, self.accelerator
-        x, sample_ids = batch[0].contiguous(memory_format=self.memory_format), batch[2]
+        x = batch[0].contiguous(memory_format=self.memory_format)
         beta = kl_weight(cfg.loss.beta, self.state.step, cfg.loss.kl_warmup_steps)
-        # Each sample's eps is keyed by (seed, step, its index): the same on any number of processes.
-        # beta and the step as device tensors: Python numbers would be baked into a compiled graph,
-        # which would then recompile every step.
-        step = torch.full((), self.state.step, dtype=torch.int64, device=x.device)
-        noise_key = (self.noise_seed, noise.row_offsets(sample_ids, self.raw_model.latent_dim, step))
         with acc.accumulate(self.model):
-            loss, recon, kl = self.forward_loss(x, torch.full((), beta, device=x.device), noise_key)
+            # beta as a device tensor: a Python float would be baked into a compiled graph, which
+            # KL warm-up would then recompile every step
+            loss, recon, kl = self.forward_loss(x, torch.full((), beta, device=x.device), self._noise_key(batch))
             if self.guard.batch_is_bad(self.state.step, recon, kl):  # this batch updates nothing
                 self.optimizer.zero_grad(set_to_none=True)  # (nor does the rest of its accumulation window)
                 return None
@@ -166,7 +163,16 @@ class Trainer:
         return {"loss": loss.detach(), "recon": recon.detach(), "kl": kl.detach(), "beta": beta,
                 "images": x.shape[0], "stepped": acc.sync_gradients}
 
-    def _forward_loss(self, x: torch.Tensor, beta: torch.Tensor, noise_key: tuple[torch.Tensor, torch.Tensor]):
+    def _noise_key(self, batch):
+        """Each sample's eps keyed by (seed, step, its index in the data set): the same numbers on
+        any number of processes (fastvae.noise). The step as a device tensor, for the reason beta
+        is one. A batch without sample ids: eps from torch's generator."""
+        if len(batch) < 3 or batch[2] is None:
+            return None
+        step = torch.full((), self.state.step, dtype=torch.int64, device=batch[0].device)
+        return self.noise_seed, noise.row_offsets(batch[2].to(batch[0].device), self.raw_model.latent_dim, step)
+
+    def _forward_loss(self, x: torch.Tensor, beta: torch.Tensor, noise_key: tuple[torch.Tensor, torch.Tensor] | None):
         """(loss, recon[B], kl[B]) of a batch: the part of the step train.compile compiles."""
         logits, _, _, kl = self.model(x, noise_key)
         recon = self.ops.recon_loss(logits, x, self.cfg.loss.recon)

@@ -100,3 +100,9 @@ def test_run_folder_holds_its_resolved_config_and_shareable_checkpoints(tmp_path
     assert load_config(out / "config.yaml") == tiny_config(out, "train.max_steps=2", "optim.lr=1e-3")
     for path in list_checkpoints(out)[-1].iterdir():
         assert path.stat().st_mode & 0o777 == 0o644, path.name  # group and others may read, as with any file
+
+
+def test_train_step_takes_batches_without_sample_ids(tmp_path):
+    trainer = Trainer(tiny_config(tmp_path / "run"))
+    x, y, _ = next(iter(trainer.train_loader))
+    assert trainer.train_step((x, y))["stepped"]  # eps from torch's generator instead of keyed ones
