@@ -142,8 +142,8 @@ def test_sync_batchnorm_makes_two_processes_train_the_dfc_vae_one_process_trains
     from celeba_fixture import write_celeba
 
     root = write_celeba(tmp_path / "celeba", n=60)
-    # SGD: Adam turns rounding into +-lr steps of weights whose gradient is ~0 (the conv biases
-    # before BatchNorm), which hides what this compares; the note in benchmarks/scaling.md has both
+    # SGD: Adam turns rounding into +-lr steps of weights whose gradient is as small as the
+    # rounding (e.g. the conv biases before BatchNorm), which hides what this compares (docs/notes.md)
     result, _ = loss_compare(tmp_path, "dfc", "--config", "celeba", "--steps", "4", "--port", "29537",
                              f"data.root={root}", "data.batch_size=16", "data.num_workers=0", "model.dropout=0",
                              "train.mixed_precision=no", "train.samples=16", "train.sync_batchnorm=true",
