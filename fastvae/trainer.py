@@ -184,7 +184,8 @@ class Trainer:
         """Train until train.epochs / train.max_steps, a stop signal, or a non-finite loss."""
         cfg, state = self.cfg, self.state
         self._announce()
-        bar = tqdm(total=self.total_steps, initial=state.step, disable=not self.accelerator.is_local_main_process,
+        # one bar per run, not per node: the tasks of a multi-node sbatch job write to one log file
+        bar = tqdm(total=self.total_steps, initial=state.step, disable=not self.accelerator.is_main_process,
                    desc="train", unit="step", dynamic_ncols=True)
         self.stop = StopSignal(self.accelerator, self.stop_signals)
         try:  # the bar ends its line and the signal handlers are restored, whatever happens

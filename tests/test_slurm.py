@@ -179,13 +179,16 @@ def sacct_state(job_id):
 
 
 def test_plain_sbatch_template_trains_ddp_and_requeues_at_the_time_limit(cluster, tmp_path):
-    """launch/train.sbatch without submitit: SIGTERM before the time limit -> checkpoint, exit 143,
-    the script requeues the job, the requeued job resumes and finishes all steps."""
+    """launch/train.sbatch without submitit, one task on each of two nodes: SIGTERM before the time
+    limit -> checkpoint, exit 143, the script requeues the job, the requeued job resumes and
+    finishes all steps."""
     from helpers import ROOT
 
     out = tmp_path / "sbatch"
+    two_nodes = len(local_cluster.node_names()) > 1  # the script's multi-node env export, for real
+    layout = ["--nodes=2", "--ntasks-per-node=1"] if two_nodes else ["--ntasks-per-node=2"]
     job_id = subprocess.run(
-        ["sbatch", "--parsable", "--ntasks-per-node=2", "--cpus-per-task=1", f"--output={tmp_path}/slurm-%j.out",
+        ["sbatch", "--parsable", *layout, "--cpus-per-task=1", f"--output={tmp_path}/slurm-%j.out",
          f"--export=ALL,FASTVAE_PYTHON={sys.executable}", "launch/train.sbatch", "configs/mnist.yaml",
          f"out_dir={out}", "data.limit=1024", "data.batch_size=32", "train.epochs=6", "train.samples=16",
          "train.checkpoint_every=4"], cwd=ROOT, check=True, capture_output=True, text=True, timeout=30).stdout.strip()
@@ -198,9 +201,10 @@ def test_plain_sbatch_template_trains_ddp_and_requeues_at_the_time_limit(cluster
         wait_until("the job to end", lambda: sacct_state(job_id) in slurm.FINAL_STATES, JOB_TIMEOUT)
     finally:
         subprocess.run(["scancel", job_id], timeout=30)
-    log = (tmp_path / f"slurm-{job_id}.out").read_text()
+    log = (tmp_path / f"slurm-{job_id}.out").read_text(errors="replace")  # tasks share the file
     assert sacct_state(job_id) == "COMPLETED", log[-3000:]
     assert "requeueing job" in log and "restart 1" in log and "fastvae: resumed from" in log
+    assert f"2 process(es) on {2 if two_nodes else 1} node(s)" in log
     import json
 
     summary = json.loads((out / "summary.json").read_text())
