@@ -47,7 +47,7 @@ class InMemoryLoader:
         images, labels, indices = tensors
         self.images, self.labels, self.indices = images.to(device), labels.to(device), indices.to(device)
         self.plan = ShardPlan(len(images), batch_size, seed, rank, world_size, drop_last)
-        self.seed, self.device, self.flip, self.epoch = seed, device, flip, 0
+        self.device, self.flip, self.epoch = device, flip, 0
 
     def __len__(self) -> int:
         return len(self.plan)
@@ -57,9 +57,9 @@ class InMemoryLoader:
 
     def _batches(self, start: int):
         order = self.plan.order(self.epoch).to(self.device)
-        if self.flip:  # one draw per image and epoch: the flips never depend on how many batches ran before
-            generator = torch.Generator().manual_seed((self.seed * 1_000_003 + self.epoch) * 2 + 1)
-            flips = torch.rand(len(self.images), generator=generator).to(self.device) < 0.5
+        if self.flip:  # one draw per image and epoch
+            flips = torch.rand(len(self.images), generator=self.plan.epoch_generator(self.epoch, 1)) < 0.5
+            flips = flips.to(self.device)
         for b in range(start, len(self)):
             take = self.plan.share(order, b)
             x = to_dtype(self.images[take], torch.float32, scale=True)

@@ -38,10 +38,14 @@ class ShardPlan:
         full, last = divmod(self.images, self.global_batch)
         return full if self.drop_last else full + (last >= self.world_size)
 
+    def epoch_generator(self, epoch: int, stream: int = 0) -> torch.Generator:
+        """A CPU generator seeded by (seed, epoch, stream): 0 draws the order, 1 a loader's flips. Its
+        numbers never depend on how many batches were drawn before (exact resume)."""
+        return torch.Generator().manual_seed((self.seed * 1_000_003 + epoch) * 2 + stream)
+
     def order(self, epoch: int) -> torch.Tensor:
         """The epoch's permutation of the data set (int64, on the CPU)."""
-        generator = torch.Generator().manual_seed((self.seed * 1_000_003 + epoch) * 2)
-        return torch.randperm(self.images, generator=generator)
+        return torch.randperm(self.images, generator=self.epoch_generator(epoch))
 
     def share(self, order: torch.Tensor, batch: int) -> torch.Tensor:
         """This rank's indices of global batch `batch` of an epoch's `order` (on order's device)."""
