@@ -70,9 +70,10 @@ def prepare_out_dir(cfg: Config, accelerator: Accelerator) -> Path:
     return out
 
 
-class EpochSums:
-    """loss x n, recon and kl of an epoch summed on the device (read once, at the epoch's end), and
-    its image count on the host: nothing crosses between them per step."""
+class LossSums:
+    """loss x n, recon and kl of some batches (an epoch's, or a log point's one) summed on the
+    device, and their image count on the host: nothing crosses between them per step; read once,
+    summed over all ranks."""
 
     def __init__(self, device) -> None:
         self.sums, self.images = torch.zeros(3, device=device, dtype=torch.float64), 0
@@ -190,7 +191,7 @@ class Trainer:
         self.stop = StopSignal(self.accelerator, self.stop_signals)
         try:  # the bar ends its line and the signal handlers are restored, whatever happens
             while state.epoch < cfg.train.epochs and state.step < self.total_steps:
-                sums, epoch_start = EpochSums(self.accelerator.device), time.perf_counter()
+                sums, epoch_start = LossSums(self.accelerator.device), time.perf_counter()
                 self.images_since_log, self.log_clock = 0, epoch_start
                 self.model.train()
                 for batch in self._remaining_batches():
@@ -239,11 +240,9 @@ class Trainer:
         batch's loss over all ranks' shares (the loss of the global batch), not rank 0's alone."""
         self.guard.raise_if_bad()
         now = time.perf_counter()
-        n = metrics["images"]
-        local = torch.stack([metrics["loss"].double() * n, metrics["recon"].double().sum(),
-                             metrics["kl"].double().sum(), torch.tensor(float(n), dtype=torch.float64,
-                                                                        device=metrics["loss"].device)])
-        loss, recon, kl, images = self.accelerator.reduce(local, reduction="sum").tolist()
+        batch = LossSums(self.accelerator.device)
+        batch.add(metrics)
+        loss, recon, kl, images = batch.totals(self.accelerator)
         values = {"loss": loss / images, "recon": recon / images, "kl": kl / images, "beta": metrics["beta"],
                   "lr": self.scheduler.get_last_lr()[0], "skipped_batches": self.guard.skipped,
                   "images_per_sec": self.images_since_log / max(now - self.log_clock, 1e-9)}
@@ -251,7 +250,7 @@ class Trainer:
         bar.set_postfix(loss=f"{values['loss']:.2f}", kl=f"{values['kl']:.2f}")
         self.log.log_step(values, self.state.step)
 
-    def _end_epoch(self, sums: EpochSums, elapsed: float) -> None:
+    def _end_epoch(self, sums: LossSums, elapsed: float) -> None:
         """Metrics of the epoch (or of its part this run trained), pictures, a checkpoint."""
         state, acc = self.state, self.accelerator
         totals = sums.totals(acc)
@@ -278,7 +277,7 @@ class Trainer:
         """Evaluation split across the processes (each its share, sums all-reduced): no rank idles."""
         acc = self.accelerator
         return {"shard": (acc.process_index, acc.num_processes),
-                "all_reduce": lambda t: acc.reduce(t, reduction="sum") if acc.num_processes > 1 else t}
+                "all_reduce": lambda t: acc.reduce(t, reduction="sum")}
 
     def save(self) -> Path:
         """A checkpoint of the current state (all ranks call this). Never of weights that saw a
