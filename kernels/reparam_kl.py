@@ -28,23 +28,21 @@ SEED_HIGH = 2**31 - 1
 
 
 @triton.jit
-def _row_counters(row_offsets_ptr, rows, row_mask, HAS_ROWS: tl.constexpr):
-    """Each row's Philox counter of its element 0 (given per row, fastvae.noise), or 0 (unused)."""
+def _row_counters(row_offsets_ptr, rows, row_mask, D, HAS_ROWS: tl.constexpr):
+    """Each row's Philox counter of its element 0: given per row (fastvae.noise), else its index."""
     if HAS_ROWS:
         return tl.load(row_offsets_ptr + rows, mask=row_mask, other=0)
-    return rows.to(tl.int64) * 0
+    return rows.to(tl.int64) * D
 
 
 @triton.jit
-def _eps(eps_ptr, seed, offsets, row_start, start, mask, HAS_EPS: tl.constexpr, HAS_ROWS: tl.constexpr,
-         ACC: tl.constexpr, BLOCK_N: tl.constexpr):
-    """eps from memory, or regenerated from Philox(seed, counter): the same numbers in fwd and bwd.
-    The counter is the element's index, or its row's given counter + its column."""
+def _eps(eps_ptr, seed, offsets, row_start, start, mask, HAS_EPS: tl.constexpr, ACC: tl.constexpr,
+         BLOCK_N: tl.constexpr):
+    """eps from memory, or regenerated from Philox(seed, its row's counter + its column): the same
+    numbers in fwd and bwd."""
     if HAS_EPS:
         return tl.load(eps_ptr + offsets, mask=mask, other=0.0).to(ACC)
-    if HAS_ROWS:
-        return tl.randn(seed, row_start[:, None] + (start + tl.arange(0, BLOCK_N))[None, :]).to(ACC)
-    return tl.randn(seed, offsets).to(ACC)
+    return tl.randn(seed, row_start[:, None] + (start + tl.arange(0, BLOCK_N))[None, :]).to(ACC)
 
 
 @triton.jit
@@ -55,14 +53,14 @@ def _forward_kernel(mu_ptr, logvar_ptr, eps_ptr, seed_ptr, row_offsets_ptr, z_pt
     rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
     row_mask = rows < B
     seed = tl.load(seed_ptr)
-    row_start = _row_counters(row_offsets_ptr, rows, row_mask, HAS_ROWS)
+    row_start = _row_counters(row_offsets_ptr, rows, row_mask, D, HAS_ROWS)
     kl = tl.zeros((BLOCK_B, BLOCK_N), dtype=ACC)  # summed across columns once, after the loop
     for start in range(0, D, BLOCK_N):
         mask, offsets = tile_offsets(rows, row_mask, start, D, BLOCK_N)
         mu = tl.load(mu_ptr + offsets, mask=mask, other=0.0).to(ACC)
         logvar = tl.load(logvar_ptr + offsets, mask=mask, other=0.0).to(ACC)
         std = tl.exp(0.5 * logvar)
-        z = mu + std * _eps(eps_ptr, seed, offsets, row_start, start, mask, HAS_EPS, HAS_ROWS, ACC, BLOCK_N)
+        z = mu + std * _eps(eps_ptr, seed, offsets, row_start, start, mask, HAS_EPS, ACC, BLOCK_N)
         tl.store(z_ptr + offsets, z.to(z_ptr.dtype.element_ty), mask=mask)
         # masked lanes hold mu = logvar = 0, whose KL term is exactly 0
         kl += 1.0 + logvar - mu * mu - std * std
@@ -77,7 +75,7 @@ def _backward_kernel(dz_ptr, dkl_ptr, mu_ptr, logvar_ptr, eps_ptr, seed_ptr, row
     rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
     row_mask = rows < B
     seed = tl.load(seed_ptr)
-    row_start = _row_counters(row_offsets_ptr, rows, row_mask, HAS_ROWS)
+    row_start = _row_counters(row_offsets_ptr, rows, row_mask, D, HAS_ROWS)
     dkl = tl.load(dkl_ptr + rows, mask=row_mask, other=0.0).to(ACC)[:, None]
     for start in range(0, D, BLOCK_N):
         mask, offsets = tile_offsets(rows, row_mask, start, D, BLOCK_N)
@@ -86,7 +84,8 @@ def _backward_kernel(dz_ptr, dkl_ptr, mu_ptr, logvar_ptr, eps_ptr, seed_ptr, row
         logvar = tl.load(logvar_ptr + offsets, mask=mask, other=0.0).to(ACC)
         std = tl.exp(0.5 * logvar)
         dmu = dz + dkl * mu
-        dlogvar = 0.5 * dz * _eps(eps_ptr, seed, offsets, row_start, start, mask, HAS_EPS, HAS_ROWS, ACC, BLOCK_N) * std + 0.5 * dkl * (std * std - 1.0)
+        eps = _eps(eps_ptr, seed, offsets, row_start, start, mask, HAS_EPS, ACC, BLOCK_N)
+        dlogvar = 0.5 * dz * eps * std + 0.5 * dkl * (std * std - 1.0)
         tl.store(dmu_ptr + offsets, dmu.to(dmu_ptr.dtype.element_ty), mask=mask)
         tl.store(dlogvar_ptr + offsets, dlogvar.to(dlogvar_ptr.dtype.element_ty), mask=mask)
 
