@@ -20,6 +20,7 @@ the cluster has one node.
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import shutil
 import signal
@@ -68,6 +69,7 @@ def install() -> None:
                    check=True, env=env, stdout=subprocess.DEVNULL)
 
 
+@functools.cache  # is_up polls node_names(): ask slurmd -C once per process
 def machine() -> tuple[str, dict, int, int]:
     """(host name, node hardware words, CPUs, memory MB) from `slurmd -C`; memory is lowered a
     little so the node is never 'low memory'."""
@@ -228,17 +230,17 @@ def cluster_env(root: Path = DEFAULT_DIR) -> dict:
     return {**os.environ, "SLURM_CONF": str(root / "slurm.conf")}
 
 
-def node_state(root: Path = DEFAULT_DIR) -> str:
-    """The nodes' states, as `name=state` words ("" when the cluster does not answer)."""
+def node_states(root: Path = DEFAULT_DIR) -> dict[str, str]:
+    """{node name: state} as sinfo reports them ({} when the cluster does not answer)."""
     if not (root / "slurm.conf").is_file() or not shutil.which("sinfo"):
-        return ""
+        return {}
     out = subprocess.run(["sinfo", "-h", "-N", "-o", "%N=%T"], capture_output=True, text=True, env=cluster_env(root),
                          timeout=30)
-    return " ".join(sorted(set(out.stdout.split()))) if out.returncode == 0 else ""
+    return dict(word.split("=", 1) for word in out.stdout.split()) if out.returncode == 0 else {}
 
 
 def is_up(root: Path = DEFAULT_DIR) -> bool:
-    states = dict(word.split("=", 1) for word in node_state(root.resolve()).split())
+    states = node_states(root.resolve())
     return set(states) == set(node_names()) and all(
         s.rstrip("*") in ("idle", "mixed", "allocated", "completing") for s in states.values())
 
@@ -258,7 +260,7 @@ def start(root: Path = DEFAULT_DIR, timeout: float = 90) -> dict:
     _daemon(root, "slurmdbd", [], lambda: _port_open(PORTS["slurmdbd"]))
     _daemon(root, "slurmctld", [], lambda: _port_open(PORTS["slurmctld"]))
     for name in node_names():
-        _daemon(root, "slurmd", ["-N", name], lambda: name in node_state(root), timeout, instance=name)
+        _daemon(root, "slurmd", ["-N", name], lambda: name in node_states(root), timeout, instance=name)
     _wait("every node", lambda: is_up(root), timeout, root / "log" / "slurmctld.log")
     return {"SLURM_CONF": str(root / "slurm.conf")}
 
@@ -301,9 +303,10 @@ def main(argv=None) -> int:
             stop(args.dir)
             print("local_cluster: stopped")
         else:
-            state = node_state(args.dir.resolve())
-            print(f"local_cluster: nodes {state or 'unreachable (not started?)'}")
-            return 0 if state else 1
+            states = node_states(args.dir.resolve())
+            shown = " ".join(f"{name}={state}" for name, state in sorted(states.items()))
+            print(f"local_cluster: nodes {shown or 'unreachable (not started?)'}")
+            return 0 if states else 1
     except (ClusterError, subprocess.CalledProcessError) as err:
         print(f"local_cluster: error: {err}", file=sys.stderr)
         return 1
