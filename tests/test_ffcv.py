@@ -83,9 +83,9 @@ def test_celeba_beton_keeps_crops_and_attributes(tmp_path):
     assert torch.equal(attrs, train_set.attributes)
 
 
-def test_training_from_a_beton_resumes_bit_identically(tmp_path, mnist_subset):
+def test_training_from_a_beton_resumes_bit_identically_with_flips(tmp_path, mnist_subset):
     beton = write_beton(mnist_subset, tmp_path / "train.beton", "raw")
-    common = ["data.loader=ffcv", f"data.beton={beton}", "train.epochs=2"]
+    common = ["data.loader=ffcv", f"data.beton={beton}", "train.epochs=2", "data.flip=true"]
     result = train(tiny_config(tmp_path / "straight", *common))
     assert result["step"] == 16
     records = [json.loads(line) for line in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()]
@@ -107,8 +107,8 @@ def test_training_on_the_celeba_fixture_with_ffcv(tmp_path):
     assert train(cfg)["step"] == 5  # 42 training faces / 8
 
 
-@pytest.mark.parametrize("drop_last", [True, False])
-def test_ranks_get_the_shares_every_fastvae_loader_gives(tmp_path, mnist_subset, drop_last):
+@pytest.mark.parametrize("drop_last, flip", [(True, False), (False, True)])
+def test_ranks_get_the_shares_every_fastvae_loader_gives(tmp_path, mnist_subset, drop_last, flip):
     from fastvae.data.ffcv import FFCVTrainLoader
     from fastvae.data.memory import InMemoryLoader, decode_to_memory
 
@@ -118,14 +118,32 @@ def test_ranks_get_the_shares_every_fastvae_loader_gives(tmp_path, mnist_subset,
     cpu = torch.device("cpu")
     for world in (1, 2):
         for rank in range(world):
-            ffcv = FFCVTrainLoader(beton, 24 // world, 1, cpu, seed=4, drop_last=drop_last, rank=rank,
+            ffcv = FFCVTrainLoader(beton, 24 // world, 1, cpu, seed=4, flip=flip, drop_last=drop_last, rank=rank,
                                    world_size=world)
-            memory = InMemoryLoader(in_memory, 24 // world, 4, cpu, drop_last, rank=rank, world_size=world)
+            memory = InMemoryLoader(in_memory, 24 // world, 4, cpu, drop_last, flip, rank, world)
             for epoch in (0, 1):
                 ffcv.set_epoch(epoch)
                 memory.set_epoch(epoch)
                 pairs = list(zip(ffcv, memory, strict=True))  # as many batches
                 assert pairs and all(torch.equal(a[0], b[0]) for a, b in pairs)  # the same images, pixel for pixel
+
+
+@pytest.mark.parametrize("order", ["random", "quasi_random"])
+def test_a_resumed_epoch_reads_only_the_batches_after_the_skipped_ones(tmp_path, mnist_subset, order):
+    from fastvae.data.ffcv import FFCVTrainLoader
+
+    beton = write_beton(mnist_subset, tmp_path / "train.beton", "raw")
+    loader = FFCVTrainLoader(beton, 32, 1, torch.device("cpu"), seed=3, order=order, flip=True)
+    loader.set_epoch(1)
+    whole = list(loader)
+    again = list(loader)  # the same epoch until set_epoch says otherwise
+    resumed = list(loader.skip_first(3))
+    assert len(whole) == len(loader) == 8 and len(resumed) == 5
+    assert all(torch.equal(a, b) for x, y in zip(whole, again) for a, b in zip(x, y))
+    assert all(torch.equal(a, b) for x, y in zip(whole[3:], resumed) for a, b in zip(x, y))  # pixels and flips
+    assert len(loader.order.sample_order(1)) == 5 * 32  # what FFCV decodes: the skipped batches are not read
+    loader.set_epoch(2)
+    assert not torch.equal(torch.cat([b[2] for b in loader]), torch.cat([b[2] for b in whole]))  # a new order
 
 
 def test_bad_betons_are_one_line_errors(tmp_path, mnist_subset):

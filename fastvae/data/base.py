@@ -30,6 +30,11 @@ class ImageTensorDataset(Dataset):
         return to_dtype(self.images[index], torch.float32, scale=True), self.labels[index], index
 
 
+def mirror_where(images: torch.Tensor, flags: torch.Tensor) -> torch.Tensor:
+    """images [B, C, H, W] flipped left-right where flags [B] is True (data.flip), on their device."""
+    return torch.where(flags.view(-1, 1, 1, 1), images.flip(-1), images)
+
+
 def fixed_split(n: int, test_fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Deterministic (train_idx, test_idx) from a seeded permutation: same seed, same split, any machine."""
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))

@@ -23,6 +23,7 @@ from torchvision.transforms.v2.functional import to_dtype
 
 from fastvae.commands import ffcv_parser
 from fastvae.config import Config, load_config
+from fastvae.data.base import mirror_where
 from fastvae.data.sharding import ShardPlan
 from fastvae.errors import UserError, exit_on_user_error
 
@@ -165,28 +166,46 @@ def check_beton(path: str | Path) -> int:
     return int(reader.num_samples)
 
 
-class ShardOrder:
-    """An FFCV TraversalOrder giving this rank its shares of fastvae.data.sharding's global batches,
-    concatenated: FFCV cuts them into batch_size batches again. FFCV's Loader takes an order as an
-    instance it calls with itself (ffcv/loader/loader.py), hence __call__."""
+class EpochOrder:
+    """An FFCV TraversalOrder: the records this rank reads in an epoch, batch after batch, from
+    batch `start` on. data.order=random: its shares of fastvae.data.sharding's global batches
+    (FFCV's own distributed order pads shards with repeated images); quasi_random: FFCV's
+    page-local order, for one process. Knowing which record lands where lets the loader resume
+    without decoding the batches it skips, and flip by fastvae's per-image draw. FFCV's Loader
+    takes an order as an object it calls with itself (ffcv/loader/loader.py), hence __call__."""
 
-    def __init__(self, plan: ShardPlan) -> None:
-        self.plan = plan
+    def __init__(self, plan: ShardPlan, quasi_random: bool) -> None:
+        self.plan, self.quasi_random, self.start = plan, quasi_random, 0
+        self.quasi, self._cached = None, (None, None)
 
     def __call__(self, loader):
+        if self.quasi_random:
+            from ffcv.traversal_order import QuasiRandom
+
+            self.quasi = QuasiRandom(loader)  # seeded by (loader seed, epoch)
         return self
 
-    def sample_order(self, epoch: int):
-        shares = list(self.plan.shares(epoch))
-        return torch.cat(shares).numpy() if shares else np.zeros(0, dtype=np.int64)
+    def positions(self, epoch: int) -> np.ndarray:
+        """Every record this rank reads in `epoch`, in order: batch b starts at b x batch_size."""
+        if self._cached[0] != epoch:
+            if self.quasi is not None:
+                order = self.quasi.sample_order(epoch)[: len(self.plan) * self.plan.batch_size]
+            else:
+                shares = list(self.plan.shares(epoch))
+                order = torch.cat(shares).numpy() if shares else np.zeros(0, dtype=np.int64)
+            self._cached = (epoch, order)
+        return self._cached[1]
+
+    def sample_order(self, epoch: int) -> np.ndarray:
+        return self.positions(epoch)[self.start * self.plan.batch_size:]
 
 
 class FFCVTrainLoader:
     """Training batches (image float NCHW in [0, 1] on the device, label, index) from a .beton.
 
-    Order: data.order=random follows fastvae.data.sharding, the rule of every fastvae loader
-    (FFCV's own distributed order pads shards with repeated images); quasi_random is FFCV's
-    page-local order, for one process (FFCV does not shard it).
+    Order: fastvae's (EpochOrder). Flips: fastvae.data.sharding's per-image draw, applied on the
+    device after decoding, as the in-memory loader does; FFCV's RandomHorizontalFlip draws from
+    numba's generator, which nothing seeds: no two runs (or resumes, or ranks) would flip alike.
     """
 
     def __init__(self, path: str | Path, batch_size: int, channels: int, device: torch.device, seed: int,
@@ -197,43 +216,48 @@ class FFCVTrainLoader:
             raise UserError(f"data.order=quasi_random with {world_size} processes: FFCV cannot shard that "
                             f"order; expected data.order=random")
         from ffcv.fields.decoders import IntDecoder, SimpleRGBImageDecoder
-        from ffcv.loader import Loader, OrderOption
+        from ffcv.loader import Loader
         from ffcv.traversal_order.base import TraversalOrder
-        from ffcv.transforms import RandomHorizontalFlip, Squeeze, ToDevice, ToTensor, ToTorchImage
+        from ffcv.transforms import Squeeze, ToDevice, ToTensor, ToTorchImage
 
-        self.channels, self.device = channels, device
-        image = [SimpleRGBImageDecoder()] + ([RandomHorizontalFlip()] if flip else [])
-        image += [ToTensor(), ToDevice(device, non_blocking=device.type == "cuda"), ToTorchImage()]
-        ints = [IntDecoder(), ToTensor(), Squeeze(), ToDevice(device, non_blocking=device.type == "cuda")]
-        TraversalOrder.register(ShardOrder)  # what FFCV's Loader checks an order object for
-        plan = ShardPlan(images, batch_size, seed, rank, world_size, drop_last)
+        self.channels, self.device, self.flip, self.epoch = channels, device, flip, 0
+        to_device = ToDevice(device, non_blocking=device.type == "cuda")
+        image = [SimpleRGBImageDecoder(), ToTensor(), to_device, ToTorchImage()]
+        ints = [IntDecoder(), ToTensor(), Squeeze(), to_device]
+        TraversalOrder.register(EpochOrder)  # what FFCV's Loader checks an order object for
+        self.plan = ShardPlan(images, batch_size, seed, rank, world_size, drop_last)
+        self.order = EpochOrder(self.plan, order == "quasi_random")
         self.loader = Loader(str(path), batch_size=batch_size, num_workers=num_workers, seed=seed,
-                             order=ShardOrder(plan) if order == "random" else OrderOption.QUASI_RANDOM,
-                             drop_last=drop_last,
+                             order=self.order, drop_last=drop_last,
                              pipelines={"image": image, "label": ints, "index": ints, "attributes": None})
 
     def __len__(self) -> int:
-        return len(self.loader)
+        return len(self.plan)
 
     def set_epoch(self, epoch: int) -> None:
-        self.loader.next_epoch = epoch  # the order is a function of (seed, epoch)
+        self.epoch = epoch
 
-    def _batches(self):
+    def _batches(self, start: int):
+        # FFCV's Loader counts epochs itself (+1 per iteration): set it to ours before each one
+        self.loader.next_epoch, self.order.start = self.epoch, start
+        read = self.order.positions(self.epoch)[start * self.plan.batch_size:]
+        flips = self.plan.flips(self.epoch)[read].to(self.device) if self.flip else None
+        done = 0
         for image, label, index in self.loader:
             # RGB on disk, one channel kept for greyscale; the torchvision path's own uint8 -> float
             # conversion, so both loaders give bit-identical inputs
             x = to_dtype(image[:, : self.channels], torch.float32, scale=True)
+            if flips is not None:
+                x = mirror_where(x, flips[done:done + len(x)])
+            done += len(x)
             yield x, label, index
 
     def __iter__(self):
-        return self._batches()
+        return self._batches(0)
 
     def skip_first(self, n: int):
-        """This epoch's batches after the first n (resume inside an epoch)."""
-        batches = self._batches()
-        for _ in range(n):
-            next(batches)
-        return batches
+        """This epoch's batches after the first n (resume inside an epoch); the n are not read."""
+        return self._batches(n)
 
 
 def parse_args(argv):

@@ -16,7 +16,7 @@ from torch.utils.data import Subset
 from torchvision.transforms.v2.functional import to_dtype
 from tqdm.auto import tqdm
 
-from fastvae.data.base import ImageTensorDataset, in_order_loader
+from fastvae.data.base import ImageTensorDataset, in_order_loader, mirror_where
 from fastvae.data.sharding import ShardPlan
 
 
@@ -57,14 +57,12 @@ class InMemoryLoader:
 
     def _batches(self, start: int):
         order = self.plan.order(self.epoch).to(self.device)
-        if self.flip:  # one draw per image and epoch
-            flips = torch.rand(len(self.images), generator=self.plan.epoch_generator(self.epoch, 1)) < 0.5
-            flips = flips.to(self.device)
+        flips = self.plan.flips(self.epoch).to(self.device) if self.flip else None
         for b in range(start, len(self)):
             take = self.plan.share(order, b)
             x = to_dtype(self.images[take], torch.float32, scale=True)
             if self.flip:
-                x = torch.where(flips[take].view(-1, 1, 1, 1), x.flip(-1), x)
+                x = mirror_where(x, flips[take])
             yield x, self.labels[take], self.indices[take]
 
     def __iter__(self):

@@ -39,13 +39,18 @@ class ShardPlan:
         return full if self.drop_last else full + (last >= self.world_size)
 
     def epoch_generator(self, epoch: int, stream: int = 0) -> torch.Generator:
-        """A CPU generator seeded by (seed, epoch, stream): 0 draws the order, 1 a loader's flips. Its
+        """A CPU generator seeded by (seed, epoch, stream): 0 draws the order, 1 the flips. Its
         numbers never depend on how many batches were drawn before (exact resume)."""
         return torch.Generator().manual_seed((self.seed * 1_000_003 + epoch) * 2 + stream)
 
     def order(self, epoch: int) -> torch.Tensor:
         """The epoch's permutation of the data set (int64, on the CPU)."""
         return torch.randperm(self.images, generator=self.epoch_generator(epoch))
+
+    def flips(self, epoch: int) -> torch.Tensor:
+        """Which images of the data set `epoch` mirrors (data.flip): one draw per image, indexed like
+        the order, so an image's flip does not depend on the rank or batch it lands in."""
+        return torch.rand(self.images, generator=self.epoch_generator(epoch, 1)) < 0.5
 
     def share(self, order: torch.Tensor, batch: int) -> torch.Tensor:
         """This rank's indices of global batch `batch` of an epoch's `order` (on order's device)."""
