@@ -2,6 +2,9 @@
 
 A synthetic CelebA in the real on-disk format (178x218 JPEGs), cropped to 148
 and resized to 64 like DFC-VAE; batches of float NCHW images in [0, 1] on the CPU.
+Second table: the start-up of data.loader=memory, which holds the whole training
+set as uint8 (on the GPU when there is one): decoding it image by image (one
+process, or DataLoader workers) vs reading a .beton once.
 
     python benchmarks/dataloader.py [--images 2048] [--batch 256] [--workers 2] [--repeats 3] [--json out.json]
 """
@@ -25,7 +28,8 @@ from harness import base_parser, print_table, write_json  # noqa: E402
 from fastvae.config import load_config  # noqa: E402
 from fastvae.data import build_datasets  # noqa: E402
 from celeba_fixture import write_celeba  # noqa: E402
-from fastvae.data.ffcv import FFCVTrainLoader, write_beton  # noqa: E402
+from fastvae.data.ffcv import FFCVTrainLoader, beton_to_memory, write_beton  # noqa: E402
+from fastvae.data.memory import decode_to_memory  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -82,8 +86,33 @@ def main(argv=None) -> None:
                  ("epoch1_x_torchvision", "x tv", ".2f"), ("median_images_per_s", "steady img/s", ".0f"),
                  ("min", "min", ".0f"), ("max", "max", ".0f"), ("x_torchvision", "x tv", ".2f"),
                  ("file_MiB", ".beton MiB", "")])
+    memory_rows = into_memory(train_set, betons, args.workers, args.repeats)
     write_json(args.json, {"benchmark": "dataloader", "images": len(train_set), "batch": args.batch,
-                           "workers": args.workers, "repeats": args.repeats, "results": rows})
+                           "workers": args.workers, "repeats": args.repeats, "results": rows,
+                           "into_memory": memory_rows})
+
+
+def into_memory(train_set, betons: dict, workers: int, repeats: int) -> list[dict]:
+    """Seconds to hold the training set in memory as uint8 (data.loader=memory's start-up), interleaved."""
+    ways = {"decode image by image, 1 process": lambda: decode_to_memory(train_set),
+            f"decode image by image, {workers} workers": lambda: decode_to_memory(train_set, workers),
+            "read raw .beton": lambda: beton_to_memory(betons["raw"], 3, num_workers=workers),
+            "read jpg .beton": lambda: beton_to_memory(betons["jpg"], 3, num_workers=workers)}
+    samples = {name: [] for name in ways}
+    names = list(ways)
+    for r in range(repeats):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            start = time.perf_counter()
+            images = ways[name]()[0]
+            samples[name].append(time.perf_counter() - start)
+            assert len(images) == len(train_set)
+    base = statistics.median(samples[names[0]])
+    rows = [{"way": name, "median_s": statistics.median(v), "images_per_s": len(train_set) / statistics.median(v),
+             "x_one_process": base / statistics.median(v)} for name, v in samples.items()]
+    print(f"\ndata.loader=memory start-up: {len(train_set)} images into one uint8 tensor, median of {repeats}")
+    print_table(rows, [("way", "way", ""), ("median_s", "seconds", ".2f"), ("images_per_s", "img/s", ".0f"),
+                       ("x_one_process", "x 1 process", ".2f")])
+    return rows
 
 
 if __name__ == "__main__":

@@ -56,7 +56,8 @@ class DataConfig:
         "auto", "memory (batches sliced from the uint8 data set held on the device), torch (DataLoader), ffcv "
                 "(a .beton from `fastvae ffcv`), or auto: memory for data sets held as tensors (mnist, "
                 "fashion_mnist), else torch")
-    beton: str = knob("", "data.loader=ffcv: the training .beton")
+    beton: str = knob("", "the training .beton: read by data.loader=ffcv, or read once into memory by "
+                          "data.loader=memory")
     order: Literal["random", "quasi_random"] = knob("random", "data.loader=ffcv: sample order (quasi_random "
                                                     "needs less memory, is not fully random)")
     flip: bool = knob(False, "random horizontal flips (data.loader memory or ffcv)")
@@ -306,6 +307,9 @@ def validate(cfg: Config) -> Config:
     if cfg.data.loader == "ffcv" and not cfg.data.beton:
         raise UserError("config key 'data.beton' is empty; expected the training .beton for data.loader=ffcv "
                         "(write one with `python -m fastvae.data.ffcv`)")
+    if cfg.data.beton and cfg.data.loader not in ("ffcv", "memory"):
+        raise UserError(f"config key 'data.beton': a .beton is read by data.loader=ffcv or memory, and "
+                        f"data.loader={cfg.data.loader} would not read it; expected one of those or no data.beton")
     if cfg.data.flip and cfg.data.loader == "torch":
         raise UserError("config key 'data.flip': random flips come with data.loader memory, ffcv or auto; "
                         "expected data.flip=false")

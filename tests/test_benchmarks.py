@@ -50,6 +50,21 @@ def test_gpu_check_kit_smoke_mode_runs_every_check_on_the_cpu(tmp_path):
     assert (out / "run_triton" / "summary.json").is_file()
 
 
+@pytest.mark.slow
+def test_dataloader_benchmark_times_every_loader_and_the_memory_start_up(tmp_path):
+    pytest.importorskip("ffcv", reason="ffcv not installed (scripts/setup.sh installs it)")
+    out = tmp_path / "dataloader.json"
+    proc = subprocess.run([sys.executable, "benchmarks/dataloader.py", "--images", "64", "--batch", "16",
+                           "--repeats", "1", "--workers", "1", "--json", str(out)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["images"] == 64
+    assert [r["loader"] for r in report["results"]] == ["torchvision DataLoader", "ffcv raw", "ffcv jpg q90"]
+    assert all(r["median_images_per_s"] > 0 for r in report["results"])
+    assert len(report["into_memory"]) == 4 and all(r["median_s"] > 0 for r in report["into_memory"])
+
+
 def test_gpu_check_without_a_gpu_says_so():
     proc = subprocess.run([sys.executable, "benchmarks/gpu_check.py", "--out", "/tmp/unused-gpu-check"], cwd=ROOT,
                           capture_output=True, text=True, timeout=120)

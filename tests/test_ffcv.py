@@ -128,6 +128,30 @@ def test_ranks_get_the_shares_every_fastvae_loader_gives(tmp_path, mnist_subset,
                 assert pairs and all(torch.equal(a[0], b[0]) for a, b in pairs)  # the same images, pixel for pixel
 
 
+def test_memory_loader_from_a_beton_trains_on_what_the_ffcv_loader_reads(tmp_path, mnist_subset):
+    from fastvae.data.loaders import build_train_loader
+    from fastvae.data.memory import InMemoryLoader
+
+    beton = write_beton(mnist_subset, tmp_path / "train.beton", "raw")
+    common = [f"data.beton={beton}", "data.flip=true", "data.batch_size=32", "data.limit=256", "seed=5"]
+    cpu = torch.device("cpu")
+    memory = build_train_loader(load_config("mnist", ["data.loader=memory", *common]), mnist_subset, 1, cpu)
+    ffcv = build_train_loader(load_config("mnist", ["data.loader=ffcv", *common]), mnist_subset, 1, cpu)
+    assert isinstance(memory, InMemoryLoader) and memory.images.shape == (256, 1, 28, 28)
+    for epoch in (0, 1):
+        memory.set_epoch(epoch)
+        ffcv.set_epoch(epoch)
+        pairs = list(zip(memory, ffcv, strict=True))
+        assert all(torch.equal(a, b) for x, y in pairs for a, b in zip(x, y))  # images, flips, labels, ids
+
+
+def test_a_beton_of_another_image_size_is_a_one_line_error(tmp_path, mnist_subset):
+    beton = write_beton(mnist_subset, tmp_path / "train.beton", "raw")
+    with pytest.raises(UserError, match=r"holds 28x28 images; expected 64x64 \(data.image_size\)"):
+        check_beton(beton, image_size=64)
+    assert check_beton(beton, image_size=28) == 256
+
+
 @pytest.mark.parametrize("order", ["random", "quasi_random"])
 def test_a_resumed_epoch_reads_only_the_batches_after_the_skipped_ones(tmp_path, mnist_subset, order):
     from fastvae.data.ffcv import FFCVTrainLoader
@@ -160,6 +184,8 @@ def test_bad_betons_are_one_line_errors(tmp_path, mnist_subset):
         check_beton(foreign)
     with pytest.raises(UserError, match="config key 'data.beton' is empty"):
         load_config(CONFIGS / "mnist.yaml", ["data.loader=ffcv"])
+    with pytest.raises(UserError, match="data.loader=auto would not read it"):
+        load_config(CONFIGS / "mnist.yaml", [f"data.beton={good}"])
 
 
 def test_interrupted_write_leaves_nothing_that_looks_complete(tmp_path, mnist_subset, monkeypatch):

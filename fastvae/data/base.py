@@ -42,11 +42,11 @@ def fixed_split(n: int, test_fraction: float, seed: int) -> tuple[torch.Tensor, 
     return order[n_test:].sort().values, order[:n_test].sort().values
 
 
-def in_order_loader(dataset: Dataset, batch_size: int = 256) -> DataLoader:
+def in_order_loader(dataset: Dataset, batch_size: int = 256, num_workers: int = 0) -> DataLoader:
     """Batches in dataset order. Its own generator: starting an iterator draws a seed
     from the loader's generator, and the global one belongs to training (exact resume)."""
     return DataLoader(dataset, batch_size=batch_size, shuffle=False, generator=torch.Generator(),
-                      collate_fn=collate_skipping_corrupt)
+                      num_workers=num_workers, collate_fn=collate_skipping_corrupt)
 
 
 def report_corrupt(path, err: Exception, skip: bool):

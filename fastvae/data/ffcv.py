@@ -140,8 +140,9 @@ def write_beton(dataset, path: str | Path, mode: str = "raw", quality: int = 90,
     return path
 
 
-def check_beton(path: str | Path) -> int:
-    """Number of samples, after checking the file is a complete fastvae .beton (one-line error otherwise)."""
+def check_beton(path: str | Path, image_size: int | None = None) -> int:
+    """Number of samples, after checking the file is a complete fastvae .beton (one-line error otherwise)
+    whose images are image_size x image_size when that is given."""
     require_ffcv()
     from ffcv.reader import Reader
 
@@ -163,7 +164,43 @@ def check_beton(path: str | Path) -> int:
     if len(table) == 0 or table_end != size or int((table["ptr"] + table["size"]).max()) > size:
         raise UserError(f".beton '{path}' is truncated or damaged ({size} bytes; its tables say {table_end}); "
                         f"expected a complete file: write it again")
+    if image_size is not None:
+        shapes = reader.metadata[f"f{reader.field_names.index('image')}"][["height", "width"]]
+        wrong = shapes[(shapes["height"] != image_size) | (shapes["width"] != image_size)]
+        if len(wrong):
+            raise UserError(f".beton '{path}' holds {wrong[0]['height']}x{wrong[0]['width']} images; expected "
+                            f"{image_size}x{image_size} (data.image_size): write it with this config")
     return int(reader.num_samples)
+
+
+def _pipelines(device: torch.device) -> dict:
+    """FFCV pipelines giving (uint8 image [B, 3, H, W], label, index) on `device`."""
+    from ffcv.fields.decoders import IntDecoder, SimpleRGBImageDecoder
+    from ffcv.transforms import Squeeze, ToDevice, ToTensor, ToTorchImage
+
+    to_device = ToDevice(device, non_blocking=device.type == "cuda")
+    ints = [IntDecoder(), ToTensor(), Squeeze(), to_device]
+    return {"image": [SimpleRGBImageDecoder(), ToTensor(), to_device, ToTorchImage()], "label": ints,
+            "index": ints, "attributes": None}
+
+
+def beton_to_memory(path: str | Path, channels: int, image_size: int | None = None,
+                    num_workers: int = 1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A whole .beton read once, in record order, into (uint8 images [N, C, H, W], labels, indices):
+    data.loader=memory fed by FFCV's decoder instead of decoding image by image."""
+    from ffcv.loader import Loader, OrderOption
+    from tqdm.auto import tqdm
+
+    check_beton(path, image_size)
+    loader = Loader(str(path), batch_size=512, num_workers=num_workers, order=OrderOption.SEQUENTIAL,
+                    drop_last=False, pipelines=_pipelines(torch.device("cpu")))
+    images, labels, indices = [], [], []
+    for image, label, index in tqdm(loader, desc="read .beton into memory", unit="batch"):
+        # copies: FFCV hands out views of buffers it refills with later batches
+        images.append(image[:, :channels].clone(memory_format=torch.contiguous_format))
+        labels.append(label.clone())
+        indices.append(index.clone())
+    return torch.cat(images), torch.cat(labels), torch.cat(indices)
 
 
 class EpochOrder:
@@ -210,26 +247,20 @@ class FFCVTrainLoader:
 
     def __init__(self, path: str | Path, batch_size: int, channels: int, device: torch.device, seed: int,
                  order: str = "random", flip: bool = False, drop_last: bool = True, rank: int = 0,
-                 world_size: int = 1, num_workers: int = 1) -> None:
-        images = check_beton(path)
+                 world_size: int = 1, num_workers: int = 1, image_size: int | None = None) -> None:
+        images = check_beton(path, image_size)
         if order == "quasi_random" and world_size > 1:
             raise UserError(f"data.order=quasi_random with {world_size} processes: FFCV cannot shard that "
                             f"order; expected data.order=random")
-        from ffcv.fields.decoders import IntDecoder, SimpleRGBImageDecoder
         from ffcv.loader import Loader
         from ffcv.traversal_order.base import TraversalOrder
-        from ffcv.transforms import Squeeze, ToDevice, ToTensor, ToTorchImage
 
         self.channels, self.device, self.flip, self.epoch = channels, device, flip, 0
-        to_device = ToDevice(device, non_blocking=device.type == "cuda")
-        image = [SimpleRGBImageDecoder(), ToTensor(), to_device, ToTorchImage()]
-        ints = [IntDecoder(), ToTensor(), Squeeze(), to_device]
         TraversalOrder.register(EpochOrder)  # what FFCV's Loader checks an order object for
         self.plan = ShardPlan(images, batch_size, seed, rank, world_size, drop_last)
         self.order = EpochOrder(self.plan, order == "quasi_random")
         self.loader = Loader(str(path), batch_size=batch_size, num_workers=num_workers, seed=seed,
-                             order=self.order, drop_last=drop_last,
-                             pipelines={"image": image, "label": ints, "index": ints, "attributes": None})
+                             order=self.order, drop_last=drop_last, pipelines=_pipelines(device))
 
     def __len__(self) -> int:
         return len(self.plan)
@@ -250,7 +281,7 @@ class FFCVTrainLoader:
             if flips is not None:
                 x = mirror_where(x, flips[done:done + len(x)])
             done += len(x)
-            yield x, label, index
+            yield x, label.clone(), index.clone()  # FFCV refills its buffers with later batches
 
     def __iter__(self):
         return self._batches(0)
