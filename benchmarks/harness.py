@@ -17,6 +17,8 @@ from typing import Callable
 
 import torch
 
+from fastvae.precision import cpu_bf16_flags
+
 
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
@@ -72,7 +74,8 @@ def cpu_model() -> str:
 
 def machine() -> dict:
     info = {"python": platform.python_version(), "torch": torch.__version__, "cpu": cpu_model(),
-            "cpu_capability": torch.backends.cpu.get_cpu_capability(), "threads": torch.get_num_threads()}
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(), "cpu_bf16": cpu_bf16_flags(),
+            "threads": torch.get_num_threads()}
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
     return info
