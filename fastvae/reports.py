@@ -11,7 +11,12 @@ from fastvae.config import Config
 from fastvae.evaluate import Likelihood, evaluate_model
 
 
-def test_metrics(model, test_set, cfg: Config, max_images: int = 2000, shard=(0, 1), all_reduce=None) -> dict:
+EPOCH_IMAGES = 2000  # test images behind each epoch's metrics and pictures
+FINAL_IMAGES = 5000  # test images in the final latent scatter: the most any report reads
+
+
+def test_metrics(model, test_set, cfg: Config, max_images: int = EPOCH_IMAGES, shard=(0, 1),
+                 all_reduce=None) -> dict:
     """The test loss in training units (same weights, no Gaussian constant), from fastvae.evaluate,
     each process evaluating its shard. Its eps are keyed (fastvae.noise): the global RNG, which
     resume restores, is untouched."""
@@ -24,7 +29,8 @@ def test_metrics(model, test_set, cfg: Config, max_images: int = 2000, shard=(0,
 
 
 @torch.no_grad()
-def write_pictures(model, test_set, cfg: Config, device, folder: Path, max_images: int = 5000) -> dict[str, Path]:
+def write_pictures(model, test_set, cfg: Config, device, folder: Path,
+                   max_images: int = FINAL_IMAGES) -> dict[str, Path]:
     """Prior samples, reconstructions and the latent scatter, as PNGs in `folder`."""
     model.eval()
     folder.mkdir(parents=True, exist_ok=True)

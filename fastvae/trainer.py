@@ -23,6 +23,7 @@ from fastvae import checkpoint, noise, precision, reports
 from fastvae.config import Config, to_dict
 from fastvae.data import build_datasets
 from fastvae.data.loaders import build_train_loader
+from fastvae.data.memory import decoded_once
 from fastvae.errors import UserError
 from fastvae.losses import kl_weight, vae_loss
 from fastvae.models import build_model
@@ -102,7 +103,9 @@ class Trainer:
         acc = self.accelerator
         set_seed(cfg.seed)
         self.out_dir = prepare_out_dir(cfg, acc)
-        self.train_set, self.test_set = datasets or build_datasets(cfg.data)
+        self.train_set, test_set = datasets or build_datasets(cfg.data)
+        # read every epoch for metrics and pictures: decoded in the first one only (CelebA, image folders)
+        self.test_set = decoded_once(test_set, reports.FINAL_IMAGES)
         self.train_loader = build_train_loader(cfg, self.train_set, acc.num_processes, acc.device, acc.process_index)
         self.ops = select_ops(cfg.train.ops, acc.device)
         self.memory_format = MEMORY_FORMATS[cfg.train.memory_format]
@@ -266,7 +269,7 @@ class Trainer:
             if self.log.log_images and acc.is_main_process:  # kept on disk and shown in W&B
                 folder = self.out_dir / "pictures" / f"step_{state.step:08d}"
                 self.log.log_pictures(reports.write_pictures(self.raw_model, self.test_set, self.cfg, acc.device,
-                                                             folder, 2000), state.step)
+                                                             folder, reports.EPOCH_IMAGES), state.step)
         acc.wait_for_everyone()
         if self.last_saved_step != state.step:
             self.save()

@@ -95,3 +95,35 @@ def test_auto_picks_memory_for_tensor_datasets_and_says_what_it_cannot():
     for x, y, index in decoded:
         assert torch.equal(x, torch.stack([folder[i][0] for i in index.tolist()]))
         assert torch.equal(y, index % 3)
+
+
+class CountingReads:
+    """A data set read item by item (like CelebA's): fastvae's uint8 -> float conversion, reads counted,
+    item 5 undecodable (data.skip_corrupt returns None)."""
+
+    def __init__(self, n=20):
+        self.n, self.reads = n, 0
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        self.reads += 1
+        if i == 5:
+            return None
+        return to_dtype(torch.full((3, 4, 4), 17 * i % 256, dtype=torch.uint8), torch.float32, scale=True), i % 3, i
+
+
+def test_test_images_are_decoded_once_and_served_bit_identical():
+    from fastvae.data.memory import DecodedOnce, decoded_once
+
+    source = CountingReads()
+    kept = DecodedOnce(source, max_items=8)
+    first = [kept[i] for i in range(12)]
+    again = [kept[i] for i in range(12)]
+    assert source.reads == 12 + 4  # items 0-4 and 6-8 kept (8 of them); 5 (None) and 9-11 read again
+    assert first[5] is None and again[5] is None
+    for i in (0, 7, 11):
+        assert torch.equal(again[i][0], source[i][0]) and again[i][1:] == source[i][1:]
+    tensors = dataset()
+    assert decoded_once(tensors, 8) is tensors  # already in memory: nothing to keep
