@@ -32,12 +32,34 @@ CHECKPOINT_RE = re.compile(r"^step_(\d+)$")
 @dataclass
 class TrainState:
     """Where a run is: what a checkpoint holds beside accelerate's state (model, optimizer,
-    scheduler, RNG). batch_in_epoch = batches of `epoch` already trained (resume skips them)."""
+    scheduler, RNG). batch_in_epoch = global batches of `epoch` already trained (resume skips
+    them), of global_batch images each (data.batch_size x processes; None in checkpoints older
+    than this field)."""
 
     step: int = 0
     epoch: int = 0
     batch_in_epoch: int = 0
     wandb_run_id: str | None = None
+    global_batch: int | None = None
+
+    def rebatch(self, global_batch: int) -> str | None:
+        """Continue with global batches of `global_batch` images (another data.batch_size or number
+        of processes than the checkpoint's): the position in the epoch converted to them. Every
+        loader cuts the epoch's one order into consecutive global batches (fastvae.data.sharding),
+        so a position on a boundary of the new batches continues at the same image; any other
+        would repeat or skip images and is refused. Returns what changed, in words."""
+        saved, self.global_batch = self.global_batch, global_batch
+        if saved in (None, global_batch) or self.batch_in_epoch == 0:
+            return None
+        images = self.batch_in_epoch * saved
+        if images % global_batch:
+            raise UserError(f"the checkpoint stopped {images} images into epoch {self.epoch + 1} (global batch "
+                            f"{saved}), which is no whole number of this run's global batches of {global_batch} "
+                            f"(data.batch_size x processes); expected a global batch that divides {images}, "
+                            f"{saved} as saved, or a checkpoint from an epoch's end")
+        self.batch_in_epoch = images // global_batch
+        return (f"{images} images into epoch {self.epoch + 1}: {self.batch_in_epoch} global batches of "
+                f"{global_batch} (the checkpoint's global batch was {saved})")
 
     @classmethod
     def from_meta(cls, meta: dict) -> "TrainState":

@@ -125,6 +125,9 @@ class Trainer:
         self.scheduler = build_scheduler(cfg, self.optimizer, planned_steps)
         acc.register_for_checkpointing(self.scheduler)
         self.state, self.resumed_from = checkpoint.restore(acc, cfg, self.out_dir)
+        rebatched = self.state.rebatch(cfg.data.batch_size * acc.num_processes)
+        if rebatched:
+            acc.print(f"fastvae: resuming {rebatched}")
         self.log = RunLog(acc, cfg, self.state.wandb_run_id)
         if self.resumed_from is not None:
             self.log.trim_after(self.state.step)

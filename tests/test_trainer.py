@@ -45,8 +45,28 @@ def test_checkpoints_hold_the_train_state(tmp_path):
     out = tmp_path / "run"
     train(tiny_config(out, "train.max_steps=5"))
     meta = read_meta(list_checkpoints(out)[-1])
-    assert TrainState.from_meta(meta) == TrainState(step=5, epoch=0, batch_in_epoch=5, wandb_run_id=None)
+    assert TrainState.from_meta(meta) == TrainState(step=5, epoch=0, batch_in_epoch=5, wandb_run_id=None,
+                                                    global_batch=32)
     assert {f.name for f in dataclasses.fields(TrainState)} <= meta.keys()
+
+
+def test_resume_with_another_global_batch_continues_at_the_same_image(tmp_path, capsys):
+    """E.g. a requeued job on another number of nodes: 3 batches of 32 trained, then batches of 16
+    (as 1 x 16, or 2 processes x 8) train the epoch's other 160 images, each once."""
+    out = tmp_path / "run"
+    train(tiny_config(out, "train.max_steps=3"))  # 256 images, 8 batches of 32 per epoch: stopped mid-epoch
+    resumed = Trainer(tiny_config(out, "data.batch_size=16", "train.resume=auto"))
+    assert (resumed.state.batch_in_epoch, resumed.state.global_batch) == (6, 16)
+    assert "resuming 96 images into epoch 1: 6 global batches of 16 (the checkpoint's global batch was 32)" \
+        in capsys.readouterr().out
+    order = resumed.train_loader.plan.order(0)
+    rest = torch.cat([batch[2] for batch in resumed._remaining_batches()])
+    assert torch.equal(rest, order[96:])
+    with pytest.raises(UserError, match="stopped 96 images into epoch 1 .* no whole number of this run's global "
+                                        "batches of 64"):
+        Trainer(tiny_config(out, "data.batch_size=64", "train.resume=auto"))
+    old = TrainState(step=3, batch_in_epoch=3)  # a checkpoint from before global_batch was recorded
+    assert old.rebatch(16) is None and old.batch_in_epoch == 3
 
 
 def test_unknown_optimizer_is_an_error_not_sgd():
