@@ -8,6 +8,7 @@ methods. Benchmarks and tests call these, never a copy.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import time
@@ -71,6 +72,18 @@ def prepare_out_dir(cfg: Config, accelerator: Accelerator) -> Path:
     return out
 
 
+@contextlib.contextmanager
+def removed_if_refused(out: Path, created_here: bool):
+    """A run refused during set-up (bad data path, incompatible checkpoint, ...) leaves no empty
+    out_dir behind when it created it."""
+    try:
+        yield
+    except BaseException:
+        if created_here and out.is_dir() and not any(out.iterdir()):
+            out.rmdir()
+        raise
+
+
 class LossSums:
     """loss x n, recon and kl of some batches (an epoch's, or a log point's one) summed on the
     device, and their image count on the host: nothing crosses between them per step; read once,
@@ -100,13 +113,27 @@ class Trainer:
             check_wandb_ready()
         self.cfg, self.stop_signals = cfg, stop_signals or DEFAULT_STOP_SIGNALS
         self.accelerator, self.precision_source = make_accelerator(cfg)
-        acc = self.accelerator
         set_seed(cfg.seed)
-        self.out_dir = prepare_out_dir(cfg, acc)
+        created = not Path(cfg.out_dir).exists()
+        self.out_dir = prepare_out_dir(cfg, self.accelerator)
+        with removed_if_refused(self.out_dir, created and self.accelerator.is_main_process):
+            self._set_up_data(datasets)
+            self._set_up_model()
+            self._set_up_state()
+        if self.accelerator.is_main_process:  # the resolved config, to read, share, or rerun with
+            # --config; only once set-up succeeded: a refused run changes nothing in out_dir
+            (self.out_dir / RESOLVED_CONFIG).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+    def _set_up_data(self, datasets) -> None:
+        cfg, acc = self.cfg, self.accelerator
         self.train_set, test_set = datasets or build_datasets(cfg.data)
         # read every epoch for metrics and pictures: decoded in the first one only (CelebA, image folders)
         self.test_set = decoded_once(test_set, reports.FINAL_IMAGES)
         self.train_loader = build_train_loader(cfg, self.train_set, acc.num_processes, acc.device, acc.process_index)
+
+    def _set_up_model(self) -> None:
+        """Model, ops, optimizer and LR schedule, prepared by accelerate; the compiled forward."""
+        cfg, acc = self.cfg, self.accelerator
         self.ops = select_ops(cfg.train.ops, acc.device)
         self.memory_format = MEMORY_FORMATS[cfg.train.memory_format]
         model = build_model(cfg).to(memory_format=self.memory_format)
@@ -124,6 +151,14 @@ class Trainer:
         # step it once per process; it is stepped once per optimizer step.
         self.scheduler = build_scheduler(cfg, self.optimizer, planned_steps)
         acc.register_for_checkpointing(self.scheduler)
+        self.forward_loss = self._forward_loss
+        if cfg.train.compile:  # one graph from images to the loss (the ops and loss too, not only the model)
+            mode = None if cfg.train.compile_mode == "default" else cfg.train.compile_mode
+            self.forward_loss = torch.compile(self._forward_loss, mode=mode)
+
+    def _set_up_state(self) -> None:
+        """Where the run starts (a checkpoint's state when resuming), its log and its guard."""
+        cfg, acc = self.cfg, self.accelerator
         self.state, self.resumed_from = checkpoint.restore(acc, cfg, self.out_dir)
         rebatched = self.state.rebatch(cfg.data.batch_size * acc.num_processes)
         if rebatched:
@@ -134,14 +169,7 @@ class Trainer:
         self.state.wandb_run_id = self.log.run_id
         self.guard = NonFiniteGuard(cfg.train.nonfinite, acc)
         self.noise_seed = torch.tensor(cfg.seed, dtype=torch.int64, device=acc.device)
-        self.forward_loss = self._forward_loss
-        if cfg.train.compile:  # one graph from images to the loss (the ops and loss too, not only the model)
-            mode = None if cfg.train.compile_mode == "default" else cfg.train.compile_mode
-            self.forward_loss = torch.compile(self._forward_loss, mode=mode)
         self.last_saved_step = self.state.step if self.resumed_from is not None else -1
-        if acc.is_main_process:  # the resolved config, to read, share, or rerun with --config; only
-            # once set-up succeeded: a refused run changes nothing in out_dir
-            (self.out_dir / RESOLVED_CONFIG).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
     # ---------------------------------------------------------------- the step
 

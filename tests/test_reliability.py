@@ -281,4 +281,4 @@ def test_bad_input_is_one_line_exit_2_and_changes_nothing(case, finished_run, tm
     assert len(err) == 1 and err[0].startswith("fastvae: error: "), err
     assert message in err[0], err[0]
     assert tree_snapshot(finished_run) == before
-    assert not any((tmp_path / f"fresh{i}" / "checkpoints").exists() for i in range(1, 5))
+    assert not any((tmp_path / f"fresh{i}").exists() for i in range(1, 5))  # not even an empty out_dir
