@@ -55,7 +55,8 @@ class DataConfig:
     loader: Literal["auto", "memory", "torch", "ffcv"] = knob(
         "auto", "memory (batches sliced from the uint8 data set held on the device), torch (DataLoader), ffcv "
                 "(a .beton from `fastvae ffcv`), or auto: memory for data sets held as tensors (mnist, "
-                "fashion_mnist), else torch")
+                "fashion_mnist) and, on a GPU, for others whose uint8 copy fits in a quarter of its memory "
+                "(decoded once), else torch")
     beton: str = knob("", "the training .beton: read by data.loader=ffcv, or read once into memory by "
                           "data.loader=memory")
     order: Literal["random", "quasi_random"] = knob("random", "data.loader=ffcv: sample order (quasi_random "

@@ -127,3 +127,16 @@ def test_test_images_are_decoded_once_and_served_bit_identical():
         assert torch.equal(again[i][0], source[i][0]) and again[i][1:] == source[i][1:]
     tensors = dataset()
     assert decoded_once(tensors, 8) is tensors  # already in memory: nothing to keep
+
+
+def test_auto_holds_image_by_image_data_on_a_gpu_where_it_fits(monkeypatch):
+    from types import SimpleNamespace
+
+    from fastvae.data.loaders import fits_on_gpu
+
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: SimpleNamespace(total_memory=80 * 2**30))
+    celeba = load_config("celeba", [])  # 3 x 64 x 64 uint8 = 12,288 bytes per face
+    gpu = torch.device("cuda", 0)
+    assert fits_on_gpu(celeba, 162_770, gpu)  # 2.0 GB of an 80 GB GPU
+    assert not fits_on_gpu(celeba, 2_000_000, gpu)  # 24.6 GB: more than a quarter
+    assert not fits_on_gpu(celeba, 10, CPU)  # on a CPU, auto keeps the DataLoader for such data

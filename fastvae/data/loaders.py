@@ -26,14 +26,7 @@ def build_train_loader(cfg: Config, train_set, num_processes: int, device: torch
         return FFCVTrainLoader(cfg.data.beton, cfg.data.batch_size, cfg.data.channels, device, cfg.seed,
                                cfg.data.order, cfg.data.flip, cfg.data.drop_last, rank, num_processes,
                                num_workers=max(1, cfg.data.num_workers), image_size=cfg.data.image_size)
-    tensors = in_memory_tensors(train_set) if cfg.data.loader in ("auto", "memory") else None
-    if cfg.data.loader == "memory" and cfg.data.beton:  # FFCV decodes it many times faster than image by image
-        from fastvae.data.ffcv import beton_to_memory
-
-        tensors = beton_to_memory(cfg.data.beton, cfg.data.channels, cfg.data.image_size,
-                                  max(1, cfg.data.num_workers))
-    elif tensors is None and cfg.data.loader == "memory":
-        tensors = decode_to_memory(train_set, cfg.data.num_workers)
+    tensors = tensors_to_hold(cfg, train_set, device)
     if tensors is not None:
         return InMemoryLoader(tensors, cfg.data.batch_size, cfg.seed, device, cfg.data.drop_last, cfg.data.flip,
                               rank, num_processes)
@@ -42,6 +35,36 @@ def build_train_loader(cfg: Config, train_set, num_processes: int, device: torch
                         f"image by image; expected data.flip=false or data.loader=ffcv")
     plan = ShardPlan(len(train_set), cfg.data.batch_size, cfg.seed, rank, num_processes, cfg.data.drop_last)
     return TorchTrainLoader(train_set, plan, device, cfg.data.num_workers)
+
+
+def tensors_to_hold(cfg: Config, train_set, device: torch.device):
+    """The uint8 training set for the in-memory loader, or None for a DataLoader: what data.loader
+    asks for, and for auto the data set's own tensors, or on a GPU a copy decoded once when it fits."""
+    if cfg.data.loader == "memory" and cfg.data.beton:  # FFCV decodes it many times faster than image by image
+        from fastvae.data.ffcv import beton_to_memory
+
+        return beton_to_memory(cfg.data.beton, cfg.data.channels, cfg.data.image_size, max(1, cfg.data.num_workers))
+    if cfg.data.loader == "torch":
+        return None
+    tensors = in_memory_tensors(train_set)
+    if tensors is None and (cfg.data.loader == "memory" or fits_on_gpu(cfg, len(train_set), device)):
+        tensors = decode_to_memory(train_set, cfg.data.num_workers)
+    return tensors
+
+
+GPU_SHARE_FOR_DATA = 0.25  # of a GPU's memory, at most, for a data set auto holds there
+
+
+def fits_on_gpu(cfg: Config, images: int, device: torch.device) -> bool:
+    """data.loader=auto on a GPU holds a data set read image by image (CelebA, image folders) in GPU
+    memory, decoded once, when its uint8 copy takes at most GPU_SHARE_FOR_DATA of the GPU's memory:
+    a DataLoader decodes ~1-2k images/s per worker, far below what one GPU trains these VAEs at
+    (benchmarks/scaling.md). CelebA at 64 px is 2.0 GB. The GPU's total, not its free memory: every
+    rank of a job on identical GPUs decides alike."""
+    if device.type != "cuda":
+        return False
+    total = torch.cuda.get_device_properties(device).total_memory
+    return images * cfg.data.channels * cfg.data.image_size ** 2 <= GPU_SHARE_FOR_DATA * total
 
 
 class ShardBatchSampler:
