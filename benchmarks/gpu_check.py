@@ -7,6 +7,8 @@
 4. benchmarks/kernels.py (fused vs eager vs compiled, fraction of copy bandwidth)
 5. benchmarks/train_throughput.py step rows for every ops mode: MNIST, CelebA 64 and 128 px, bf16
 6. a 40-step training run with train.ops=triton
+7. a DFC-VAE run on CelebA-format JPEGs (tests/support/celeba_fixture.py) with the shipped
+   defaults (data.loader=auto: decoded once into GPU memory; bf16 where native) and flips
 
     bash benchmarks/gpu_check.sh OUT          # on a GPU machine: < 9 minutes on one H100
     bash benchmarks/gpu_check.sh OUT --smoke  # on a CPU: tiny shapes under TRITON_INTERPRET=1 (CI)
@@ -29,7 +31,9 @@ if SMOKE:
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before fastvae.kernels defines the kernels
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "support"))  # the CelebA-format fixture
 from harness import machine  # noqa: E402
+from celeba_fixture import write_celeba  # noqa: E402
 
 from fastvae import losses  # noqa: E402
 from fastvae.kernels import fused_recon_loss, fused_reparam_kl  # noqa: E402
@@ -155,18 +159,25 @@ def subprocess_checks(out: Path) -> dict:
                       "--repeats", "1", "--steps", "1", "--precisions", "fp32", "--formats", "channels_last",
                       "--modes", "eager"]
         training = ["train.max_steps=4", "data.limit=256", "data.batch_size=32", "train.samples=4"]
+        celeba = (60, ["train.max_steps=2", "data.batch_size=8", "model.latent_dim=8", "train.samples=4",
+                       "train.mixed_precision=no", "data.loader=memory"])  # what auto picks on a GPU
     else:
         kernels = [py, "benchmarks/kernels.py", "--repeats", "5"]
         throughput = [py, "benchmarks/train_throughput.py", "--parts", "step", "--repeats", "5", "--precisions", "bf16",
                       "--formats", "channels_last", "--workloads", "mnist conv_vae 1x28x28",
                       "celeba dfc_vae 3x64x64", "celeba dfc_vae 3x128x128"]
         training = ["train.max_steps=40"]
+        celeba = (700, ["train.epochs=2", "data.batch_size=64"])  # 490 train faces: 7 steps per epoch
     return {
         "kernels": run("kernels", [*kernels, "--json", str(out / "kernels.json")], out, 240),
         "train_throughput": run("train_throughput", [*throughput, "--json", str(out / "train_throughput.json")],
                                 out, 300),
         "training_triton": run("training_triton", [py, "-m", "fastvae.train", "--config", "mnist", "train.ops=triton",
                                                    *training, f"out_dir={out / 'run_triton'}"], out, 240),
+        "training_celeba": run("training_celeba", [py, "-m", "fastvae.train", "--config", "celeba",
+                                                   f"data.root={write_celeba(out / 'celeba', n=celeba[0])}",
+                                                   "data.flip=true", *celeba[1], f"out_dir={out / 'run_celeba'}"],
+                               out, 240),
     }
 
 

@@ -44,10 +44,11 @@ def test_gpu_check_kit_smoke_mode_runs_every_check_on_the_cpu(tmp_path):
     assert {r["dtype"] for r in report["parity"]} == {"fp32", "bf16", "fp16"}
     assert report["compile"]["graph_breaks"] == 0
     assert report["cuda_graph_replay"] == {"skipped": "no CUDA device"}
-    assert set(report["runs"]) == {"kernels", "train_throughput", "training_triton"}
+    assert set(report["runs"]) == {"kernels", "train_throughput", "training_triton", "training_celeba"}
     assert json.loads((out / "kernels.json").read_text())["results"]
     assert json.loads((out / "train_throughput.json").read_text())["results"]
     assert (out / "run_triton" / "summary.json").is_file()
+    assert json.loads((out / "run_celeba" / "summary.json").read_text())["step"] == 2
 
 
 @pytest.mark.slow
