@@ -184,8 +184,8 @@ def _pipelines(device: torch.device) -> dict:
             "index": ints, "attributes": None}
 
 
-def beton_to_memory(path: str | Path, channels: int, image_size: int | None = None,
-                    num_workers: int = 1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def beton_to_memory(path: str | Path, channels: int, image_size: int | None = None, num_workers: int = 1,
+                    progress: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """A whole .beton read once, in record order, into (uint8 images [N, C, H, W], labels, indices):
     data.loader=memory fed by FFCV's decoder instead of decoding image by image."""
     from ffcv.loader import Loader, OrderOption
@@ -195,7 +195,7 @@ def beton_to_memory(path: str | Path, channels: int, image_size: int | None = No
     loader = Loader(str(path), batch_size=512, num_workers=num_workers, order=OrderOption.SEQUENTIAL,
                     drop_last=False, pipelines=_pipelines(torch.device("cpu")))
     images, labels, indices = [], [], []
-    for image, label, index in tqdm(loader, desc="read .beton into memory", unit="batch"):
+    for image, label, index in tqdm(loader, desc="read .beton into memory", unit="batch", disable=not progress):
         # copies: FFCV hands out views of buffers it refills with later batches
         images.append(image[:, :channels].clone(memory_format=torch.contiguous_format))
         labels.append(label.clone())

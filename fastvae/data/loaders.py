@@ -26,7 +26,7 @@ def build_train_loader(cfg: Config, train_set, num_processes: int, device: torch
         return FFCVTrainLoader(cfg.data.beton, cfg.data.batch_size, cfg.data.channels, device, cfg.seed,
                                cfg.data.order, cfg.data.flip, cfg.data.drop_last, rank, num_processes,
                                num_workers=max(1, cfg.data.num_workers), image_size=cfg.data.image_size)
-    tensors = tensors_to_hold(cfg, train_set, device)
+    tensors = tensors_to_hold(cfg, train_set, device, progress=rank == 0)
     if tensors is not None:
         return InMemoryLoader(tensors, cfg.data.batch_size, cfg.seed, device, cfg.data.drop_last, cfg.data.flip,
                               rank, num_processes)
@@ -37,18 +37,19 @@ def build_train_loader(cfg: Config, train_set, num_processes: int, device: torch
     return TorchTrainLoader(train_set, plan, device, cfg.data.num_workers)
 
 
-def tensors_to_hold(cfg: Config, train_set, device: torch.device):
+def tensors_to_hold(cfg: Config, train_set, device: torch.device, progress: bool = True):
     """The uint8 training set for the in-memory loader, or None for a DataLoader: what data.loader
     asks for, and for auto the data set's own tensors, or on a GPU a copy decoded once when it fits."""
     if cfg.data.loader == "memory" and cfg.data.beton:  # FFCV decodes it many times faster than image by image
         from fastvae.data.ffcv import beton_to_memory
 
-        return beton_to_memory(cfg.data.beton, cfg.data.channels, cfg.data.image_size, max(1, cfg.data.num_workers))
+        return beton_to_memory(cfg.data.beton, cfg.data.channels, cfg.data.image_size,
+                               max(1, cfg.data.num_workers), progress)
     if cfg.data.loader == "torch":
         return None
     tensors = in_memory_tensors(train_set)
     if tensors is None and (cfg.data.loader == "memory" or fits_on_gpu(cfg, len(train_set), device)):
-        tensors = decode_to_memory(train_set, cfg.data.num_workers)
+        tensors = decode_to_memory(train_set, cfg.data.num_workers, progress)
     return tensors
 
 

@@ -20,13 +20,13 @@ from fastvae.data.base import ImageTensorDataset, in_order_loader, mirror_where
 from fastvae.data.sharding import ShardPlan
 
 
-def decode_to_memory(dataset, num_workers: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def decode_to_memory(dataset, num_workers: int = 0, progress: bool = True) -> tuple[torch.Tensor, ...]:
     """Every item of a data set read image by image (CelebA, image folders), decoded once into one
     uint8 tensor by `num_workers` DataLoader workers: the same quantization as a raw .beton.
-    Skipped corrupt images stay out."""
+    Skipped corrupt images stay out. `progress`: a bar (one process of a job shows it)."""
     images, labels, indices = [], [], []
     for x, y, index in tqdm(in_order_loader(dataset, num_workers=num_workers), desc="decode into memory",
-                            unit="batch"):
+                            unit="batch", disable=not progress):
         images.append((x * 255).round().to(torch.uint8))
         labels.append(torch.as_tensor(y))
         indices.append(torch.as_tensor(index))
