@@ -30,6 +30,12 @@ class ImageTensorDataset(Dataset):
         return to_dtype(self.images[index], torch.float32, scale=True), self.labels[index], index
 
 
+def to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """float images in [0, 1] back to the uint8 they were converted from: every decoded source gives
+    uint8 / 255, so this round-trips exactly (what a raw .beton and the in-memory loader hold)."""
+    return (images * 255).round().to(torch.uint8)
+
+
 def mirror_where(images: torch.Tensor, flags: torch.Tensor) -> torch.Tensor:
     """images [B, C, H, W] flipped left-right where flags [B] is True (data.flip), on their device."""
     return torch.where(flags.view(-1, 1, 1, 1), images.flip(-1), images)

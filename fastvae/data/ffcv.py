@@ -23,7 +23,7 @@ from torchvision.transforms.v2.functional import to_dtype
 
 from fastvae.commands import ffcv_parser
 from fastvae.config import Config, load_config
-from fastvae.data.base import mirror_where
+from fastvae.data.base import mirror_where, to_uint8
 from fastvae.data.sharding import ShardPlan
 from fastvae.errors import UserError, exit_on_user_error
 
@@ -74,8 +74,7 @@ class _AsFFCVRecords(Dataset):
             x, y, index = torch.zeros(self.image_shape), 0, i
         else:
             x, y, index = item
-        # the torchvision path gives uint8/255 after its resize: *255 round-trips exactly
-        image = (x * 255).round().to(torch.uint8)
+        image = to_uint8(x)
         if image.shape[0] == 1:
             image = image.expand(3, -1, -1)  # FFCV stores RGB; the loader keeps one channel again
         record = (np.ascontiguousarray(image.permute(1, 2, 0).numpy()), int(y), int(index))

@@ -16,7 +16,7 @@ from torch.utils.data import Dataset, Subset
 from torchvision.transforms.v2.functional import to_dtype
 from tqdm.auto import tqdm
 
-from fastvae.data.base import ImageTensorDataset, in_order_loader, mirror_where
+from fastvae.data.base import ImageTensorDataset, in_order_loader, mirror_where, to_uint8
 from fastvae.data.sharding import ShardPlan
 
 
@@ -27,7 +27,7 @@ def decode_to_memory(dataset, num_workers: int = 0, progress: bool = True) -> tu
     images, labels, indices = [], [], []
     for x, y, index in tqdm(in_order_loader(dataset, num_workers=num_workers), desc="decode into memory",
                             unit="batch", disable=not progress):
-        images.append((x * 255).round().to(torch.uint8))
+        images.append(to_uint8(x))
         labels.append(torch.as_tensor(y))
         indices.append(torch.as_tensor(index))
     return torch.cat(images), torch.cat(labels), torch.cat(indices)
@@ -51,23 +51,29 @@ class DecodedOnce(Dataset):
             return to_dtype(image, torch.float32, scale=True), label, sample_id
         item = self.dataset[index]
         if item is not None and len(self.kept) < self.max_items:
-            self.kept[index] = ((item[0] * 255).round().to(torch.uint8), *item[1:])
+            self.kept[index] = (to_uint8(item[0]), *item[1:])
         return item
 
 
 def decoded_once(dataset, max_items: int):
     """`dataset` itself when its images are held as tensors already, else DecodedOnce of it."""
-    return dataset if in_memory_tensors(dataset) is not None else DecodedOnce(dataset, max_items)
+    return dataset if held_as_tensors(dataset) else DecodedOnce(dataset, max_items)
+
+
+def held_as_tensors(dataset) -> bool:
+    """An ImageTensorDataset, or a Subset of one (data.limit, fixed splits)."""
+    return isinstance(dataset, ImageTensorDataset) or (
+        isinstance(dataset, Subset) and isinstance(dataset.dataset, ImageTensorDataset))
 
 
 def in_memory_tensors(dataset) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
     """(uint8 images, labels, dataset indices) of a dataset held as tensors, else None."""
+    if not held_as_tensors(dataset):
+        return None
     if isinstance(dataset, ImageTensorDataset):
         return dataset.images, dataset.labels, torch.arange(len(dataset))
-    if isinstance(dataset, Subset) and isinstance(dataset.dataset, ImageTensorDataset):
-        keep = torch.as_tensor(list(dataset.indices))
-        return dataset.dataset.images[keep], dataset.dataset.labels[keep], torch.arange(len(keep))
-    return None
+    keep = torch.as_tensor(list(dataset.indices))
+    return dataset.dataset.images[keep], dataset.dataset.labels[keep], torch.arange(len(keep))
 
 
 class InMemoryLoader:
