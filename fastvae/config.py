@@ -423,10 +423,13 @@ def flatten(cfg: Config) -> dict:
     return {key: list(k.value) if isinstance(k.value, list) else k.value for key, k in _walk(cfg).items()}
 
 
+def keys_table() -> list[tuple[str, str, str, str]]:
+    """(key, type, default, doc) of every config key, in declaration order: the source of
+    `--help` and of docs/config_reference.md (tools/config_reference.py)."""
+    return [(key, _type_name(k.type), "null" if k.value is None else json.dumps(k.value),
+             k.field.metadata.get("doc", "")) for key, k in _walk(Config()).items()]
+
+
 def keys_help() -> str:
     """Every config key with its type, default and doc: the body of `python -m fastvae.train --help`."""
-    lines = []
-    for key, k in _walk(Config()).items():
-        default = "null" if k.value is None else json.dumps(k.value)
-        lines.append(f"  {key} = {default}  ({_type_name(k.type)})\n      {k.field.metadata.get('doc', '')}")
-    return "\n".join(lines)
+    return "\n".join(f"  {key} = {default}  ({type_name})\n      {doc}" for key, type_name, default, doc in keys_table())
