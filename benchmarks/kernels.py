@@ -31,7 +31,7 @@ from harness import base_parser, interleaved, print_table, summarize, write_json
 
 from fastvae import losses  # noqa: E402
 from fastvae.kernels import fused_recon_loss, fused_reparam_kl  # noqa: E402
-from fastvae.select_ops import recon_loss_fp32  # noqa: E402
+from fastvae.ops import recon_loss_fp32  # noqa: E402
 
 REPARAM_SIZES = [(64, 2), (256, 200), (1024, 512), (4096, 512)]
 IMAGE_SIZES = [(64, 1, 28, 28), (128, 3, 64, 64), (256, 3, 128, 128)]

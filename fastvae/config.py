@@ -34,17 +34,22 @@ def knob(default=dataclasses.MISSING, doc: str = "", *, factory=None, above=None
 
 SPLITS = ("train", "test")
 
-# Image sizes fixed by a model's layers or by a dataset's files: the one place these rules live.
-MODEL_IMAGE_SIZES = {"conv_vae": (28,), "dfc_vae": (64, 128)}
+# Image shapes fixed by a dataset's files: the one place these rules live. (The models take any
+# size; what a size cannot do is the model's dry forward at set-up: fastvae.models.check_model.)
 DATASET_CHANNELS_AND_SIZE = {"mnist": (1, 28), "fashion_mnist": (1, 28)}
+BUILT_IN_MODELS = ("conv_vae", "dfc_vae")
+# A user's model: `package.module:ClassName`, importable from where training runs.
+IMPORT_PATH = re.compile(r"^[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*:[A-Za-z_][\w]*$")
 
 
 @dataclass
 class DataConfig:
     name: Literal["mnist", "fashion_mnist", "imagefolder", "celeba"] = knob("mnist", "dataset")
     root: str = knob("", "dataset location; empty = the dataset's default")
-    image_size: int = knob(28, "images are resized to image_size x image_size", above=0)
-    channels: Literal[1, 3] = knob(1, "1 (greyscale) or 3 (RGB)")
+    image_size: int | list[int] = knob(28, "image height and width: an int (square) or [height, width]; image "
+                                           "folders and CelebA are resized to cover it, then center-cropped")
+    channels: int = knob(1, "channels per image: 1 (greyscale), 3 (RGB), 4 (RGBA, image folders), ...",
+                         above=0)
     center_crop: int = knob(0, "crop this square from the center before resizing; 0 = none", at_least=0)
     test_fraction: float = knob(0.1, "held-out share for datasets without an official split", at_least=0, below=1)
     split_seed: int = knob(0, "seed of that fixed split, independent of seed")
@@ -70,10 +75,13 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    name: Literal["conv_vae", "dfc_vae"] = knob("conv_vae", "conv_vae (the lecture's MNIST VAE, 28 px) or "
-                                                "dfc_vae (CelebA faces, 64 or 128 px)")
+    name: str = knob("conv_vae", "conv_vae (the lecture's MNIST VAE), dfc_vae (the CelebA face VAE), or your "
+                                 "own fastvae.VAE subclass as package.module:ClassName (docs/custom_model.md)")
     latent_dim: int = knob(2, "size of z", above=0)
     dropout: float = knob(0.0, "dfc_vae: dropout after each hidden block", at_least=0, below=1)
+    kwargs: dict = knob(doc="keyword arguments of the model's constructor, a mapping of JSON values (recorded "
+                            "in checkpoints); in_channels, image_size and latent_dim come from data.* and "
+                            "model.latent_dim", factory=dict)
 
 
 @dataclass
@@ -157,7 +165,7 @@ class Config:
 # What a checkpoint pins: resuming with another value of these keys is refused (the model or the
 # data would not be the same). Every other key may differ on resume, as this explicit list says;
 # tests/test_config.py checks that the two lists name every key exactly once.
-RESUME_MUST_MATCH = ("model.name", "model.latent_dim", "model.dropout", "data.name", "data.image_size",
+RESUME_MUST_MATCH = ("model.name", "model.kwargs", "model.latent_dim", "model.dropout", "data.name", "data.image_size",
                      "data.channels", "data.center_crop", "data.test_fraction", "data.split_seed",
                      "data.drop_last")
 RESUME_MAY_DIFFER = (
@@ -218,16 +226,19 @@ def _coerce(value, tp, key: str):
         options = typing.get_args(tp)
         if value is None and type(None) in options:
             return None
-        (inner,) = [t for t in options if t is not type(None)]
-        try:
-            return _coerce(value, inner, key)
-        except UserError as err:
-            raise UserError(f"{err}; or null") from None
+        for inner in [t for t in options if t is not type(None)]:
+            try:
+                return _coerce(value, inner, key)
+            except UserError:
+                pass
+        raise UserError(f"config key '{key}': expected {_type_name(tp)}, got {value!r}")
     if origin is list:
         (inner,) = typing.get_args(tp)
         if not isinstance(value, list):
             raise UserError(f"config key '{key}': expected a list of {_type_name(inner)}, got {value!r}")
         return [_coerce(v, inner, f"{key}[{i}]") for i, v in enumerate(value)]
+    if tp is dict:
+        return _json_mapping(value, key)
     if tp is bool:
         if isinstance(value, bool):
             return value
@@ -248,6 +259,21 @@ def _coerce(value, tp, key: str):
     raise UserError(f"config key '{key}': expected {_type_name(tp)}, got {value!r}")
 
 
+def _json_mapping(value, key: str) -> dict:
+    """A mapping with string keys whose values JSON holds exactly (it is recorded in checkpoints as JSON,
+    and a checkpoint must rebuild what was trained)."""
+    if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+        raise UserError(f"config key '{key}': expected a mapping with string keys (e.g. {{width: 64}}), got {value!r}")
+    try:
+        same = json.loads(json.dumps(value, allow_nan=False)) == value
+    except (TypeError, ValueError):
+        same = False
+    if not same:
+        raise UserError(f"config key '{key}': expected JSON values (numbers, strings, booleans, null, lists, "
+                        f"mappings), got {value!r}")
+    return copy.deepcopy(value)
+
+
 def _apply(obj, mapping: dict, prefix: str = "") -> None:
     """Set the fields of dataclass `obj` from a nested mapping, checking every key."""
     if not isinstance(mapping, dict):
@@ -261,6 +287,8 @@ def _apply(obj, mapping: dict, prefix: str = "") -> None:
         current = getattr(obj, name)
         if dataclasses.is_dataclass(current):
             _apply(current, value, prefix=f"{key}.")
+        elif isinstance(current, dict) and isinstance(value, dict):  # model.kwargs.width=64 adds to the mapping
+            setattr(obj, name, {**current, **_coerce(value, hints[name], key)})
         else:
             setattr(obj, name, _coerce(value, hints[name], key))
 
@@ -314,16 +342,39 @@ def validate(cfg: Config) -> Config:
     if cfg.data.flip and cfg.data.loader == "torch":
         raise UserError("config key 'data.flip': random flips come with data.loader memory, ffcv or auto; "
                         "expected data.flip=false")
-    sizes = MODEL_IMAGE_SIZES[cfg.model.name]
-    if cfg.data.image_size not in sizes:
-        raise UserError(f"config key 'data.image_size': model {cfg.model.name} expects "
-                        f"{' or '.join(map(str, sizes))}, got {cfg.data.image_size}")
+    cfg.data.image_size = _normal_image_size(cfg.data.image_size)
+    if cfg.model.name not in BUILT_IN_MODELS and not IMPORT_PATH.match(cfg.model.name):
+        raise UserError(f"config key 'model.name': expected {' or '.join(BUILT_IN_MODELS)} or an import path "
+                        f"package.module:ClassName, got {cfg.model.name!r}")
     fixed = DATASET_CHANNELS_AND_SIZE.get(cfg.data.name)
     if fixed and (cfg.data.channels, cfg.data.image_size) != fixed:
         raise UserError(f"data.name={cfg.data.name} gives {fixed[0]}x{fixed[1]}x{fixed[1]} images; expected "
                         f"data.image_size={fixed[1]} and data.channels={fixed[0]}, got {cfg.data.image_size} "
                         f"and {cfg.data.channels}")
+    if (cfg.data.loader == "ffcv" or cfg.data.beton) and cfg.data.channels not in (1, 3):
+        raise UserError(f"config key 'data.channels': FFCV stores greyscale or RGB images; expected 1 or 3 with "
+                        f"data.beton, got {cfg.data.channels}")
+    if cfg.data.name == "celeba" and cfg.data.channels != 3:
+        raise UserError(f"data.name=celeba gives RGB images; expected data.channels=3, got {cfg.data.channels}")
     return cfg
+
+
+def _normal_image_size(size: int | list[int]) -> int | list[int]:
+    """data.image_size as one form per shape: a square [n, n] is n (what checkpoints of square
+    models have always recorded), anything else [height, width]."""
+    if isinstance(size, int):
+        if size <= 0:
+            raise UserError(f"config key 'data.image_size': expected a positive int or [height, width], got {size}")
+        return size
+    if len(size) != 2 or min(size) <= 0:
+        raise UserError(f"config key 'data.image_size': expected a positive int or [height, width], got {size}")
+    return size[0] if size[0] == size[1] else list(size)
+
+
+def image_hw(data_cfg) -> tuple[int, int]:
+    """(height, width) of the images data_cfg describes."""
+    size = data_cfg.image_size
+    return (size, size) if isinstance(size, int) else (size[0], size[1])
 
 
 def shipped_configs() -> dict[str, Path]:

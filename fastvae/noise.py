@@ -85,3 +85,11 @@ def keyed_normal(seed: torch.Tensor | int, offsets_of_rows: torch.Tensor, dim: i
     columns = torch.arange(dim, dtype=torch.int64, device=offsets_of_rows.device)
     draw = philox_normal64 if dtype == torch.float64 else philox_normal
     return draw(seed, offsets_of_rows[:, None] + columns)
+
+
+def draw_eps(mu: torch.Tensor, key) -> torch.Tensor:
+    """eps for mu [B, D]: each sample's own (keyed_normal) when `key` = (seed, row offsets) is
+    given, else from torch's generator."""
+    if key is None:
+        return torch.randn(mu.shape, device=mu.device)
+    return keyed_normal(key[0], key[1], mu.shape[1])

@@ -59,9 +59,18 @@ def grid_scale(image_size: int) -> int:
     return max(1, math.ceil(MIN_CELL / image_size))
 
 
+def displayable(images: torch.Tensor) -> torch.Tensor:
+    """Images a PNG shows: grey and RGB as they are, RGBA without its alpha, any other channel
+    count as its first channel in grey."""
+    channels = images.shape[1]
+    if channels in (1, 3):
+        return images
+    return images[:, :3] if channels == 4 else images[:, :1]
+
+
 def labeled_grid(images: torch.Tensor, nrow: int, title: str, row_labels: list[str] | None = None) -> Image.Image:
     """images [N, C, H, W] in [0, 1] -> a PIL image: title band on top, one label per grid row on the left."""
-    images = images.detach().float().clamp(0, 1).cpu()
+    images = displayable(images.detach().float().clamp(0, 1).cpu())
     scale = grid_scale(min(images.shape[-2:]))
     grid = make_grid(images, nrow=nrow, padding=PADDING, pad_value=1.0)
     array = (grid.permute(1, 2, 0) * 255).round().byte().numpy()

@@ -30,7 +30,7 @@ from fastvae.losses import kl_weight, vae_loss
 from fastvae.models import build_model
 from fastvae.models.sync_batchnorm import convert_sync_batchnorm
 from fastvae.optim import build_optimizer, build_scheduler
-from fastvae.select_ops import select_ops
+from fastvae.ops import select_ops
 from fastvae.stopping import DEFAULT_STOP_SIGNALS, NonFiniteGuard, StopSignal
 from fastvae.tracking import RunLog, check_wandb_ready
 
@@ -137,7 +137,7 @@ class Trainer:
         self.ops = select_ops(cfg.train.ops, acc.device)
         self.memory_format = MEMORY_FORMATS[cfg.train.memory_format]
         model = build_model(cfg).to(memory_format=self.memory_format)
-        model.reparam_kl = self.ops.reparam_kl
+        model.use_reparam_kl(self.ops.reparam_kl)
         if cfg.train.sync_batchnorm and acc.num_processes > 1:
             model = convert_sync_batchnorm(model, acc.device)
         model.to(acc.device)  # before the optimizer: fused Adam needs its parameters on the GPU

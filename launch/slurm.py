@@ -24,7 +24,7 @@ from pathlib import Path
 
 import yaml
 
-from fastvae.config import Config, load_config, to_dict
+from fastvae.config import BUILT_IN_MODELS, Config, load_config, to_dict
 from fastvae.errors import UserError, exit_on_user_error
 from fastvae.launch import sweep
 
@@ -76,7 +76,7 @@ def parse_args(argv):
     p.add_argument("--wait", action="store_true", help="block, stream the log, and report how the job(s) ended")
     p.add_argument("--wait-timeout", type=float, default=0, metavar="S", help="with --wait: give up after S seconds")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, as for fastvae.train")
-    return p.parse_args(argv)
+    return p.parse_intermixed_args(argv)  # key=value overrides before and after options
 
 
 def time_limit_minutes(text: str) -> int:
@@ -155,6 +155,10 @@ def build_submissions(args) -> list[Submission]:
                 raise UserError(f"out_dir '{cfg.out_dir}' already holds checkpoints (newest: {existing[-1].name}); "
                                 f"expected an empty out_dir, train.resume=auto to continue it, or another out_dir")
             cfg.train.resume = "auto"  # so a requeued job continues from its checkpoint
+        if cfg.model.name not in BUILT_IN_MODELS:  # a user's model: fails here, not after the queue
+            from fastvae.models import build_model
+
+            build_model(cfg)
         runs.append(Submission(tag, cfg))
     if cfg.logger == "wandb":
         from fastvae.tracking import check_wandb_ready
@@ -177,7 +181,31 @@ def require_submitit():
     return submitit
 
 
-def make_executor(args, folder: Path, n_runs: int):
+def import_path_setup(model_names) -> list[str]:
+    """The job imports a user's model from where the submission found it: that folder goes first on
+    the job's PYTHONPATH (a job may start elsewhere, and sbatch's copy of the environment would not
+    hold the working directory the submission imported it from)."""
+    folders = []
+    for name in model_names:
+        if name in BUILT_IN_MODELS:
+            continue
+        folder = module_root(name.partition(":")[0])
+        if folder and folder not in folders:
+            folders.append(folder)
+    return [f"export PYTHONPATH={shlex.quote(':'.join(folders))}${{PYTHONPATH:+:$PYTHONPATH}}"] if folders else []
+
+
+def module_root(module_name: str) -> str | None:
+    """The sys.path folder a module was imported from (None for one without a file)."""
+    top = sys.modules.get(module_name.split(".")[0])
+    origin = getattr(top, "__file__", None)
+    if origin is None:
+        return None
+    path = Path(origin).resolve()
+    return str(path.parent.parent if path.name == "__init__.py" else path.parent)
+
+
+def make_executor(args, folder: Path, n_runs: int, model_names=()):
     submitit = require_submitit()
 
     if args.dry_run:
@@ -193,7 +221,7 @@ def make_executor(args, folder: Path, n_runs: int):
                   cpus_per_task=args.cpus_per_task, timeout_min=args.time,
                   slurm_signal_delay_s=args.signal_delay,
                   # each process uses the CPUs SLURM gave its task, not every core of the node
-                  slurm_setup=["export OMP_NUM_THREADS=${SLURM_CPUS_PER_TASK:-1}"])
+                  slurm_setup=["export OMP_NUM_THREADS=${SLURM_CPUS_PER_TASK:-1}", *import_path_setup(model_names)])
     if args.gpus_per_node:
         params["gpus_per_node"] = args.gpus_per_node
     if args.mem_gb:
@@ -324,7 +352,7 @@ def main(argv=None) -> int:
         args.job_name = f"fastvae-{folder.parent.name}"
     if not args.dry_run:
         check_cluster(args)
-    executor = make_executor(args, folder, len(runs))
+    executor = make_executor(args, folder, len(runs), {r.cfg.model.name for r in runs})
     if args.dry_run:
         print("# sbatch script (submitit writes it, then `sbatch` it):")
         print(sbatch_script(executor, len(runs)))

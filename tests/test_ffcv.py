@@ -143,8 +143,8 @@ def test_every_loader_trains_the_same_model(tmp_path, mnist_subset):
 def test_a_beton_of_another_image_size_is_a_one_line_error(tmp_path, mnist_subset):
     beton = write_beton(mnist_subset, tmp_path / "train.beton", "raw")
     with pytest.raises(UserError, match=r"holds 28x28 images; expected 64x64 \(data.image_size\)"):
-        check_beton(beton, image_size=64)
-    assert check_beton(beton, image_size=28) == 256
+        check_beton(beton, image_size=(64, 64))
+    assert check_beton(beton, image_size=(28, 28)) == 256
 
 
 @pytest.mark.parametrize("order", ["random", "quasi_random"])

@@ -7,7 +7,7 @@ import torch
 
 from fastvae.kernels import fused_recon_loss, fused_reparam_kl
 from fastvae.models import ConvVAE
-from fastvae.select_ops import select_ops
+from fastvae.ops import select_ops
 from fastvae.train import train
 from helpers import tiny_config
 

@@ -101,7 +101,7 @@ def test_bf16_mixed_precision_trains(tmp_path):
 
 
 def test_compiled_ops_match_eager_ops():
-    from fastvae.select_ops import select_ops
+    from fastvae.ops import select_ops
 
     eager, compiled = select_ops("eager", torch.device("cpu")), select_ops("compiled", torch.device("cpu"))
     mu = torch.randn(8, 5, requires_grad=True)

@@ -27,7 +27,6 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-ROOT = Path(__file__).resolve().parents[1]
 ACCELERATE = str(Path(sys.executable).with_name("accelerate"))
 
 
@@ -55,7 +54,8 @@ def parse_args(argv=None):
 def launch(cmds: list[list[str]], timeout: float, what: str) -> None:
     """Start every command (one per machine), wait for all, and fail with the output of a failed one."""
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
-    procs = [subprocess.Popen(c, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    # run where loss_compare was started: a user's model module (model.name=module:Class) imports from there
+    procs = [subprocess.Popen(c, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
              for c in cmds]
     outputs = []
     for proc in procs:
@@ -135,7 +135,6 @@ def print_table(result: dict, label_single: str, label_sharded: str) -> None:
 
 
 def main(argv=None) -> dict:
-    sys.path.insert(0, str(ROOT))
     from fastvae.config import load_config
 
     args = parse_args(argv)
@@ -147,7 +146,7 @@ def main(argv=None) -> dict:
     if cfg.model.dropout:
         print(f"loss_compare: model.dropout={cfg.model.dropout}: dropout masks come from each process's own "
               f"generator, so the runs will differ; model.dropout=0 compares exactly", flush=True)
-    out = Path(args.out)
+    out = Path(args.out).resolve()
     shutil.rmtree(out, ignore_errors=True)
     single, sharded = out / f"1x{batch}", out / f"{args.nproc}x{batch // args.nproc}"
     label_single, label_sharded = f"1 x {batch}", f"{args.nproc} x {batch // args.nproc}"

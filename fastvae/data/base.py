@@ -6,7 +6,34 @@ import sys
 
 import torch
 from torch.utils.data import DataLoader, Dataset, default_collate
-from torchvision.transforms.v2.functional import to_dtype
+from torchvision.transforms import v2
+from torchvision.transforms.v2.functional import resize, to_dtype
+
+
+class CoverResize:
+    """Resize so the image covers (height, width), keeping its aspect ratio (the crop then cuts the
+    rest): torchvision's Resize(int) sets the smaller side, which covers only square targets."""
+
+    def __init__(self, height: int, width: int) -> None:
+        self.height, self.width = height, width
+
+    def __call__(self, image: torch.Tensor) -> torch.Tensor:
+        h, w = image.shape[-2:]
+        scale = max(self.height / h, self.width / w)
+        size = [max(self.height, round(h * scale)), max(self.width, round(w * scale))]
+        return resize(image, size, antialias=True)
+
+
+def image_transform(image_size: tuple[int, int], center_crop: int = 0) -> v2.Compose:
+    """uint8 CHW -> float32 CHW in [0, 1]: optional center crop, then resize to cover (height, width)
+    and center-crop to it (DFC-VAE on CelebA: crop 148, resize 64)."""
+    height, width = image_size
+    steps = [v2.CenterCrop(center_crop)] if center_crop else []
+    if height == width:  # torchvision's own square path: the pixels every square run has trained on
+        steps += [v2.Resize(height, antialias=True), v2.CenterCrop(height)]
+    else:
+        steps += [CoverResize(height, width), v2.CenterCrop([height, width])]
+    return v2.Compose(steps + [v2.ToDtype(torch.float32, scale=True)])
 
 
 class ImageTensorDataset(Dataset):

@@ -20,8 +20,7 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 from torchvision.transforms.v2.functional import pil_to_tensor
 
-from fastvae.data.base import report_corrupt
-from fastvae.data.imagefolder import image_transform
+from fastvae.data.base import image_transform, report_corrupt
 from fastvae.errors import UserError
 
 ATTR_FILE = "list_attr_celeba.txt"
@@ -86,7 +85,7 @@ def read_partition(path: Path, files: list[str]) -> torch.Tensor:
 
 class CelebA(Dataset):
     def __init__(self, image_dir: Path, files: list[str], attribute_names: list[str], attributes: torch.Tensor,
-                 image_size: int, center_crop: int, label_attribute: str, skip_corrupt: bool = False) -> None:
+                 image_size: tuple[int, int], center_crop: int, label_attribute: str, skip_corrupt: bool = False) -> None:
         self.image_dir, self.files, self.skip_corrupt = image_dir, files, skip_corrupt
         self.attribute_names = tuple(attribute_names)
         self.attributes = attributes
@@ -112,7 +111,7 @@ class CelebA(Dataset):
         return self.transform(image), self.labels[index], index
 
 
-def celeba(root: str, image_size: int, center_crop: int, label_attribute: str, test_split: str = "test",
+def celeba(root: str, image_size: tuple[int, int], center_crop: int, label_attribute: str, test_split: str = "test",
            skip_corrupt: bool = False):
     """(train, test) by the official partition; test_split may be "valid"."""
     base = find_root(root)

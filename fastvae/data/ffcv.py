@@ -139,9 +139,9 @@ def write_beton(dataset, path: str | Path, mode: str = "raw", quality: int = 90,
     return path
 
 
-def check_beton(path: str | Path, image_size: int | None = None) -> int:
+def check_beton(path: str | Path, image_size: tuple[int, int] | None = None) -> int:
     """Number of samples, after checking the file is a complete fastvae .beton (one-line error otherwise)
-    whose images are image_size x image_size when that is given."""
+    whose images are image_size = (height, width) when that is given."""
     require_ffcv()
     from ffcv.reader import Reader
 
@@ -165,10 +165,10 @@ def check_beton(path: str | Path, image_size: int | None = None) -> int:
                         f"expected a complete file: write it again")
     if image_size is not None:
         shapes = reader.metadata[f"f{reader.field_names.index('image')}"][["height", "width"]]
-        wrong = shapes[(shapes["height"] != image_size) | (shapes["width"] != image_size)]
+        wrong = shapes[(shapes["height"] != image_size[0]) | (shapes["width"] != image_size[1])]
         if len(wrong):
             raise UserError(f".beton '{path}' holds {wrong[0]['height']}x{wrong[0]['width']} images; expected "
-                            f"{image_size}x{image_size} (data.image_size): write it with this config")
+                            f"{image_size[0]}x{image_size[1]} (data.image_size): write it with this config")
     return int(reader.num_samples)
 
 
@@ -183,7 +183,7 @@ def _pipelines(device: torch.device) -> dict:
             "index": ints, "attributes": None}
 
 
-def beton_to_memory(path: str | Path, channels: int, image_size: int | None = None, num_workers: int = 1,
+def beton_to_memory(path: str | Path, channels: int, image_size: tuple[int, int] | None = None, num_workers: int = 1,
                     progress: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """A whole .beton read once, in record order, into (uint8 images [N, C, H, W], labels, indices):
     data.loader=memory fed by FFCV's decoder instead of decoding image by image."""
@@ -246,7 +246,7 @@ class FFCVTrainLoader:
 
     def __init__(self, path: str | Path, batch_size: int, channels: int, device: torch.device, seed: int,
                  order: str = "random", flip: bool = False, drop_last: bool = True, rank: int = 0,
-                 world_size: int = 1, num_workers: int = 1, image_size: int | None = None) -> None:
+                 world_size: int = 1, num_workers: int = 1, image_size: tuple[int, int] | None = None) -> None:
         images = check_beton(path, image_size)
         if order == "quasi_random" and world_size > 1:
             raise UserError(f"data.order=quasi_random with {world_size} processes: FFCV cannot shard that "

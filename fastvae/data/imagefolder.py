@@ -1,4 +1,4 @@
-"""Any folder of images (recursively), resized to a square; labels from first-level subfolders."""
+"""Any folder of images (recursively), resized to [height, width]; labels from first-level subfolders."""
 
 from __future__ import annotations
 
@@ -7,10 +7,9 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset
 from PIL import Image, UnidentifiedImageError
-from torchvision.transforms import v2
 from torchvision.transforms.v2.functional import pil_to_tensor
 
-from fastvae.data.base import fixed_split, report_corrupt
+from fastvae.data.base import fixed_split, image_transform, report_corrupt
 from fastvae.errors import UserError
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp"}
@@ -20,21 +19,17 @@ def list_images(root: Path) -> list[Path]:
     return sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
 
 
-def image_transform(image_size: int, center_crop: int = 0) -> v2.Compose:
-    """uint8 CHW -> float32 CHW in [0, 1]: optional center crop, then resize (DFC-VAE: crop 148, resize 64)."""
-    steps = [v2.CenterCrop(center_crop)] if center_crop else []
-    steps += [v2.Resize(image_size, antialias=True), v2.CenterCrop(image_size),
-              v2.ToDtype(torch.float32, scale=True)]
-    return v2.Compose(steps)
+# PIL's mode for each channel count an image folder can give.
+PIL_MODES = {1: "L", 2: "LA", 3: "RGB", 4: "RGBA"}
 
 
 class ImageFolderDataset(Dataset):
     """Decoded lazily with torchvision.io; items are (image, label, index) like every fastvae dataset."""
 
-    def __init__(self, files: list[Path], labels: list[int], image_size: int, channels: int,
+    def __init__(self, files: list[Path], labels: list[int], image_size: tuple[int, int], channels: int,
                  center_crop: int = 0, skip_corrupt: bool = False) -> None:
         self.files, self.labels, self.skip_corrupt = files, labels, skip_corrupt
-        self.mode = "L" if channels == 1 else "RGB"
+        self.mode = PIL_MODES[channels]
         self.transform = image_transform(image_size, center_crop)
 
     def __len__(self) -> int:
@@ -51,8 +46,11 @@ class ImageFolderDataset(Dataset):
         return self.transform(image), torch.tensor(self.labels[index]), index
 
 
-def image_folder(root: str, image_size: int, channels: int, center_crop: int,
+def image_folder(root: str, image_size: tuple[int, int], channels: int, center_crop: int,
                  test_fraction: float, split_seed: int, skip_corrupt: bool = False):
+    if channels not in PIL_MODES:
+        raise UserError(f"data.channels={channels}: image folders give 1 (grey), 2 (grey + alpha), 3 (RGB) or "
+                        f"4 (RGBA) channels; expected one of those")
     if not root:
         raise UserError("data.root is empty; expected the folder of images for data.name=imagefolder")
     root_path = Path(root)

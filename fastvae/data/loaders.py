@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 from torch.utils.data import DataLoader
 
-from fastvae.config import Config
+from fastvae.config import Config, image_hw
 from fastvae.data.base import collate_skipping_corrupt
 from fastvae.data.memory import InMemoryLoader, decode_to_memory, in_memory_tensors
 from fastvae.data.sharding import ShardPlan
@@ -25,7 +25,7 @@ def build_train_loader(cfg: Config, train_set, num_processes: int, device: torch
 
         return FFCVTrainLoader(cfg.data.beton, cfg.data.batch_size, cfg.data.channels, device, cfg.seed,
                                cfg.data.order, cfg.data.flip, cfg.data.drop_last, rank, num_processes,
-                               num_workers=max(1, cfg.data.num_workers), image_size=cfg.data.image_size)
+                               num_workers=max(1, cfg.data.num_workers), image_size=image_hw(cfg.data))
     tensors = tensors_to_hold(cfg, train_set, device, progress=rank == 0)
     if tensors is not None:
         return InMemoryLoader(tensors, cfg.data.batch_size, cfg.seed, device, cfg.data.drop_last, cfg.data.flip,
@@ -43,7 +43,7 @@ def tensors_to_hold(cfg: Config, train_set, device: torch.device, progress: bool
     if cfg.data.loader == "memory" and cfg.data.beton:  # FFCV decodes it many times faster than image by image
         from fastvae.data.ffcv import beton_to_memory
 
-        return beton_to_memory(cfg.data.beton, cfg.data.channels, cfg.data.image_size,
+        return beton_to_memory(cfg.data.beton, cfg.data.channels, image_hw(cfg.data),
                                max(1, cfg.data.num_workers), progress)
     if cfg.data.loader == "torch":
         return None
@@ -65,7 +65,8 @@ def fits_on_gpu(cfg: Config, images: int, device: torch.device) -> bool:
     if device.type != "cuda":
         return False
     total = torch.cuda.get_device_properties(device).total_memory
-    return images * cfg.data.channels * cfg.data.image_size ** 2 <= GPU_SHARE_FOR_DATA * total
+    height, width = image_hw(cfg.data)
+    return images * cfg.data.channels * height * width <= GPU_SHARE_FOR_DATA * total
 
 
 class ShardBatchSampler:

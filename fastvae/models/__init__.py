@@ -1,19 +1,117 @@
-"""Model registry: config.model.name -> VAE."""
+"""Model registry: config.model -> a VAE, built-in by name or a user's class by import path.
+
+A model is rebuilt from its name and JSON kwargs alone (a checkpoint records both in its config):
+no pickled code is ever read to make one.
+"""
 
 from __future__ import annotations
 
+import importlib
+import inspect
+import os
+import sys
+
+import torch
+
+from fastvae.config import image_hw
+from fastvae.errors import UserError
 from fastvae.models.base import VAE
 from fastvae.models.conv_vae import ConvVAE
 from fastvae.models.dfc_vae import DFCVAE
 
-__all__ = ["VAE", "ConvVAE", "DFCVAE", "build_model"]
+__all__ = ["VAE", "ConvVAE", "DFCVAE", "build_model", "model_class", "check_model"]
+
+BUILT_IN = {"conv_vae": ConvVAE, "dfc_vae": DFCVAE}
+DRY_RUN_IMAGES = 2
 
 
-def build_model(cfg) -> VAE:
-    """Build the model a `fastvae.config.Config` describes."""
-    if cfg.model.name == "conv_vae":
-        return ConvVAE(latent_dim=cfg.model.latent_dim, in_channels=cfg.data.channels)
-    if cfg.model.name == "dfc_vae":
-        return DFCVAE(latent_dim=cfg.model.latent_dim, in_channels=cfg.data.channels,
-                      image_size=cfg.data.image_size, dropout=cfg.model.dropout)
-    raise ValueError(f"model {cfg.model.name!r}: expected conv_vae or dfc_vae")
+def model_class(name: str) -> type:
+    """The class `model.name` names: a built-in, or `package.module:ClassName` imported from where
+    training runs (the working directory, as `python -m` has it, and PYTHONPATH)."""
+    if name in BUILT_IN:
+        return BUILT_IN[name]
+    module_name, _, class_name = name.partition(":")
+    if os.getcwd() not in sys.path and "" not in sys.path:  # the `fastvae` command sees what python -m sees
+        sys.path.insert(0, os.getcwd())
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as err:  # ImportError, or whatever the module raised while importing
+        raise UserError(f"model.name {name!r}: module {module_name!r} cannot be imported ({type(err).__name__}: "
+                        f"{err}); expected a module importable here: in the working directory or on PYTHONPATH")
+    cls = getattr(module, class_name, None)
+    if cls is None:
+        raise UserError(f"model.name {name!r}: module {module_name!r} has no {class_name!r}; expected a class there")
+    if not (isinstance(cls, type) and issubclass(cls, VAE)):
+        raise UserError(f"model.name {name!r}: {class_name} is not a subclass of fastvae.VAE; expected a class "
+                        f"that subclasses fastvae.VAE and implements encode and decode")
+    return cls
+
+
+def _data_kwargs(cls: type, cfg) -> dict:
+    """What the data and config say, for the constructor arguments the class names (or all of them
+    when it takes **kwargs): in_channels, image_size as (height, width), latent_dim."""
+    offered = {"in_channels": cfg.data.channels, "image_size": image_hw(cfg.data), "latent_dim": cfg.model.latent_dim}
+    if cls is DFCVAE:
+        offered["dropout"] = cfg.model.dropout
+    params = inspect.signature(cls.__init__).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return offered
+    return {k: v for k, v in offered.items() if k in params}
+
+
+def build_model(cfg, check: bool = True) -> VAE:
+    """The model `cfg.model` describes, for the images `cfg.data` describes; `check`: one dry
+    forward on two images proves it fits them (check_model)."""
+    cls = model_class(cfg.model.name)
+    kwargs = {**_data_kwargs(cls, cfg), **cfg.model.kwargs}
+    try:
+        model = cls(**kwargs)
+    except (TypeError, ValueError) as err:  # unexpected arguments, or values (a size) it cannot take
+        raise UserError(f"model {cfg.model.name}: the constructor rejected {kwargs} ({err}); expected "
+                        f"model.kwargs, data.channels and data.image_size that {cls.__name__} accepts") from None
+    if not isinstance(model, VAE):
+        raise UserError(f"model {cfg.model.name}: the constructor did not return a fastvae.VAE")
+    if check:
+        check_model(model, cfg.model.name, cfg.data.channels, *image_hw(cfg.data))
+    return model
+
+
+def check_model(model: VAE, name: str, channels: int, height: int, width: int) -> None:
+    """Encode and decode two images in eval mode, without gradients and without touching any RNG
+    or BatchNorm statistic: a model that does not fit the images fails here, in one line, rather
+    than at step 500. Sets model.latent_dim from mu when the model does not set it."""
+    shape = (channels, height, width)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), torch.random.fork_rng(devices=[]):
+            x = torch.rand(DRY_RUN_IMAGES, *shape, generator=torch.Generator().manual_seed(0))
+            encoded = model.encode(x)
+            mu, logvar = _pair(encoded, name)
+            logits = model.decode(mu)
+    except UserError:
+        raise
+    except Exception as err:  # whatever the user's layers raise
+        message = str(err).splitlines()[0] if str(err) else ""
+        raise UserError(f"model {name} failed on {DRY_RUN_IMAGES} images of {'x'.join(map(str, shape))} "
+                        f"({type(err).__name__}: {message}); expected a model for this data.channels and "
+                        f"data.image_size") from None
+    finally:
+        model.train(was_training)
+    if mu.shape != logvar.shape or mu.dim() != 2 or mu.shape[0] != DRY_RUN_IMAGES:
+        raise UserError(f"model {name}: encode gave mu {tuple(mu.shape)} and logvar {tuple(logvar.shape)}; expected "
+                        f"both [batch, latent_dim], here [{DRY_RUN_IMAGES}, latent_dim]")
+    if tuple(logits.shape) != (DRY_RUN_IMAGES, *shape):
+        raise UserError(f"model {name}: decode gave {tuple(logits.shape)} for {DRY_RUN_IMAGES} images of "
+                        f"{'x'.join(map(str, shape))}; expected {(DRY_RUN_IMAGES, *shape)} (one logit per pixel)")
+    if getattr(model, "latent_dim", None) is None:
+        model.latent_dim = mu.shape[1]
+    elif model.latent_dim != mu.shape[1]:
+        raise UserError(f"model {name}: latent_dim is {model.latent_dim} but encode gave {mu.shape[1]} dimensions; "
+                        f"expected them equal")
+
+
+def _pair(encoded, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    if not (isinstance(encoded, (tuple, list)) and len(encoded) == 2 and all(torch.is_tensor(t) for t in encoded)):
+        raise UserError(f"model {name}: encode returned {type(encoded).__name__}; expected a pair (mu, logvar) of tensors")
+    return encoded[0], encoded[1]

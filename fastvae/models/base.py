@@ -1,4 +1,5 @@
-"""The VAE interface every model implements: encode -> (mu, logvar), decode -> logits."""
+"""The VAE interface every model implements, ours and users': encode -> (mu, logvar), decode -> the
+decoder's output for the reconstruction loss (logits: images are sigmoid(logits))."""
 
 from __future__ import annotations
 
@@ -7,28 +8,37 @@ from typing import Callable
 import torch
 from torch import nn
 
-from fastvae import losses
+from fastvae.ops import eager_reparam_kl
 
-ReparamKL = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+ReparamKL = Callable[..., tuple[torch.Tensor, torch.Tensor]]
 
 
 class VAE(nn.Module):
-    """forward(x) -> (logits, mu, logvar, kl); the reparam+KL op is swappable.
+    """Subclass this, call `super().__init__()`, and implement `encode` and `decode`.
 
-    The op lives on the model (not in the training loop) because DDP only hooks
-    `forward`: encode, sample and decode must happen in one forward call.
+    forward(x) -> (logits, mu, logvar, kl) is the base class's: it applies the selected
+    reparameterization + KL op between encode and decode, so the fused kernels, keyed noise and
+    torch.compile apply to every model. The op lives on the model (not in the training loop)
+    because DDP only hooks `forward`: encode, sample and decode must happen in one forward call.
+    `latent_dim` is set from the encoder's output at set-up when a subclass does not set it.
     """
 
     latent_dim: int
 
     def __init__(self) -> None:
         super().__init__()
-        self.reparam_kl: ReparamKL = losses.reparam_kl
+        self.reparam_kl: ReparamKL = eager_reparam_kl  # until a Trainer gives it the op train.ops selects
+
+    def use_reparam_kl(self, op: ReparamKL) -> None:
+        """Run the reparameterization + KL with `op` ((mu, logvar, noise_key=None) -> (z, kl[B]))."""
+        self.reparam_kl = op
 
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [B, C, H, W] in [0, 1] -> (mu, logvar), each [B, latent_dim]."""
         raise NotImplementedError
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """z [B, latent_dim] -> logits [B, C, H, W] (the reconstruction loss takes logits)."""
         raise NotImplementedError
 
     def forward(self, x: torch.Tensor, noise_key: tuple[torch.Tensor, torch.Tensor] | None = None):

@@ -5,6 +5,8 @@ LeakyReLU down to 4x4, then linear layers to mu and logvar (latent 200).
 Decoder: linear to 256x4x4, then nearest-neighbour upsampling + 3x3 conv blocks
 back to full size; the last conv gives 3-channel logits. Dropout after each
 hidden block regularizes the large latent, as in the lecture's CelebA VAE.
+Any H x W: the stride-2 blocks halve the smaller side down to 4-7 pixels (64 and
+128 px keep the paper's 4 and 5 blocks exactly).
 """
 
 from __future__ import annotations
@@ -14,33 +16,47 @@ import math
 import torch
 from torch import nn
 
-from fastvae.config import MODEL_IMAGE_SIZES
 from fastvae.models.base import VAE
 
 BASE_CHANNELS = (32, 64, 128, 256)
 
 
-def _channels(image_size: int) -> list[int]:
-    if image_size not in MODEL_IMAGE_SIZES["dfc_vae"]:
-        raise ValueError(f"DFCVAE image_size {image_size}: expected {' or '.join(map(str, MODEL_IMAGE_SIZES['dfc_vae']))}")
-    blocks = int(math.log2(image_size // 4))  # 4 blocks for 64, 5 for 128
-    return list(BASE_CHANNELS) + [BASE_CHANNELS[-1]] * (blocks - len(BASE_CHANNELS))
+def feature_sizes(height: int, width: int) -> list[tuple[int, int]]:
+    """(H, W) after each stride-2 block, input first: blocks halve the smaller side down to 4-7
+    pixels (64 px: 4 blocks to 4x4, 128 px: 5 blocks, 48x80: 3 blocks to 6x10), at least one block."""
+    if min(height, width) < 2:
+        raise ValueError(f"DFCVAE needs images of at least 2x2 pixels, got {height}x{width}")
+    blocks = max(1, int(math.log2(min(height, width) / 4)))
+    sizes = [(height, width)]
+    for _ in range(blocks):
+        sizes.append((sizes[-1][0] // 2, sizes[-1][1] // 2))  # 4x4 conv, stride 2, padding 1: floor(n / 2)
+    return sizes
+
+
+def upsample_to(size: tuple[int, int], current: tuple[int, int]) -> nn.Upsample:
+    """Nearest upsampling back to an encoder size: x2 where that is exact (64 and 128 px: the
+    paper's layers), else to the size itself (odd sides, e.g. 50 -> 25 -> 12 comes back 12 -> 25 -> 50)."""
+    if size == (2 * current[0], 2 * current[1]):
+        return nn.Upsample(scale_factor=2, mode="nearest")
+    return nn.Upsample(size=size, mode="nearest")
 
 
 class DFCVAE(VAE):
-    def __init__(self, latent_dim: int = 200, in_channels: int = 3, image_size: int = 64,
+    def __init__(self, latent_dim: int = 200, in_channels: int = 3, image_size: int | tuple[int, int] = 64,
                  dropout: float = 0.0) -> None:
         super().__init__()
         self.latent_dim = latent_dim
-        chans = _channels(image_size)
+        height, width = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
+        sizes = feature_sizes(height, width)
+        chans = [BASE_CHANNELS[min(i, len(BASE_CHANNELS) - 1)] for i in range(len(sizes) - 1)]
         layers, prev = [], in_channels
         for c in chans:
             layers += [nn.Conv2d(prev, c, kernel_size=4, stride=2, padding=1),
                        nn.BatchNorm2d(c), nn.LeakyReLU(0.2), nn.Dropout2d(dropout)]
             prev = c
         self.encoder = nn.Sequential(*layers, nn.Flatten())
-        self.top_channels = chans[-1]
-        flat = chans[-1] * 4 * 4
+        self.top_channels, self.top_size = chans[-1], sizes[-1]
+        flat = chans[-1] * sizes[-1][0] * sizes[-1][1]
         self.to_mu = nn.Linear(flat, latent_dim)
         self.to_logvar = nn.Linear(flat, latent_dim)
         self.from_z = nn.Linear(latent_dim, flat)
@@ -49,7 +65,7 @@ class DFCVAE(VAE):
         up_chans = list(reversed(chans[:-1])) + [in_channels]  # e.g. 128, 64, 32, 3
         prev = chans[-1]
         for i, c in enumerate(up_chans):
-            layers += [nn.Upsample(scale_factor=2, mode="nearest"),
+            layers += [upsample_to(sizes[-2 - i], sizes[-1 - i]),
                        # zero padding, not the paper's replication padding: under torch.compile
                        # replication_pad2d_backward fails an inductor stride check (torch 2.14.1)
                        nn.Conv2d(prev, c, kernel_size=3, stride=1, padding=1)]
@@ -63,5 +79,5 @@ class DFCVAE(VAE):
         return self.to_mu(h), self.to_logvar(h)
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
-        h = self.from_z(z).view(-1, self.top_channels, 4, 4)
+        h = self.from_z(z).view(-1, self.top_channels, *self.top_size)
         return self.decoder(h)

@@ -1,5 +1,6 @@
-"""Selects which implementation of the VAE ops a run uses (`train.ops`):
-the eager reference, the reference under torch.compile, or the fused Triton kernels."""
+"""Which implementation of the VAE ops a run uses (`train.ops`): the eager reference
+(fastvae.losses), the reference under torch.compile, or the fused Triton kernels
+(fastvae.kernels). Every eps comes from fastvae.noise."""
 
 from __future__ import annotations
 
@@ -17,11 +18,9 @@ def recon_loss_fp32(logits: torch.Tensor, target: torch.Tensor, kind: str) -> to
     return losses.reconstruction_loss(logits.float(), target.float(), kind)
 
 
-def draw_eps(mu: torch.Tensor, key) -> torch.Tensor:
-    """eps for mu [B, D]: each sample's own (fastvae.noise) when keyed, else from torch's generator."""
-    if key is None:
-        return torch.randn(mu.shape, device=mu.device)
-    return noise.keyed_normal(key[0], key[1], mu.shape[1])
+def eager_reparam_kl(mu: torch.Tensor, logvar: torch.Tensor, key=None):
+    """The reference reparameterization + KL, eps from fastvae.noise (keyed when `key` is given)."""
+    return losses.reparam_kl(mu, logvar, noise.draw_eps(mu, key))
 
 
 @dataclass(frozen=True)
@@ -37,14 +36,13 @@ def select_ops(name: str, device: torch.device) -> Ops:
     if name == "auto":
         name = "triton" if device.type == "cuda" else "eager"
     if name == "eager":
-        return Ops("eager", lambda mu, logvar, key=None: losses.reparam_kl(mu, logvar, draw_eps(mu, key)),
-                   recon_loss_fp32)
+        return Ops("eager", eager_reparam_kl, recon_loss_fp32)
     if name == "compiled":
         compiled_reparam_kl = torch.compile(losses.reparam_kl)
 
         def reparam_kl(mu, logvar, key=None):
             # eps drawn eagerly: inductor's own RNG would give other numbers than eager for one seed
-            return compiled_reparam_kl(mu, logvar, draw_eps(mu, key))
+            return compiled_reparam_kl(mu, logvar, noise.draw_eps(mu, key))
 
         return Ops("compiled", reparam_kl, torch.compile(recon_loss_fp32))
     if name == "triton":
