@@ -56,10 +56,10 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     config_path, batch, extra = WORKLOADS[args.workload]
-    from fastvae.config import load_config
+    from fastvae.config import image_hw, load_config
 
     cfg = load_config(config_path, [f"data.batch_size={batch}", *extra])
-    x = torch.rand(batch, cfg.data.channels, cfg.data.image_size, cfg.data.image_size, device=device)
+    x = torch.rand(batch, cfg.data.channels, *image_hw(cfg.data), device=device)
     with tempfile.TemporaryDirectory() as tmp:
         step = trainer_step(config_path, [f"data.batch_size={batch}", "model.dropout=0.0", "train.ops=eager",
                                           f"train.cpu={device.type == 'cpu'}", *extra, *args.overrides], x, Path(tmp))

@@ -38,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from harness import base_parser, interleaved, print_table, summarize, write_json  # noqa: E402
 
 from fastvae import losses, precision  # noqa: E402
-from fastvae.config import load_config  # noqa: E402
+from fastvae.config import image_hw, load_config  # noqa: E402
 from fastvae.data import build_datasets  # noqa: E402
 from fastvae.data.base import ImageTensorDataset  # noqa: E402
 from fastvae.models import build_model  # noqa: E402
@@ -133,7 +133,7 @@ def step_cases(workload: str, args, device, tmp: Path) -> dict:
     common = ["model.dropout=0.0", f"data.batch_size={batch}", f"train.cpu={device.type == 'cpu'}", *extra]
     torch.manual_seed(0)
     cfg = load_config(config_path, common)
-    x = torch.rand(batch, cfg.data.channels, cfg.data.image_size, cfg.data.image_size, device=device)
+    x = torch.rand(batch, cfg.data.channels, *image_hw(cfg.data), device=device)
     cases = {BASELINE: plain_step(cfg, build_model(cfg).to(device), x)}
     for ops in args.ops:
         for compile_ in [mode == "compiled" for mode in args.modes]:

@@ -9,6 +9,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -19,7 +20,7 @@ import torch
 from fastvae.checkpoint import list_checkpoints
 from fastvae.train import main, train
 from helpers import ROOT, TINY, assert_same_weights, final_weights, tiny_config
-from test_reliability import tree_snapshot
+from test_reliability import TRAIN, finish, newest_step, run_until
 
 PAGE = ROOT / "docs" / "custom_model.md"
 EXAMPLE = ROOT / "docs" / "examples"
@@ -91,21 +92,14 @@ def test_compiled_step_trains_the_example(tmp_path, on_path):
 
 @pytest.mark.slow
 def test_sigkill_then_resume_is_bit_identical(tmp_path):
-    from test_reliability import TRAIN, finish, newest_step, run_until
-    import signal
-
-    common = [*MODEL, "train.epochs=2", "train.checkpoint_every=1"]
-    env_cmd = lambda out: [*TRAIN, *common, f"out_dir={out}"]  # noqa: E731
-    os.environ["PYTHONPATH"] = f"{EXAMPLE}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"
-    try:
-        finish(env_cmd(tmp_path / "straight"))
-        proc = run_until(env_cmd(tmp_path / "killed"), tmp_path / "killed", 6)
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=30)
-        assert newest_step(tmp_path / "killed") < 16
-        finish([*env_cmd(tmp_path / "killed"), "train.resume=auto"])
-    finally:
-        os.environ["PYTHONPATH"] = os.environ["PYTHONPATH"].split(os.pathsep, 1)[1]
+    """Run from the example's folder, as a user would: `python -m` imports my_vae from there."""
+    common = [*TRAIN, *MODEL, "train.epochs=2", "train.checkpoint_every=1"]
+    finish([*common, f"out_dir={tmp_path / 'straight'}"], cwd=EXAMPLE)
+    proc = run_until([*common, f"out_dir={tmp_path / 'killed'}"], tmp_path / "killed", 6, cwd=EXAMPLE)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+    assert newest_step(tmp_path / "killed") < 16
+    finish([*common, f"out_dir={tmp_path / 'killed'}", "train.resume=auto"], cwd=EXAMPLE)
     assert_same_weights(final_weights(tmp_path / "killed"), final_weights(tmp_path / "straight"))
 
 

@@ -160,3 +160,36 @@ def test_image_folder_errors(tmp_path):
                                                     "data.test_fraction=0"]).data)
     with pytest.raises(UserError, match=f"image '{tmp_path / 'broken' / 'a.png'}' could not be decoded"):
         train[0]
+
+
+def test_image_folder_and_celeba_cover_a_non_square_size_keeping_the_aspect(tmp_path):
+    """A 40x30 image at [48, 80]: scaled by max(48/40, 80/30) to 107x80 (aspect kept), center-cropped."""
+    from celeba_fixture import write_celeba
+
+    make_image_folder(tmp_path / "imgs")
+    cfg = load_config(None, ["data.name=imagefolder", f"data.root={tmp_path / 'imgs'}", "data.image_size=[48,80]",
+                             "data.channels=3"])
+    x = build_datasets(cfg.data)[0][0][0]
+    assert x.shape == (3, 48, 80)
+    from torchvision.transforms.v2.functional import center_crop, pil_to_tensor, resize
+
+    source = pil_to_tensor(Image.open(build_datasets(cfg.data)[0].files[0]).convert("RGB"))
+    expected = center_crop(resize(source, [107, 80], antialias=True), [48, 80]).float() / 255
+    assert torch.allclose(x, expected, atol=1e-6)
+    root = write_celeba(tmp_path / "celeba", n=10)
+    celeba = load_config("celeba", [f"data.root={root}", "data.image_size=[48,80]"])
+    assert build_datasets(celeba.data)[0][0][0].shape == (3, 48, 80)
+
+
+@pytest.mark.parametrize("channels", [1, 2, 3, 4])
+def test_image_folders_give_any_channel_count_pil_has(tmp_path, channels):
+    make_image_folder(tmp_path / "imgs", per_class=2)
+    cfg = load_config(None, ["data.name=imagefolder", f"data.root={tmp_path / 'imgs'}", f"data.channels={channels}"])
+    assert build_datasets(cfg.data)[0][0][0].shape == (channels, 28, 28)
+
+
+def test_five_channels_from_an_image_folder_is_one_line(tmp_path):
+    make_image_folder(tmp_path / "imgs", per_class=2)
+    cfg = load_config(None, ["data.name=imagefolder", f"data.root={tmp_path / 'imgs'}", "data.channels=5"])
+    with pytest.raises(UserError, match="data.channels=5: image folders give 1"):
+        build_datasets(cfg.data)

@@ -40,9 +40,9 @@ def newest_step(out: Path) -> int:
     return int(found[-1].name.split("_")[1]) if found else 0
 
 
-def run_until(cmd, out: Path, min_step: int, timeout: float = 120):
-    """Start a training subprocess and return it once a checkpoint of at least min_step exists."""
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+def run_until(cmd, out: Path, min_step: int, timeout: float = 120, cwd: Path = ROOT):
+    """Start a training subprocess (in `cwd`) and return it once a checkpoint of at least min_step exists."""
+    proc = subprocess.Popen(cmd, cwd=cwd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             start_new_session=True)
     ended = lambda: proc.poll() is not None and f"it ended: {proc.stdout.read().decode()[-2000:]}"  # noqa: E731
     try:
@@ -54,8 +54,8 @@ def run_until(cmd, out: Path, min_step: int, timeout: float = 120):
     return proc
 
 
-def finish(cmd, timeout: float = 300) -> subprocess.CompletedProcess:
-    proc = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=timeout)
+def finish(cmd, timeout: float = 300, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    proc = subprocess.run(cmd, cwd=cwd, env=ENV, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     return proc
 

@@ -15,7 +15,7 @@ import pytest
 
 import local_cluster
 from fastvae.launch import slurm
-from helpers import CONFIGS, wait_until
+from helpers import CONFIGS, ROOT, wait_until
 from wandb_records import run_contents
 
 pytestmark = [pytest.mark.slow, pytest.mark.slurm]
@@ -45,10 +45,10 @@ def cluster():
         local_cluster.stop(root)
 
 
-def launch(*args, timeout=JOB_TIMEOUT):
+def launch(*args, timeout=JOB_TIMEOUT, cwd=None):
     """The command a user types, as a subprocess."""
     return subprocess.run([sys.executable, "-m", "fastvae.launch.slurm", "--config", str(CONFIGS / "mnist.yaml"),
-                           "--time", "10", *args], capture_output=True, text=True, timeout=timeout)
+                           "--time", "10", *args], capture_output=True, text=True, timeout=timeout, cwd=cwd)
 
 
 def submit(out_dir, *overrides, **options):
@@ -79,9 +79,12 @@ def read_metrics(out_dir):
     return [json.loads(line) for line in (Path(out_dir) / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_mnist_job_completes_with_metrics_and_checkpoint(cluster, tmp_path):
+def test_a_job_of_a_users_model_completes_with_metrics_and_checkpoint(cluster, tmp_path):
+    """The user's module (docs/examples/my_vae.py) is importable where they submit, not where the
+    job starts (the job's log folder): the launcher carries its folder on PYTHONPATH."""
     out = tmp_path / "single"
-    proc = launch("--wait", "--wait-timeout", str(JOB_TIMEOUT), f"out_dir={out}", *TINY_JOB, "train.epochs=2")
+    proc = launch("--wait", "--wait-timeout", str(JOB_TIMEOUT), f"out_dir={out}", *TINY_JOB, "train.epochs=2",
+                  "model.name=my_vae:MLPVAE", "model.kwargs.hidden=32", cwd=ROOT / "docs" / "examples")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "submitted job" in proc.stdout and "completed: step 16" in proc.stdout
     assert "fastvae: wrote" in proc.stdout  # the job's log, streamed by --wait
