@@ -12,7 +12,6 @@ process, or DataLoader workers) vs reading a .beton once.
 from __future__ import annotations
 
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -20,15 +19,12 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-# the CelebA-format fixture writer the tests use (CelebA itself cannot be downloaded here)
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "support"))
-from harness import base_parser, print_table, write_json  # noqa: E402
+from harness import base_parser, celeba_folder, print_table, write_json  # noqa: E402
 
 from fastvae.config import load_config  # noqa: E402
 from fastvae.data import build_datasets  # noqa: E402
-from celeba_fixture import write_celeba  # noqa: E402
-from fastvae.data.ffcv import FFCVTrainLoader, beton_to_memory, write_beton  # noqa: E402
+from fastvae.data.ffcv import write_beton  # noqa: E402
+from fastvae.data.ffcv_loader import FFCVTrainLoader, beton_to_memory  # noqa: E402
 from fastvae.data.memory import decode_to_memory  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -51,7 +47,7 @@ def main(argv=None) -> None:
     work = Path(tempfile.mkdtemp(prefix="fastvae-dataloader-"))
     print(f"writing {args.images} synthetic CelebA-format JPEGs and two .beton files in {work} ...", flush=True)
     # every image in the train partition: n / 0.7 images written, the first 70% are train
-    root = write_celeba(work / "celeba", n=int(args.images / 0.7) + 1)
+    root = celeba_folder(work / "celeba", int(args.images / 0.7) + 1)
     cfg = load_config(ROOT / "configs" / "celeba.yaml", [f"data.root={root}"])
     train_set, _ = build_datasets(cfg.data)
     betons = {mode: write_beton(train_set, work / f"{mode}.beton", mode, 90, args.workers) for mode in ("raw", "jpg")}

@@ -7,7 +7,7 @@
 4. benchmarks/kernels.py (fused vs eager vs compiled, fraction of copy bandwidth)
 5. benchmarks/train_throughput.py step rows for every ops mode: MNIST, CelebA 64 and 128 px, bf16
 6. a 40-step training run with train.ops=triton
-7. a DFC-VAE run on CelebA-format JPEGs (tests/support/celeba_fixture.py) with the shipped
+7. a DFC-VAE run on CelebA-format JPEGs (tools/celeba_fixture.py) with the shipped
    defaults (data.loader=auto: decoded once into GPU memory; bf16 where native) and flips
 
     bash benchmarks/gpu_check.sh OUT          # on a GPU machine: < 9 minutes on one H100
@@ -30,25 +30,16 @@ SMOKE = "--smoke" in sys.argv
 if SMOKE:
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before fastvae.kernels defines the kernels
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "support"))  # the CelebA-format fixture
-from harness import machine  # noqa: E402
-from celeba_fixture import write_celeba  # noqa: E402
+from harness import PARITY_TOLERANCE, celeba_folder, machine, max_relative_error  # noqa: E402  (benchmarks/, this script's folder)
 
 from fastvae import losses  # noqa: E402
 from fastvae.kernels import fused_recon_loss, fused_reparam_kl  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-TOLERANCE = {"fp32": 1e-5, "bf16": 1e-2, "fp16": 1e-2}  # max |err| / max |ref|, as in the tests
 LATENTS = [(128, 2), (256, 200)]
 IMAGES = [(256, 1, 28, 28), (256, 3, 64, 64), (256, 3, 128, 128)]
 SMOKE_LATENTS, SMOKE_IMAGES = [(8, 2), (16, 20)], [(4, 1, 28, 28), (2, 3, 64, 64)]
-
-
-def relative_error(actual, reference) -> float:
-    ref = reference.detach().double()
-    return (actual.detach().double() - ref).abs().max().item() / max(ref.abs().max().item(), 1e-30)
 
 
 def reparam_parity(shape, dtype, device) -> dict:
@@ -62,8 +53,8 @@ def reparam_parity(shape, dtype, device) -> dict:
     m64, l64 = (t.detach().double().requires_grad_(True) for t in (mu, logvar))
     z64, kl64 = losses.reparameterize(m64, l64, eps.double()), losses.kl_divergence(m64, l64)
     dm64, dl64 = torch.autograd.grad((z64, kl64), (m64, l64), (dz.double(), dkl.double()))
-    return {"z": relative_error(z, z64), "kl": relative_error(kl, kl64), "dmu": relative_error(dmu, dm64),
-            "dlogvar": relative_error(dlogvar, dl64)}
+    return {"z": max_relative_error(z, z64), "kl": max_relative_error(kl, kl64), "dmu": max_relative_error(dmu, dm64),
+            "dlogvar": max_relative_error(dlogvar, dl64)}
 
 
 def recon_parity(shape, dtype, device, kind) -> dict:
@@ -76,7 +67,7 @@ def recon_parity(shape, dtype, device, kind) -> dict:
     x64 = logits.detach().double().requires_grad_(True)
     loss64 = losses.reconstruction_loss(x64, target.double(), kind)
     (dx64,) = torch.autograd.grad(loss64, x64, dloss.double())
-    return {"loss": relative_error(loss, loss64), "dlogits": relative_error(dlogits, dx64)}
+    return {"loss": max_relative_error(loss, loss64), "dlogits": max_relative_error(dlogits, dx64)}
 
 
 def parity(device) -> list[dict]:
@@ -92,7 +83,7 @@ def parity(device) -> list[dict]:
                              "errors": recon_parity(shape, dtype, device, kind)})
     for row in rows:
         row["max_error"] = max(row["errors"].values())
-        row["ok"] = row["max_error"] <= TOLERANCE[row["dtype"]]
+        row["ok"] = row["max_error"] <= PARITY_TOLERANCE[DTYPES[row["dtype"]]]
     return rows
 
 
@@ -175,7 +166,7 @@ def subprocess_checks(out: Path) -> dict:
         "training_triton": run("training_triton", [py, "-m", "fastvae.train", "--config", "mnist", "train.ops=triton",
                                                    *training, f"out_dir={out / 'run_triton'}"], out, 240),
         "training_celeba": run("training_celeba", [py, "-m", "fastvae.train", "--config", "celeba",
-                                                   f"data.root={write_celeba(out / 'celeba', n=celeba[0])}",
+                                                   f"data.root={celeba_folder(out / 'celeba', celeba[0])}",
                                                    "data.flip=true", *celeba[1], f"out_dir={out / 'run_celeba'}"],
                                out, 240),
     }

@@ -11,6 +11,8 @@ import argparse
 import json
 import platform
 import statistics
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Callable
@@ -18,6 +20,27 @@ from typing import Callable
 import torch
 
 from fastvae.precision import cpu_bf16_flags
+
+ROOT = Path(__file__).resolve().parents[1]
+# max |error| / max |reference| allowed against the float64 reference, per dtype: the kernels' tests
+# (tests/support/parity.py) and the benchmarks hold the ops to the same numbers
+PARITY_TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-2}
+
+
+def max_relative_error(actual: torch.Tensor, reference: torch.Tensor) -> float:
+    """max |actual - reference| / max |reference|: the error relative to the tensor's scale."""
+    ref = reference.detach().double()
+    err = (actual.detach().double() - ref).abs().max().item()
+    return err / max(ref.abs().max().item(), 1e-30)
+
+
+def celeba_folder(root: Path, images: int) -> Path:
+    """A CelebA-format folder of synthetic faces (CelebA cannot be downloaded here), written by the
+    dev tool the tests use (tools/celeba_fixture.py), run as a command."""
+    tool = ROOT / "tools" / "celeba_fixture.py"
+    out = subprocess.run([sys.executable, str(tool), str(root), "--n", str(images)], capture_output=True, text=True,
+                         timeout=600, check=True)
+    return Path(out.stdout.strip().splitlines()[-1])
 
 
 def sync(device: torch.device) -> None:

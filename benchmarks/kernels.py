@@ -16,9 +16,7 @@ compiled on the CPU and leaves the Triton timing empty.
 from __future__ import annotations
 
 import os
-import sys
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable
 
 import torch
@@ -26,8 +24,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before the kernels are defined (first call)
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import base_parser, interleaved, print_table, summarize, write_json  # noqa: E402
+from harness import base_parser, interleaved, max_relative_error, print_table, summarize, write_json  # noqa: E402
 
 from fastvae import losses  # noqa: E402
 from fastvae.kernels import fused_recon_loss, fused_reparam_kl  # noqa: E402
@@ -126,12 +123,8 @@ def recon_cases(shape, kind: str, device, dtype) -> list[Case]:
 
 
 def max_error(results: list[torch.Tensor], reference: list[torch.Tensor]) -> float:
-    """Largest max|a - ref| / max|ref| over the compared tensors."""
-    worst = 0.0
-    for a, r in zip(results, reference):
-        r = r.detach().double()
-        worst = max(worst, (a.detach().double() - r).abs().max().item() / max(r.abs().max().item(), 1e-30))
-    return worst
+    """Largest max_relative_error over the compared tensors."""
+    return max(max_relative_error(a, r) for a, r in zip(results, reference))
 
 
 def copy_bandwidth(device: torch.device) -> float:

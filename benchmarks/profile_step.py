@@ -8,14 +8,12 @@ are counted where they mostly come from, so the shares of the small groups are a
 
 from __future__ import annotations
 
-import sys
 import tempfile
 from pathlib import Path
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 from harness import base_parser, print_table, write_json  # noqa: E402
 from train_throughput import WORKLOADS, trainer_step  # noqa: E402
 

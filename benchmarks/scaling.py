@@ -17,7 +17,6 @@ one GPU are predictions until benchmarks/gpu_check.sh has measured them (pass --
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import subprocess
@@ -26,10 +25,8 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "benchmarks"))
 from harness import machine, write_json  # noqa: E402
 
-ACCELERATE = str(Path(sys.executable).with_name("accelerate"))
 WARMUP_STEPS = 10
 
 
@@ -55,14 +52,16 @@ def run(args, processes: int, threads: int, batch: int, out: Path) -> float:
     train = ["-m", "fastvae.train", "--config", args.config, *args.overrides, f"data.batch_size={batch}",
              f"train.max_steps={args.steps}", "train.log_every=5", "train.mixed_precision=no", "train.samples=16",
              f"out_dir={out}"]
-    cmd = [sys.executable, *train] if processes == 1 else [
-        ACCELERATE, "launch", "--multi_gpu", "--num_processes", str(processes), "--num_machines", "1",
-        "--main_process_port", "29547", *train]
+    from fastvae.launch.processes import accelerate_launch
+
+    cmd = [sys.executable, *train] if processes == 1 else accelerate_launch(train, processes, port=29547)
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     if proc.returncode:
         raise SystemExit(f"scaling: {processes} process(es) failed:\n{proc.stdout[-2000:]}{proc.stderr[-2000:]}")
-    records = [json.loads(line) for line in (out / "steps.jsonl").read_text().splitlines()]
+    from fastvae.tracking import STEPS_FILE, read_records
+
+    records = read_records(out, STEPS_FILE)
     return statistics.median(r["images_per_sec"] for r in records if r["step"] > WARMUP_STEPS)
 
 

@@ -22,28 +22,26 @@ allocated, or the growth of the process's peak RSS while the case ran: a lower b
 from __future__ import annotations
 
 import copy
-import json
 import os
 import resource
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
-from accelerate.state import AcceleratorState, GradientState, PartialState
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+
 from harness import base_parser, interleaved, print_table, summarize, write_json  # noqa: E402
 
 from fastvae import losses, precision  # noqa: E402
 from fastvae.config import image_hw, load_config  # noqa: E402
 from fastvae.data import build_datasets  # noqa: E402
+from fastvae.tracking import read_records  # noqa: E402
 from fastvae.data.base import ImageTensorDataset  # noqa: E402
 from fastvae.models import build_model  # noqa: E402
 from fastvae.optim import build_optimizer  # noqa: E402
-from fastvae.trainer import Trainer  # noqa: E402
+from fastvae.trainer import Trainer, reset_accelerate_state  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKLOADS = {  # name: (config, batch, overrides); the first two run by default
@@ -54,15 +52,6 @@ WORKLOADS = {  # name: (config, batch, overrides); the first two run by default
 PRECISIONS = {"fp32": "no", "bf16": "bf16"}
 FORMATS = ("contiguous", "channels_last")
 BASELINE = "plain PyTorch fp32"
-
-
-def fresh_accelerate_state() -> None:
-    """accelerate keeps one process-wide state and refuses a second precision; the precision a
-    Trainer runs with is fixed when its model is prepared (autocast wraps forward), which
-    trainer_step checks, so each Trainer may start from a clean state."""
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    PartialState._reset_state()
 
 
 class PeakMemory:
@@ -113,7 +102,7 @@ def plain_step(cfg, model, x):
 
 def trainer_step(config_path, overrides, x, out_dir: Path):
     """Trainer.train_step on the batch x, checked to run in the precision asked for."""
-    fresh_accelerate_state()
+    reset_accelerate_state()
     cfg = load_config(config_path, [*overrides, f"out_dir={out_dir}", "train.epochs=1000", "logger=none"])
     images = (x.cpu() * 255).to(torch.uint8)
     trainer = Trainer(cfg, datasets=(ImageTensorDataset(images, torch.zeros(len(x))),) * 2)
@@ -189,13 +178,13 @@ def fit_epoch(overrides: list[str], tmp: Path, device):
     runs = iter(range(10**6))
 
     def epoch() -> tuple[float, float]:
-        fresh_accelerate_state()
+        reset_accelerate_state()
         out = tmp / f"run{next(runs)}"
         start = time.perf_counter()
         Trainer(load_config(ROOT / "configs" / "mnist.yaml", [*overrides, "train.epochs=1", f"out_dir={out}",
                                                                 f"train.cpu={device.type == 'cpu'}"])).fit()
         wall = time.perf_counter() - start
-        return json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])["images_per_sec"], wall
+        return read_records(out)[-1]["images_per_sec"], wall
 
     return epoch
 

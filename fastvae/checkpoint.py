@@ -127,6 +127,15 @@ def list_checkpoints(out_dir: str | Path) -> list[Path]:
     return sorted(found, key=lambda p: int(CHECKPOINT_RE.match(p.name).group(1)))
 
 
+def refuse_another_runs_checkpoints(out_dir: str | Path) -> None:
+    """A fresh run (train.resume empty) into an out_dir that holds checkpoints would mix two runs:
+    refused in one line, before anything is written or submitted."""
+    existing = list_checkpoints(out_dir)
+    if existing:
+        raise UserError(f"out_dir '{out_dir}' already holds checkpoints (newest: {existing[-1].name}); expected "
+                        f"an empty out_dir, train.resume=auto to continue that run, or another out_dir")
+
+
 def read_meta(path: str | Path) -> dict:
     path = Path(path)
     meta_path = path / META_FILE

@@ -15,7 +15,7 @@ EPOCH_IMAGES = 2000  # test images behind each epoch's metrics and pictures
 FINAL_IMAGES = 5000  # test images in the final latent scatter: the most any report reads
 
 
-def test_metrics(model, test_set, cfg: Config, max_images: int = EPOCH_IMAGES, shard=(0, 1),
+def held_out_metrics(model, test_set, cfg: Config, max_images: int = EPOCH_IMAGES, shard=(0, 1),
                  all_reduce=None) -> dict:
     """The test loss in training units (same weights, no Gaussian constant), from fastvae.evaluate,
     each process evaluating its shard. Its eps are keyed (fastvae.noise): the global RNG, which

@@ -22,6 +22,18 @@ EVAL_FILE = "eval.json"
 OFFLINE_MODES = ("offline", "dryrun", "disabled")
 
 
+def read_records(out_dir: str | Path, name: str = METRICS_FILE) -> list[dict]:
+    """The records of a run's metrics.jsonl (one per epoch) or steps.jsonl (STEPS_FILE: one per log
+    point), oldest first; a last line cut short by a crash is left out."""
+    records = []
+    for line in (Path(out_dir) / name).read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            pass
+    return records
+
+
 def check_wandb_ready() -> None:
     """logger=wandb: fail now, in one line, rather than hang on a login prompt in a batch job."""
     try:

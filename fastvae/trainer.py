@@ -13,6 +13,7 @@ import dataclasses
 import json
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import yaml
@@ -37,6 +38,17 @@ from fastvae.tracking import RunLog, check_wandb_ready
 
 RESOLVED_CONFIG = "config.yaml"
 MEMORY_FORMATS = {"channels_last": torch.channels_last, "contiguous": torch.contiguous_format}
+
+
+def reset_accelerate_state() -> None:
+    """Forget accelerate's process-wide state (its singletons, which keep the first precision and
+    device they saw), so that the next Trainer in this process starts clean: for several runs in
+    one process (a notebook, the benchmarks, the tests). Not between the ranks of a launched job."""
+    from accelerate.state import AcceleratorState, GradientState, PartialState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    PartialState._reset_state()
 
 
 def make_accelerator(cfg: Config) -> tuple[Accelerator, str]:
@@ -65,10 +77,8 @@ def prepare_out_dir(cfg: Config, accelerator: Accelerator) -> Path:
         except OSError as err:
             raise UserError(f"out_dir '{out}' is not writable ({err.strerror}); expected a writable folder")
     accelerator.wait_for_everyone()
-    existing = checkpoint.list_checkpoints(out)
-    if existing and not cfg.train.resume:
-        raise UserError(f"out_dir '{out}' already holds checkpoints (newest: {existing[-1].name}); expected "
-                        f"an empty out_dir, train.resume=auto to continue that run, or another out_dir")
+    if not cfg.train.resume:
+        checkpoint.refuse_another_runs_checkpoints(out)
     return out
 
 
@@ -84,6 +94,15 @@ def removed_if_refused(out: Path, created_here: bool):
         raise
 
 
+class Totals(NamedTuple):
+    """Sums over the batches a LossSums saw, over all ranks."""
+
+    loss_x_images: float
+    recon: float
+    kl: float
+    images: float
+
+
 class LossSums:
     """loss x n, recon and kl of some batches (an epoch's, or a log point's one) summed on the
     device, and their image count on the host: nothing crosses between them per step; read once,
@@ -97,11 +116,11 @@ class LossSums:
         self.sums += torch.stack([metrics["loss"] * n, metrics["recon"].sum(), metrics["kl"].sum()]).double()
         self.images += n
 
-    def totals(self, accelerator) -> list[float]:
-        """[loss x n, recon, kl, images] summed over all ranks."""
+    def totals(self, accelerator) -> Totals:
+        """Summed over all ranks: one all-reduce, one host read."""
         local = torch.cat([self.sums, torch.tensor([float(self.images)], device=self.sums.device,
                                                    dtype=torch.float64)])
-        return accelerator.reduce(local, reduction="sum").tolist()
+        return Totals(*accelerator.reduce(local, reduction="sum").tolist())
 
 
 class Trainer:
@@ -290,12 +309,13 @@ class Trainer:
         totals = sums.totals(acc)
         batches = len(self.train_loader)
         complete = state.batch_in_epoch >= batches
-        if totals[3] > 0:
+        if totals.images > 0:
+            n = totals.images
             record = {"epoch": state.epoch + 1 if complete else round(state.epoch + state.batch_in_epoch / batches, 4),
-                      "step": state.step, "loss": totals[0] / totals[3], "recon": totals[1] / totals[3],
-                      "kl": totals[2] / totals[3], "images_per_sec": totals[3] / elapsed,
+                      "step": state.step, "loss": totals.loss_x_images / n, "recon": totals.recon / n,
+                      "kl": totals.kl / n, "images_per_sec": n / elapsed,
                       "lr": self.scheduler.get_last_lr()[0], "skipped_batches": self.guard.skipped}
-            record.update(reports.test_metrics(self.raw_model, self.test_set, self.cfg, **self._eval_shard()))
+            record.update(reports.held_out_metrics(self.raw_model, self.test_set, self.cfg, **self._eval_shard()))
             self.log.log_epoch(record)
             if self.log.log_images and acc.is_main_process:  # kept on disk and shown in W&B
                 folder = self.out_dir / "pictures" / f"step_{state.step:08d}"

@@ -136,7 +136,7 @@ def check_cluster(args) -> None:
 
 def build_submissions(args) -> list[Submission]:
     """One resolved, validated config per run; bad overrides fail here, before anything is submitted."""
-    from fastvae.checkpoint import list_checkpoints
+    from fastvae.checkpoint import refuse_another_runs_checkpoints
 
     base = load_config(args.config, args.overrides)
     combos = sweep.expand(args.sweep)
@@ -150,10 +150,7 @@ def build_submissions(args) -> list[Submission]:
                       f"wandb.group={base.wandb.group or base_name}"]
         cfg = load_config(args.config, [*args.overrides, *extra])
         if not cfg.train.resume:
-            existing = list_checkpoints(cfg.out_dir)
-            if existing:
-                raise UserError(f"out_dir '{cfg.out_dir}' already holds checkpoints (newest: {existing[-1].name}); "
-                                f"expected an empty out_dir, train.resume=auto to continue it, or another out_dir")
+            refuse_another_runs_checkpoints(cfg.out_dir)
             cfg.train.resume = "auto"  # so a requeued job continues from its checkpoint
         if cfg.model.name not in BUILT_IN_MODELS:  # a user's model: fails here, not after the queue
             from fastvae.models import build_model

@@ -6,9 +6,6 @@ import os
 import sys
 import tempfile
 
-_tests = os.path.dirname(os.path.abspath(__file__))
-sys.path[:0] = [os.path.join(_tests, "support"), os.path.join(os.path.dirname(_tests), "tools")]
-
 os.environ.setdefault("TRITON_INTERPRET", "1")
 # W&B never touches the network or the user's home in tests.
 _wandb_dir = tempfile.mkdtemp(prefix="fastvae-wandb-")
@@ -27,15 +24,11 @@ torch.set_num_threads(min(2, os.cpu_count() or 1))
 @pytest.fixture(autouse=True)
 def fresh_accelerate_state():
     """accelerate keeps process-wide singletons; each in-process run starts clean."""
-    from accelerate.state import AcceleratorState, GradientState, PartialState
+    from fastvae.trainer import reset_accelerate_state
 
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    PartialState._reset_state()
+    reset_accelerate_state()
     yield
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    PartialState._reset_state()
+    reset_accelerate_state()
 
 
 @pytest.fixture

@@ -10,7 +10,7 @@ from fastvae.data import build_datasets
 from fastvae.errors import UserError
 from fastvae.generate import main as generate_main
 from fastvae.train import train
-from celeba_fixture import ATTRIBUTES, attribute_value, partition, write_celeba
+from tools.celeba_fixture import ATTRIBUTES, attribute_value, partition, write_celeba
 from helpers import CONFIGS
 
 

@@ -15,7 +15,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from fastvae.checkpoint import list_checkpoints
 from fastvae.train import main, train

@@ -164,7 +164,7 @@ def test_image_folder_errors(tmp_path):
 
 def test_image_folder_and_celeba_cover_a_non_square_size_keeping_the_aspect(tmp_path):
     """A 40x30 image at [48, 80]: scaled by max(48/40, 80/30) to 107x80 (aspect kept), center-cropped."""
-    from celeba_fixture import write_celeba
+    from tools.celeba_fixture import write_celeba
 
     make_image_folder(tmp_path / "imgs")
     cfg = load_config(None, ["data.name=imagefolder", f"data.root={tmp_path / 'imgs'}", "data.image_size=[48,80]",

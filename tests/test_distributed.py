@@ -2,15 +2,14 @@
 
 import json
 import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
+from fastvae.launch.processes import accelerate_binary
 from helpers import ROOT, TINY
 
 
-ACCELERATE = str(Path(sys.executable).with_name("accelerate"))
+ACCELERATE = accelerate_binary()
 
 
 @pytest.mark.slow

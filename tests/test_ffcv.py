@@ -1,6 +1,5 @@
 """FFCV: .beton round trips against the torchvision path, training from a .beton, bad files."""
 
-import json
 import sys
 
 import pytest
@@ -12,10 +11,12 @@ ffcv = pytest.importorskip("ffcv", reason="ffcv not installed (scripts/setup.sh 
 
 from fastvae.config import load_config  # noqa: E402
 from fastvae.data import build_datasets  # noqa: E402
-from fastvae.data.ffcv import check_beton, main as ffcv_main, write_beton  # noqa: E402
+from fastvae.data.ffcv import main as ffcv_main, write_beton  # noqa: E402
+from fastvae.data.ffcv_loader import check_beton  # noqa: E402
 from fastvae.errors import UserError  # noqa: E402
+from fastvae.tracking import read_records  # noqa: E402
 from fastvae.train import train  # noqa: E402
-from celeba_fixture import write_celeba  # noqa: E402
+from tools.celeba_fixture import write_celeba  # noqa: E402
 from helpers import CONFIGS, assert_same_weights, final_weights, tiny_config  # noqa: E402
 
 
@@ -88,7 +89,7 @@ def test_training_from_a_beton_resumes_bit_identically_with_flips(tmp_path, mnis
     common = ["data.loader=ffcv", f"data.beton={beton}", "train.epochs=2", "data.flip=true"]
     result = train(tiny_config(tmp_path / "straight", *common))
     assert result["step"] == 16
-    records = [json.loads(line) for line in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()]
+    records = read_records(tmp_path / "straight")
     assert records[-1]["loss"] < records[0]["loss"]
     out = tmp_path / "interrupted"
     train(tiny_config(out, *common, "train.max_steps=5"))
@@ -109,8 +110,8 @@ def test_training_on_the_celeba_fixture_with_ffcv(tmp_path):
 
 @pytest.mark.parametrize("drop_last, flip", [(True, False), (False, True)])
 def test_ranks_get_the_shares_every_fastvae_loader_gives(tmp_path, mnist_subset, drop_last, flip):
-    from fastvae.data.ffcv import FFCVTrainLoader
-    from fastvae.data.memory import InMemoryLoader, decode_to_memory
+    from fastvae.data.ffcv_loader import FFCVTrainLoader
+    from fastvae.data.memory import MemoryTrainLoader, decode_to_memory
 
     images = Subset(mnist_subset, range(250))  # 250: no world size x batch divides it
     beton = write_beton(images, tmp_path / "train.beton", "raw")
@@ -120,7 +121,7 @@ def test_ranks_get_the_shares_every_fastvae_loader_gives(tmp_path, mnist_subset,
         for rank in range(world):
             ffcv = FFCVTrainLoader(beton, 24 // world, 1, cpu, seed=4, flip=flip, drop_last=drop_last, rank=rank,
                                    world_size=world)
-            memory = InMemoryLoader(in_memory, 24 // world, 4, cpu, drop_last, flip, rank, world)
+            memory = MemoryTrainLoader(in_memory, 24 // world, 4, cpu, drop_last, flip, rank, world)
             for epoch in (0, 1):
                 ffcv.set_epoch(epoch)
                 memory.set_epoch(epoch)
@@ -149,7 +150,7 @@ def test_a_beton_of_another_image_size_is_a_one_line_error(tmp_path, mnist_subse
 
 @pytest.mark.parametrize("order", ["random", "quasi_random"])
 def test_a_resumed_epoch_reads_only_the_batches_after_the_skipped_ones(tmp_path, mnist_subset, order):
-    from fastvae.data.ffcv import FFCVTrainLoader
+    from fastvae.data.ffcv_loader import FFCVTrainLoader
 
     beton = write_beton(mnist_subset, tmp_path / "train.beton", "raw")
     loader = FFCVTrainLoader(beton, 32, 1, torch.device("cpu"), seed=3, order=order, flip=True)
@@ -196,7 +197,7 @@ def test_interrupted_write_leaves_nothing_that_looks_complete(tmp_path, mnist_su
 
 
 def test_missing_ffcv_says_how_to_install(monkeypatch):
-    from fastvae.data.ffcv import require_ffcv
+    from fastvae.data.ffcv_loader import require_ffcv
 
     monkeypatch.setitem(sys.modules, "ffcv", None)  # as if not installed
     with pytest.raises(UserError, match=r"apt-get install -y libopencv-dev libturbojpeg0-dev && pip install 'fastvae\[ffcv\]'"):

@@ -11,18 +11,15 @@ from fastvae.data.base import ImageTensorDataset
 from fastvae.generate import (LoadedVAE, apply_attribute, attribute_vector, attribute_vector_for, encode,
                               encode_split, images_at, interpolate, load, main, reconstruct)
 from fastvae.train import train
+from fastvae.trainer import reset_accelerate_state
 from helpers import tiny_config
 
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    from accelerate.state import AcceleratorState, GradientState, PartialState
-
     out = tmp_path_factory.mktemp("gen") / "run"
     train(tiny_config(out, "train.epochs=2", "data.limit=512", "optim.lr=2e-3"))
-    for state in (AcceleratorState, PartialState):
-        state._reset_state(True) if state is AcceleratorState else state._reset_state()
-    GradientState._reset_state()
+    reset_accelerate_state()
     return list_checkpoints(out)[-1]
 
 

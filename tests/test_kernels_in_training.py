@@ -1,6 +1,5 @@
 """The fused ops inside a model: torch.compile without graph breaks, and training with ops=triton."""
 
-import json
 
 import pytest
 import torch
@@ -8,6 +7,7 @@ import torch
 from fastvae.kernels import fused_recon_loss, fused_reparam_kl
 from fastvae.models import ConvVAE
 from fastvae.ops import select_ops
+from fastvae.tracking import read_records
 from fastvae.train import train
 from helpers import tiny_config
 
@@ -56,7 +56,7 @@ def test_select_ops_triton_uses_the_fused_kernels():
 
 
 def epoch_records(out_dir):
-    return [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+    return read_records(out_dir)
 
 
 def test_triton_training_draws_the_eager_noise_and_matches_eager(tmp_path):

@@ -8,7 +8,7 @@ from torchvision.transforms.v2.functional import to_dtype
 from fastvae.config import load_config
 from fastvae.data.base import ImageTensorDataset
 from fastvae.data.loaders import build_train_loader
-from fastvae.data.memory import InMemoryLoader, in_memory_tensors
+from fastvae.data.memory import MemoryTrainLoader, in_memory_tensors
 from fastvae.errors import UserError
 
 CPU = torch.device("cpu")
@@ -20,7 +20,7 @@ def dataset(n=100):
 
 
 def loader(data, batch=8, **kw):
-    return InMemoryLoader(in_memory_tensors(data), batch, seed=3, device=CPU, **kw)
+    return MemoryTrainLoader(in_memory_tensors(data), batch, seed=3, device=CPU, **kw)
 
 
 def test_batches_are_the_datasets_items_bit_for_bit():
@@ -81,17 +81,17 @@ def test_flips_are_seeded_and_flip_about_half():
 
 def test_auto_picks_memory_for_tensor_datasets_and_says_what_it_cannot():
     cfg = load_config("mnist", ["data.limit=64", "data.batch_size=16"])
-    assert isinstance(build_train_loader(cfg, Subset(dataset(), range(64)), 1, CPU), InMemoryLoader)
+    assert isinstance(build_train_loader(cfg, Subset(dataset(), range(64)), 1, CPU), MemoryTrainLoader)
     torch_cfg = load_config("mnist", ["data.loader=torch", "data.batch_size=16"])
-    assert not isinstance(build_train_loader(torch_cfg, dataset(), 1, CPU), InMemoryLoader)
+    assert not isinstance(build_train_loader(torch_cfg, dataset(), 1, CPU), MemoryTrainLoader)
     # a data set read item by item, with fastvae's one uint8 -> float conversion (as CelebA's and image folders')
     folder = [(to_dtype(torch.full((1, 4, 4), i, dtype=torch.uint8), torch.float32, scale=True), torch.tensor(i % 3), i)
               for i in range(64)]
-    assert not isinstance(build_train_loader(cfg, folder, 1, CPU), InMemoryLoader)  # auto: only tensor data sets
+    assert not isinstance(build_train_loader(cfg, folder, 1, CPU), MemoryTrainLoader)  # auto: only tensor data sets
     with pytest.raises(UserError, match="data.flip: random flips need data.loader=memory or ffcv"):
         build_train_loader(load_config("mnist", ["data.flip=true", "data.batch_size=16"]), folder, 1, CPU)
     decoded = build_train_loader(load_config("mnist", ["data.loader=memory", "data.batch_size=16"]), folder, 1, CPU)
-    assert isinstance(decoded, InMemoryLoader)  # decoded once into a uint8 tensor
+    assert isinstance(decoded, MemoryTrainLoader)  # decoded once into a uint8 tensor
     for x, y, index in decoded:
         assert torch.equal(x, torch.stack([folder[i][0] for i in index.tolist()]))
         assert torch.equal(y, index % 3)

@@ -18,14 +18,16 @@ import torch
 import fastvae.checkpoint as checkpoint_module
 from fastvae.checkpoint import list_checkpoints, load_model, problem
 from fastvae.errors import NonFiniteLoss, UserError, exit_on_user_error
+from fastvae.launch.processes import accelerate_launch
 from fastvae.stopping import NonFiniteGuard
+from fastvae.tracking import read_records
 from fastvae.train import main, train
+from fastvae.trainer import reset_accelerate_state
 from helpers import CONFIGS, ROOT, TINY, assert_same_weights, final_weights, tiny_config, wait_until
 
 TRAIN = [sys.executable, "-m", "fastvae.train", "--config", str(CONFIGS / "mnist.yaml"), *TINY]
-ACCELERATE_2 = [str(Path(sys.executable).with_name("accelerate")), "launch", "--multi_gpu", "--num_processes", "2",
-                "--num_machines", "1", "--main_process_port", "29533", "-m", "fastvae.train",
-                "--config", str(CONFIGS / "mnist.yaml"), *TINY, "data.batch_size=16"]
+ACCELERATE_2 = accelerate_launch(["-m", "fastvae.train", "--config", str(CONFIGS / "mnist.yaml"), *TINY,
+                                  "data.batch_size=16"], processes=2, port=29533)
 ENV = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
 
 
@@ -178,7 +180,7 @@ def test_nonfinite_skip_policy_continues_and_counts(tmp_path):
     result = train(tiny_config(out, "train.epochs=2", "train.nonfinite=skip"), datasets=poisoned_datasets())
     assert result["skipped_batches"] == 2  # the poisoned image comes round once per epoch
     assert result["step"] == 14
-    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    records = read_records(out)
     assert [r["skipped_batches"] for r in records] == [1, 2]
     assert all(torch.isfinite(t).all() for t in final_weights(out).values())
 
@@ -222,13 +224,9 @@ def test_sigterm_saves_at_the_next_step_and_exits_cleanly(tmp_path):
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory):
     """A finished tiny run: the files that bad commands must leave untouched."""
-    from accelerate.state import AcceleratorState, GradientState, PartialState
-
     out = tmp_path_factory.mktemp("done") / "run"
     train(tiny_config(out, "train.max_steps=3"))
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    PartialState._reset_state()
+    reset_accelerate_state()
     return out
 
 

@@ -13,15 +13,15 @@ import torch
 from fastvae import noise
 from fastvae.data.base import ImageTensorDataset
 from fastvae.data.loaders import TorchTrainLoader
-from fastvae.data.memory import InMemoryLoader, in_memory_tensors
+from fastvae.data.memory import MemoryTrainLoader, in_memory_tensors
 from fastvae.data.sharding import ShardPlan
 from fastvae.evaluate import Likelihood, evaluate_model, evaluate_sums, report_of
 from fastvae.kernels import fused_reparam_kl
+from fastvae.launch.processes import accelerate_launch
 from fastvae.models import ConvVAE
 from helpers import ROOT, TINY
 
 CPU = torch.device("cpu")
-ACCELERATE = str(Path(sys.executable).with_name("accelerate"))
 
 
 def dataset(n):
@@ -38,7 +38,7 @@ def epoch_ids(make_loader, world):
 def test_memory_and_torch_loaders_shard_1xB_global_batches_among_N_ranks(drop_last):
     data, batch = dataset(100), 12  # 100 images: no world size x batch divides them
     loaders = {
-        "memory": lambda r, w: InMemoryLoader(in_memory_tensors(data), batch // w, 5, CPU, drop_last, rank=r,
+        "memory": lambda r, w: MemoryTrainLoader(in_memory_tensors(data), batch // w, 5, CPU, drop_last, rank=r,
                                               world_size=w),
         "torch": lambda r, w: TorchTrainLoader(data, ShardPlan(len(data), batch // w, 5, r, w, drop_last), CPU, 0),
     }
@@ -126,9 +126,8 @@ def test_evaluate_under_accelerate_launch_matches_one_process(mnist_two_nodes, t
     subprocess.run([sys.executable, "-m", "fastvae.evaluate", "--checkpoint", ckpt, "--max-images", "150",
                     "--iwae-samples", "4", "--json", str(one)], cwd=ROOT, check=True, capture_output=True, timeout=300)
     two = tmp_path / "two.json"
-    proc = subprocess.run([ACCELERATE, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-                           "--main_process_port", "29535", "-m", "fastvae.evaluate", "--checkpoint", ckpt,
-                           "--max-images", "150", "--iwae-samples", "4", "--json", str(two)],
+    proc = subprocess.run(accelerate_launch(["-m", "fastvae.evaluate", "--checkpoint", ckpt, "--max-images", "150",
+                                             "--iwae-samples", "4", "--json", str(two)], processes=2, port=29535),
                           cwd=ROOT, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     a, b = json.loads(one.read_text()), json.loads(two.read_text())
@@ -139,7 +138,7 @@ def test_evaluate_under_accelerate_launch_matches_one_process(mnist_two_nodes, t
 
 @pytest.mark.slow
 def test_sync_batchnorm_makes_two_processes_train_the_dfc_vae_one_process_trains(tmp_path):
-    from celeba_fixture import write_celeba
+    from tools.celeba_fixture import write_celeba
 
     root = write_celeba(tmp_path / "celeba", n=60)
     # SGD: Adam turns rounding into +-lr steps of weights whose gradient is as small as the

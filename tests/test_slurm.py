@@ -13,8 +13,9 @@ from pathlib import Path
 
 import pytest
 
-import local_cluster
+from tools import local_cluster
 from fastvae.launch import slurm
+from fastvae.tracking import read_records
 from helpers import CONFIGS, ROOT, wait_until
 from wandb_records import run_contents
 
@@ -74,9 +75,7 @@ def start_now(job_id):
 
 
 def read_metrics(out_dir):
-    import json
-
-    return [json.loads(line) for line in (Path(out_dir) / "metrics.jsonl").read_text().splitlines()]
+    return read_records(out_dir)
 
 
 def test_a_job_of_a_users_model_completes_with_metrics_and_checkpoint(cluster, tmp_path):

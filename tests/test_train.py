@@ -7,12 +7,13 @@ import torch
 
 from fastvae.checkpoint import list_checkpoints, load_model, read_meta
 from fastvae.errors import UserError
+from fastvae.tracking import read_records
 from fastvae.train import train
 from helpers import assert_same_weights, final_weights, tiny_config
 
 
 def read_metrics(out_dir):
-    return [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+    return read_records(out_dir)
 
 
 def test_short_run_lowers_loss_and_writes_outputs(tmp_path):

@@ -27,7 +27,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-ACCELERATE = str(Path(sys.executable).with_name("accelerate"))
+from fastvae.launch.processes import accelerate_launch
+from fastvae.tracking import STEPS_FILE, read_records
+
 
 
 def parse_args(argv=None):
@@ -77,16 +79,12 @@ def train_args(args, batch: int, out_dir: Path) -> list[str]:
 
 
 def sharded_commands(args, batch: int, out_dir: Path) -> list[list[str]]:
-    per_machine = args.nproc // args.machines
-    multi = ["--multi_gpu"] if per_machine > 1 or args.machines > 1 else []
-    return [[ACCELERATE, "launch", *multi, "--num_processes", str(args.nproc), "--num_machines", str(args.machines),
-             "--machine_rank", str(rank), "--main_process_ip", "127.0.0.1", "--main_process_port", str(args.port),
-             "--rdzv_backend", "static", "--same_network", *train_args(args, batch, out_dir)]
+    return [accelerate_launch(train_args(args, batch, out_dir), args.nproc, args.machines, rank, args.port)
             for rank in range(args.machines)]
 
 
 def step_losses(out_dir: Path) -> dict[int, float]:
-    return {r["step"]: r["loss"] for r in map(json.loads, (out_dir / "steps.jsonl").read_text().splitlines())}
+    return {r["step"]: r["loss"] for r in read_records(out_dir, STEPS_FILE)}
 
 
 def final_parameters(out_dir: Path) -> dict[str, torch.Tensor]:
@@ -121,8 +119,8 @@ def compare(single: Path, sharded: Path) -> dict:
 
 def test_loss(out_dir: Path) -> float | None:
     """The last epoch record's test loss (evaluated by all ranks of the run, each a share)."""
-    lines = (out_dir / "metrics.jsonl").read_text().splitlines()
-    return json.loads(lines[-1]).get("test_loss") if lines else None
+    records = read_records(out_dir)
+    return records[-1].get("test_loss") if records else None
 
 
 def print_table(result: dict, label_single: str, label_sharded: str) -> None:

@@ -1,34 +1,55 @@
 """The training loader: batches from the data set held in memory, from a torch DataLoader, or from
-an FFCV loader. All three shard by one rule (fastvae.data.sharding), deliver (x, label, sample id)
-on the device, and resume inside an epoch with skip_first."""
+an FFCV loader. All three are a TrainLoader: they shard by one rule (fastvae.data.sharding), deliver
+(x, label, sample id) on the device, and resume inside an epoch with skip_first."""
 
 from __future__ import annotations
+
+from typing import Iterator, Protocol
 
 import torch
 from torch.utils.data import DataLoader
 
 from fastvae.config import Config, image_hw
 from fastvae.data.base import collate_skipping_corrupt
-from fastvae.data.memory import InMemoryLoader, decode_to_memory, in_memory_tensors
+from fastvae.data.memory import MemoryTrainLoader, decode_to_memory, in_memory_tensors
 from fastvae.data.sharding import ShardPlan
 from fastvae.errors import UserError
 
 
-def build_train_loader(cfg: Config, train_set, num_processes: int, device: torch.device, rank: int = 0):
+Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # images float [B, C, H, W] in [0, 1], labels, sample ids
+
+
+class TrainLoader(Protocol):
+    """What the Trainer asks of a training loader (MemoryTrainLoader, TorchTrainLoader, FFCVTrainLoader)."""
+
+    def __len__(self) -> int:
+        """Batches per epoch on this rank (every rank has as many)."""
+
+    def set_epoch(self, epoch: int) -> None:
+        """Take the order of `epoch` (one seeded permutation per epoch: fastvae.data.sharding)."""
+
+    def __iter__(self) -> Iterator[Batch]:
+        """This rank's batches of the epoch, on the training device."""
+
+    def skip_first(self, n: int) -> Iterator[Batch]:
+        """The epoch's batches after the first n, reading none of those (resume inside an epoch)."""
+
+
+def build_train_loader(cfg: Config, train_set, num_processes: int, device: torch.device, rank: int = 0) -> TrainLoader:
     global_batch = cfg.data.batch_size * num_processes
     if cfg.data.drop_last and len(train_set) < global_batch:
         raise UserError(f"data.batch_size={cfg.data.batch_size} x {num_processes} process(es) "
                         f"is larger than the {len(train_set)} training images; expected at most "
                         f"{len(train_set) // num_processes} per process (or data.drop_last=false)")
     if cfg.data.loader == "ffcv":
-        from fastvae.data.ffcv import FFCVTrainLoader
+        from fastvae.data.ffcv_loader import FFCVTrainLoader
 
         return FFCVTrainLoader(cfg.data.beton, cfg.data.batch_size, cfg.data.channels, device, cfg.seed,
                                cfg.data.order, cfg.data.flip, cfg.data.drop_last, rank, num_processes,
                                num_workers=max(1, cfg.data.num_workers), image_size=image_hw(cfg.data))
     tensors = tensors_to_hold(cfg, train_set, device, progress=rank == 0)
     if tensors is not None:
-        return InMemoryLoader(tensors, cfg.data.batch_size, cfg.seed, device, cfg.data.drop_last, cfg.data.flip,
+        return MemoryTrainLoader(tensors, cfg.data.batch_size, cfg.seed, device, cfg.data.drop_last, cfg.data.flip,
                               rank, num_processes)
     if cfg.data.flip:
         raise UserError(f"data.flip: random flips need data.loader=memory or ffcv, and {cfg.data.name} is read "
@@ -41,7 +62,7 @@ def tensors_to_hold(cfg: Config, train_set, device: torch.device, progress: bool
     """The uint8 training set for the in-memory loader, or None for a DataLoader: what data.loader
     asks for, and for auto the data set's own tensors, or on a GPU a copy decoded once when it fits."""
     if cfg.data.loader == "memory" and cfg.data.beton:  # FFCV decodes it many times faster than image by image
-        from fastvae.data.ffcv import beton_to_memory
+        from fastvae.data.ffcv_loader import beton_to_memory
 
         return beton_to_memory(cfg.data.beton, cfg.data.channels, image_hw(cfg.data),
                                max(1, cfg.data.num_workers), progress)

@@ -76,7 +76,10 @@ def in_memory_tensors(dataset) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor
     return dataset.dataset.images[keep], dataset.dataset.labels[keep], torch.arange(len(keep))
 
 
-class InMemoryLoader:
+class MemoryTrainLoader:
+    """A TrainLoader (fastvae.data.loaders) over the uint8 data set held on the device: every batch is
+    one gather, flipped where the epoch's seeded draw says (data.flip)."""
+
     def __init__(self, tensors, batch_size: int, seed: int, device: torch.device, drop_last: bool = True,
                  flip: bool = False, rank: int = 0, world_size: int = 1) -> None:
         images, labels, indices = tensors

@@ -1,15 +1,11 @@
-"""The one parity helper every kernel test uses: compare with the float64 eager reference."""
+"""The one parity helper every kernel test uses: compare with the float64 eager reference, by the
+metric and tolerances the benchmarks use (benchmarks/harness.py)."""
 
 import torch
 
-TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-2}
+from benchmarks.harness import PARITY_TOLERANCE as TOLERANCE, max_relative_error
 
-
-def max_relative_error(actual: torch.Tensor, reference: torch.Tensor) -> float:
-    """max |actual - reference| / max |reference|: the error relative to the tensor's scale."""
-    ref = reference.detach().double()
-    err = (actual.detach().double() - ref).abs().max().item()
-    return err / max(ref.abs().max().item(), 1e-30)
+__all__ = ["TOLERANCE", "assert_parity", "max_relative_error"]
 
 
 def assert_parity(actual: torch.Tensor, reference: torch.Tensor, dtype: torch.dtype, what: str) -> float:

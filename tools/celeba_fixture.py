@@ -2,8 +2,11 @@
 
 CelebA cannot be downloaded here and no package ships it; these files have its
 layout, sizes (178x218 JPEGs) and text formats, with a known attribute pattern.
+
+    python tools/celeba_fixture.py DIR [--n 600] [--layout official|torchvision]   # prints the root
 """
 
+import argparse
 from pathlib import Path
 
 import numpy as np
@@ -50,3 +53,16 @@ def write_celeba(root: Path, n: int = 60, layout: str = "official") -> Path:
     (base / "list_attr_celeba.txt").write_text("\n".join(lines) + "\n")
     (base / "list_eval_partition.txt").write_text("\n".join(parts) + "\n")
     return root
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("root", type=Path, help="a folder that does not exist yet")
+    parser.add_argument("--n", type=int, default=60, help="images (70%% train, 15%% valid, 15%% test)")
+    parser.add_argument("--layout", choices=("official", "torchvision"), default="official")
+    args = parser.parse_args(argv)
+    print(write_celeba(args.root, args.n, args.layout))
+
+
+if __name__ == "__main__":
+    main()
