@@ -30,36 +30,6 @@ def test_batches_are_the_datasets_items_bit_for_bit():
         assert torch.equal(y, torch.stack([data[i][1] for i in index.tolist()]))
 
 
-def test_order_is_a_function_of_seed_and_epoch():
-    a, b = loader(dataset()), loader(dataset())
-    first = [i.tolist() for _, _, i in a]
-    assert first == [i.tolist() for _, _, i in b]
-    a.set_epoch(1)
-    assert [i.tolist() for _, _, i in a] != first
-
-
-def test_two_ranks_get_disjoint_equal_shards_of_every_global_batch():
-    data = dataset(100)
-    ranks = [loader(data, rank=r, world_size=2) for r in (0, 1)]
-    assert len(ranks[0]) == len(ranks[1]) == 100 // 16
-    seen = [[i.tolist() for _, _, i in r] for r in ranks]
-    for a, b in zip(*seen):
-        assert len(a) == len(b) == 8 and not set(a) & set(b)
-    single = [i.tolist() for _, _, i in loader(data, batch=16)]
-    assert [a + b for a, b in zip(*seen)] == single  # the same global batches as one process x 16
-
-
-def test_last_partial_batch_is_split_evenly_or_dropped():
-    data = dataset(37)  # 2 full global batches of 16, then 5 images
-    ranks = [loader(data, rank=r, world_size=2, drop_last=False) for r in (0, 1)]
-    sizes = [[len(i) for _, _, i in r] for r in ranks]
-    assert sizes == [[8, 8, 3], [8, 8, 2]]
-    ids = sorted(i for r in ranks for _, _, idx in r for i in idx.tolist())
-    assert ids == list(range(37))  # every image once
-    few = [loader(dataset(33), rank=r, world_size=2, drop_last=False) for r in (0, 1)]
-    assert len(few[0]) == len(few[1]) == 2  # 1 image left for 2 ranks: dropped, not a hang
-
-
 def test_skip_first_resumes_inside_an_epoch():
     full = [i.tolist() for _, _, i in loader(dataset())]
     assert [i.tolist() for _, _, i in loader(dataset()).skip_first(5)] == full[5:]

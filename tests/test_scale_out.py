@@ -10,68 +10,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from fastvae import noise
 from fastvae.data.base import ImageTensorDataset
-from fastvae.data.loaders import TorchTrainLoader
-from fastvae.data.memory import MemoryTrainLoader, in_memory_tensors
-from fastvae.data.sharding import ShardPlan
 from fastvae.evaluate import Likelihood, evaluate_model, evaluate_sums, report_of
-from fastvae.kernels import fused_reparam_kl
 from fastvae.launch.processes import accelerate_launch
 from fastvae.models import ConvVAE
 from helpers import ROOT, TINY
 
 CPU = torch.device("cpu")
-
-
-def dataset(n):
-    g = torch.Generator().manual_seed(0)
-    return ImageTensorDataset(torch.randint(0, 256, (n, 1, 4, 4), dtype=torch.uint8, generator=g), torch.arange(n))
-
-
-def epoch_ids(make_loader, world):
-    """[rank][batch] -> sample ids of one epoch."""
-    return [[ids.tolist() for _, _, ids in make_loader(rank, world)] for rank in range(world)]
-
-
-@pytest.mark.parametrize("drop_last", [True, False])
-def test_memory_and_torch_loaders_shard_1xB_global_batches_among_N_ranks(drop_last):
-    data, batch = dataset(100), 12  # 100 images: no world size x batch divides them
-    loaders = {
-        "memory": lambda r, w: MemoryTrainLoader(in_memory_tensors(data), batch // w, 5, CPU, drop_last, rank=r,
-                                              world_size=w),
-        "torch": lambda r, w: TorchTrainLoader(data, ShardPlan(len(data), batch // w, 5, r, w, drop_last), CPU, 0),
-    }
-    single = epoch_ids(loaders["memory"], 1)[0]
-    for name, make in loaders.items():
-        for world in (1, 2, 3):
-            ranks = epoch_ids(make, world)
-            assert len({len(r) for r in ranks}) == 1, f"{name}: every rank gets the same number of batches"
-            steps = list(zip(*ranks))
-            assert [sum(shares, []) for shares in steps] == single, f"{name} x {world}: the 1 x B global batches"
-            seen = [i for r in ranks for b in r for i in b]
-            assert len(seen) == len(set(seen)), f"{name}: no image twice in an epoch"
-    if not drop_last:
-        assert sorted(sum(single, [])) == list(range(100))  # nothing dropped: the last batch is 100 % 12 = 4
-
-
-def test_the_last_global_batch_is_dropped_when_smaller_than_the_world():
-    plan = ShardPlan(images=25, batch_size=4, seed=0, rank=0, world_size=3, drop_last=False)
-    assert len(plan) == 2  # 2 x 12 images, then 1 image for 3 ranks: dropped
-    assert len(ShardPlan(27, 4, 0, 0, 3, drop_last=False)) == 3  # 3 images: one each
-
-
-def test_noise_is_keyed_by_sample_and_matches_the_kernels_in_kernel_draws():
-    ids, dim, seed = torch.tensor([7, 3, 11, 0, 5]), 33, 1234
-    offsets = noise.row_offsets(ids, dim, stream=9)
-    eps = noise.keyed_normal(seed, offsets, dim)
-    # a sample's eps does not depend on the batch it is in (what N processes x B/N needs)
-    assert torch.equal(noise.keyed_normal(seed, offsets[[2, 0]], dim), eps[[2, 0]])
-    assert not torch.equal(noise.keyed_normal(seed, noise.row_offsets(ids, dim, 10), dim), eps)  # next step
-    z, _ = fused_reparam_kl(torch.zeros(5, dim), torch.zeros(5, dim), seed=torch.tensor(seed), row_offsets=offsets)
-    torch.testing.assert_close(z, eps, rtol=0, atol=2e-6)  # Triton's tl.randn, drawn in-kernel (interpreter)
-    big = noise.philox_normal(seed, torch.arange(1 << 18))
-    assert abs(big.mean()) < 0.01 and abs(big.std() - 1) < 0.01
 
 
 def test_sharded_evaluation_sums_to_the_single_process_report():

@@ -1,7 +1,6 @@
 """The Trainer's parts on their own: train_step, TrainState, optimizer builders, config docs and
 the resume key lists."""
 
-import dataclasses
 import os
 import subprocess
 import sys
@@ -9,9 +8,8 @@ import sys
 import pytest
 import torch
 
-from fastvae.checkpoint import TrainState, list_checkpoints, read_meta
-from fastvae.config import RESUME_MAY_DIFFER, RESUME_MUST_MATCH, Config, flatten, from_dict, to_dict
-from fastvae.errors import UserError
+from fastvae.checkpoint import list_checkpoints
+from fastvae.config import Config, flatten
 from fastvae.optim import build_optimizer
 from fastvae.train import train
 from fastvae.trainer import Trainer
@@ -41,60 +39,11 @@ def test_trainer_trains_on_given_datasets(tmp_path):
     assert result["step"] == 2  # 64 images / batch 32, not the 256 of the tiny config's data
 
 
-def test_checkpoints_hold_the_train_state(tmp_path):
-    out = tmp_path / "run"
-    train(tiny_config(out, "train.max_steps=5"))
-    meta = read_meta(list_checkpoints(out)[-1])
-    assert TrainState.from_meta(meta) == TrainState(step=5, epoch=0, batch_in_epoch=5, wandb_run_id=None,
-                                                    global_batch=32)
-    assert {f.name for f in dataclasses.fields(TrainState)} <= meta.keys()
-
-
-def test_resume_with_another_global_batch_continues_at_the_same_image(tmp_path, capsys):
-    """E.g. a requeued job on another number of nodes: 3 batches of 32 trained, then batches of 16
-    (as 1 x 16, or 2 processes x 8) train the epoch's other 160 images, each once."""
-    out = tmp_path / "run"
-    train(tiny_config(out, "train.max_steps=3"))  # 256 images, 8 batches of 32 per epoch: stopped mid-epoch
-    resumed = Trainer(tiny_config(out, "data.batch_size=16", "train.resume=auto"))
-    assert (resumed.state.batch_in_epoch, resumed.state.global_batch) == (6, 16)
-    assert "resuming 96 images into epoch 1: 6 global batches of 16 (the checkpoint's global batch was 32)" \
-        in capsys.readouterr().out
-    order = resumed.train_loader.plan.order(0)
-    rest = torch.cat([batch[2] for batch in resumed._remaining_batches()])
-    assert torch.equal(rest, order[96:])
-    with pytest.raises(UserError, match="stopped 96 images into epoch 1 .* no whole number of this run's global "
-                                        "batches of 64"):
-        Trainer(tiny_config(out, "data.batch_size=64", "train.resume=auto"))
-    old = TrainState(step=3, batch_in_epoch=3)  # a checkpoint from before global_batch was recorded
-    assert old.rebatch(16) is None and old.batch_in_epoch == 3
-
-
 def test_unknown_optimizer_is_an_error_not_sgd():
     cfg = Config()
     cfg.optim.name = "lamb"  # past validation, as code (not a config file) could set it
     with pytest.raises(ValueError, match="optim.name 'lamb': expected adam, adamw or sgd"):
         build_optimizer(cfg, torch.nn.Linear(2, 2).parameters())
-
-
-def test_resume_lists_name_every_config_key_once():
-    keys = list(flatten(Config()))
-    assert sorted(keys) == sorted([*RESUME_MUST_MATCH, *RESUME_MAY_DIFFER])
-    assert len(set(RESUME_MUST_MATCH) | set(RESUME_MAY_DIFFER)) == len(keys)
-
-
-def test_resume_refuses_a_key_that_must_match_and_allows_the_others(tmp_path):
-    out = tmp_path / "run"
-    train(tiny_config(out, "train.max_steps=2"))
-    with pytest.raises(UserError, match="was trained with data.drop_last=True; expected it to match this run's False"):
-        train(tiny_config(out, "train.resume=auto", "data.drop_last=false"))
-    resumed = train(tiny_config(out, "train.resume=auto", "train.max_steps=3", "loss.beta=0.5", "optim.lr=1e-3"))
-    assert resumed["step"] == 3
-
-
-def test_config_of_an_older_checkpoint_with_a_retired_key_still_loads():
-    old = to_dict(Config())
-    old["train"]["record_sample_ids"] = True  # written by fastvae 0.1.0
-    assert from_dict(old) == Config()
 
 
 def test_help_lists_every_key_with_type_default_and_doc():

@@ -1,5 +1,6 @@
 """Small shared helpers for tests: paths, the tiny run's config, weights, bounded waiting."""
 
+import hashlib
 import time
 from pathlib import Path
 
@@ -41,3 +42,9 @@ def wait_until(what: str, ok, timeout: float, poll: float = 0.5, give_up=None) -
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what}")
         time.sleep(poll)
+
+
+def tree_snapshot(root: Path) -> dict:
+    """Every file under root with a hash of its bytes: 'nothing changed' is an equality."""
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}

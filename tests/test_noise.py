@@ -1,0 +1,35 @@
+"""Keyed reparameterization noise (fastvae/noise.py): a sample's eps depends on what it is, not where."""
+
+import torch
+
+from fastvae import noise
+from fastvae.kernels import fused_reparam_kl
+
+
+def test_noise_is_keyed_by_sample_and_matches_the_kernels_in_kernel_draws():
+    ids, dim, seed = torch.tensor([7, 3, 11, 0, 5]), 33, 1234
+    offsets = noise.row_offsets(ids, dim, stream=9)
+    eps = noise.keyed_normal(seed, offsets, dim)
+    # a sample's eps does not depend on the batch it is in (what N processes x B/N needs)
+    assert torch.equal(noise.keyed_normal(seed, offsets[[2, 0]], dim), eps[[2, 0]])
+    assert not torch.equal(noise.keyed_normal(seed, noise.row_offsets(ids, dim, 10), dim), eps)  # next step
+    z, _ = fused_reparam_kl(torch.zeros(5, dim), torch.zeros(5, dim), seed=torch.tensor(seed), row_offsets=offsets)
+    torch.testing.assert_close(z, eps, rtol=0, atol=2e-6)  # Triton's tl.randn, drawn in-kernel (interpreter)
+    big = noise.philox_normal(seed, torch.arange(1 << 18))
+    assert abs(big.mean()) < 0.01 and abs(big.std() - 1) < 0.01
+
+
+def test_draw_eps_is_the_one_rule_keyed_or_from_torchs_generator():
+    mu = torch.zeros(4, 6)
+    key = (torch.tensor(5), noise.row_offsets(torch.tensor([3, 1, 2, 0]), 6, 2))
+    assert torch.equal(noise.draw_eps(mu, key), noise.keyed_normal(5, key[1], 6))
+    torch.manual_seed(0)
+    first = noise.draw_eps(mu, None)
+    torch.manual_seed(0)
+    assert torch.equal(first, torch.randn(4, 6)) and first.shape == mu.shape
+
+
+def test_float64_draws_reach_further_into_the_tails_than_tritons_float32():
+    offsets = torch.arange(1 << 16)
+    assert noise.philox_normal64(3, offsets).abs().max() > 3.5
+    assert noise.philox_normal64(3, offsets).dtype == torch.float64
