@@ -6,21 +6,11 @@ from torch.utils.data import Subset
 from torchvision.transforms.v2.functional import to_dtype
 
 from fastvae.config import load_config
-from fastvae.data.base import ImageTensorDataset
 from fastvae.data.loaders import build_train_loader
-from fastvae.data.memory import MemoryTrainLoader, in_memory_tensors
+from fastvae.data.memory import MemoryTrainLoader
+from helpers import CPU, tiny_image_dataset as dataset, tiny_memory_loader as loader
 from fastvae.errors import UserError
 
-CPU = torch.device("cpu")
-
-
-def dataset(n=100):
-    g = torch.Generator().manual_seed(0)
-    return ImageTensorDataset(torch.randint(0, 256, (n, 1, 4, 4), dtype=torch.uint8, generator=g), torch.arange(n) % 7)
-
-
-def loader(data, batch=8, **kw):
-    return MemoryTrainLoader(in_memory_tensors(data), batch, seed=3, device=CPU, **kw)
 
 
 def test_batches_are_the_datasets_items_bit_for_bit():

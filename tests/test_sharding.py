@@ -1,24 +1,13 @@
 """The one shard rule of every loader (fastvae/data/sharding.py): N x B/N sees the global batches of 1 x B."""
 
 import pytest
-import torch
 
-from fastvae.data.base import ImageTensorDataset
 from fastvae.data.loaders import TorchTrainLoader
 from fastvae.data.memory import MemoryTrainLoader, in_memory_tensors
+from helpers import CPU, tiny_image_dataset as dataset, tiny_memory_loader as loader
 from fastvae.data.sharding import ShardPlan
 
 
-CPU = torch.device("cpu")
-
-
-def dataset(n=100):
-    g = torch.Generator().manual_seed(0)
-    return ImageTensorDataset(torch.randint(0, 256, (n, 1, 4, 4), dtype=torch.uint8, generator=g), torch.arange(n) % 7)
-
-
-def loader(data, batch=8, **kw):
-    return MemoryTrainLoader(in_memory_tensors(data), batch, seed=3, device=CPU, **kw)
 
 
 @pytest.mark.parametrize("drop_last", [True, False])

@@ -4,10 +4,13 @@ import hashlib
 import time
 from pathlib import Path
 
+import torch
 from safetensors.torch import load_file
 
 from fastvae.checkpoint import list_checkpoints
 from fastvae.config import load_config
+from fastvae.data.base import ImageTensorDataset
+from fastvae.data.memory import MemoryTrainLoader, in_memory_tensors
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = ROOT / "configs"
@@ -48,3 +51,16 @@ def tree_snapshot(root: Path) -> dict:
     """Every file under root with a hash of its bytes: 'nothing changed' is an equality."""
     return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
             for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+CPU = torch.device("cpu")
+
+
+def tiny_image_dataset(n=100):
+    """n random 1x4x4 uint8 images, labels 0-6: for loader and shard tests."""
+    g = torch.Generator().manual_seed(0)
+    return ImageTensorDataset(torch.randint(0, 256, (n, 1, 4, 4), dtype=torch.uint8, generator=g), torch.arange(n) % 7)
+
+
+def tiny_memory_loader(data, batch=8, **kw):
+    return MemoryTrainLoader(in_memory_tensors(data), batch, seed=3, device=CPU, **kw)
