@@ -36,7 +36,7 @@ def parse_args(argv):
                                          "defaults if omitted")
     parser.add_argument("overrides", nargs="*", metavar="key=value",
                         help="config overrides with dotted keys, e.g. train.epochs=5 data.batch_size=64")
-    return parser.parse_args(argv)
+    return parser.parse_intermixed_args(argv)  # key=value overrides before and after --config
 
 
 @exit_on_user_error

@@ -47,7 +47,7 @@ def parse_args(argv=None):
     p.add_argument("--timeout", type=float, default=600, help="seconds each run may take")
     p.add_argument("--json", help="write the comparison here")
     p.add_argument("overrides", nargs="*", help="config overrides, key=value")
-    args = p.parse_args(argv)
+    args = p.parse_intermixed_args(argv)  # key=value overrides before and after options
     if args.nproc < 2 or args.machines < 1 or args.nproc % args.machines:
         p.error(f"--nproc {args.nproc} over --machines {args.machines}: expected nproc >= 2, a multiple of machines")
     return args
