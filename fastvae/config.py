@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import math
 import os
 import re
 import types
@@ -52,7 +53,7 @@ class DataConfig:
                          above=0)
     center_crop: int = knob(0, "crop this square from the center before resizing; 0 = none", at_least=0)
     test_fraction: float = knob(0.1, "held-out share for datasets without an official split", at_least=0, below=1)
-    split_seed: int = knob(0, "seed of that fixed split, independent of seed")
+    split_seed: int = knob(0, "seed of that fixed split, independent of seed", at_least=0, below=2**32)
     limit: int = knob(0, "use only the first `limit` training images; 0 = all", at_least=0)
     batch_size: int = knob(128, "images per step per process", above=0)
     num_workers: int = knob(0, "DataLoader worker processes", at_least=0)
@@ -152,7 +153,8 @@ class WandbConfig:
 @dataclass
 class Config:
     out_dir: str = knob("runs/mnist", "where metrics, checkpoints and pictures go")
-    seed: int = knob(0, "seed of the model's initialization, the data order and the noise")
+    seed: int = knob(0, "seed of the model's initialization, the data order and the noise", at_least=0,
+                     below=2**32)  # numpy's seed range (accelerate's set_seed seeds numpy too)
     logger: Literal["none", "wandb"] = knob("none", "none (metrics.jsonl only) or wandb (also W&B)")
     wandb: WandbConfig = field(default_factory=WandbConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -246,13 +248,18 @@ def _coerce(value, tp, key: str):
         if isinstance(value, int) and not isinstance(value, bool):
             return value
     elif tp is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
+            number = float(value)
+        elif isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
+        if number is not None:
+            if not math.isfinite(number):  # .inf / .nan would train nonsense or stop at step 2
+                raise UserError(f"config key '{key}': expected a finite number, got {value!r}")
+            return number
     elif tp is str:
         if isinstance(value, str):
             return value
@@ -331,8 +338,8 @@ def validate(cfg: Config) -> Config:
     """Each field's range (from its knob), then the rules that tie fields together."""
     for key, k in _walk(cfg).items():
         _check_range(key, k.value, k.field.metadata)
-    if len(cfg.optim.betas) != 2:
-        raise UserError(f"config key 'optim.betas': expected two numbers, got {cfg.optim.betas}")
+    if len(cfg.optim.betas) != 2 or not all(0 <= b < 1 for b in cfg.optim.betas):
+        raise UserError(f"config key 'optim.betas': expected two numbers in [0, 1), got {cfg.optim.betas}")
     if cfg.data.loader == "ffcv" and not cfg.data.beton:
         raise UserError("config key 'data.beton' is empty; expected the training .beton for data.loader=ffcv "
                         "(write one with `python -m fastvae.data.ffcv`)")

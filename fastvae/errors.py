@@ -21,6 +21,13 @@ class NonFiniteLoss(UserError):
     exit_code = 3
 
 
+class OutputError(UserError):
+    """What a run must write could not be written (disk full, read-only): said in one line with what
+    is still good, partial files removed."""
+
+    exit_code = 4
+
+
 def exit_on_user_error(main):
     """Turn a UserError escaping `main` into `fastvae: error: ...` and its exit code (2 for bad input)."""
 

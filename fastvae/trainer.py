@@ -168,8 +168,8 @@ class Trainer:
         # The schedule spans the planned epochs whatever max_steps says: stopping early and resuming
         # must see the same learning rates as one uninterrupted run. Not prepared: accelerate would
         # step it once per process; it is stepped once per optimizer step.
+        # its state goes into the checkpoint's fastvae.json (accelerate would pickle it: checkpoint.restore)
         self.scheduler = build_scheduler(cfg, self.optimizer, planned_steps)
-        acc.register_for_checkpointing(self.scheduler)
         self.forward_loss = self._forward_loss
         if cfg.train.compile:  # one graph from images to the loss (the ops and loss too, not only the model)
             mode = None if cfg.train.compile_mode == "default" else cfg.train.compile_mode
@@ -178,10 +178,13 @@ class Trainer:
     def _set_up_state(self) -> None:
         """Where the run starts (a checkpoint's state when resuming), its log and its guard."""
         cfg, acc = self.cfg, self.accelerator
-        self.state, self.resumed_from = checkpoint.restore(acc, cfg, self.out_dir)
+        self.state, self.resumed_from = checkpoint.restore(acc, cfg, self.out_dir, self.scheduler)
         rebatched = self.state.rebatch(cfg.data.batch_size * acc.num_processes)
         if rebatched:
             acc.print(f"fastvae: resuming {rebatched}")
+        if self.state.batch_in_epoch > len(self.train_loader):
+            raise UserError(f"checkpoint '{self.resumed_from}' is {self.state.batch_in_epoch} batches into an epoch "
+                            f"of {len(self.train_loader)}; expected a checkpoint of this data set")
         self.log = RunLog(acc, cfg, self.state.wandb_run_id)
         if self.resumed_from is not None:
             self.log.trim_after(self.state.step)
@@ -342,7 +345,7 @@ class Trainer:
             saved.epoch, saved.batch_in_epoch = saved.epoch + 1, 0
         self.last_saved_step = saved.step
         return checkpoint.save_checkpoint(self.accelerator, self.out_dir, self.cfg, saved,
-                                          self.cfg.train.keep_checkpoints)
+                                          self.cfg.train.keep_checkpoints, self.scheduler)
 
     # ---------------------------------------------------------------- the end of the run
 

@@ -1,6 +1,11 @@
 """Checkpoints (fastvae/checkpoint.py): what they hold, atomic writes, damage, resume rules."""
 
 import dataclasses
+import errno
+import hashlib
+import io
+import json
+import shutil
 
 import pytest
 import torch
@@ -10,9 +15,11 @@ import fastvae.checkpoint as checkpoint_module
 from fastvae.checkpoint import load_model, problem
 from fastvae.config import RESUME_MAY_DIFFER, RESUME_MUST_MATCH, Config, flatten, from_dict, to_dict
 from fastvae.errors import UserError
-from fastvae.train import train
+from fastvae.train import main, train
 from fastvae.trainer import Trainer
-from helpers import tiny_config, tree_snapshot
+from fastvae.evaluate import main as evaluate_main
+from fastvae.trainer import reset_accelerate_state
+from helpers import TINY, assert_same_weights, final_weights, tiny_config, tree_snapshot
 
 
 def test_checkpoints_hold_the_train_state(tmp_path):
@@ -64,25 +71,29 @@ def test_resume_lists_name_every_config_key_once():
     assert len(set(RESUME_MUST_MATCH) | set(RESUME_MAY_DIFFER)) == len(keys)
 
 
-def test_crash_during_a_checkpoint_write_keeps_the_previous_one(tmp_path, monkeypatch):
+def test_a_full_disk_during_a_checkpoint_write_is_one_line_and_keeps_the_previous_one(tmp_path, monkeypatch, capsys):
+    """ENOSPC at the worst moment (files written, not yet renamed): the partial folder is removed, the
+    good checkpoint is byte for byte what it was, and the run says which one that is (exit 4)."""
     out = tmp_path / "run"
     train(tiny_config(out, "train.max_steps=4"))
     before = tree_snapshot(out / "checkpoints")
     real_fsync = checkpoint_module._fsync_tree
 
-    def crash_mid_write(root):
-        if root.name.startswith(".tmp-"):  # files written, not yet renamed: the worst moment
-            raise OSError("injected crash during checkpoint write")
+    def disk_full(root):
+        if root.name.startswith(".tmp-"):
+            raise OSError(errno.ENOSPC, "No space left on device")
         real_fsync(root)
 
-    monkeypatch.setattr(checkpoint_module, "_fsync_tree", crash_mid_write)
-    with pytest.raises(OSError, match="injected crash"):
-        train(tiny_config(out, "train.max_steps=6", "train.resume=auto"))
+    monkeypatch.setattr(checkpoint_module, "_fsync_tree", disk_full)
+    with pytest.raises(SystemExit) as exc:
+        main(["--config", "mnist", *TINY, "train.max_steps=6", "train.resume=auto", f"out_dir={out}"])
     monkeypatch.setattr(checkpoint_module, "_fsync_tree", real_fsync)
-    assert (out / "checkpoints" / ".tmp-step_00000006").is_dir()  # the partial write is there...
-    assert [c.name for c in list_checkpoints(out)] == ["step_00000004"]  # ...and is not a checkpoint
-    after = {k: v for k, v in tree_snapshot(out / "checkpoints").items() if not k.startswith(".tmp-")}
-    assert after == before  # the good checkpoint is byte for byte what it was
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("fastvae: ")]  # not the bar
+    assert exc.value.code == 4 and len(err) == 1, err
+    assert "could not write checkpoint" in err[0] and "No space left on device" in err[0]
+    assert f"the last good checkpoint is {out / 'checkpoints' / 'step_00000004'}" in err[0]
+    assert not (out / "checkpoints" / ".tmp-step_00000006").exists()
+    assert tree_snapshot(out / "checkpoints") == before
     assert problem(out / "checkpoints" / "step_00000004") is None
     load_model(out / "checkpoints" / "step_00000004")
     assert train(tiny_config(out, "train.max_steps=6", "train.resume=auto"))["step"] == 6
@@ -100,3 +111,153 @@ def test_truncated_newest_checkpoint_is_skipped_by_auto_and_refused_by_path(tmp_
     assert f"skipping checkpoint {newest}: file model.safetensors has 1000 bytes" in capsys.readouterr().out
     with pytest.raises(UserError, match=f"checkpoint '{newest}' cannot be resumed: file model.safetensors has"):
         train(tiny_config(tmp_path / "other", f"train.resume={newest}"))
+
+
+# ---------------------------------------------------------------- trust: what a checkpoint may hold
+
+
+class WritesAFileWhenUnpickled:
+    """A pickle that would run code: unpickling it creates `path`."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def tamper(ckpt, name: str, data: bytes) -> None:
+    """Replace a file of a checkpoint and update its manifest, as an attacker with write access would."""
+    (ckpt / name).write_bytes(data)
+    meta = json.loads((ckpt / "fastvae.json").read_text())
+    meta["files"][name] = len(data)
+    meta["sha256"][name] = hashlib.sha256(data).hexdigest()
+    (ckpt / "fastvae.json").write_text(json.dumps(meta))
+
+
+def refused(args, capsys) -> str:
+    with pytest.raises(SystemExit) as exc:
+        main(args)
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("fastvae: ")]
+    assert exc.value.code == 2 and len(err) == 1, err
+    assert "\x1b" not in err[0] and len(err[0]) < 400, err[0]
+    return err[0]
+
+
+@pytest.fixture(scope="module")
+def good_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("trust") / "run"
+    train(tiny_config(out, "train.max_steps=3", "optim.scheduler=cosine"))
+    reset_accelerate_state()
+    return out
+
+
+@pytest.mark.parametrize("name", ["custom_checkpoint_0.pkl", "random_states_0.pkl", "optimizer.bin"])
+def test_no_code_runs_from_a_checkpoint(name, good_run, tmp_path, capsys):
+    out = tmp_path / "run"
+    shutil.copytree(good_run, out)
+    ckpt = list_checkpoints(out)[-1]
+    sentinel = tmp_path / "code_ran"
+    buffer = io.BytesIO()
+    torch.save({"state": WritesAFileWhenUnpickled(sentinel)}, buffer)
+    tamper(ckpt, name, buffer.getvalue())
+    line = refused(["--config", "mnist", *TINY, "train.max_steps=5", "optim.scheduler=cosine", "train.resume=auto",
+                    f"out_dir={out}"], capsys)
+    assert not sentinel.exists()
+    assert f"{name}' refused: it is not plain tensors and numbers" in line, line
+
+
+def test_the_schedule_resumes_from_json_and_nothing_is_pickled(good_run):
+    ckpt = list_checkpoints(good_run)[-1]
+    meta = json.loads((ckpt / "fastvae.json").read_text())
+    assert meta["format"] == 2 and meta["scheduler"]["last_epoch"] == 3
+    assert not (ckpt / "custom_checkpoint_0.pkl").exists()
+    assert set(meta["sha256"]) == set(meta["files"]) == {p.name for p in ckpt.iterdir()} - {"fastvae.json"}
+
+
+def test_changed_weights_behind_an_intact_header_are_refused(good_run, tmp_path, capsys):
+    out = tmp_path / "run"
+    shutil.copytree(good_run, out)
+    ckpt = list_checkpoints(out)[-1]
+    data = bytearray((ckpt / "model.safetensors").read_bytes())
+    data[-100:-90] = b"\xff" * 10  # a few weight bytes: NaN-like floats, same size, header intact
+    (ckpt / "model.safetensors").write_bytes(bytes(data))
+    line = refused(["--config", "mnist", *TINY, "train.max_steps=5", f"train.resume={ckpt}", f"out_dir={out}"], capsys)
+    assert "model.safetensors does not match its sha256" in line
+    with pytest.raises(SystemExit) as exc:
+        evaluate_main(["--checkpoint", str(ckpt), "--max-images", "10"])
+    assert exc.value.code == 2 and "does not match its sha256" in capsys.readouterr().err
+
+
+def test_auto_resume_stops_at_damaged_checkpoints_and_deletes_none(good_run, tmp_path, capsys):
+    out = tmp_path / "run"
+    shutil.copytree(good_run, out)
+    for ckpt in list_checkpoints(out):
+        (ckpt / "model.safetensors").write_bytes((ckpt / "model.safetensors").read_bytes()[:100])
+    before = tree_snapshot(out)
+    line = refused(["--config", "mnist", *TINY, "train.max_steps=5", "train.resume=auto", f"out_dir={out}"], capsys)
+    assert "train.resume=auto found only damaged checkpoints" in line
+    assert tree_snapshot(out) == before
+
+
+def test_a_file_the_manifest_does_not_list_is_refused(good_run, tmp_path, capsys):
+    out = tmp_path / "run"
+    shutil.copytree(good_run, out)
+    ckpt = list_checkpoints(out)[-1]
+    (ckpt / "extra.pkl").write_bytes(b"anything")
+    line = refused(["--config", "mnist", *TINY, "train.max_steps=5", f"train.resume={ckpt}", f"out_dir={out}"], capsys)
+    assert "it holds extra.pkl, which its fastvae.json does not list" in line
+
+
+BAD_META = {
+    "step a string": lambda m: m.update(step="abc"),
+    "epoch a string": lambda m: m.update(epoch="1"),
+    "negative position": lambda m: m.update(batch_in_epoch=-5),
+    "step 1e30": lambda m: m.update(step=1e30),
+    "step a bool": lambda m: m.update(step=True),
+    "files a list": lambda m: m.update(files=["model.safetensors"]),
+    "no config": lambda m: m.pop("config"),
+    "config a list": lambda m: m.update(config=[1, 2]),
+    "the file a list": None,
+    "a file outside": lambda m: m["files"].update({"../x": 1}),
+}
+
+
+@pytest.mark.parametrize("case", BAD_META)
+def test_a_bad_manifest_is_one_line_exit_2_and_changes_nothing(case, good_run, tmp_path, capsys):
+    out = tmp_path / "run"
+    shutil.copytree(good_run, out)
+    ckpt = list_checkpoints(out)[-1]
+    meta = json.loads((ckpt / "fastvae.json").read_text())
+    if BAD_META[case] is None:
+        meta = [meta]
+    else:
+        BAD_META[case](meta)
+    (ckpt / "fastvae.json").write_text(json.dumps(meta))
+    before = tree_snapshot(out)
+    line = refused(["--config", "mnist", *TINY, "train.max_steps=5", f"train.resume={ckpt}",
+                    f"out_dir={tmp_path / 'fresh'}"], capsys)
+    assert "fastvae.json" in line, line
+    assert tree_snapshot(out) == before and not (tmp_path / "fresh").exists()
+    with pytest.raises(SystemExit) as exc:
+        evaluate_main(["--checkpoint", str(ckpt), "--max-images", "10"])
+    assert exc.value.code == 2
+
+
+def test_a_checkpoint_from_before_format_2_resumes_exactly(tmp_path):
+    """Format 1 (875e167 and before): the schedule pickled by accelerate, no sha256. Made from a format 2
+    checkpoint here; it resumes to the parameters of an uninterrupted run (also checked against a
+    checkpoint 875e167 wrote: the session note of this change)."""
+    common = ["train.epochs=1", "optim.scheduler=cosine"]
+    train(tiny_config(tmp_path / "straight", *common, "train.max_steps=6"))
+    out = tmp_path / "old"
+    train(tiny_config(out, *common, "train.max_steps=3"))
+    ckpt = list_checkpoints(out)[-1]
+    meta = json.loads((ckpt / "fastvae.json").read_text())
+    torch.save(meta.pop("scheduler"), ckpt / "custom_checkpoint_0.pkl")
+    meta.pop("sha256")
+    meta["format"] = 1
+    meta["files"]["custom_checkpoint_0.pkl"] = (ckpt / "custom_checkpoint_0.pkl").stat().st_size
+    (ckpt / "fastvae.json").write_text(json.dumps(meta))
+    train(tiny_config(out, *common, "train.max_steps=6", "train.resume=auto"))
+    assert_same_weights(final_weights(out), final_weights(tmp_path / "straight"))
