@@ -183,16 +183,16 @@ MAX_COUNT = 2**53  # steps, epochs and batches: integers JSON and float64 hold e
 
 
 def _check_meta(meta, where: Path) -> None:
-    def bad(field: str, expected: str):
-        shown = repr(meta.get(field))[:60]
-        return UserError(f"checkpoint file '{where}': {field} is {shown}; expected {expected}")
+    def bad(key: str, expected: str):
+        shown = repr(meta.get(key))[:60]
+        return UserError(f"checkpoint file '{where}': {key} is {shown}; expected {expected}")
 
     if not isinstance(meta, dict):
         raise UserError(f"checkpoint file '{where}' holds a JSON {type(meta).__name__}; expected an object")
-    for field in ("step", "epoch", "batch_in_epoch"):
-        value = meta.get(field)
+    for key in ("step", "epoch", "batch_in_epoch"):
+        value = meta.get(key)
         if type(value) is not int or not 0 <= value < MAX_COUNT:
-            raise bad(field, f"an integer from 0 to 2^53")
+            raise bad(key, "an integer from 0 to 2^53")
     if meta.get("global_batch") is not None and (type(meta["global_batch"]) is not int or meta["global_batch"] < 1):
         raise bad("global_batch", "a positive integer or null")
     if meta.get("wandb_run_id") is not None and not isinstance(meta["wandb_run_id"], str):

@@ -18,7 +18,7 @@ from typing import NamedTuple
 import torch
 import yaml
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import broadcast_object_list, set_seed
 from tqdm.auto import tqdm
 
 from fastvae import checkpoint, noise, precision, reports
@@ -32,6 +32,7 @@ from fastvae.models import build_model
 from fastvae.models.sync_batchnorm import convert_sync_batchnorm
 from fastvae.optim import build_optimizer, build_scheduler
 from fastvae.ops import select_ops
+from fastvae.run_lock import RunLock
 from fastvae.stopping import DEFAULT_STOP_SIGNALS, NonFiniteGuard, StopSignal
 from fastvae.tracking import RunLog, check_wandb_ready
 
@@ -65,30 +66,43 @@ def make_accelerator(cfg: Config) -> tuple[Accelerator, str]:
     ), why
 
 
-def prepare_out_dir(cfg: Config, accelerator: Accelerator) -> Path:
-    """out_dir, checked writable and free of another run's checkpoints (unless resuming)."""
-    out = Path(cfg.out_dir)
+def prepare_out_dir(cfg: Config, accelerator: Accelerator) -> tuple[Path, RunLock | None]:
+    """out_dir, checked writable, held by this run alone (the main process holds its lock), and
+    free of another run's checkpoints (unless resuming). Every rank raises the main process's error."""
+    out, lock, problem = Path(cfg.out_dir), None, None
     if accelerator.is_main_process:
         try:
             out.mkdir(parents=True, exist_ok=True)
             probe = out / ".write-test"
             probe.write_text("ok")
             probe.unlink()
+            lock = RunLock(out, accelerator.print).acquire()
         except OSError as err:
-            raise UserError(f"out_dir '{out}' is not writable ({err.strerror}); expected a writable folder")
-    accelerator.wait_for_everyone()
+            problem = f"out_dir '{out}' is not writable ({err.strerror}); expected a writable folder"
+        except UserError as err:
+            problem = str(err)
+    problem = broadcast_object_list([problem])[0] if accelerator.num_processes > 1 else problem
+    if problem:
+        raise UserError(problem)
     if not cfg.train.resume:
-        checkpoint.refuse_another_runs_checkpoints(out)
-    return out
+        try:
+            checkpoint.refuse_another_runs_checkpoints(out)
+        except UserError:
+            if lock is not None:
+                lock.release()
+            raise
+    return out, lock
 
 
 @contextlib.contextmanager
-def removed_if_refused(out: Path, created_here: bool):
-    """A run refused during set-up (bad data path, incompatible checkpoint, ...) leaves no empty
-    out_dir behind when it created it."""
+def removed_if_refused(out: Path, created_here: bool, lock: RunLock | None):
+    """A run refused during set-up (bad data path, incompatible checkpoint, ...) releases out_dir and
+    leaves no empty out_dir behind when it created it."""
     try:
         yield
     except BaseException:
+        if lock is not None:
+            lock.release()
         if created_here and out.is_dir() and not any(out.iterdir()):
             out.rmdir()
         raise
@@ -134,8 +148,8 @@ class Trainer:
         self.accelerator, self.precision_source = make_accelerator(cfg)
         set_seed(cfg.seed)
         created = not Path(cfg.out_dir).exists()
-        self.out_dir = prepare_out_dir(cfg, self.accelerator)
-        with removed_if_refused(self.out_dir, created and self.accelerator.is_main_process):
+        self.out_dir, self.run_lock = prepare_out_dir(cfg, self.accelerator)
+        with removed_if_refused(self.out_dir, created and self.accelerator.is_main_process, self.run_lock):
             self._set_up_data(datasets)
             self._set_up_model()
             self._set_up_state()
@@ -239,41 +253,55 @@ class Trainer:
 
     def fit(self) -> dict:
         """Train until train.epochs / train.max_steps, a stop signal, or a non-finite loss."""
-        cfg, state = self.cfg, self.state
         self._announce()
         # one bar per run, not per node: the tasks of a multi-node sbatch job write to one log file
-        bar = tqdm(total=self.total_steps, initial=state.step, disable=not self.accelerator.is_main_process,
+        bar = tqdm(total=self.total_steps, initial=self.state.step, disable=not self.accelerator.is_main_process,
                    desc="train", unit="step", dynamic_ncols=True)
         self.stop = StopSignal(self.accelerator, self.stop_signals)
-        try:  # the bar ends its line and the signal handlers are restored, whatever happens
-            while state.epoch < cfg.train.epochs and state.step < self.total_steps:
-                sums, epoch_start = LossSums(self.accelerator.device), time.perf_counter()
-                self.images_since_log, self.log_clock = 0, epoch_start
-                self.model.train()
-                for batch in self._remaining_batches():
-                    metrics = self.train_step(batch)
-                    state.batch_in_epoch += 1
-                    if metrics is None:
-                        continue
-                    sums.add(metrics)
-                    self.images_since_log += metrics["images"] * self.accelerator.num_processes
-                    if not metrics["stepped"]:
-                        continue
-                    bar.update(1)
-                    log_point = state.step % cfg.train.log_every == 0 or state.step == self.total_steps
-                    if log_point:
-                        self._log_step(metrics, bar)
-                    if cfg.train.checkpoint_every and state.step % cfg.train.checkpoint_every == 0:
-                        self.save()
-                    if state.step >= self.total_steps or self.stop.requested(sync=log_point):
-                        break
-                self._end_epoch(sums, time.perf_counter() - epoch_start)
-                if self.stop.requested():
-                    break
+        try:  # the lock on out_dir is released however the run ends
+            try:  # the bar ends its line and the signal handlers are restored, whatever happens
+                self._train_epochs(bar)
+            finally:
+                bar.close()
+                self.stop.restore()
+            return self._finish()
         finally:
-            bar.close()
-            self.stop.restore()
-        return self._finish()
+            self.close()
+
+    def close(self) -> None:
+        """Release out_dir for another run (fit does this when it ends; a Trainer used without fit, e.g.
+        in a notebook, holds out_dir until this is called or the process ends)."""
+        if self.run_lock is not None:
+            self.run_lock.release()
+
+    def _train_epochs(self, bar) -> None:
+        """The loop: epochs of train_step, log points, step checkpoints, epoch ends; until the planned
+        steps, a stop signal or an error."""
+        cfg, state = self.cfg, self.state
+        while state.epoch < cfg.train.epochs and state.step < self.total_steps:
+            sums, epoch_start = LossSums(self.accelerator.device), time.perf_counter()
+            self.images_since_log, self.log_clock = 0, epoch_start
+            self.model.train()
+            for batch in self._remaining_batches():
+                metrics = self.train_step(batch)
+                state.batch_in_epoch += 1
+                if metrics is None:
+                    continue
+                sums.add(metrics)
+                self.images_since_log += metrics["images"] * self.accelerator.num_processes
+                if not metrics["stepped"]:
+                    continue
+                bar.update(1)
+                log_point = state.step % cfg.train.log_every == 0 or state.step == self.total_steps
+                if log_point:
+                    self._log_step(metrics, bar)
+                if cfg.train.checkpoint_every and state.step % cfg.train.checkpoint_every == 0:
+                    self.save()
+                if state.step >= self.total_steps or self.stop.requested(sync=log_point):
+                    break
+            self._end_epoch(sums, time.perf_counter() - epoch_start)
+            if self.stop.requested():
+                break
 
     def _remaining_batches(self):
         """This epoch's batches in its seeded order, without those a resumed run already trained."""

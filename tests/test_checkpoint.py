@@ -43,6 +43,7 @@ def test_resume_with_another_global_batch_continues_at_the_same_image(tmp_path, 
     order = resumed.train_loader.plan.order(0)
     rest = torch.cat([batch[2] for batch in resumed._remaining_batches()])
     assert torch.equal(rest, order[96:])
+    resumed.close()  # out_dir is this Trainer's until then
     with pytest.raises(UserError, match="stopped 96 images into epoch 1 .* no whole number of this run's global "
                                         "batches of 64"):
         Trainer(tiny_config(out, "data.batch_size=64", "train.resume=auto"))
