@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import json
 import time
 from pathlib import Path
@@ -26,7 +27,7 @@ from fastvae.config import Config, to_dict
 from fastvae.data import build_datasets
 from fastvae.data.loaders import build_train_loader
 from fastvae.data.memory import decoded_once
-from fastvae.errors import UserError
+from fastvae.errors import OutputError, UserError
 from fastvae.losses import kl_weight, vae_loss
 from fastvae.models import build_model
 from fastvae.models.sync_batchnorm import convert_sync_batchnorm
@@ -38,6 +39,7 @@ from fastvae.tracking import RunLog, check_wandb_ready
 
 
 RESOLVED_CONFIG = "config.yaml"
+UNWRITABLE = (errno.ENOSPC, errno.EROFS, errno.EDQUOT, errno.EACCES, errno.EPERM)
 MEMORY_FORMATS = {"channels_last": torch.channels_last, "contiguous": torch.contiguous_format}
 
 
@@ -265,8 +267,18 @@ class Trainer:
                 bar.close()
                 self.stop.restore()
             return self._finish()
+        except OSError as err:
+            if err.errno not in UNWRITABLE:
+                raise
+            raise self._unwritable(err) from None
         finally:
             self.close()
+
+    def _unwritable(self, err: OSError) -> OutputError:
+        """A full or read-only out_dir mid-run (metrics, pictures): one line, and what is still good."""
+        good = checkpoint.list_checkpoints(self.out_dir)
+        return OutputError(f"could not write {err.filename or 'to out_dir'} ({err.strerror}); the last good checkpoint "
+                           f"is {good[-1] if good else 'none'}; expected room and write access in {self.out_dir}")
 
     def close(self) -> None:
         """Release out_dir for another run (fit does this when it ends; a Trainer used without fit, e.g.

@@ -262,3 +262,25 @@ def test_a_checkpoint_from_before_format_2_resumes_exactly(tmp_path):
     (ckpt / "fastvae.json").write_text(json.dumps(meta))
     train(tiny_config(out, *common, "train.max_steps=6", "train.resume=auto"))
     assert_same_weights(final_weights(out), final_weights(tmp_path / "straight"))
+
+
+def test_an_out_dir_that_turns_read_only_mid_run_is_one_line(tmp_path, monkeypatch, capsys):
+    import fastvae.tracking as tracking
+
+    out = tmp_path / "run"
+    train(tiny_config(out, "train.max_steps=4", "train.log_every=2"))
+    real_open = open
+
+    def read_only(path, *args, **kwargs):
+        if str(path).endswith("steps.jsonl"):
+            raise OSError(errno.EROFS, "Read-only file system", str(path))
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(tracking, "open", read_only, raising=False)
+    with pytest.raises(SystemExit) as exc:
+        main(["--config", "mnist", *TINY, "train.max_steps=8", "train.log_every=2", "train.resume=auto",
+              f"out_dir={out}"])
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("fastvae: ")]
+    assert exc.value.code == 4 and len(err) == 1, err
+    assert f"could not write {out / 'steps.jsonl'} (Read-only file system); the last good checkpoint is " \
+           f"{out / 'checkpoints' / 'step_00000004'}" in err[0]

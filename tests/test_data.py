@@ -193,3 +193,13 @@ def test_five_channels_from_an_image_folder_is_one_line(tmp_path):
     cfg = load_config(None, ["data.name=imagefolder", f"data.root={tmp_path / 'imgs'}", "data.channels=5"])
     with pytest.raises(UserError, match="data.channels=5: image folders give 1"):
         build_datasets(cfg.data)
+
+
+def test_a_decompression_bomb_in_an_image_folder_is_one_line(tmp_path, monkeypatch):
+    """A 14000x14000 PNG is PIL's DecompressionBombError: named in one line like any undecodable image
+    (PIL's limit lowered here so the test image is small)."""
+    make_image_folder(tmp_path / "imgs", per_class=2)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # 40x30 images: 12x the limit, a "bomb"
+    cfg = load_config(None, ["data.name=imagefolder", f"data.root={tmp_path / 'imgs'}", "data.channels=3"])
+    with pytest.raises(UserError, match="could not be decoded \\(larger than PIL's decompression-bomb limit\\)"):
+        build_datasets(cfg.data)[0][0]

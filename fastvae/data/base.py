@@ -86,7 +86,9 @@ def report_corrupt(path, err: Exception, skip: bool):
     """A file that cannot be decoded: None (the batch goes on without it) when skipping, else a one-line error."""
     from fastvae.errors import UserError
 
-    message = f"image '{path}' could not be decoded ({type(err).__name__}); expected a valid image file"
+    bomb = type(err).__name__ == "DecompressionBombError"  # PIL's guard against huge pixel counts
+    why = "larger than PIL's decompression-bomb limit" if bomb else type(err).__name__
+    message = f"image '{path}' could not be decoded ({why}); expected a valid image file"
     if not skip:
         raise UserError(message)
     print(f"fastvae: skipping {message.split(';')[0]}", file=sys.stderr, flush=True)

@@ -106,7 +106,7 @@ class CelebA(Dataset):
         try:
             with Image.open(path) as img:
                 image = pil_to_tensor(img.convert("RGB"))
-        except (OSError, UnidentifiedImageError) as err:
+        except (OSError, UnidentifiedImageError, Image.DecompressionBombError) as err:
             return report_corrupt(path, err, self.skip_corrupt)
         return self.transform(image), self.labels[index], index
 

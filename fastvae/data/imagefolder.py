@@ -41,7 +41,7 @@ class ImageFolderDataset(Dataset):
         try:
             with Image.open(path) as img:
                 image = pil_to_tensor(img.convert(self.mode))
-        except (OSError, UnidentifiedImageError, ValueError) as err:
+        except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as err:
             return report_corrupt(path, err, self.skip_corrupt)
         return self.transform(image), torch.tensor(self.labels[index]), index
 
