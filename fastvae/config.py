@@ -334,10 +334,23 @@ def _check_range(key: str, value, meta: dict) -> None:
         raise UserError(f"config key '{key}': expected a value < {meta['below']}, got {value!r}")
 
 
+CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def check_printable(key: str, value: str) -> None:
+    """No newline, tab or other control character in a value: paths and names reach log lines, shell
+    scripts (the SLURM launcher's sbatch script) and file names, where one would break or inject."""
+    if CONTROL_CHARACTERS.search(value):
+        raise UserError(f"config key '{key}': expected no control characters (newline, tab, ...), got {value!r}")
+
+
 def validate(cfg: Config) -> Config:
     """Each field's range (from its knob), then the rules that tie fields together."""
     for key, k in _walk(cfg).items():
         _check_range(key, k.value, k.field.metadata)
+        for text in (k.value if isinstance(k.value, list) else [k.value]):
+            if isinstance(text, str):
+                check_printable(key, text)
     if len(cfg.optim.betas) != 2 or not all(0 <= b < 1 for b in cfg.optim.betas):
         raise UserError(f"config key 'optim.betas': expected two numbers in [0, 1), got {cfg.optim.betas}")
     if cfg.data.loader == "ffcv" and not cfg.data.beton:

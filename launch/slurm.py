@@ -14,6 +14,7 @@ out_dir for arrays).
 from __future__ import annotations
 
 import argparse
+import re
 import shlex
 import shutil
 import subprocess
@@ -24,7 +25,7 @@ from pathlib import Path
 
 import yaml
 
-from fastvae.config import BUILT_IN_MODELS, Config, load_config, to_dict
+from fastvae.config import BUILT_IN_MODELS, CONTROL_CHARACTERS, Config, load_config, to_dict
 from fastvae.errors import UserError, exit_on_user_error
 from fastvae.launch import sweep
 
@@ -94,11 +95,20 @@ def time_limit_minutes(text: str) -> int:
         raise argparse.ArgumentTypeError(f"invalid time {text!r}; expected minutes or [D-]HH:MM:SS") from None
 
 
+SBATCH_KEY = re.compile(r"^[A-Za-z][A-Za-z0-9_-]*$")  # sbatch's long option names
+
+
 def sbatch_option(text: str) -> tuple[str, str]:
+    """KEY=VALUE for `#SBATCH --KEY=VALUE`: a key of letters, digits, - and _ only, a value without
+    control characters (a newline would start a line of shell in the script; submitit quotes the rest)."""
     key, sep, value = text.partition("=")
     key = key.strip().lstrip("-")
-    if not key or not sep:
-        raise argparse.ArgumentTypeError(f"invalid sbatch option {text!r}; expected KEY=VALUE, e.g. constraint=a100")
+    if not SBATCH_KEY.match(key) or not sep:
+        raise argparse.ArgumentTypeError(f"invalid sbatch option {text!r}; expected KEY=VALUE with KEY of letters, "
+                                         f"digits, - and _, e.g. constraint=a100")
+    if CONTROL_CHARACTERS.search(value):
+        raise argparse.ArgumentTypeError(f"invalid sbatch option {text!r}; expected a value without control "
+                                         f"characters (newline, tab, ...)")
     return key, value
 
 
@@ -121,6 +131,9 @@ def check_options(args) -> None:
                         f"expected equal numbers (one training process per GPU)")
     if args.wait_timeout and not args.wait:
         raise UserError("--wait-timeout without --wait; expected both or neither")
+    for name in ("job_name", "partition", "account", "qos"):  # they reach the sbatch script
+        if CONTROL_CHARACTERS.search(getattr(args, name)):
+            raise UserError(f"--{name.replace('_', '-')} {getattr(args, name)!r}: expected no control characters")
 
 
 def check_cluster(args) -> None:
@@ -141,14 +154,13 @@ def build_submissions(args) -> list[Submission]:
     base = load_config(args.config, args.overrides)
     combos = sweep.expand(args.sweep)
     runs = []
-    for combo in combos:
-        tag = sweep.run_tag(combo)
-        extra = list(combo)
-        if tag:  # a sweep: its own out_dir, W&B run name and group per combination
+    for combo, tag in zip(combos, sweep.run_tags(combos)):
+        defaults = []
+        if tag:  # a sweep: its own out_dir, W&B run name and group per combination, unless swept itself
             base_name = base.wandb.name or Path(base.out_dir).name
-            extra += [f"out_dir={Path(base.out_dir) / tag}", f"wandb.name={base_name}-{tag}",
-                      f"wandb.group={base.wandb.group or base_name}"]
-        cfg = load_config(args.config, [*args.overrides, *extra])
+            defaults = [f"out_dir={Path(base.out_dir) / tag}", f"wandb.name={base_name}-{tag}",
+                        f"wandb.group={base.wandb.group or base_name}"]
+        cfg = load_config(args.config, [*args.overrides, *defaults, *combo])  # the swept values come last: they win
         if not cfg.train.resume:
             refuse_another_runs_checkpoints(cfg.out_dir)
             cfg.train.resume = "auto"  # so a requeued job continues from its checkpoint

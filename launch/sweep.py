@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import re
 
@@ -43,6 +44,14 @@ def parse_sweep(spec: str) -> tuple[str, list[str]]:
 def run_tag(overrides: list[str]) -> str:
     """A folder- and W&B-safe name for one combination: `optim.lr=0.001_model.latent_dim=8`."""
     return "_".join(re.sub(r"[^A-Za-z0-9._=-]+", "-", o).strip("-") for o in overrides)
+
+
+def run_tags(combos: list[list[str]]) -> list[str]:
+    """run_tag of each combination, made unique: values that sanitize alike (`/d/a b`, `/d/a-b`) get a
+    short hash of their overrides, so no two runs share a folder."""
+    tags = [run_tag(combo) for combo in combos]
+    return [f"{tag}-{hashlib.sha1(repr(combo).encode()).hexdigest()[:8]}" if tags.count(tag) > 1 else tag
+            for tag, combo in zip(tags, combos)]
 
 
 def expand(sweeps: list[str]) -> list[list[str]]:

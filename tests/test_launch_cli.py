@@ -136,3 +136,66 @@ def test_wandb_not_logged_in_is_refused_before_submission(tmp_path):
     proc = run_cli("--config", str(CONFIGS / "mnist.yaml"), "--dry-run", "logger=wandb",
                    f"out_dir={tmp_path / 'x'}", env=env)
     assert proc.returncode == 2 and len(proc.stderr.splitlines()) == 1 and "wandb login" in proc.stderr
+
+
+# ---------------------------------------------------------------- hostile input
+
+
+def hostile(sentinel):
+    return {
+        "newline in out_dir (a shared YAML)": ("yaml", f'out_dir: "/tmp/x\\ntouch {sentinel}\\n"'),
+        "newline in an sbatch value": ("args", ["--sbatch", f"comment=x\ntouch {sentinel}"]),
+        "newline in an sbatch key": ("args", ["--sbatch", f"x\ntouch {sentinel}\n#=1"]),
+        "space in an sbatch key": ("args", ["--sbatch", f"x --wrap=touch {sentinel}=1"]),
+        "newline in the job name": ("args", ["--job-name", f"a\ntouch {sentinel}"]),
+        "newline in the partition": ("args", ["--partition", f"gpu\ntouch {sentinel}"]),
+        "tab in data.root": ("args", ["data.root=/d\t/x"]),
+    }
+
+
+@pytest.mark.parametrize("case", list(hostile("S")))
+def test_control_characters_that_would_reach_the_sbatch_script_are_refused(case, tmp_path):
+    sentinel = tmp_path / "injected"
+    kind, value = hostile(sentinel)[case]
+    if kind == "yaml":
+        (tmp_path / "shared.yaml").write_text(value + "\n")
+        args = ["--config", str(tmp_path / "shared.yaml"), "--dry-run"]
+    else:
+        args = ["--config", str(CONFIGS / "mnist.yaml"), "--dry-run", f"out_dir={tmp_path / 'run'}", *value]
+    proc = run_cli(*args)
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert "control characters" in proc.stderr or "invalid sbatch option" in proc.stderr, proc.stderr
+    assert not sentinel.exists()
+
+
+def test_quotes_and_shell_syntax_reach_the_script_quoted_and_run_nothing(tmp_path):
+    """Accepted values with shell syntax: the script sbatch would get runs none of it (bash runs it here,
+    with an srun that does nothing)."""
+    sentinel = tmp_path / "injected"
+    out = tmp_path / f"run $(touch {sentinel}) `touch {sentinel}` ';touch {sentinel};'"
+    proc = run_cli("--config", str(CONFIGS / "mnist.yaml"), "--dry-run", f"out_dir={out}", "--sbatch",
+                   f"comment=$(touch {sentinel});'\"", "--job-name", f"j;touch {sentinel}")
+    assert proc.returncode == 0, proc.stderr
+    script = proc.stdout.split("# resolved config")[0]
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "srun").write_text("#!/bin/sh\nexit 0\n")
+    (tmp_path / "bin" / "srun").chmod(0o755)
+    ran = subprocess.run(["bash", "-c", script], env={**os.environ, "PATH": f"{tmp_path / 'bin'}:{os.environ['PATH']}"},
+                         capture_output=True, text=True, timeout=60)
+    assert ran.returncode == 0, ran.stderr
+    assert not sentinel.exists()
+
+
+def test_a_sweep_whose_values_sanitize_alike_gets_one_folder_per_run(tmp_path):
+    args = slurm.parse_args(["--config", str(CONFIGS / "mnist.yaml"), "--sweep", "data.root=/d/a b,/d/a-b,/d/a/b",
+                             f"out_dir={tmp_path}"])
+    runs = slurm.build_submissions(args)
+    assert len({r.cfg.out_dir for r in runs}) == 3 and len({r.cfg.wandb.name for r in runs}) == 3
+    assert [r.cfg.data.root for r in runs] == ["/d/a b", "/d/a-b", "/d/a/b"]
+
+
+def test_a_swept_wandb_group_wins_over_the_launchers_default(tmp_path):
+    args = slurm.parse_args(["--config", str(CONFIGS / "mnist.yaml"), "--sweep", "wandb.group=g1,g2",
+                             "--sweep", "optim.lr=1e-3,5e-4", f"out_dir={tmp_path / 'grid'}"])
+    groups = [r.cfg.wandb.group for r in slurm.build_submissions(args)]
+    assert groups == ["g1", "g1", "g2", "g2"]
