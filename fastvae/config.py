@@ -125,6 +125,9 @@ class TrainConfig:
                                                                "torch.compile'd, fused Triton, or auto "
                                                                "(triton on CUDA, else eager)")
     cpu: bool = knob(False, "train on the CPU even where a GPU exists")
+    collective_timeout_s: int = knob(900, "with several processes: seconds a rank waits for the others in a "
+                                          "collective before the run stops, naming the rank that stopped "
+                                          "answering (torch's own default: 30 min on gloo, 10 on NCCL)", above=0)
     sync_batchnorm: bool = knob(False, "with several processes, BatchNorm statistics over the global batch "
                                        "(SyncBatchNorm): N processes x B/N then train the model 1 x B does")
     checkpoint_every: int = knob(0, "also checkpoint every N steps; 0 = at epoch ends only", at_least=0)
@@ -181,7 +184,7 @@ RESUME_MAY_DIFFER = (
     "optim.warmup_steps", "optim.grad_clip",
     "train.epochs", "train.max_steps", "train.grad_accum_steps", "train.mixed_precision", "train.compile",
     "train.compile_mode", "train.memory_format",
-    "train.ops", "train.cpu", "train.sync_batchnorm", "train.checkpoint_every", "train.keep_checkpoints", "train.resume",
+    "train.ops", "train.cpu", "train.collective_timeout_s", "train.sync_batchnorm", "train.checkpoint_every", "train.keep_checkpoints", "train.resume",
     "train.nonfinite", "train.log_every", "train.samples", "train.final_eval", "train.final_eval_iwae",
     "train.final_eval_images")
 

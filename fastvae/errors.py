@@ -1,6 +1,7 @@
 """Errors a user can cause, reported as one line and a non-zero exit."""
 
 import functools
+import os
 import sys
 
 USER_ERROR_EXIT_CODE = 2
@@ -28,6 +29,12 @@ class OutputError(UserError):
     exit_code = 4
 
 
+class LostRank(UserError):
+    """A rank of a multi-process run stopped answering (frozen, its node gone): the others stop."""
+
+    exit_code = 5
+
+
 def exit_on_user_error(main):
     """Turn a UserError escaping `main` into `fastvae: error: ...` and its exit code (2 for bad input)."""
 
@@ -38,6 +45,9 @@ def exit_on_user_error(main):
         except UserError as err:
             message = " ".join(str(err).split())  # always one line
             print(f"fastvae: error: {message}", file=sys.stderr, flush=True)
+            if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # gloo's teardown can hang or abort at exit (docs/notes.md)
+                sys.stdout.flush()
+                os._exit(err.exit_code)
             sys.exit(err.exit_code)
 
     return wrapper

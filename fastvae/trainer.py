@@ -12,14 +12,16 @@ import contextlib
 import dataclasses
 import errno
 import json
+import re
 import time
+from datetime import timedelta
 from pathlib import Path
 from typing import NamedTuple
 
 import torch
 import yaml
 from accelerate import Accelerator
-from accelerate.utils import broadcast_object_list, set_seed
+from accelerate.utils import InitProcessGroupKwargs, broadcast_object_list, set_seed
 from tqdm.auto import tqdm
 
 from fastvae import checkpoint, noise, precision, reports
@@ -27,7 +29,7 @@ from fastvae.config import Config, to_dict
 from fastvae.data import build_datasets
 from fastvae.data.loaders import build_train_loader
 from fastvae.data.memory import decoded_once
-from fastvae.errors import OutputError, UserError
+from fastvae.errors import LostRank, OutputError, UserError
 from fastvae.losses import kl_weight, vae_loss
 from fastvae.models import build_model
 from fastvae.models.sync_batchnorm import convert_sync_batchnorm
@@ -40,6 +42,18 @@ from fastvae.tracking import RunLog, check_wandb_ready
 
 RESOLVED_CONFIG = "config.yaml"
 UNWRITABLE = (errno.ENOSPC, errno.EROFS, errno.EDQUOT, errno.EACCES, errno.EPERM)
+COLLECTIVE_FAILED = re.compile(r"(?i)timed? ?out|connection (closed|reset)|broken pipe")  # gloo's and NCCL's words
+WATCH_S = 20  # how long the survivor asks the others before it names who did not answer
+
+
+def watch_group(accelerator):
+    """With several processes: a gloo group of all ranks kept aside, on which a survivor can ask who
+    stopped answering after a collective of the training group failed (any backend)."""
+    if accelerator.num_processes == 1:
+        return None
+    import torch.distributed as dist
+
+    return dist.new_group(backend="gloo")
 MEMORY_FORMATS = {"channels_last": torch.channels_last, "contiguous": torch.contiguous_format}
 
 
@@ -63,6 +77,7 @@ def make_accelerator(cfg: Config) -> tuple[Accelerator, str]:
     return Accelerator(
         mixed_precision=mixed_precision,  # None: `accelerate launch --mixed_precision` decides
         gradient_accumulation_steps=cfg.train.grad_accum_steps,
+        kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.train.collective_timeout_s))],
         cpu=cpu,  # the data loaders are not prepared: they shard themselves (fastvae.data.sharding)
         log_with="wandb" if cfg.logger == "wandb" else None,
     ), why
@@ -148,6 +163,7 @@ class Trainer:
             check_wandb_ready()
         self.cfg, self.stop_signals = cfg, stop_signals or DEFAULT_STOP_SIGNALS
         self.accelerator, self.precision_source = make_accelerator(cfg)
+        self.watch_group = watch_group(self.accelerator)
         set_seed(cfg.seed)
         created = not Path(cfg.out_dir).exists()
         self.out_dir, self.run_lock = prepare_out_dir(cfg, self.accelerator)
@@ -271,8 +287,27 @@ class Trainer:
             if err.errno not in UNWRITABLE:
                 raise
             raise self._unwritable(err) from None
+        except RuntimeError as err:  # gloo/NCCL: a collective that waited train.collective_timeout_s
+            if self.watch_group is None or not COLLECTIVE_FAILED.search(str(err)):
+                raise
+            raise self._lost_rank() from None
         finally:
             self.close()
+
+    def _lost_rank(self) -> LostRank:
+        """Which rank stopped answering, asked on a group of its own (torch's monitored barrier), in one line."""
+        import torch.distributed as dist
+
+        try:
+            dist.monitored_barrier(group=self.watch_group, timeout=timedelta(seconds=WATCH_S), wait_all_ranks=True)
+            lost = "no rank failed a second check"
+        except RuntimeError as err:
+            found = re.search(r"Ranks? ([\d, ]+) failed", str(err))
+            lost = f"rank {found.group(1).strip()} stopped answering" if found else "a rank stopped answering"
+        good = checkpoint.list_checkpoints(self.out_dir)
+        return LostRank(f"{lost}: a collective waited {self.cfg.train.collective_timeout_s} s "
+                        f"(train.collective_timeout_s); the last good checkpoint is {good[-1] if good else 'none'}; "
+                        f"expected every rank to answer (resume with train.resume=auto)")
 
     def _unwritable(self, err: OSError) -> OutputError:
         """A full or read-only out_dir mid-run (metrics, pictures): one line, and what is still good."""

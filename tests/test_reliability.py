@@ -234,3 +234,42 @@ def test_bad_input_is_one_line_exit_2_and_changes_nothing(case, finished_run, tm
     assert message in err[0], err[0]
     assert tree_snapshot(finished_run) == before
     assert not any((tmp_path / f"fresh{i}").exists() for i in range(1, 5))  # not even an empty out_dir
+
+
+def pid_of_rank(rank: int, marker: str) -> int | None:
+    """The training process of `rank` among those started with FASTVAE_TEST_MARK=marker."""
+    for proc in Path("/proc").iterdir():
+        try:
+            env = (proc / "environ").read_bytes().split(b"\0")
+        except (OSError, ValueError):
+            continue
+        if f"FASTVAE_TEST_MARK={marker}".encode() in env and f"RANK={rank}".encode() in env:
+            return int(proc.name)
+    return None
+
+
+@pytest.mark.slow
+def test_a_frozen_rank_is_named_by_the_survivor_within_the_collective_timeout(tmp_path):
+    """SIGSTOP on rank 1 (a frozen process, a node gone quiet): rank 0 stops after
+    train.collective_timeout_s and says which rank stopped answering, instead of waiting torch's 30 min."""
+    out, marker = tmp_path / "run", str(tmp_path)
+    cmd = [*ACCELERATE_2, "train.epochs=50", "train.checkpoint_every=1", "train.collective_timeout_s=8",
+           f"out_dir={out}"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env={**ENV, "FASTVAE_TEST_MARK": marker}, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        wait_until("a checkpoint of step 2", lambda: newest_step(out) >= 2, 180, 0.1,
+                   lambda: proc.poll() is not None and "the run ended")
+        frozen = pid_of_rank(1, marker)
+        assert frozen is not None
+        os.kill(frozen, signal.SIGSTOP)
+        output, _ = proc.communicate(timeout=150)  # 8 s timeout + 20 s check + teardown, far below 30 min
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        for pid in filter(None, [pid_of_rank(1, marker)]):
+            os.kill(pid, signal.SIGKILL)
+    lines = [line for line in output.splitlines() if line.startswith("fastvae: error:")]
+    assert any("rank 1 stopped answering: a collective waited 8 s (train.collective_timeout_s)" in line
+               for line in lines), output[-3000:]
+    assert proc.returncode != 0
