@@ -67,17 +67,16 @@ class StopSignal:
 class NonFiniteGuard:
     """Watches recon and KL every step.
 
-    On CPU, and with policy "skip" (which must decide before the optimizer step),
-    the check reads one flag per step on the host. On CUDA with policy "stop" it
-    does not sync: the first bad step and its term are recorded on the device and
-    read at log points and before every checkpoint, so nothing non-finite is ever
-    saved and the run stops within log_every steps of the first bad one.
+    Policy "stop" never reads the device in the step, on any device (the same code runs on CPU and
+    CUDA, so CPU tests check what a GPU runs): the first bad step and its term are recorded on the
+    device and read at log points and before every checkpoint, so nothing non-finite is ever saved
+    and the run stops within log_every steps of the first bad one, naming that step. Policy "skip"
+    must decide before the optimizer step: it reads one flag per step.
     """
 
     def __init__(self, policy: str, accelerator) -> None:
         self.policy = policy
         self.accelerator = accelerator
-        self.sync_every_step = policy == "skip" or accelerator.device.type != "cuda"
         self.first_bad = torch.full((2,), -1.0, device=accelerator.device)  # [step, term: 0 recon / 1 kl]
         self.skipped = 0
 
@@ -95,10 +94,8 @@ class NonFiniteGuard:
             return bad
         term = torch.argmax(flags).float()
         fresh = (self.first_bad[0] < 0) & (flags.max() > 0)
-        self.first_bad = torch.where(fresh, torch.stack([torch.tensor(float(step), device=flags.device), term]),
-                                     self.first_bad)
-        if self.sync_every_step:
-            self.raise_if_bad()
+        # the step as a fill on the device: torch.tensor(step, device=...) would be a blocking copy per step
+        self.first_bad = torch.where(fresh, torch.stack([flags.new_full((), float(step)), term]), self.first_bad)
         return False
 
     def raise_if_bad(self) -> None:

@@ -259,7 +259,8 @@ class Trainer:
         if len(batch) < 3 or batch[2] is None:
             return None
         step = torch.full((), self.state.step, dtype=torch.int64, device=batch[0].device)
-        return self.noise_seed, noise.row_offsets(batch[2].to(batch[0].device), self.raw_model.latent_dim, step)
+        ids = batch[2].to(batch[0].device, non_blocking=True)  # the loaders deliver them there already
+        return self.noise_seed, noise.row_offsets(ids, self.raw_model.latent_dim, step)
 
     def _forward_loss(self, x: torch.Tensor, beta: torch.Tensor, noise_key: tuple[torch.Tensor, torch.Tensor] | None):
         """(loss, recon[B], kl[B]) of a batch: the part of the step train.compile compiles."""

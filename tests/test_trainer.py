@@ -75,3 +75,72 @@ def test_train_step_takes_batches_without_sample_ids(tmp_path):
     trainer = Trainer(tiny_config(tmp_path / "run"))
     x, y, _ = next(iter(trainer.train_loader))
     assert trainer.train_step((x, y))["stepped"]  # eps from torch's generator instead of keyed ones
+
+
+class HostReads:
+    """Fails on what would stall a GPU in the step: a tensor read on the host (.item(), .tolist(),
+    bool()/float()/int() of a tensor), a tensor built from Python numbers on a device
+    (torch.tensor(x, device=...): a blocking copy), a blocking .to(device) copy. The same code runs
+    on CPU and CUDA, so catching it here catches it for the GPU."""
+
+    READS = ("item", "tolist", "__bool__", "__float__", "__int__", "__index__")
+
+    def __init__(self, monkeypatch):
+        self.monkeypatch, self.active, self.seen = monkeypatch, False, []
+
+    def __enter__(self):
+        for name in self.READS:
+            original = getattr(torch.Tensor, name)
+            self.monkeypatch.setattr(torch.Tensor, name, self._watch(f"Tensor.{name}", original))
+        original_tensor = torch.tensor
+        self.monkeypatch.setattr(torch, "tensor", lambda *a, **k: (self._note("torch.tensor(..., device=...)")
+                                                                   if "device" in k else None)
+                                 or original_tensor(*a, **k))
+        original_to = torch.Tensor.to
+
+        def to(t, *args, **kwargs):
+            moves = args and isinstance(args[0], (torch.device, str)) or "device" in kwargs
+            if moves and not kwargs.get("non_blocking", False):
+                self._note("a blocking .to(device)")
+            return original_to(t, *args, **kwargs)
+
+        self.monkeypatch.setattr(torch.Tensor, "to", to)
+        self.active = True
+        return self
+
+    def __exit__(self, *exc):
+        self.active = False
+        self.monkeypatch.undo()
+
+    def _note(self, what):
+        import traceback
+
+        frame = traceback.extract_stack()[-3]
+        # excused: torch's own CPU Adam reads its step counter with .item() (on CUDA fastvae runs fused
+        # Adam, fastvae/optim.py, which does not); the DataLoader's sampler makes host index lists
+        excused = "torch/optim/" in frame.filename or frame.name == "host_index_lists"
+        if self.active and not excused:
+            self.seen.append(f"{what} at {frame}")
+
+    def _watch(self, what, original):
+        def watched(t, *args, **kwargs):
+            self._note(what)
+            return original(t, *args, **kwargs)
+
+        return watched
+
+
+@pytest.mark.parametrize("loader", ["memory", "torch"])
+def test_steps_between_log_points_read_nothing_on_the_host(tmp_path, monkeypatch, loader):
+    """The steps between two log points, KL warm-up on (beta changes every step), as fit() runs them."""
+    trainer = Trainer(tiny_config(tmp_path / "run", f"data.loader={loader}", "loss.kl_warmup_steps=100",
+                                  "train.log_every=50"))
+    batches = iter(trainer.train_loader)
+    trainer.train_step(next(batches))  # the first step may set things up
+    with HostReads(monkeypatch) as reads:
+        for _ in range(4):
+            batch = next(batches)
+            trainer.train_step(batch)
+            trainer.state.batch_in_epoch += 1
+    assert reads.seen == [], "\n".join(reads.seen[:5])
+    trainer.close()

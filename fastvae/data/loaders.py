@@ -100,7 +100,12 @@ class ShardBatchSampler:
         return len(self.plan) - self.start
 
     def __iter__(self):
-        return (share.tolist() for share in self.plan.shares(self.epoch, self.start))
+        return self.host_index_lists()
+
+    def host_index_lists(self):
+        """Index lists for the DataLoader's workers: host data by design (the plan lives on the CPU)."""
+        for share in self.plan.shares(self.epoch, self.start):
+            yield share.tolist()
 
 
 class TorchTrainLoader:
@@ -121,9 +126,10 @@ class TorchTrainLoader:
         self.sampler.epoch, self.sampler.start = epoch, 0
 
     def _batches(self):
-        non_blocking = self.device.type == "cuda"
+        # from pinned memory (pin_memory on CUDA) all three copies overlap with the step: none blocks
         for x, label, index in self.loader:
-            yield x.to(self.device, non_blocking=non_blocking), label.to(self.device), index.to(self.device)
+            yield (x.to(self.device, non_blocking=True), label.to(self.device, non_blocking=True),
+                   index.to(self.device, non_blocking=True))
 
     def __iter__(self):
         self.sampler.start = 0
