@@ -110,15 +110,31 @@ def trainer_step(config_path, overrides, x, out_dir: Path):
     batch = (x.to(device), None, torch.arange(len(x), device=device))  # (images, labels, sample ids: the noise keys)
     seen = []
     hook = trainer.raw_model.encoder[0].register_forward_hook(lambda m, i, out: seen.append(out.dtype))
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     trainer.train_step(batch)
     hook.remove()
+    trainer.train_step(batch)  # compiled rows: runs the graph built without the hook
+    compiled = torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs
     want = torch.bfloat16 if cfg.train.mixed_precision == "bf16" else torch.float32
     assert seen == [want], f"{overrides}: first layer ran in {seen}, expected {want}"
+    # a row that says compiled must have compiled: dynamo's silent eager fallback is made an error
+    # (fail_on_recompile_limit_hit in step_cases), and a compiled row built no graph is one too
+    assert compiled > 0 or not cfg.train.compile, f"{overrides}: train.compile=true but no graph was compiled"
+    COMPILED_GRAPHS[" ".join(overrides)] = compiled
     return lambda: trainer.train_step(batch)
+
+
+COMPILED_GRAPHS: dict[str, int] = {}  # graphs each row's Trainer compiled while warming up
 
 
 def step_cases(workload: str, args, device, tmp: Path) -> dict:
     config_path, batch, extra = WORKLOADS[workload]
+    # Every Trainer compiles the same function (Trainer._forward_loss): dynamo keeps one cache for it,
+    # whose default limit (8 entries) the rows of one run exceed; past it dynamo would silently run the
+    # later "compiled" rows eager. Room for every row, and an error instead of a silent fallback.
+    rows = len(args.ops) * len(args.modes) * len(args.precisions) * len(args.formats)
+    torch._dynamo.config.recompile_limit = max(8, 4 * rows)
+    torch._dynamo.config.fail_on_recompile_limit_hit = True
     common = ["model.dropout=0.0", f"data.batch_size={batch}", f"train.cpu={device.type == 'cpu'}", *extra]
     torch.manual_seed(0)
     cfg = load_config(config_path, common)

@@ -24,18 +24,23 @@ PROGRAMS_PER_SM = 2  # enough programs in flight to hide memory latency on every
 
 
 def launch_settings(n_rows: int, n_cols: int, device: torch.device) -> dict:
-    """BLOCK_B x BLOCK_N tile of one program, and num_warps.
+    """BLOCK_B x BLOCK_N tile of one program, and num_warps, for the device the op runs on."""
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else None
+    return tile_settings(n_rows, n_cols, sms)
+
+
+def tile_settings(n_rows: int, n_cols: int, sms: int | None) -> dict:
+    """The tile for a GPU of `sms` SMs, or for the interpreter (sms None).
 
     On a GPU: at most 4096 elements per tile (registers), and no more rows per program than leave
     PROGRAMS_PER_SM programs for every SM, so a [256, 200] latent still fills an H100's 132 SMs;
     warps grow with the tile as in Liger-Kernel's calculate_settings. Under the interpreter each
-    program instance costs about a millisecond: 16384-element tiles, so fewer and bigger programs."""
-    cuda = device.type == "cuda"
-    max_tile = 4096 if cuda else 16384
+    program instance costs about a millisecond: 16384-element tiles, so fewer and bigger programs.
+    (tools/compile_kernels.py compiles every tile the launchers pick for sm_80 and sm_90.)"""
+    max_tile = 4096 if sms else 16384
     block_n = min(triton.next_power_of_2(max(n_cols, 1)), max_tile)
     block_b = max(1, min(triton.next_power_of_2(max(n_rows, 1)), max_tile // block_n))
-    if cuda:
-        sms = torch.cuda.get_device_properties(device).multi_processor_count
+    if sms:
         rows_to_fill = triton.next_power_of_2(max(1, triton.cdiv(n_rows, sms * PROGRAMS_PER_SM)))
         block_b = max(1, min(block_b, rows_to_fill))
     tile = block_b * block_n
