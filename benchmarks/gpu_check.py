@@ -87,6 +87,27 @@ def parity(device) -> list[dict]:
     return rows
 
 
+MIN_DRIVER = 580  # torch==2.14.1 from PyPI is a CUDA 13 build: NVIDIA's driver 580 or newer
+
+
+def why_no_cuda() -> str:
+    """One line: a driver too old for this torch's CUDA (torch then just sees no GPU), or no GPU at all."""
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version,name", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        out = None
+    if out is not None and out.returncode == 0 and out.stdout.strip():
+        driver, _, name = out.stdout.strip().splitlines()[0].partition(",")
+        major = int(driver.split(".")[0]) if driver.split(".")[0].isdigit() else 0
+        if major < MIN_DRIVER:
+            return (f"the NVIDIA driver {driver.strip()} ({name.strip()}) is too old for torch {torch.__version__} "
+                    f"(CUDA {torch.version.cuda}): torch sees no GPU; expected driver >= {MIN_DRIVER}, or a torch "
+                    f"built for the CUDA this driver supports")
+        return f"nvidia-smi sees {name.strip()} (driver {driver.strip()}) but torch {torch.__version__} does not"
+    return "no CUDA device; expected a GPU machine (or --smoke on a CPU)"
+
+
 def cuda_graph_replays_draw_new_eps(device) -> dict:
     if device.type != "cuda":
         return {"skipped": "no CUDA device"}
@@ -179,7 +200,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     device = torch.device("cpu" if args.smoke else "cuda")
     if not args.smoke and not torch.cuda.is_available():
-        print("gpu_check: error: no CUDA device; expected a GPU machine (or --smoke on a CPU)", file=sys.stderr)
+        print(f"gpu_check: error: {why_no_cuda()}", file=sys.stderr)
         return 2
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

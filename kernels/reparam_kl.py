@@ -21,7 +21,8 @@ from fastvae import losses, noise
 from fastvae.kernels.utils import (accumulation_dtype, launch_settings, per_sample_dtype, tile_offsets,
                                    tl_accumulation_dtype, triton_runs_on)
 
-SEED_HIGH = 2**31 - 1
+SEED_HIGH = 2**31 - 1  # seeds drawn when none is given: [0, SEED_HIGH)
+SEED_LIMIT = 2**63  # a given seed is used as it is, an int64 Philox key: the numbers fastvae.noise draws
 
 
 # ---------------------------------------------------------------- Triton kernels
@@ -132,7 +133,7 @@ def _reference(mu, logvar, eps, seed: Optional[int], row_offsets):
     if eps is None and row_offsets is not None:
         eps = noise.keyed_normal(seed, row_offsets, mu.shape[1])
     elif eps is None:
-        generator = torch.Generator(mu.device).manual_seed(int(seed) % SEED_HIGH) if seed is not None else None
+        generator = torch.Generator(mu.device).manual_seed(int(seed)) if seed is not None else None
         eps = torch.randn(mu.shape, generator=generator, device=mu.device, dtype=torch.float32)
     m, lv = mu.to(acc), logvar.to(acc)
     z = losses.reparameterize(m, lv, eps.detach().to(acc))
@@ -207,7 +208,9 @@ def fused_reparam_kl(mu: torch.Tensor, logvar: torch.Tensor, eps: Optional[torch
     elif isinstance(seed, torch.Tensor):
         seed_t = seed.to(device=mu.device, dtype=torch.int64).reshape(())
     else:
-        seed_t = torch.tensor(int(seed) % SEED_HIGH, dtype=torch.int64, device=mu.device)
+        if not 0 <= int(seed) < SEED_LIMIT:
+            raise ValueError(f"seed {seed}: expected 0 <= seed < 2^63")
+        seed_t = torch.tensor(int(seed), dtype=torch.int64, device=mu.device)  # no reduction: one seed rule
     if row_offsets is not None:
         row_offsets = row_offsets.to(torch.int64)
     return reparam_kl_op(mu, logvar, eps, seed_t, row_offsets)

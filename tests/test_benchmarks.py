@@ -1,6 +1,7 @@
 """The kernel benchmark runs end to end and reports parity honestly (no speed thresholds here)."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -87,3 +88,16 @@ def test_scaling_model_adds_the_allreduce_that_backward_cannot_hide(tmp_path):
     assert [rows[g]["efficiency"] for g in (2, 8, 16, 128)] == sorted(
         [rows[g]["efficiency"] for g in (2, 8, 16, 128)], reverse=True)
     assert result["machine"]["cpu"]
+
+
+def test_gpu_check_names_a_driver_too_old_for_this_torch(tmp_path):
+    """torch's CUDA 13 build sees no GPU under a driver older than 580: the kit says so in one line."""
+    fake = tmp_path / "nvidia-smi"
+    fake.write_text("#!/bin/sh\necho '550.54.15, NVIDIA H100 80GB HBM3'\n")
+    fake.chmod(0o755)
+    env = {**os.environ, "PATH": f"{tmp_path}:{os.environ['PATH']}"}
+    proc = subprocess.run([sys.executable, "benchmarks/gpu_check.py", "--out", str(tmp_path / "out")], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert "the NVIDIA driver 550.54.15 (NVIDIA H100 80GB HBM3) is too old for torch" in proc.stderr
+    assert "expected driver >= 580" in proc.stderr

@@ -1,5 +1,6 @@
 """Keyed reparameterization noise (fastvae/noise.py): a sample's eps depends on what it is, not where."""
 
+import pytest
 import torch
 
 from fastvae import noise
@@ -33,3 +34,14 @@ def test_float64_draws_reach_further_into_the_tails_than_tritons_float32():
     offsets = torch.arange(1 << 16)
     assert noise.philox_normal64(3, offsets).abs().max() > 3.5
     assert noise.philox_normal64(3, offsets).dtype == torch.float64
+
+
+@pytest.mark.parametrize("seed", [0, 2**31 - 2, 2**31 - 1, 2**31, 2**32 - 1, 2**40 + 7])
+def test_one_seed_rule_for_the_kernel_and_its_torch_twin_at_the_boundaries(seed):
+    """An int seed and the same seed as a tensor draw fastvae.noise's numbers in the kernel (the
+    launcher once reduced int seeds modulo 2^31 - 1 and drew other noise for seeds from 2^31 - 1 on)."""
+    rows = noise.row_offsets(torch.tensor([3, 0, 9]), 16, 5)
+    want = noise.keyed_normal(seed, rows, 16)
+    for given in (seed, torch.tensor(seed)):
+        z, _ = fused_reparam_kl(torch.zeros(3, 16), torch.zeros(3, 16), seed=given, row_offsets=rows)
+        torch.testing.assert_close(z, want, rtol=0, atol=2e-6)
