@@ -9,6 +9,13 @@
 6. a 40-step training run with train.ops=triton
 7. a DFC-VAE run on CelebA-format JPEGs (tools/celeba_fixture.py) with the shipped
    defaults (data.loader=auto: decoded once into GPU memory; bf16 where native) and flips
+8. the in-kernel RNG against fastvae.noise (forward, and backward regenerating the same eps)
+9. steps between log points under torch.cuda.set_sync_debug_mode("error"): no host sync
+10. the compiled step with KL warm-up (reduce-overhead on a GPU): graphs, breaks, recompiles
+11. a synthetic CelebA-size data set (162,770 x 3 x 64 x 64 uint8) held on the GPU: images/s
+12. an fp16 (GradScaler) run, a run that must stop on a non-finite loss, and with 2+ GPUs a
+    2-GPU DDP run (NCCL, SyncBatchNorm, ranks_agree)
+Every check has a time budget; the kit stays under BUDGET_S and the JSON names what did not run.
 
     bash benchmarks/gpu_check.sh OUT          # on a GPU machine: < 9 minutes on one H100
     bash benchmarks/gpu_check.sh OUT --smoke  # on a CPU: tiny shapes under TRITON_INTERPRET=1 (CI)
@@ -40,6 +47,27 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 LATENTS = [(128, 2), (256, 200)]
 IMAGES = [(256, 1, 28, 28), (256, 3, 64, 64), (256, 3, 128, 128)]
 SMOKE_LATENTS, SMOKE_IMAGES = [(8, 2), (16, 20)], [(4, 1, 28, 28), (2, 3, 64, 64)]
+BUDGET_S = 540  # the whole kit on one GPU: under 9 minutes
+KEYED_TOLERANCE = 1e-5  # the GPU's approximate sqrt/log/cos in Box-Muller: a few float32 ulp (docs/kernels_benchmarks.md)
+CELEBA_TRAIN_IMAGES = 162_770
+
+
+class Budget:
+    """Wall-clock seconds left for the kit: a check runs only if its own budget still fits."""
+
+    def __init__(self, total_s: float) -> None:
+        self.end = time.perf_counter() + total_s
+
+    def left(self) -> float:
+        return self.end - time.perf_counter()
+
+    def run(self, name: str, need_s: float, check, *args) -> dict:
+        if self.left() < need_s:
+            return {"not_run": f"{name}: {need_s:.0f} s needed, {max(0.0, self.left()):.0f} s of the kit's "
+                               f"{BUDGET_S} s left", "ok": True}
+        start = time.perf_counter()
+        result = check(*args, timeout=min(need_s, self.left()))
+        return {**result, "seconds": round(time.perf_counter() - start, 1)}
 
 
 def reparam_parity(shape, dtype, device) -> dict:
@@ -131,6 +159,96 @@ def cuda_graph_replays_draw_new_eps(device) -> dict:
     return {"replays": len(draws), "all_different": distinct, "eps_std": float(draws[0].std()), "ok": distinct}
 
 
+def keyed_rng_matches_its_twin(device, timeout=None) -> dict:
+    """z = eps with mu = 0, logvar = 0: the kernel's in-kernel keyed draw against fastvae.noise, and
+    backward's regenerated eps (dlogvar = 0.5 * dz * eps for dz = 1, dkl = 0)."""
+    from fastvae import noise
+
+    b, d = (16, 20) if SMOKE else (256, 200)
+    rows = noise.row_offsets(torch.arange(b, device=device) * 7 + 3, d, 11)
+    seed = torch.tensor(2**31 + 5, dtype=torch.int64, device=device)  # past the old modulo boundary
+    mu = torch.zeros(b, d, device=device, requires_grad=True)
+    logvar = torch.zeros(b, d, device=device, requires_grad=True)
+    z, kl = fused_reparam_kl(mu, logvar, seed=seed, row_offsets=rows)
+    _, dlogvar = torch.autograd.grad((z, kl), (mu, logvar), (torch.ones_like(z), torch.zeros_like(kl)))
+    twin = noise.keyed_normal(seed, rows, d)
+    errors = {"z": max_relative_error(z, twin), "backward_eps": max_relative_error(2 * dlogvar, twin)}
+    return {"errors": errors, "tolerance": KEYED_TOLERANCE, "ok": max(errors.values()) <= KEYED_TOLERANCE}
+
+
+def tiny_trainer(out: Path, *overrides):
+    from fastvae.config import load_config
+    from fastvae.trainer import Trainer, reset_accelerate_state
+
+    reset_accelerate_state()
+    return Trainer(load_config("mnist", ["data.limit=1024", "data.batch_size=64", "train.log_every=1000",
+                                         "loss.kl_warmup_steps=100", f"out_dir={out}", *overrides]))
+
+
+def steps_without_host_sync(device, out: Path, timeout=None) -> dict:
+    """The steps between log points, as fit() runs them, with CUDA's sync debug mode set to error: any
+    host sync raises (on a CPU the mode does not exist: tests/test_trainer.py checks host reads there)."""
+    trainer = tiny_trainer(out / "sync_free")
+    batches = iter(trainer.train_loader)
+    trainer.train_step(next(batches))
+    steps = 3 if SMOKE else 8
+    mode = "error" if device.type == "cuda" else "not available on a CPU"
+    try:
+        if device.type == "cuda":
+            torch.cuda.set_sync_debug_mode("error")
+        for _ in range(steps):
+            trainer.train_step(next(batches))
+        error = None
+    except RuntimeError as err:
+        error = str(err).splitlines()[0]
+    finally:
+        if device.type == "cuda":
+            torch.cuda.set_sync_debug_mode("default")
+        trainer.close()
+    return {"steps": steps, "sync_debug_mode": mode, "error": error, "ok": error is None}
+
+
+def compiled_step_counts(device, out: Path, timeout=None) -> dict:
+    """train.compile=true with KL warm-up (beta changes every step): graphs, graph breaks and
+    recompiles over the steps; reduce-overhead (CUDA graphs) on a GPU. Want 1 graph, 0, 0."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    mode = "reduce-overhead" if device.type == "cuda" else "default"
+    trainer = tiny_trainer(out / "compiled", "data.limit=2048", "train.compile=true", f"train.compile_mode={mode}")
+    batches, steps = iter(trainer.train_loader), 30  # KL warm-up: beta differs at every one
+    for _ in range(steps):
+        trainer.train_step(next(batches))
+    trainer.close()
+    graphs, breaks = counters["stats"]["unique_graphs"], sum(counters["graph_break"].values())
+    # one compiled frame: every frame dynamo compiled past the first is a recompile or a break's resume
+    recompiles = max(0, counters["frames"]["total"] - 1 - breaks)
+    return {"mode": mode, "steps": steps, "graphs": graphs, "graph_breaks": breaks, "recompiles": recompiles,
+            "break_reasons": list(counters["graph_break"])[:5], "ok": graphs == 1 and breaks == 0 and not recompiles}
+
+
+def celeba_size_throughput(device, out: Path, timeout=None) -> dict:
+    """A CelebA-size training set of random uint8 faces held on the device (data.loader=memory): the
+    end-to-end images/s of one epoch, data included, as fit() reports it."""
+    from fastvae.config import load_config
+    from fastvae.data.base import ImageTensorDataset
+    from fastvae.trainer import Trainer, reset_accelerate_state
+
+    n = 2048 if SMOKE else CELEBA_TRAIN_IMAGES
+    images = torch.randint(0, 256, (n, 3, 64, 64), dtype=torch.uint8)
+    data = ImageTensorDataset(images, torch.zeros(n, dtype=torch.long))
+    reset_accelerate_state()
+    extra = ["train.max_steps=2", "data.batch_size=8", "model.latent_dim=8"] if SMOKE else ["data.batch_size=256"]
+    trainer = Trainer(load_config("celeba", ["train.epochs=1", "data.loader=memory", "train.samples=4",
+                                             f"out_dir={out / 'celeba_size'}", *extra]), datasets=(data, data))
+    result = trainer.fit()
+    from fastvae.tracking import read_records
+
+    record = read_records(out / "celeba_size")[-1]
+    return {"images": n, "steps": result["step"], "images_per_sec": record["images_per_sec"], "ok": True}
+
+
 def graph_breaks(device) -> dict:
     from fastvae.config import load_config
     from fastvae.models import build_model
@@ -138,7 +256,7 @@ def graph_breaks(device) -> dict:
     torch._dynamo.reset()
     cfg = load_config("celeba", ["model.latent_dim=16" if SMOKE else "model.latent_dim=200"])
     model = build_model(cfg).to(device)
-    model.reparam_kl = fused_reparam_kl
+    model.use_reparam_kl(fused_reparam_kl)
     x = torch.rand(4 if SMOKE else 64, 3, 64, 64, device=device)
 
     def step(x):
@@ -150,7 +268,7 @@ def graph_breaks(device) -> dict:
             "reasons": [str(r.reason) for r in explanation.break_reasons], "ok": explanation.graph_break_count == 0}
 
 
-def run(name: str, command: list[str], out: Path, timeout: int) -> dict:
+def run(name: str, command: list[str], out: Path, timeout: float) -> dict:
     """A benchmark or training run as a subprocess, bounded in time; its output kept in OUT."""
     start = time.perf_counter()
     try:
@@ -163,7 +281,7 @@ def run(name: str, command: list[str], out: Path, timeout: int) -> dict:
             "ok": code == 0}
 
 
-def subprocess_checks(out: Path) -> dict:
+def subprocess_checks(out: Path, budget: Budget) -> dict:
     py = sys.executable
     if SMOKE:
         kernels = [py, "benchmarks/kernels.py", "--quick", "--repeats", "1"]
@@ -181,16 +299,48 @@ def subprocess_checks(out: Path) -> dict:
         training = ["train.max_steps=40"]
         celeba = (700, ["train.epochs=2", "data.batch_size=64"])  # 490 train faces: 7 steps per epoch
     return {
-        "kernels": run("kernels", [*kernels, "--json", str(out / "kernels.json")], out, 240),
-        "train_throughput": run("train_throughput", [*throughput, "--json", str(out / "train_throughput.json")],
-                                out, 300),
-        "training_triton": run("training_triton", [py, "-m", "fastvae.train", "--config", "mnist", "train.ops=triton",
-                                                   *training, f"out_dir={out / 'run_triton'}"], out, 240),
-        "training_celeba": run("training_celeba", [py, "-m", "fastvae.train", "--config", "celeba",
-                                                   f"data.root={celeba_folder(out / 'celeba', celeba[0])}",
-                                                   "data.flip=true", *celeba[1], f"out_dir={out / 'run_celeba'}"],
-                               out, 240),
+        "training_triton": budget.run("training_triton", 60, lambda timeout: run(
+            "training_triton", [py, "-m", "fastvae.train", "--config", "mnist", "train.ops=triton", *training,
+                                f"out_dir={out / 'run_triton'}"], out, timeout)),
+        "training_fp16": budget.run("training_fp16", 60, lambda timeout: run(
+            "training_fp16", [py, "-m", "fastvae.train", "--config", "mnist", "train.mixed_precision=fp16", *training,
+                              f"out_dir={out / 'run_fp16'}"], out, timeout)) if not SMOKE else
+        {"not_run": "fp16 autocast needs a GPU", "ok": True},
+        "nonfinite_stops": budget.run("nonfinite_stops", 45, lambda timeout: stops_on_nonfinite(py, training, out,
+                                                                                             timeout)),
+        "training_celeba": budget.run("training_celeba", 90, lambda timeout: run(
+            "training_celeba", [py, "-m", "fastvae.train", "--config", "celeba",
+                                f"data.root={celeba_folder(out / 'celeba', celeba[0])}", "data.flip=true", *celeba[1],
+                                f"out_dir={out / 'run_celeba'}"], out, timeout)),
+        "ddp_2gpu": budget.run("ddp_2gpu", 120, lambda timeout: two_gpu_ddp(py, out, timeout)) if
+        not SMOKE and torch.cuda.device_count() >= 2 else {"not_run": "fewer than 2 GPUs visible", "ok": True},
+        "kernels": budget.run("kernels", 90, lambda timeout: run(
+            "kernels", [*kernels, "--json", str(out / "kernels.json")], out, timeout)),
+        "train_throughput": budget.run("train_throughput", 150, lambda timeout: run(
+            "train_throughput", [*throughput, "--json", str(out / "train_throughput.json")], out, timeout)),
     }
+
+
+def stops_on_nonfinite(py: str, training: list[str], out: Path, timeout: float) -> dict:
+    """A learning rate that blows the model up: the run must stop with exit 3 naming the first bad step
+    (the guard records it on the device and reads it at log points: no sync per step)."""
+    result = run("nonfinite_stops", [py, "-m", "fastvae.train", "--config", "mnist", *training, "optim.lr=1e30",
+                                      "train.log_every=2", f"out_dir={out / 'run_nonfinite'}"], out, timeout)
+    log = (out / "nonfinite_stops.log").read_text()
+    return {**result, "ok": result["returncode"] == 3 and "non-finite" in log}
+
+
+def two_gpu_ddp(py: str, out: Path, timeout: float) -> dict:
+    """2 GPUs, NCCL, SyncBatchNorm: the DFC-VAE trains and every rank ends with the same parameters."""
+    from fastvae.launch.processes import accelerate_launch
+
+    cmd = accelerate_launch(["-m", "fastvae.train", "--config", "celeba", f"data.root={out / 'celeba'}",
+                             "train.sync_batchnorm=true", "train.max_steps=20", "data.batch_size=32",
+                             f"out_dir={out / 'run_ddp'}"], processes=2, port=29571)
+    result = run("ddp_2gpu", cmd, out, timeout)
+    summary = out / "run_ddp" / "summary.json"
+    agree = json.loads(summary.read_text()).get("ranks_agree") if summary.is_file() else None
+    return {**result, "ranks_agree": agree, "ok": result["ok"] and agree is True}
 
 
 def main(argv=None) -> int:
@@ -204,20 +354,33 @@ def main(argv=None) -> int:
         return 2
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    report = {"machine": machine(), "smoke": args.smoke, "parity": parity(device),
-              "cuda_graph_replay": cuda_graph_replays_draw_new_eps(device), "compile": graph_breaks(device)}
-    report["runs"] = subprocess_checks(out)
+    budget = Budget(BUDGET_S)
+    report = {"machine": machine(), "smoke": args.smoke, "budget_s": BUDGET_S, "parity": parity(device),
+              "cuda_graph_replay": cuda_graph_replays_draw_new_eps(device), "compile": graph_breaks(device),
+              "keyed_rng": budget.run("keyed_rng", 10, lambda timeout: keyed_rng_matches_its_twin(device)),
+              "sync_free_steps": budget.run("sync_free_steps", 60, lambda timeout: steps_without_host_sync(device, out)),
+              "compiled_step": budget.run("compiled_step", 120, lambda timeout: compiled_step_counts(device, out)),
+              "celeba_size": budget.run("celeba_size", 120, lambda timeout: celeba_size_throughput(device, out))}
+    report["runs"] = subprocess_checks(out, budget)
+    report["not_run"] = [r["not_run"] for r in (*report["runs"].values(), *(report[k] for k in (
+        "keyed_rng", "sync_free_steps", "compiled_step", "celeba_size"))) if "not_run" in r]
     failed = [r for r in report["parity"] if not r["ok"]]
     report["ok"] = not failed and report["compile"]["ok"] and report["cuda_graph_replay"].get("ok", True) and all(
+        report[k]["ok"] for k in ("keyed_rng", "sync_free_steps", "compiled_step", "celeba_size")) and all(
         r["ok"] for r in report["runs"].values())
+    report["seconds"] = round(BUDGET_S - budget.left(), 1)
     (out / "gpu_check.json").write_text(json.dumps(report, indent=2))
     print(f"{'op':<12}{'shape':<20}{'dtype':<7}{'max rel err':>12}  ok")
     for r in report["parity"]:
         print(f"{r['op']:<12}{'x'.join(map(str, r['shape'])):<20}{r['dtype']:<7}{r['max_error']:>12.2e}  {r['ok']}")
     print(f"CUDA graph replays draw new eps: {report['cuda_graph_replay']}")
     print(f"torch.compile of the step with fused ops: {report['compile']['graph_breaks']} graph break(s)")
+    for name in ("keyed_rng", "sync_free_steps", "compiled_step", "celeba_size"):
+        print(f"{name}: {json.dumps(report[name])}")
     for name, r in report["runs"].items():
-        print(f"{name}: exit {r['returncode']} in {r['seconds']} s (log: {out / (name + '.log')})")
+        said = r["not_run"] if "not_run" in r else f"exit {r['returncode']} in {r['seconds']} s"
+        print(f"{name}: {said} (log: {out / (name + '.log')})")
+    print(f"the kit took {report['seconds']} s of its {BUDGET_S} s budget; not run: {report['not_run'] or 'none'}")
     print(f"{'all checks passed' if report['ok'] else 'SOME CHECKS FAILED'}; wrote {out / 'gpu_check.json'}")
     return 0 if report["ok"] else 1
 

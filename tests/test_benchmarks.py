@@ -45,7 +45,15 @@ def test_gpu_check_kit_smoke_mode_runs_every_check_on_the_cpu(tmp_path):
     assert {r["dtype"] for r in report["parity"]} == {"fp32", "bf16", "fp16"}
     assert report["compile"]["graph_breaks"] == 0
     assert report["cuda_graph_replay"] == {"skipped": "no CUDA device"}
-    assert set(report["runs"]) == {"kernels", "train_throughput", "training_triton", "training_celeba"}
+    assert set(report["runs"]) == {"kernels", "train_throughput", "training_triton", "training_celeba",
+                                   "training_fp16", "nonfinite_stops", "ddp_2gpu"}
+    assert report["keyed_rng"]["ok"] and report["sync_free_steps"]["ok"] and report["celeba_size"]["ok"]
+    # the compiled step, KL warm-up on: one graph, no break, no recompile over 30 steps (single process)
+    assert {k: report["compiled_step"][k] for k in ("steps", "graphs", "graph_breaks", "recompiles")} == {
+        "steps": 30, "graphs": 1, "graph_breaks": 0, "recompiles": 0}
+    assert report["runs"]["nonfinite_stops"]["returncode"] == 3
+    assert report["not_run"] == ["fp16 autocast needs a GPU", "fewer than 2 GPUs visible"]
+    assert report["seconds"] < report["budget_s"]
     assert json.loads((out / "kernels.json").read_text())["results"]
     assert json.loads((out / "train_throughput.json").read_text())["results"]
     assert (out / "run_triton" / "summary.json").is_file()

@@ -144,11 +144,15 @@ class OneProcess:
     device = torch.device("cpu")
 
 
-def test_guard_names_the_kl_term():
+def test_guard_names_the_kl_term_when_read_not_in_the_step():
+    """Policy stop records the first bad step on the device (no host read in the step) and names it at
+    the next read: a log point or a checkpoint."""
     guard = NonFiniteGuard("stop", OneProcess())
     guard.batch_is_bad(0, torch.ones(4), torch.ones(4))
+    assert guard.batch_is_bad(4, torch.ones(4), torch.tensor([1.0, float("inf"), 1.0, 1.0])) is False
+    guard.batch_is_bad(5, torch.tensor([float("nan")] * 4), torch.ones(4))  # later bad steps keep the first
     with pytest.raises(NonFiniteLoss, match="^non-finite kl at step 5;"):
-        guard.batch_is_bad(4, torch.ones(4), torch.tensor([1.0, float("inf"), 1.0, 1.0]))
+        guard.raise_if_bad()
 
 
 # ---------------------------------------------------------------- signals
