@@ -30,7 +30,7 @@ from fastvae.data import build_datasets
 from fastvae.data.loaders import build_train_loader
 from fastvae.data.memory import decoded_once
 from fastvae.errors import LostRank, OutputError, UserError
-from fastvae.losses import kl_weight, vae_loss
+from fastvae.losses import kl_weight
 from fastvae.models import build_model
 from fastvae.models.sync_batchnorm import convert_sync_batchnorm
 from fastvae.optim import build_optimizer, build_scheduler
@@ -189,9 +189,14 @@ class Trainer:
         self.memory_format = MEMORY_FORMATS[cfg.train.memory_format]
         model = build_model(cfg).to(memory_format=self.memory_format)
         model.use_reparam_kl(self.ops.reparam_kl)
+        model.use_objective(self.ops.recon_loss, cfg.loss.recon, cfg.loss.recon_weight)
         if cfg.train.sync_batchnorm and acc.num_processes > 1:
             model = convert_sync_batchnorm(model, acc.device)
         model.to(acc.device)  # before the optimizer: fused Adam needs its parameters on the GPU
+        if cfg.train.compile:  # in place (same state_dict keys); DDP then wraps the compiled module: one
+            # graph from images to loss, DDP's own Python outside it (compiling through DDP broke the
+            # graph in its _pre_forward logger)
+            model.compile(mode=None if cfg.train.compile_mode == "default" else cfg.train.compile_mode)
         optimizer = build_optimizer(cfg, model.parameters(), acc.device)
         self.model, self.optimizer = acc.prepare(model, optimizer)
         self.raw_model = acc.unwrap_model(self.model)
@@ -202,10 +207,6 @@ class Trainer:
         # step it once per process; it is stepped once per optimizer step.
         # its state goes into the checkpoint's fastvae.json (accelerate would pickle it: checkpoint.restore)
         self.scheduler = build_scheduler(cfg, self.optimizer, planned_steps)
-        self.forward_loss = self._forward_loss
-        if cfg.train.compile:  # one graph from images to the loss (the ops and loss too, not only the model)
-            mode = None if cfg.train.compile_mode == "default" else cfg.train.compile_mode
-            self.forward_loss = torch.compile(self._forward_loss, mode=mode)
 
     def _set_up_state(self) -> None:
         """Where the run starts (a checkpoint's state when resuming), its log and its guard."""
@@ -237,7 +238,7 @@ class Trainer:
         with acc.accumulate(self.model):
             # beta as a device tensor: a Python float would be baked into a compiled graph, which
             # KL warm-up would then recompile every step
-            loss, recon, kl = self.forward_loss(x, torch.full((), beta, device=x.device), self._noise_key(batch))
+            loss, recon, kl = self.model(x, self._noise_key(batch), torch.full((), beta, device=x.device))
             if self.guard.batch_is_bad(self.state.step, recon, kl):  # this batch updates nothing
                 self.optimizer.zero_grad(set_to_none=True)  # (nor does the rest of its accumulation window)
                 return None
@@ -261,12 +262,6 @@ class Trainer:
         step = torch.full((), self.state.step, dtype=torch.int64, device=batch[0].device)
         ids = batch[2].to(batch[0].device, non_blocking=True)  # the loaders deliver them there already
         return self.noise_seed, noise.row_offsets(ids, self.raw_model.latent_dim, step)
-
-    def _forward_loss(self, x: torch.Tensor, beta: torch.Tensor, noise_key: tuple[torch.Tensor, torch.Tensor] | None):
-        """(loss, recon[B], kl[B]) of a batch: the part of the step train.compile compiles."""
-        logits, _, _, kl = self.model(x, noise_key)
-        recon = self.ops.recon_loss(logits, x, self.cfg.loss.recon)
-        return vae_loss(recon, kl, self.cfg.loss.recon_weight, beta), recon, kl
 
     # ---------------------------------------------------------------- the loop
 
@@ -431,6 +426,11 @@ class Trainer:
                   "stopped_by": self.stop.name, "signals": self.stop.received}
         if self.accelerator.num_processes > 1:
             result["ranks_agree"] = ranks_agree(self.raw_model)
+        if self.cfg.train.compile:  # what dynamo built in this process: 1 graph and 0 breaks is the goal
+            from torch._dynamo.utils import counters
+
+            result["compiled_graphs"] = counters["stats"]["unique_graphs"]
+            result["graph_breaks"] = sum(counters["graph_break"].values())
         # stop.requested() agrees across ranks (a signal may reach one rank only): all or none evaluate
         report = self._final_eval() if self.cfg.train.final_eval and not self.stop.requested() else None
         if self.accelerator.is_main_process:

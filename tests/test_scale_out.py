@@ -93,3 +93,19 @@ def test_sync_batchnorm_makes_two_processes_train_the_dfc_vae_one_process_trains
                              "train.mixed_precision=no", "train.samples=16", "train.sync_batchnorm=true",
                              "optim.name=sgd", "optim.lr=0.00001")
     assert result["steps"][0]["rel_diff"] < 1e-5  # without SyncBatchNorm: 2.3e-4 at the first step
+
+
+@pytest.mark.slow
+def test_the_compiled_step_is_one_graph_under_ddp_with_kl_warmup(tmp_path):
+    """2 gloo processes, train.compile=true, beta changing every step: one graph from images to loss,
+    no break, no recompile (compiling through DDP's forward broke it in DDP's _pre_forward)."""
+    out = tmp_path / "run"
+    cmd = accelerate_launch(["-m", "fastvae.train", "--config", "mnist", *TINY, "data.batch_size=16",
+                             "train.compile=true", "loss.kl_warmup_steps=100", "train.max_steps=30",
+                             "train.epochs=5", f"out_dir={out}"], processes=2, port=29537)
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["step"] == 30 and summary["ranks_agree"] is True
+    assert (summary["compiled_graphs"], summary["graph_breaks"]) == (1, 0), summary

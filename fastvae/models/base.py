@@ -8,7 +8,8 @@ from typing import Callable
 import torch
 from torch import nn
 
-from fastvae.ops import eager_reparam_kl
+from fastvae import losses
+from fastvae.ops import eager_reparam_kl, recon_loss_fp32
 
 ReparamKL = Callable[..., tuple[torch.Tensor, torch.Tensor]]
 
@@ -18,8 +19,10 @@ class VAE(nn.Module):
 
     forward(x) -> (logits, mu, logvar, kl) is the base class's: it applies the selected
     reparameterization + KL op between encode and decode, so the fused kernels, keyed noise and
-    torch.compile apply to every model. The op lives on the model (not in the training loop)
-    because DDP only hooks `forward`: encode, sample and decode must happen in one forward call.
+    torch.compile apply to every model. Given `beta`, forward also takes the reconstruction loss
+    and the ELBO and returns (loss, recon, kl): the training step's whole forward in one call. Both
+    ops live on the model (not in the training loop) because DDP only hooks `forward`, and because
+    a compiled model under DDP is then one graph from images to loss (DDP's own code stays outside).
     `latent_dim` is set from the encoder's output at set-up when a subclass does not set it.
     """
 
@@ -28,10 +31,15 @@ class VAE(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.reparam_kl: ReparamKL = eager_reparam_kl  # until a Trainer gives it the op train.ops selects
+        self.objective = (recon_loss_fp32, "bce", 1.0)  # (recon op, kind, weight): set by use_objective
 
     def use_reparam_kl(self, op: ReparamKL) -> None:
         """Run the reparameterization + KL with `op` ((mu, logvar, noise_key=None) -> (z, kl[B]))."""
         self.reparam_kl = op
+
+    def use_objective(self, recon_loss: Callable, kind: str, recon_weight: float) -> None:
+        """forward(x, noise_key, beta) takes recon_loss(logits, x, kind) -> [B] and the ELBO with these."""
+        self.objective = (recon_loss, kind, recon_weight)
 
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x [B, C, H, W] in [0, 1] -> (mu, logvar), each [B, latent_dim]."""
@@ -41,9 +49,16 @@ class VAE(nn.Module):
         """z [B, latent_dim] -> logits [B, C, H, W] (the reconstruction loss takes logits)."""
         raise NotImplementedError
 
-    def forward(self, x: torch.Tensor, noise_key: tuple[torch.Tensor, torch.Tensor] | None = None):
+    def forward(self, x: torch.Tensor, noise_key: tuple[torch.Tensor, torch.Tensor] | None = None,
+                beta: torch.Tensor | None = None):
         """noise_key: (seed, row counters) of fastvae.noise, to draw each sample's own eps; None:
-        eps from torch's generator."""
+        eps from torch's generator. beta (a tensor: a float would be baked into a compiled graph):
+        return (loss, recon[B], kl[B]) instead of (logits, mu, logvar, kl)."""
         mu, logvar = self.encode(x)
         z, kl = self.reparam_kl(mu, logvar) if noise_key is None else self.reparam_kl(mu, logvar, noise_key)
-        return self.decode(z.to(mu.dtype)), mu, logvar, kl
+        logits = self.decode(z.to(mu.dtype))
+        if beta is None:
+            return logits, mu, logvar, kl
+        recon_loss, kind, recon_weight = self.objective
+        recon = recon_loss(logits, x, kind)
+        return losses.vae_loss(recon, kl, recon_weight, beta), recon, kl
