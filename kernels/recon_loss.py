@@ -51,16 +51,32 @@ def gradient_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype == torch.float16 else dtype
 
 
+def channels_last_layout(t: torch.Tensor) -> bool:
+    """NHWC in memory (train.memory_format=channels_last), and not also plain row-major (C = 1)."""
+    return t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last)
+
+
+def memory_rows(t: torch.Tensor, nhwc: bool) -> torch.Tensor:
+    """[B, N] in the order the elements lie in memory: for NHWC a view (the loss is a sum over each
+    image, so the order of its pixels does not matter), else row-major (copied only if strided)."""
+    return t.permute(0, 2, 3, 1).reshape(t.shape[0], -1) if nhwc else as_rows(t)
+
+
 def _forward_triton(logits: torch.Tensor, target: torch.Tensor, kind: str):
-    rows_x, rows_t = as_rows(logits), as_rows(target)  # the target keeps its dtype: cast in the kernel
+    nhwc = channels_last_layout(logits)
+    if nhwc and not channels_last_layout(target):
+        target = target.contiguous(memory_format=torch.channels_last)  # the pixels in the logits' order
+    rows_x, rows_t = memory_rows(logits, nhwc), memory_rows(target, nhwc)  # the target keeps its dtype
     B, N = rows_x.shape
     loss = torch.empty(B, device=logits.device, dtype=per_sample_dtype(logits.dtype))
-    grad = torch.empty(rows_x.shape, device=logits.device, dtype=gradient_dtype(logits.dtype))
+    # the gradient in the logits' own layout: backward hands autograd an NHWC gradient for NHWC logits
+    grad = torch.empty_like(logits, dtype=gradient_dtype(logits.dtype),
+                            memory_format=torch.channels_last if nhwc else torch.contiguous_format)
     settings = launch_settings(B, N, logits.device)
     _forward_kernel[(triton.cdiv(B, settings["BLOCK_B"]),)](
-        rows_x, rows_t, loss, grad, B, N, KIND_BCE=kind == "bce", ACC=tl_accumulation_dtype(logits.dtype),
-        **settings)
-    return loss, grad.view(logits.shape)
+        rows_x, rows_t, loss, memory_rows(grad, nhwc), B, N, KIND_BCE=kind == "bce",
+        ACC=tl_accumulation_dtype(logits.dtype), **settings)
+    return loss, grad
 
 
 @torch.library.custom_op("fastvae::recon_loss", mutates_args=())
@@ -71,8 +87,9 @@ def recon_loss_op(logits: torch.Tensor, target: torch.Tensor, kind: str) -> tupl
 
 @recon_loss_op.register_fake
 def _(logits, target, kind):
+    layout = torch.channels_last if channels_last_layout(logits) else torch.contiguous_format
     return logits.new_empty(logits.shape[0], dtype=per_sample_dtype(logits.dtype)), torch.empty_like(
-        logits, dtype=gradient_dtype(logits.dtype), memory_format=torch.contiguous_format)
+        logits, dtype=gradient_dtype(logits.dtype), memory_format=layout)
 
 
 def _setup_context(ctx, inputs, output):

@@ -123,3 +123,26 @@ def test_fp16_gradient_survives_until_the_loss_scale():
     expected = torch.sigmoid(torch.tensor(-20.0, dtype=torch.float64)).item() * 2.0**16  # 1.35e-4, fine in fp16
     assert logits.grad.dtype == torch.float16
     assert torch.allclose(logits.grad.double(), torch.full_like(logits.grad, expected).double(), rtol=1e-2)
+
+
+@pytest.mark.parametrize("target_layout", ["channels_last", "contiguous"])
+def test_nhwc_logits_are_read_in_place_and_get_an_nhwc_gradient(target_layout):
+    """train.memory_format=channels_last: the kernel reads NHWC logits without a row-major copy (the
+    loss sums each image, pixel order does not matter) and returns the gradient in their layout."""
+    from fastvae.kernels.recon_loss import channels_last_layout, memory_rows
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(4, 3, 8, 6, generator=g).contiguous(memory_format=torch.channels_last).requires_grad_(True)
+    target = torch.rand(4, 3, 8, 6, generator=g)
+    if target_layout == "channels_last":
+        target = target.contiguous(memory_format=torch.channels_last)
+    assert channels_last_layout(logits) and memory_rows(logits, True).data_ptr() == logits.data_ptr()
+    for kind in ("bce", "mse"):
+        loss = fused_recon_loss(logits, target, kind)
+        (grad,) = torch.autograd.grad(loss.sum(), logits)
+        plain = logits.detach().contiguous().requires_grad_(True)
+        ref = losses.reconstruction_loss(plain.double(), target.double(), kind)
+        (ref_grad,) = torch.autograd.grad(ref.sum(), plain)
+        torch.testing.assert_close(loss.double(), ref, rtol=1e-5, atol=1e-4)
+        torch.testing.assert_close(grad, ref_grad.float(), rtol=1e-5, atol=1e-6)
+        assert grad.is_contiguous(memory_format=torch.channels_last)
