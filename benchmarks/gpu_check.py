@@ -331,16 +331,19 @@ def stops_on_nonfinite(py: str, training: list[str], out: Path, timeout: float) 
 
 
 def two_gpu_ddp(py: str, out: Path, timeout: float) -> dict:
-    """2 GPUs, NCCL, SyncBatchNorm: the DFC-VAE trains and every rank ends with the same parameters."""
+    """2 GPUs, NCCL, SyncBatchNorm, compiled: the DFC-VAE trains, every rank ends with the same
+    parameters, and the JSON says how many graphs torch's SyncBatchNorm split the compiled step into
+    (on CPU/gloo fastvae's own synced BatchNorm gives one graph per BatchNorm layer: docs/scale_out.md)."""
     from fastvae.launch.processes import accelerate_launch
 
     cmd = accelerate_launch(["-m", "fastvae.train", "--config", "celeba", f"data.root={out / 'celeba'}",
-                             "train.sync_batchnorm=true", "train.max_steps=20", "data.batch_size=32",
+                             "train.sync_batchnorm=true", "train.compile=true", "train.max_steps=20", "data.batch_size=32",
                              f"out_dir={out / 'run_ddp'}"], processes=2, port=29571)
     result = run("ddp_2gpu", cmd, out, timeout)
     summary = out / "run_ddp" / "summary.json"
-    agree = json.loads(summary.read_text()).get("ranks_agree") if summary.is_file() else None
-    return {**result, "ranks_agree": agree, "ok": result["ok"] and agree is True}
+    done = json.loads(summary.read_text()) if summary.is_file() else {}
+    return {**result, "ranks_agree": done.get("ranks_agree"), "compiled_graphs": done.get("compiled_graphs"),
+            "graph_breaks": done.get("graph_breaks"), "ok": result["ok"] and done.get("ranks_agree") is True}
 
 
 def main(argv=None) -> int:

@@ -27,18 +27,19 @@ class GlooSyncBatchNorm(nn.BatchNorm2d):
         count = total[2 * c]
         mean = total[:c] / count
         var = (total[c:2 * c] / count - mean * mean).clamp_min(0)
-        if self.track_running_stats:
-            self._update_running_stats(mean.detach(), var.detach(), count.item())
+        if self.track_running_stats:  # count stays a tensor: no host read per layer (a sync, a graph break)
+            self._update_running_stats(mean.detach(), var.detach(), count.detach())
         shape = (1, c, 1, 1)
         scale = torch.rsqrt(var + self.eps).to(x.dtype).view(shape)
         y = (x - mean.to(x.dtype).view(shape)) * scale
         return y * self.weight.view(shape) + self.bias.view(shape) if self.affine else y
 
     @torch.no_grad()
-    def _update_running_stats(self, mean: torch.Tensor, var: torch.Tensor, count: float) -> None:
+    def _update_running_stats(self, mean: torch.Tensor, var: torch.Tensor, count: torch.Tensor) -> None:
         self.num_batches_tracked += 1
+        # momentum None (cumulative average) needs the batch count on the host; the models use 0.1
         momentum = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
-        unbiased = var * count / max(count - 1, 1)  # running_var is unbiased, as in nn.BatchNorm2d
+        unbiased = var * count / (count - 1).clamp_min(1)  # running_var is unbiased, as in nn.BatchNorm2d
         self.running_mean.lerp_(mean.to(self.running_mean.dtype), momentum)
         self.running_var.lerp_(unbiased.to(self.running_var.dtype), momentum)
 
