@@ -178,7 +178,8 @@ def keyed_rng_matches_its_twin(device, timeout=None) -> dict:
 
 def tiny_trainer(out: Path, *overrides):
     from fastvae.config import load_config
-    from fastvae.trainer import Trainer, reset_accelerate_state
+    from fastvae.run_setup import reset_accelerate_state
+    from fastvae.trainer import Trainer
 
     reset_accelerate_state()
     return Trainer(load_config("mnist", ["data.limit=1024", "data.batch_size=64", "train.log_every=1000",
@@ -233,7 +234,8 @@ def celeba_size_throughput(device, out: Path, timeout=None) -> dict:
     end-to-end images/s of one epoch, data included, as fit() reports it."""
     from fastvae.config import load_config
     from fastvae.data.base import ImageTensorDataset
-    from fastvae.trainer import Trainer, reset_accelerate_state
+    from fastvae.run_setup import reset_accelerate_state
+    from fastvae.trainer import Trainer
 
     n = 2048 if SMOKE else CELEBA_TRAIN_IMAGES
     images = torch.randint(0, 256, (n, 3, 64, 64), dtype=torch.uint8)

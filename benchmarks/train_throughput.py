@@ -41,7 +41,8 @@ from fastvae.tracking import read_records  # noqa: E402
 from fastvae.data.base import ImageTensorDataset  # noqa: E402
 from fastvae.models import build_model  # noqa: E402
 from fastvae.optim import build_optimizer  # noqa: E402
-from fastvae.trainer import Trainer, reset_accelerate_state  # noqa: E402
+from fastvae.run_setup import reset_accelerate_state  # noqa: E402
+from fastvae.trainer import Trainer  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKLOADS = {  # name: (config, batch, overrides); the first two run by default

@@ -24,7 +24,7 @@ torch.set_num_threads(min(2, os.cpu_count() or 1))
 @pytest.fixture(autouse=True)
 def fresh_accelerate_state():
     """accelerate keeps process-wide singletons; each in-process run starts clean."""
-    from fastvae.trainer import reset_accelerate_state
+    from fastvae.run_setup import reset_accelerate_state
 
     reset_accelerate_state()
     yield

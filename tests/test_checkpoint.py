@@ -18,7 +18,7 @@ from fastvae.errors import UserError
 from fastvae.train import main, train
 from fastvae.trainer import Trainer
 from fastvae.evaluate import main as evaluate_main
-from fastvae.trainer import reset_accelerate_state
+from fastvae.run_setup import reset_accelerate_state
 from helpers import TINY, assert_same_weights, final_weights, tiny_config, tree_snapshot
 
 

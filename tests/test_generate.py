@@ -11,7 +11,7 @@ from fastvae.data.base import ImageTensorDataset
 from fastvae.generate import (LoadedVAE, apply_attribute, attribute_vector, attribute_vector_for, encode,
                               encode_split, images_at, interpolate, load, main, reconstruct)
 from fastvae.train import train
-from fastvae.trainer import reset_accelerate_state
+from fastvae.run_setup import reset_accelerate_state
 from helpers import tiny_config
 
 

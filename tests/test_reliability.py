@@ -20,7 +20,7 @@ from fastvae.launch.processes import accelerate_launch
 from fastvae.stopping import NonFiniteGuard
 from fastvae.tracking import read_records
 from fastvae.train import main, train
-from fastvae.trainer import reset_accelerate_state
+from fastvae.run_setup import reset_accelerate_state
 from helpers import CONFIGS, ROOT, TINY, assert_same_weights, final_weights, tiny_config, tree_snapshot, wait_until
 
 TRAIN = [sys.executable, "-m", "fastvae.train", "--config", str(CONFIGS / "mnist.yaml"), *TINY]
