@@ -30,20 +30,31 @@ SEED_LIMIT = 2**63  # a given seed is used as it is, an int64 Philox key: the nu
 
 @triton.jit
 def _row_counters(row_offsets_ptr, rows, row_mask, D, HAS_ROWS: tl.constexpr):
-    """Each row's Philox counter of its element 0: given per row (fastvae.noise), else its index."""
+    """Each row's (index of its element 0, stream): given per row as [B, 2] (fastvae.noise.row_offsets),
+    else (row x D, 0)."""
     if HAS_ROWS:
-        return tl.load(row_offsets_ptr + rows, mask=row_mask, other=0)
-    return rows.to(tl.int64) * D
+        first = tl.load(row_offsets_ptr + rows.to(tl.int64) * 2, mask=row_mask, other=0)
+        stream = tl.load(row_offsets_ptr + rows.to(tl.int64) * 2 + 1, mask=row_mask, other=0)
+        return first, stream
+    return rows.to(tl.int64) * D, rows.to(tl.int64) * 0
 
 
 @triton.jit
-def _eps(eps_ptr, seed, offsets, row_start, start, mask, HAS_EPS: tl.constexpr, ACC: tl.constexpr,
-         BLOCK_N: tl.constexpr):
-    """eps from memory, or regenerated from Philox(seed, its row's counter + its column): the same
-    numbers in fwd and bwd."""
+def _eps(eps_ptr, seed, offsets, row_start, stream, start, mask, HAS_EPS: tl.constexpr, HAS_ROWS: tl.constexpr,
+         ACC: tl.constexpr, BLOCK_N: tl.constexpr):
+    """eps from memory, or regenerated from Philox: the same numbers in fwd and bwd. Keyed rows draw at
+    counter words (low(i), stream, high(i), 0) for element index i (fastvae.noise: 2^64 elements per
+    stream); un-keyed ones at tl.randn's counter i."""
     if HAS_EPS:
         return tl.load(eps_ptr + offsets, mask=mask, other=0.0).to(ACC)
-    return tl.randn(seed, row_start[:, None] + (start + tl.arange(0, BLOCK_N))[None, :]).to(ACC)
+    index = row_start[:, None] + (start + tl.arange(0, BLOCK_N))[None, :]
+    if HAS_ROWS:
+        c0 = index.to(tl.uint32)  # the low word (int64 -> uint32 keeps the low 32 bits)
+        r0, r1, _, _ = tl.philox(seed, c0, (stream[:, None] + index * 0).to(tl.uint32), (index >> 32).to(tl.uint32),
+                                 c0 * 0)
+        normal, _ = tl.pair_uniform_to_normal(tl.uint_to_uniform_float(r0), tl.uint_to_uniform_float(r1))
+        return normal.to(ACC)
+    return tl.randn(seed, index).to(ACC)
 
 
 @triton.jit
@@ -54,14 +65,14 @@ def _forward_kernel(mu_ptr, logvar_ptr, eps_ptr, seed_ptr, row_offsets_ptr, z_pt
     rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
     row_mask = rows < B
     seed = tl.load(seed_ptr)
-    row_start = _row_counters(row_offsets_ptr, rows, row_mask, D, HAS_ROWS)
+    row_start, stream = _row_counters(row_offsets_ptr, rows, row_mask, D, HAS_ROWS)
     kl = tl.zeros((BLOCK_B, BLOCK_N), dtype=ACC)  # summed across columns once, after the loop
     for start in range(0, D, BLOCK_N):
         mask, offsets = tile_offsets(rows, row_mask, start, D, BLOCK_N)
         mu = tl.load(mu_ptr + offsets, mask=mask, other=0.0).to(ACC)
         logvar = tl.load(logvar_ptr + offsets, mask=mask, other=0.0).to(ACC)
         std = tl.exp(0.5 * logvar)
-        z = mu + std * _eps(eps_ptr, seed, offsets, row_start, start, mask, HAS_EPS, ACC, BLOCK_N)
+        z = mu + std * _eps(eps_ptr, seed, offsets, row_start, stream, start, mask, HAS_EPS, HAS_ROWS, ACC, BLOCK_N)
         tl.store(z_ptr + offsets, z.to(z_ptr.dtype.element_ty), mask=mask)
         # masked lanes hold mu = logvar = 0, whose KL term is exactly 0
         kl += 1.0 + logvar - mu * mu - std * std
@@ -76,7 +87,7 @@ def _backward_kernel(dz_ptr, dkl_ptr, mu_ptr, logvar_ptr, eps_ptr, seed_ptr, row
     rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
     row_mask = rows < B
     seed = tl.load(seed_ptr)
-    row_start = _row_counters(row_offsets_ptr, rows, row_mask, D, HAS_ROWS)
+    row_start, stream = _row_counters(row_offsets_ptr, rows, row_mask, D, HAS_ROWS)
     dkl = tl.load(dkl_ptr + rows, mask=row_mask, other=0.0).to(ACC)[:, None]
     for start in range(0, D, BLOCK_N):
         mask, offsets = tile_offsets(rows, row_mask, start, D, BLOCK_N)
@@ -85,7 +96,7 @@ def _backward_kernel(dz_ptr, dkl_ptr, mu_ptr, logvar_ptr, eps_ptr, seed_ptr, row
         logvar = tl.load(logvar_ptr + offsets, mask=mask, other=0.0).to(ACC)
         std = tl.exp(0.5 * logvar)
         dmu = dz + dkl * mu
-        eps = _eps(eps_ptr, seed, offsets, row_start, start, mask, HAS_EPS, ACC, BLOCK_N)
+        eps = _eps(eps_ptr, seed, offsets, row_start, stream, start, mask, HAS_EPS, HAS_ROWS, ACC, BLOCK_N)
         dlogvar = 0.5 * dz * eps * std + 0.5 * dkl * (std * std - 1.0)
         tl.store(dmu_ptr + offsets, dmu.to(dmu_ptr.dtype.element_ty), mask=mask)
         tl.store(dlogvar_ptr + offsets, dlogvar.to(dlogvar_ptr.dtype.element_ty), mask=mask)
@@ -189,15 +200,16 @@ def fused_reparam_kl(mu: torch.Tensor, logvar: torch.Tensor, eps: Optional[torch
     seed, one is drawn from torch's generator of mu's device, on that device: so
     torch.manual_seed and checkpointed RNG state reproduce it, and no host sync is needed.
     `seed` may be an int or an int64 tensor on mu's device (read by the kernel: no host sync).
-    row_offsets (int64 [B], fastvae.noise.row_offsets): row b draws at counters row_offsets[b] + j,
+    row_offsets (int64 [B, 2], fastvae.noise.row_offsets: each row's first element index and stream):
     the numbers fastvae.noise.keyed_normal gives, so a sample's eps does not depend on its batch.
     """
     if mu.shape != logvar.shape or mu.ndim != 2:
         raise ValueError(f"mu {tuple(mu.shape)} and logvar {tuple(logvar.shape)}: expected equal [B, D] shapes")
     if eps is not None and eps.shape != mu.shape:
         raise ValueError(f"eps {tuple(eps.shape)}: expected the shape of mu {tuple(mu.shape)}")
-    if row_offsets is not None and (seed is None or row_offsets.shape != mu.shape[:1]):
-        raise ValueError(f"row_offsets {tuple(row_offsets.shape)}: expected [B] = [{mu.shape[0]}] and a seed")
+    if row_offsets is not None and (seed is None or row_offsets.shape != (mu.shape[0], 2)):
+        raise ValueError(f"row_offsets {tuple(row_offsets.shape)}: expected [B, 2] = [{mu.shape[0]}, 2] "
+                         f"(fastvae.noise.row_offsets) and a seed")
     if not triton_runs_on(mu.device):
         return _reference(mu, logvar, eps, seed, row_offsets)
     if eps is not None:

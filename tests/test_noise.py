@@ -45,3 +45,24 @@ def test_one_seed_rule_for_the_kernel_and_its_torch_twin_at_the_boundaries(seed)
     for given in (seed, torch.tensor(seed)):
         z, _ = fused_reparam_kl(torch.zeros(3, 16), torch.zeros(3, 16), seed=given, row_offsets=rows)
         torch.testing.assert_close(z, want, rtol=0, atol=2e-6)
+
+
+def test_the_counter_layout_keeps_todays_numbers_and_never_runs_into_the_next_step():
+    """Counter words (low(i), step, high(i), 0) for element index i = sample x D + j: below i = 2^32 the
+    numbers of the earlier layout (counter (step << 32) + i); above it no overlap with the next step,
+    which the earlier layout had from 2^32 / D samples on (21.5M at D = 200)."""
+    ids, dim, seed = torch.tensor([0, 7, 21_474_830]), 200, 99  # the last: i just under 2^32
+    for step in (0, 3):
+        old = noise.philox_normal(seed, (step << 32) + ids[:, None] * dim + torch.arange(dim))
+        torch.testing.assert_close(noise.keyed_normal(seed, noise.row_offsets(ids, dim, step), dim), old, rtol=0, atol=0)
+    beyond = 2**32 + 1000  # element index of a sample past 2^32 / D, at step 0 ...
+    clash = noise.philox_normal(seed, torch.tensor([(0 << 32) + beyond]))
+    assert torch.equal(clash, noise.philox_normal(seed, torch.tensor([(1 << 32) + 1000])))  # ... was step 1's
+    new = noise.keyed_normal(seed, torch.tensor([[beyond, 0]]), 4)
+    assert not torch.equal(new, noise.keyed_normal(seed, torch.tensor([[1000, 1]]), 4))
+
+
+def test_the_kernel_draws_the_twins_numbers_past_2_to_the_32():
+    rows = noise.row_offsets(torch.tensor([2**32 // 8 + 3, 5, 2**40]), 8, 7)  # element indices past 2^32
+    z, _ = fused_reparam_kl(torch.zeros(3, 8), torch.zeros(3, 8), seed=torch.tensor(11), row_offsets=rows)
+    torch.testing.assert_close(z, noise.keyed_normal(11, rows, 8), rtol=0, atol=2e-6)
