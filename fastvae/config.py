@@ -91,6 +91,18 @@ class LossConfig:
     recon_weight: float = knob(1.0, "weight of the reconstruction term (the lecture's alpha)", at_least=0)
     beta: float = knob(1.0, "weight of the KL term (1 = plain VAE)", at_least=0)
     kl_warmup_steps: int = knob(0, "ramp beta linearly from 0 over this many steps; 0 = off", at_least=0)
+    kl_cycle_steps: int = knob(0, "cyclical KL annealing (Fu et al. 2019): restart the ramp of beta every this "
+                                  "many steps; 0 = off", at_least=0)
+    kl_cycle_ramp: float = knob(0.5, "share of each cycle over which beta ramps from 0 (then it holds)", above=0)
+    free_bits: float = knob(0.0, "per-dimension KL floor in nats (Kingma et al. 2016): the KL term is "
+                                 "beta x sum_j max(free_bits, KL_j averaged over the global batch); 0 = off",
+                            at_least=0)
+    capacity: float = knob(0.0, "capacity annealing (Burgess et al. 2018): the KL term is capacity_gamma x "
+                                "|KL averaged over the global batch - C|, C ramped from 0 to this many nats over "
+                                "capacity_steps; 0 = off", at_least=0)
+    capacity_steps: int = knob(0, "steps over which C grows to loss.capacity; 0 = C is loss.capacity at once",
+                               at_least=0)
+    capacity_gamma: float = knob(1000.0, "weight of |KL - C| (Burgess et al.'s gamma)", at_least=0)
 
 
 @dataclass
@@ -179,7 +191,8 @@ RESUME_MAY_DIFFER = (
     "wandb.log_checkpoint",
     "data.root", "data.limit", "data.batch_size", "data.num_workers", "data.loader", "data.beton", "data.order",
     "data.flip", "data.skip_corrupt", "data.label_attribute", "data.test_split",
-    "loss.recon", "loss.recon_weight", "loss.beta", "loss.kl_warmup_steps",
+    "loss.recon", "loss.recon_weight", "loss.beta", "loss.kl_warmup_steps", "loss.kl_cycle_steps",
+    "loss.kl_cycle_ramp", "loss.free_bits", "loss.capacity", "loss.capacity_steps", "loss.capacity_gamma",
     "optim.name", "optim.lr", "optim.weight_decay", "optim.betas", "optim.momentum", "optim.scheduler",
     "optim.warmup_steps", "optim.grad_clip",
     "train.epochs", "train.max_steps", "train.grad_accum_steps", "train.mixed_precision", "train.compile",
@@ -377,6 +390,14 @@ def validate(cfg: Config) -> Config:
     if (cfg.data.loader == "ffcv" or cfg.data.beton) and cfg.data.channels not in (1, 3):
         raise UserError(f"config key 'data.channels': FFCV stores greyscale or RGB images; expected 1 or 3 with "
                         f"data.beton, got {cfg.data.channels}")
+    if cfg.loss.kl_cycle_ramp > 1:
+        raise UserError(f"config key 'loss.kl_cycle_ramp': expected a share of the cycle in (0, 1], got "
+                        f"{cfg.loss.kl_cycle_ramp}")
+    if cfg.loss.kl_cycle_steps and cfg.loss.kl_warmup_steps:
+        raise UserError("config keys 'loss.kl_cycle_steps' and 'loss.kl_warmup_steps': both schedule beta; expected "
+                        "one of them (a cycle starts with its own warm-up)")
+    if cfg.loss.free_bits and cfg.loss.capacity:
+        raise UserError("config keys 'loss.free_bits' and 'loss.capacity': both replace the KL term; expected one")
     if cfg.data.name == "celeba" and cfg.data.channels != 3:
         raise UserError(f"data.name=celeba gives RGB images; expected data.channels=3, got {cfg.data.channels}")
     return cfg

@@ -43,11 +43,33 @@ def reconstruction_loss(logits: torch.Tensor, target: torch.Tensor, kind: str) -
     return per_pixel.flatten(1).sum(dim=1)
 
 
-def kl_weight(beta: float, step: int, warmup_steps: int) -> float:
-    """beta, ramped linearly from 0 over the first `warmup_steps` steps (KL warm-up)."""
+def kl_weight(beta: float, step: int, warmup_steps: int, cycle_steps: int = 0, cycle_ramp: float = 0.5) -> float:
+    """beta, ramped linearly from 0 over the first `warmup_steps` steps (KL warm-up); or cyclical
+    (Fu et al. 2019): every cycle of `cycle_steps` ramps it from 0 over its first `cycle_ramp` share,
+    then holds it. A function of the step alone: a resumed run sees the same weights."""
+    if cycle_steps > 0:
+        return beta * min(1.0, (step % cycle_steps) / (cycle_ramp * cycle_steps))
     if warmup_steps <= 0:
         return beta
     return beta * min(1.0, step / warmup_steps)
+
+
+def capacity_at(step: int, capacity: float, capacity_steps: int) -> float:
+    """C of capacity annealing (Burgess et al. 2018): 0 -> capacity nats, linearly over capacity_steps."""
+    return capacity if capacity_steps <= 0 else capacity * min(1.0, step / capacity_steps)
+
+
+def kl_term(kl_mean_per_dim: torch.Tensor, beta, free_bits: float = 0.0, capacity=None, gamma: float = 1.0):
+    """The KL part of the loss from KL_j averaged over the (global) batch, one per latent dimension:
+    beta * sum_j KL_j (the ELBO's); with free bits beta * sum_j max(free_bits, KL_j) (Kingma et al.
+    2016: dimensions below the floor get no push towards the prior); with a capacity C
+    gamma * |sum_j KL_j - C| (Burgess et al. 2018). Terms of the batch's mean, so N processes must
+    average over the global batch (fastvae.models.base) to train what one process trains."""
+    if free_bits > 0:
+        return beta * kl_mean_per_dim.clamp_min(free_bits).sum()
+    if capacity is not None:
+        return gamma * (kl_mean_per_dim.sum() - capacity).abs()
+    return beta * kl_mean_per_dim.sum()
 
 
 def vae_loss(recon: torch.Tensor, kl: torch.Tensor, recon_weight: float, beta: float) -> torch.Tensor:

@@ -18,6 +18,22 @@ def recon_loss_fp32(logits: torch.Tensor, target: torch.Tensor, kind: str) -> to
     return losses.reconstruction_loss(logits.float(), target.float(), kind)
 
 
+def global_batch_mean(values: torch.Tensor) -> torch.Tensor:
+    """values [B, ...] averaged over the global batch of all processes, differentiably: one all-reduce
+    of (sum, count) whose backward sums the gradients over ranks, so that DDP's average of the ranks'
+    gradients is the gradient one process with the whole batch gets (as GlooSyncBatchNorm does).
+    One process: the plain mean."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return values.mean(0)
+    from torch.distributed.nn.functional import all_reduce
+
+    local = torch.cat([values.sum(0).flatten(), values.new_full((1,), values.shape[0])])
+    total = all_reduce(local)
+    return (total[:-1] / total[-1]).view(values.shape[1:])
+
+
 def eager_reparam_kl(mu: torch.Tensor, logvar: torch.Tensor, key=None):
     """The reference reparameterization + KL, eps from fastvae.noise (keyed when `key` is given)."""
     return losses.reparam_kl(mu, logvar, noise.draw_eps(mu, key))

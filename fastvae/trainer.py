@@ -28,8 +28,9 @@ from fastvae.data import build_datasets
 from fastvae.data.loaders import build_train_loader
 from fastvae.data.memory import decoded_once
 from fastvae.errors import LostRank, OutputError, UserError
-from fastvae.losses import kl_weight
+from fastvae.losses import capacity_at, kl_weight
 from fastvae.models import build_model
+from fastvae.models.base import Objective
 from fastvae.models.sync_batchnorm import convert_sync_batchnorm
 from fastvae.optim import build_optimizer, build_scheduler
 from fastvae.ops import select_ops
@@ -109,7 +110,8 @@ class Trainer:
         self.memory_format = MEMORY_FORMATS[cfg.train.memory_format]
         model = build_model(cfg).to(memory_format=self.memory_format)
         model.use_reparam_kl(self.ops.reparam_kl)
-        model.use_objective(self.ops.recon_loss, cfg.loss.recon, cfg.loss.recon_weight)
+        model.use_objective(Objective(self.ops.recon_loss, cfg.loss.recon, cfg.loss.recon_weight, cfg.loss.free_bits,
+                                      cfg.loss.capacity_gamma if cfg.loss.capacity else None))
         if cfg.train.sync_batchnorm and acc.num_processes > 1:
             model = convert_sync_batchnorm(model, acc.device)
         model.to(acc.device)  # before the optimizer: fused Adam needs its parameters on the GPU
@@ -154,11 +156,14 @@ class Trainer:
         sync), or None when train.nonfinite=skip dropped the batch."""
         cfg, acc = self.cfg, self.accelerator
         x = batch[0].contiguous(memory_format=self.memory_format)
-        beta = kl_weight(cfg.loss.beta, self.state.step, cfg.loss.kl_warmup_steps)
+        beta = kl_weight(cfg.loss.beta, self.state.step, cfg.loss.kl_warmup_steps, cfg.loss.kl_cycle_steps,
+                         cfg.loss.kl_cycle_ramp)
+        capacity = capacity_at(self.state.step, cfg.loss.capacity, cfg.loss.capacity_steps)
         with acc.accumulate(self.model):
             # beta as a device tensor: a Python float would be baked into a compiled graph, which
             # KL warm-up would then recompile every step
-            loss, recon, kl = self.model(x, self._noise_key(batch), torch.full((), beta, device=x.device))
+            loss, recon, kl = self.model(x, self._noise_key(batch), torch.full((), beta, device=x.device),
+                                         torch.full((), capacity, device=x.device) if cfg.loss.capacity else None)
             if self.guard.batch_is_bad(self.state.step, recon, kl):  # this batch updates nothing
                 self.optimizer.zero_grad(set_to_none=True)  # (nor does the rest of its accumulation window)
                 return None

@@ -3,15 +3,32 @@ decoder's output for the reconstruction loss (logits: images are sigmoid(logits)
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
 from torch import nn
 
 from fastvae import losses
-from fastvae.ops import eager_reparam_kl, recon_loss_fp32
+from fastvae.ops import eager_reparam_kl, global_batch_mean, recon_loss_fp32
 
 ReparamKL = Callable[..., tuple[torch.Tensor, torch.Tensor]]
+
+
+@dataclass(frozen=True)
+class Objective:
+    """What forward(x, noise_key, beta) trains: the reconstruction op and weight, and the KL term
+    (the ELBO's; or free bits, or a capacity, both terms of the global batch's mean KL per dimension)."""
+
+    recon_loss: Callable = recon_loss_fp32
+    kind: str = "bce"
+    recon_weight: float = 1.0
+    free_bits: float = 0.0
+    capacity_gamma: float | None = None  # set: capacity annealing, gamma * |KL - C|
+
+    @property
+    def batch_level(self) -> bool:
+        return self.free_bits > 0 or self.capacity_gamma is not None
 
 
 class VAE(nn.Module):
@@ -31,15 +48,15 @@ class VAE(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.reparam_kl: ReparamKL = eager_reparam_kl  # until a Trainer gives it the op train.ops selects
-        self.objective = (recon_loss_fp32, "bce", 1.0)  # (recon op, kind, weight): set by use_objective
+        self.objective = Objective()  # set by use_objective
 
     def use_reparam_kl(self, op: ReparamKL) -> None:
         """Run the reparameterization + KL with `op` ((mu, logvar, noise_key=None) -> (z, kl[B]))."""
         self.reparam_kl = op
 
-    def use_objective(self, recon_loss: Callable, kind: str, recon_weight: float) -> None:
-        """forward(x, noise_key, beta) takes recon_loss(logits, x, kind) -> [B] and the ELBO with these."""
-        self.objective = (recon_loss, kind, recon_weight)
+    def use_objective(self, objective: Objective) -> None:
+        """What forward(x, noise_key, beta) trains (the Trainer sets it from loss.*)."""
+        self.objective = objective
 
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x [B, C, H, W] in [0, 1] -> (mu, logvar), each [B, latent_dim]."""
@@ -50,15 +67,19 @@ class VAE(nn.Module):
         raise NotImplementedError
 
     def forward(self, x: torch.Tensor, noise_key: tuple[torch.Tensor, torch.Tensor] | None = None,
-                beta: torch.Tensor | None = None):
+                beta: torch.Tensor | None = None, capacity: torch.Tensor | None = None):
         """noise_key: (seed, row counters) of fastvae.noise, to draw each sample's own eps; None:
-        eps from torch's generator. beta (a tensor: a float would be baked into a compiled graph):
-        return (loss, recon[B], kl[B]) instead of (logits, mu, logvar, kl)."""
+        eps from torch's generator. beta (a tensor: a float would be baked into a compiled graph; and
+        capacity's C): return (loss, recon[B], kl[B]) instead of (logits, mu, logvar, kl)."""
         mu, logvar = self.encode(x)
         z, kl = self.reparam_kl(mu, logvar) if noise_key is None else self.reparam_kl(mu, logvar, noise_key)
         logits = self.decode(z.to(mu.dtype))
         if beta is None:
             return logits, mu, logvar, kl
-        recon_loss, kind, recon_weight = self.objective
-        recon = recon_loss(logits, x, kind)
-        return losses.vae_loss(recon, kl, recon_weight, beta), recon, kl
+        o = self.objective
+        recon = o.recon_loss(logits, x, o.kind)
+        if not o.batch_level:
+            return losses.vae_loss(recon, kl, o.recon_weight, beta), recon, kl
+        kl_mean = global_batch_mean(losses.kl_divergence_per_dim(mu.float(), logvar.float()))
+        kl_loss = losses.kl_term(kl_mean, beta, o.free_bits, capacity, o.capacity_gamma or 1.0)
+        return o.recon_weight * recon.mean() + kl_loss, recon, kl
