@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from fastvae import losses
-from fastvae.errors import UserError
 from fastvae.config import load_config
+from fastvae.errors import UserError
 from fastvae.ops import global_batch_mean
 from fastvae.train import train
 from helpers import ROOT, TINY, assert_same_weights, final_weights, tiny_config
