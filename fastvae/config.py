@@ -90,6 +90,9 @@ class LossConfig:
     recon: Literal["bce", "mse"] = knob("bce", "bce (Bernoulli decoder) or mse (Gaussian decoder)")
     recon_weight: float = knob(1.0, "weight of the reconstruction term (the lecture's alpha)", at_least=0)
     beta: float = knob(1.0, "weight of the KL term (1 = plain VAE)", at_least=0)
+    objective: Literal["elbo", "iwae"] = knob("elbo", "elbo, or iwae: the importance-weighted bound with "
+                                                      "loss.samples samples per image (Burda et al. 2016)")
+    samples: int = knob(1, "loss.objective=iwae: importance samples K per image (K = 1 is the ELBO)", at_least=1)
     kl_warmup_steps: int = knob(0, "ramp beta linearly from 0 over this many steps; 0 = off", at_least=0)
     kl_cycle_steps: int = knob(0, "cyclical KL annealing (Fu et al. 2019): restart the ramp of beta every this "
                                   "many steps; 0 = off", at_least=0)
@@ -191,7 +194,7 @@ RESUME_MAY_DIFFER = (
     "wandb.log_checkpoint",
     "data.root", "data.limit", "data.batch_size", "data.num_workers", "data.loader", "data.beton", "data.order",
     "data.flip", "data.skip_corrupt", "data.label_attribute", "data.test_split",
-    "loss.recon", "loss.recon_weight", "loss.beta", "loss.kl_warmup_steps", "loss.kl_cycle_steps",
+    "loss.recon", "loss.recon_weight", "loss.beta", "loss.objective", "loss.samples", "loss.kl_warmup_steps", "loss.kl_cycle_steps",
     "loss.kl_cycle_ramp", "loss.free_bits", "loss.capacity", "loss.capacity_steps", "loss.capacity_gamma",
     "optim.name", "optim.lr", "optim.weight_decay", "optim.betas", "optim.momentum", "optim.scheduler",
     "optim.warmup_steps", "optim.grad_clip",
@@ -396,6 +399,12 @@ def validate(cfg: Config) -> Config:
     if cfg.loss.kl_cycle_steps and cfg.loss.kl_warmup_steps:
         raise UserError("config keys 'loss.kl_cycle_steps' and 'loss.kl_warmup_steps': both schedule beta; expected "
                         "one of them (a cycle starts with its own warm-up)")
+    if cfg.loss.objective == "iwae" and (cfg.loss.free_bits or cfg.loss.capacity):
+        raise UserError("config key 'loss.objective': iwae weighs samples by p(z)/q(z|x), not by a KL term; "
+                        "expected loss.free_bits=0 and loss.capacity=0 with it")
+    if cfg.loss.samples > 1 and cfg.loss.objective != "iwae":
+        raise UserError(f"config key 'loss.samples': {cfg.loss.samples} samples are for loss.objective=iwae; "
+                        f"expected loss.objective=iwae or loss.samples=1")
     if cfg.loss.free_bits and cfg.loss.capacity:
         raise UserError("config keys 'loss.free_bits' and 'loss.capacity': both replace the KL term; expected one")
     if cfg.data.name == "celeba" and cfg.data.channels != 3:

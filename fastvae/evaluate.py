@@ -62,11 +62,6 @@ class Likelihood:
         return -(sq / (2 * var) + 0.5 * x[0].numel() * math.log(2 * math.pi * var))
 
 
-def log_normal(z: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
-    """log N(z; mu, exp(logvar)) summed over the last dim."""
-    return -0.5 * (LOG_2PI + logvar + (z - mu) ** 2 / logvar.exp()).sum(-1)
-
-
 def eval_noise(seed: int, sample_ids: torch.Tensor, dim: int, draw: int) -> torch.Tensor:
     """eps [B, dim] (float64) of draw `draw` (0: the ELBO's, 1..K: importance samples) for these
     samples: keyed by (seed, draw, sample id) as in training (fastvae.noise), so any chunking of the
@@ -88,7 +83,7 @@ def iwae_bound(model, x: torch.Tensor, likelihood: Likelihood, k: int, chunk: in
         z = losses.reparameterize(mu, logvar, eps)  # [c, B, D]
         logits = model.decode(z.reshape(c * len(x), -1).to(next(model.parameters()).dtype))
         log_px = likelihood.log_prob(logits, x.repeat(c, *([1] * (x.ndim - 1)))).view(c, len(x))
-        log_w = log_px + log_normal(z, torch.zeros_like(z), torch.zeros_like(z)) - log_normal(z, mu, logvar)
+        log_w = losses.importance_log_weights(log_px, z, mu, logvar)
         running = torch.logaddexp(running, torch.logsumexp(log_w, dim=0))
     return running - math.log(k)
 

@@ -6,10 +6,13 @@ Exactly the lecture's math: log-var trick, closed-form KL, reconstruction from l
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
 RECON_KINDS = ("bce", "mse")
+LOG_2PI = math.log(2 * math.pi)
 
 
 def reparameterize(mu: torch.Tensor, logvar: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
@@ -52,6 +55,28 @@ def kl_weight(beta: float, step: int, warmup_steps: int, cycle_steps: int = 0, c
     if warmup_steps <= 0:
         return beta
     return beta * min(1.0, step / warmup_steps)
+
+
+def log_normal(z: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+    """log N(z; mu, exp(logvar)) summed over the last dim."""
+    return -0.5 * (LOG_2PI + logvar + (z - mu) ** 2 / logvar.exp()).sum(-1)
+
+
+def importance_log_weights(log_px: torch.Tensor, z: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor,
+                           beta=1.0) -> torch.Tensor:
+    """log w = log p(x|z) + beta (log p(z) - log q(z|x)) for samples z of q = N(mu, exp(logvar)):
+    log_px [K, B], z [K, B, D], mu and logvar [B, D]."""
+    prior = log_normal(z, torch.zeros_like(z), torch.zeros_like(z))
+    return log_px + beta * (prior - log_normal(z, mu, logvar))
+
+
+def iwae_loss(log_px: torch.Tensor, z: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor,
+              beta=1.0) -> torch.Tensor:
+    """Per-image negative importance-weighted bound (Burda et al. 2016) from K samples:
+    -(logsumexp_k log w - log K). K = 1 is the single-sample ELBO; beta = 1 the bound itself (used
+    by training, loss.objective=iwae, and by fastvae.evaluate)."""
+    log_w = importance_log_weights(log_px, z, mu, logvar, beta)
+    return -(torch.logsumexp(log_w, dim=0) - math.log(log_px.shape[0]))
 
 
 def capacity_at(step: int, capacity: float, capacity_steps: int) -> float:

@@ -111,7 +111,8 @@ class Trainer:
         model = build_model(cfg).to(memory_format=self.memory_format)
         model.use_reparam_kl(self.ops.reparam_kl)
         model.use_objective(Objective(self.ops.recon_loss, cfg.loss.recon, cfg.loss.recon_weight, cfg.loss.free_bits,
-                                      cfg.loss.capacity_gamma if cfg.loss.capacity else None))
+                                      cfg.loss.capacity_gamma if cfg.loss.capacity else None,
+                                      cfg.loss.samples if cfg.loss.objective == "iwae" else 1))
         if cfg.train.sync_batchnorm and acc.num_processes > 1:
             model = convert_sync_batchnorm(model, acc.device)
         model.to(acc.device)  # before the optimizer: fused Adam needs its parameters on the GPU

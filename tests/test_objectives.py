@@ -69,7 +69,8 @@ def test_bad_combinations_are_one_line(bad, message):
 
 @pytest.mark.parametrize("objective", [["loss.kl_cycle_steps=6", "loss.kl_cycle_ramp=0.5"],
                                        ["loss.free_bits=0.3"], ["loss.capacity=5", "loss.capacity_steps=8",
-                                                                "loss.capacity_gamma=20"]])
+                                                                "loss.capacity_gamma=20"],
+                                       ["loss.objective=iwae", "loss.samples=3"]])
 def test_each_objective_trains_and_resumes_exactly(tmp_path, objective):
     train(tiny_config(tmp_path / "straight", *objective, "train.epochs=2"))
     train(tiny_config(tmp_path / "stopped", *objective, "train.epochs=2", "train.max_steps=5"))
@@ -97,12 +98,77 @@ def test_free_bits_changes_what_trains_and_the_elbo_does_not():
 
 @pytest.mark.slow
 @pytest.mark.parametrize("objective", [["loss.free_bits=0.3"], ["loss.capacity=5", "loss.capacity_steps=4",
-                                                                "loss.capacity_gamma=20"]])
-def test_batch_level_terms_train_the_same_on_2_processes_as_on_one(tmp_path, objective):
+                                                                "loss.capacity_gamma=20"],
+                                       ["loss.objective=iwae", "loss.samples=3"]])
+def test_objectives_train_the_same_on_2_processes_as_on_one(tmp_path, objective):
     """Free bits and capacity are terms of the batch's mean KL: the ranks average over the global batch
-    (one differentiable all-reduce), so 2 x B/2 equals 1 x B."""
+    (one differentiable all-reduce), so 2 x B/2 equals 1 x B. IWAE: per image, keyed per (image, k)."""
     out = tmp_path / "lc"
     cmd = [sys.executable, str(ROOT / "tools" / "loss_compare.py"), "--config", "mnist", "--nproc", "2", "--steps", "6",
            "--assert-equal", "--out", str(out), "--port", "29545", "--timeout", "300", *TINY, *objective]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+
+# ---------------------------------------------------------------- IWAE training
+
+
+def test_iwae_loss_against_float64_by_hand():
+    g = torch.Generator().manual_seed(0)
+    mu, logvar = torch.randn(3, 2, generator=g, dtype=torch.float64), torch.randn(3, 2, generator=g, dtype=torch.float64)
+    z = mu + (0.5 * logvar).exp() * torch.randn(4, 3, 2, generator=g, dtype=torch.float64)
+    log_px = -torch.rand(4, 3, generator=g, dtype=torch.float64) * 50
+    log_w = log_px + losses.log_normal(z, torch.zeros_like(z), torch.zeros_like(z)) - losses.log_normal(z, mu, logvar)
+    by_hand = -torch.log(torch.exp(log_w).mean(0))
+    torch.testing.assert_close(losses.iwae_loss(log_px, z, mu, logvar), by_hand, rtol=1e-12, atol=1e-12)
+    # K = 1: the single-sample ELBO; and for the same samples the bound is never looser than their ELBOs
+    torch.testing.assert_close(losses.iwae_loss(log_px[:1], z[:1], mu, logvar), -log_w[0], rtol=0, atol=1e-12)
+    assert (losses.iwae_loss(log_px, z, mu, logvar) <= -log_w.mean(0) + 1e-12).all()
+
+
+def test_iwae_loss_gradients_pass_gradcheck():
+    g = torch.Generator().manual_seed(1)
+    eps = torch.randn(3, 2, 4, generator=g, dtype=torch.float64)
+    log_px = -torch.rand(3, 2, generator=g, dtype=torch.float64)
+    mu, logvar = (torch.randn(2, 4, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    assert torch.autograd.gradcheck(
+        lambda m, lv: losses.iwae_loss(log_px, m + (0.5 * lv).exp() * eps, m, lv, beta=0.7), (mu, logvar))
+
+
+def test_the_model_trains_the_reference_bound_with_keyed_samples():
+    """K samples per image from one call of the reparameterization op, sample k of image i keyed as
+    the virtual sample i * K + k: equal to the bound computed by hand from fastvae.noise's eps."""
+    from fastvae import noise
+    from fastvae.models import ConvVAE
+    from fastvae.models.base import Objective
+
+    torch.manual_seed(0)
+    model = ConvVAE(latent_dim=3)
+    model.use_objective(Objective(iwae_samples=4))
+    x = torch.rand(2, 1, 28, 28, generator=torch.Generator().manual_seed(1))
+    ids, seed, step = torch.tensor([5, 9]), torch.tensor(7), 3
+    loss, recon, kl = model(x, (seed, noise.row_offsets(ids, 3, step)), beta=torch.tensor(1.0))
+    with torch.no_grad():
+        mu, logvar = model.encode(x)
+        eps = torch.stack([noise.keyed_normal(seed, noise.row_offsets(ids * 4 + k, 3, step), 3) for k in range(4)])
+        z = mu + (0.5 * logvar).exp() * eps
+        log_px = -losses.reconstruction_loss(model.decode(z.view(8, 3)), x.repeat(4, 1, 1, 1), "bce").view(4, 2)
+        want = losses.iwae_loss(log_px, z, mu, logvar).mean()
+    torch.testing.assert_close(loss.detach(), want, rtol=1e-5, atol=1e-4)
+    assert recon.shape == kl.shape == (2,)
+
+
+def test_iwae_with_one_sample_is_the_elbo_run(tmp_path):
+    a = train(tiny_config(tmp_path / "elbo", "train.max_steps=4"))
+    b = train(tiny_config(tmp_path / "iwae1", "train.max_steps=4", "loss.objective=iwae", "loss.samples=1"))
+    assert a["param_checksum"] == b["param_checksum"]
+
+
+@pytest.mark.parametrize("bad, message", [
+    (["loss.objective=iwae", "loss.samples=0"], "config key 'loss.samples': expected a value >= 1"),
+    (["loss.samples=3"], "samples are for loss.objective=iwae"),
+    (["loss.objective=iwae", "loss.samples=3", "loss.free_bits=0.5"], "iwae weighs samples"),
+])
+def test_bad_iwae_settings_are_one_line(bad, message):
+    with pytest.raises(UserError, match=message):
+        load_config("mnist", bad)

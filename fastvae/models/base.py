@@ -25,6 +25,7 @@ class Objective:
     recon_weight: float = 1.0
     free_bits: float = 0.0
     capacity_gamma: float | None = None  # set: capacity annealing, gamma * |KL - C|
+    iwae_samples: int = 1  # > 1: the importance-weighted bound with this many samples per image
 
     @property
     def batch_level(self) -> bool:
@@ -72,6 +73,8 @@ class VAE(nn.Module):
         eps from torch's generator. beta (a tensor: a float would be baked into a compiled graph; and
         capacity's C): return (loss, recon[B], kl[B]) instead of (logits, mu, logvar, kl)."""
         mu, logvar = self.encode(x)
+        if beta is not None and self.objective.iwae_samples > 1:
+            return self._iwae(x, mu, logvar, noise_key, beta)
         z, kl = self.reparam_kl(mu, logvar) if noise_key is None else self.reparam_kl(mu, logvar, noise_key)
         logits = self.decode(z.to(mu.dtype))
         if beta is None:
@@ -83,3 +86,24 @@ class VAE(nn.Module):
         kl_mean = global_batch_mean(losses.kl_divergence_per_dim(mu.float(), logvar.float()))
         kl_loss = losses.kl_term(kl_mean, beta, o.free_bits, capacity, o.capacity_gamma or 1.0)
         return o.recon_weight * recon.mean() + kl_loss, recon, kl
+
+    def _iwae(self, x, mu, logvar, noise_key, beta):
+        """(loss, recon[B], kl[B]) of the importance-weighted bound: the K samples of every image in one
+        call of the reparameterization op (rows repeated K times; sample k of image i keyed as the
+        virtual sample i * K + k, so K = 1 keys as the ELBO does and N processes still equal one),
+        decoded together. recon and kl are reported per image: the mean recon of its samples and
+        the closed-form KL."""
+        o, k, b = self.objective, self.objective.iwae_samples, x.shape[0]
+        key = None
+        if noise_key is not None:  # rows [B, 2] = (first element index i * D, stream): k-major copies
+            seed, rows = noise_key
+            dim = mu.shape[1]
+            virtual = torch.cat([rows[:, :1] * k + j * dim for j in range(k)])
+            key = (seed, torch.cat([virtual, rows[:, 1:].repeat(k, 1)], 1))
+        mu_k, logvar_k = mu.repeat(k, 1), logvar.repeat(k, 1)
+        z, kl = self.reparam_kl(mu_k, logvar_k) if key is None else self.reparam_kl(mu_k, logvar_k, key)
+        logits = self.decode(z.to(mu.dtype))
+        recon = o.recon_loss(logits, x.repeat(k, *([1] * (x.dim() - 1))), o.kind).view(k, b)
+        log_w_terms = (-o.recon_weight * recon, z.float().view(k, b, -1), mu.float(), logvar.float())
+        loss = losses.iwae_loss(*log_w_terms, beta).mean()
+        return loss, recon.mean(0), kl.view(k, b)[0]
