@@ -221,7 +221,8 @@ class Trainer:
         import torch.distributed as dist
 
         try:
-            dist.monitored_barrier(group=self.watch_group, timeout=timedelta(seconds=WATCH_S), wait_all_ranks=True)
+            ask = min(WATCH_S, self.cfg.train.collective_timeout_s)  # no longer than a collective may wait
+            dist.monitored_barrier(group=self.watch_group, timeout=timedelta(seconds=ask), wait_all_ranks=True)
             lost = "no rank failed a second check"
         except RuntimeError as err:
             found = re.search(r"Ranks? ([\d, ]+) failed", str(err))
