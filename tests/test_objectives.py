@@ -171,3 +171,17 @@ def test_iwae_with_one_sample_is_the_elbo_run(tmp_path):
 def test_bad_iwae_settings_are_one_line(bad, message):
     with pytest.raises(UserError, match=message):
         load_config("mnist", bad)
+
+
+def test_a_capacity_gamma_of_zero_weighs_the_kl_term_by_zero():
+    """loss.capacity_gamma=0 is a valid setting (>= 0): the KL term vanishes, it does not become gamma 1."""
+    from fastvae.models import ConvVAE
+    from fastvae.models.base import Objective
+
+    torch.manual_seed(0)
+    model = ConvVAE(latent_dim=4)
+    model.use_objective(Objective(capacity_gamma=0.0))
+    x = torch.rand(4, 1, 28, 28, generator=torch.Generator().manual_seed(1))
+    torch.manual_seed(2)
+    loss, recon, _ = model(x, beta=torch.tensor(1.0), capacity=torch.tensor(5.0))
+    assert loss.item() == pytest.approx(recon.mean().item(), rel=1e-6)

@@ -84,7 +84,8 @@ class VAE(nn.Module):
         if not o.batch_level:
             return losses.vae_loss(recon, kl, o.recon_weight, beta), recon, kl
         kl_mean = global_batch_mean(losses.kl_divergence_per_dim(mu.float(), logvar.float()))
-        kl_loss = losses.kl_term(kl_mean, beta, o.free_bits, capacity, o.capacity_gamma or 1.0)
+        gamma = o.capacity_gamma if o.capacity_gamma is not None else 1.0  # (`or 1.0` would make a gamma of 0 one)
+        kl_loss = losses.kl_term(kl_mean, beta, o.free_bits, capacity, gamma)
         return o.recon_weight * recon.mean() + kl_loss, recon, kl
 
     def _iwae(self, x, mu, logvar, noise_key, beta):
