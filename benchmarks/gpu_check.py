@@ -214,6 +214,8 @@ def compiled_step_counts(device, out: Path, timeout=None) -> dict:
     recompiles over the steps; reduce-overhead (CUDA graphs) on a GPU. Want 1 graph, 0, 0."""
     from torch._dynamo.utils import counters
 
+    from fastvae.trainer import compile_counts
+
     torch._dynamo.reset()
     counters.clear()
     mode = "reduce-overhead" if device.type == "cuda" else "default"
@@ -222,7 +224,7 @@ def compiled_step_counts(device, out: Path, timeout=None) -> dict:
     for _ in range(steps):
         trainer.train_step(next(batches))
     trainer.close()
-    graphs, breaks = counters["stats"]["unique_graphs"], sum(counters["graph_break"].values())
+    graphs, breaks = compile_counts().values()
     # one compiled frame: every frame dynamo compiled past the first is a recompile or a break's resume
     recompiles = max(0, counters["frames"]["total"] - 1 - breaks)
     return {"mode": mode, "steps": steps, "graphs": graphs, "graph_breaks": breaks, "recompiles": recompiles,

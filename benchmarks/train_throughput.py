@@ -42,7 +42,7 @@ from fastvae.data.base import ImageTensorDataset  # noqa: E402
 from fastvae.models import build_model  # noqa: E402
 from fastvae.optim import build_optimizer  # noqa: E402
 from fastvae.run_setup import reset_accelerate_state  # noqa: E402
-from fastvae.trainer import Trainer  # noqa: E402
+from fastvae.trainer import Trainer, compile_counts  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKLOADS = {  # name: (config, batch, overrides); the first two run by default
@@ -111,28 +111,24 @@ def trainer_step(config_path, overrides, x, out_dir: Path):
     batch = (x.to(device), None, torch.arange(len(x), device=device))  # (images, labels, sample ids: the noise keys)
     seen = []
     hook = trainer.raw_model.encoder[0].register_forward_hook(lambda m, i, out: seen.append(out.dtype))
-    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    graphs = compile_counts()["compiled_graphs"]
     trainer.train_step(batch)
     hook.remove()
     trainer.train_step(batch)  # compiled rows: runs the graph built without the hook
-    compiled = torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs
+    compiled = compile_counts()["compiled_graphs"] - graphs
     want = torch.bfloat16 if cfg.train.mixed_precision == "bf16" else torch.float32
     assert seen == [want], f"{overrides}: first layer ran in {seen}, expected {want}"
     # a row that says compiled must have compiled: dynamo's silent eager fallback is made an error
     # (fail_on_recompile_limit_hit in step_cases), and a compiled row built no graph is one too
     assert compiled > 0 or not cfg.train.compile, f"{overrides}: train.compile=true but no graph was compiled"
-    COMPILED_GRAPHS[" ".join(overrides)] = compiled
     return lambda: trainer.train_step(batch)
-
-
-COMPILED_GRAPHS: dict[str, int] = {}  # graphs each row's Trainer compiled while warming up
 
 
 def step_cases(workload: str, args, device, tmp: Path) -> dict:
     config_path, batch, extra = WORKLOADS[workload]
-    # Every Trainer compiles the same function (Trainer._forward_loss): dynamo keeps one cache for it,
-    # whose default limit (8 entries) the rows of one run exceed; past it dynamo would silently run the
-    # later "compiled" rows eager. Room for every row, and an error instead of a silent fallback.
+    # Every Trainer compiles the same function (nn.Module's call, each model compiled in place): dynamo
+    # keeps one cache for it, whose default limit (8 entries) the rows of one run exceed; past it dynamo
+    # would silently run the later "compiled" rows eager. Room for every row, and an error instead of a silent fallback.
     rows = len(args.ops) * len(args.modes) * len(args.precisions) * len(args.formats)
     torch._dynamo.config.recompile_limit = max(8, 4 * rows)
     torch._dynamo.config.fail_on_recompile_limit_hit = True

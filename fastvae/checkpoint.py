@@ -120,9 +120,8 @@ def save_checkpoint(accelerator, out_dir: str | Path, cfg: Config, state: TrainS
                 shutil.rmtree(old)
     except OSError as err:
         shutil.rmtree(tmp, ignore_errors=True)
-        good = list_checkpoints(out_dir)
         raise OutputError(f"could not write checkpoint {final} ({err.strerror or err}); the last good checkpoint is "
-                          f"{good[-1] if good else 'none'}; expected room and write access in {root}") from None
+                          f"{last_good(out_dir)}; expected room and write access in {root}") from None
     accelerator.wait_for_everyone()
     return final
 
@@ -151,6 +150,12 @@ def list_checkpoints(out_dir: str | Path) -> list[Path]:
         return []
     found = [p for p in root.iterdir() if CHECKPOINT_RE.match(p.name) and (p / META_FILE).is_file()]
     return sorted(found, key=lambda p: int(CHECKPOINT_RE.match(p.name).group(1)))
+
+
+def last_good(out_dir: str | Path) -> str:
+    """The newest complete checkpoint in out_dir, or 'none': what failure messages point a user to."""
+    found = list_checkpoints(out_dir)
+    return str(found[-1]) if found else "none"
 
 
 def refuse_another_runs_checkpoints(out_dir: str | Path) -> None:

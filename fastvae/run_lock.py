@@ -60,7 +60,8 @@ class RunLock:
             self.path.unlink()
         except OSError:
             pass
-        os.close(self.fd) if self.fd >= 0 else None
+        if self.fd >= 0:  # -1: held by the file's existence (no flock), nothing to close
+            os.close(self.fd)
         self.fd = None
 
     def __del__(self) -> None:

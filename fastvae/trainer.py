@@ -227,16 +227,14 @@ class Trainer:
         except RuntimeError as err:
             found = re.search(r"Ranks? ([\d, ]+) failed", str(err))
             lost = f"rank {found.group(1).strip()} stopped answering" if found else "a rank stopped answering"
-        good = checkpoint.list_checkpoints(self.out_dir)
         return LostRank(f"{lost}: a collective waited {self.cfg.train.collective_timeout_s} s "
-                        f"(train.collective_timeout_s); the last good checkpoint is {good[-1] if good else 'none'}; "
+                        f"(train.collective_timeout_s); the last good checkpoint is {checkpoint.last_good(self.out_dir)}; "
                         f"expected every rank to answer (resume with train.resume=auto)")
 
     def _unwritable(self, err: OSError) -> OutputError:
         """A full or read-only out_dir mid-run (metrics, pictures): one line, and what is still good."""
-        good = checkpoint.list_checkpoints(self.out_dir)
         return OutputError(f"could not write {err.filename or 'to out_dir'} ({err.strerror}); the last good checkpoint "
-                           f"is {good[-1] if good else 'none'}; expected room and write access in {self.out_dir}")
+                           f"is {checkpoint.last_good(self.out_dir)}; expected room and write access in {self.out_dir}")
 
     def close(self) -> None:
         """Release out_dir for another run (fit does this when it ends; a Trainer used without fit, e.g.
@@ -354,10 +352,7 @@ class Trainer:
         if self.accelerator.num_processes > 1:
             result["ranks_agree"] = ranks_agree(self.raw_model)
         if self.cfg.train.compile:  # what dynamo built in this process: 1 graph and 0 breaks is the goal
-            from torch._dynamo.utils import counters
-
-            result["compiled_graphs"] = counters["stats"]["unique_graphs"]
-            result["graph_breaks"] = sum(counters["graph_break"].values())
+            result.update(compile_counts())
         # stop.requested() agrees across ranks (a signal may reach one rank only): all or none evaluate
         report = self._final_eval() if self.cfg.train.final_eval and not self.stop.requested() else None
         if self.accelerator.is_main_process:
@@ -395,6 +390,13 @@ class Trainer:
         cfg = self.cfg
         return evaluate_model(self.raw_model, self.test_set, Likelihood(cfg.loss.recon), cfg.train.final_eval_iwae,
                               max_images=cfg.train.final_eval_images or None, seed=cfg.seed, **self._eval_shard())
+
+
+def compile_counts() -> dict:
+    """What torch.compile built in this process so far: graphs, and graph breaks counted by dynamo."""
+    from torch._dynamo.utils import counters
+
+    return {"compiled_graphs": counters["stats"]["unique_graphs"], "graph_breaks": sum(counters["graph_break"].values())}
 
 
 def param_checksum(model) -> float:

@@ -59,9 +59,9 @@ def _data_kwargs(cls: type, cfg) -> dict:
     return {k: v for k, v in offered.items() if k in params}
 
 
-def build_model(cfg, check: bool = True) -> VAE:
-    """The model `cfg.model` describes, for the images `cfg.data` describes; `check`: one dry
-    forward on two images proves it fits them (check_model)."""
+def build_model(cfg) -> VAE:
+    """The model `cfg.model` describes, for the images `cfg.data` describes; one dry forward on two
+    images proves it fits them (check_model)."""
     cls = model_class(cfg.model.name)
     kwargs = {**_data_kwargs(cls, cfg), **cfg.model.kwargs}
     try:
@@ -71,8 +71,7 @@ def build_model(cfg, check: bool = True) -> VAE:
                         f"model.kwargs, data.channels and data.image_size that {cls.__name__} accepts") from None
     if not isinstance(model, VAE):
         raise UserError(f"model {cfg.model.name}: the constructor did not return a fastvae.VAE")
-    if check:
-        check_model(model, cfg.model.name, cfg.data.channels, *image_hw(cfg.data))
+    check_model(model, cfg.model.name, cfg.data.channels, *image_hw(cfg.data))
     return model
 
 
