@@ -51,6 +51,16 @@ def generate_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def gaussian_var(text: str) -> float | str:
+    """--gaussian-var: a number, or `fit`."""
+    if text == "fit":
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or fit, got {text!r}") from None
+
+
 def evaluate_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m fastvae.evaluate", description="Numbers to compare VAEs by: test ELBO, importance-weighted log-likelihood, active units, PSNR.")
     parser.add_argument("--checkpoint", required=True)
@@ -59,7 +69,8 @@ def evaluate_parser() -> argparse.ArgumentParser:
     parser.add_argument("--chunk", type=int, default=100, help="importance samples decoded at once")
     parser.add_argument("--max-images", type=int, help="evaluate only the first N images of the split")
     parser.add_argument("--binarize", action="store_true", help="threshold images at 0.5 (Bernoulli decoder)")
-    parser.add_argument("--gaussian-var", type=float, default=0.5, help="fixed variance of the Gaussian decoder")
+    parser.add_argument("--gaussian-var", type=gaussian_var, help="variance of the Gaussian decoder: a number, or "
+                        "fit (fitted to the evaluated images); default: fit for loss.sigma=optimal runs, else 0.5")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     parser.add_argument("overrides", nargs="*", metavar="data.key=value",

@@ -90,9 +90,18 @@ class LossConfig:
     recon: Literal["bce", "mse"] = knob("bce", "bce (Bernoulli decoder) or mse (Gaussian decoder)")
     recon_weight: float = knob(1.0, "weight of the reconstruction term (the lecture's alpha)", at_least=0)
     beta: float = knob(1.0, "weight of the KL term (1 = plain VAE)", at_least=0)
-    objective: Literal["elbo", "iwae"] = knob("elbo", "elbo, or iwae: the importance-weighted bound with "
-                                                      "loss.samples samples per image (Burda et al. 2016)")
+    objective: Literal["elbo", "iwae", "tcvae"] = knob(
+        "elbo", "elbo; iwae: the importance-weighted bound with loss.samples samples per image (Burda et al. "
+                "2016); tcvae: beta-TCVAE (Chen et al. 2018), the KL split into mutual information, total "
+                "correlation and dimension-wise KL, q(z) estimated by minibatch-weighted sampling over the "
+                "global batch")
     samples: int = knob(1, "loss.objective=iwae: importance samples K per image (K = 1 is the ELBO)", at_least=1)
+    tc_weight: float = knob(6.0, "loss.objective=tcvae: weight of the total correlation (Chen et al.'s beta; "
+                                 "mutual information and dimension-wise KL are weighed by loss.beta)", at_least=0)
+    sigma: Literal["none", "optimal"] = knob(
+        "none", "loss.recon=mse: none (recon_weight x the sum of squared errors), or optimal: the calibrated "
+                "Gaussian decoder (sigma-VAE, Rybkin et al. 2021), -log N(x; x_hat, s2 I) with the shared "
+                "variance s2 set to the global batch's mean squared error; no weight to tune")
     kl_warmup_steps: int = knob(0, "ramp beta linearly from 0 over this many steps; 0 = off", at_least=0)
     kl_cycle_steps: int = knob(0, "cyclical KL annealing (Fu et al. 2019): restart the ramp of beta every this "
                                   "many steps; 0 = off", at_least=0)
@@ -194,7 +203,8 @@ RESUME_MAY_DIFFER = (
     "wandb.log_checkpoint",
     "data.root", "data.limit", "data.batch_size", "data.num_workers", "data.loader", "data.beton", "data.order",
     "data.flip", "data.skip_corrupt", "data.label_attribute", "data.test_split",
-    "loss.recon", "loss.recon_weight", "loss.beta", "loss.objective", "loss.samples", "loss.kl_warmup_steps", "loss.kl_cycle_steps",
+    "loss.recon", "loss.recon_weight", "loss.beta", "loss.objective", "loss.samples", "loss.tc_weight",
+    "loss.sigma", "loss.kl_warmup_steps", "loss.kl_cycle_steps",
     "loss.kl_cycle_ramp", "loss.free_bits", "loss.capacity", "loss.capacity_steps", "loss.capacity_gamma",
     "optim.name", "optim.lr", "optim.weight_decay", "optim.betas", "optim.momentum", "optim.scheduler",
     "optim.warmup_steps", "optim.grad_clip",
@@ -405,11 +415,29 @@ def validate(cfg: Config) -> Config:
     if cfg.loss.samples > 1 and cfg.loss.objective != "iwae":
         raise UserError(f"config key 'loss.samples': {cfg.loss.samples} samples are for loss.objective=iwae; "
                         f"expected loss.objective=iwae or loss.samples=1")
+    if cfg.loss.objective == "tcvae" and (cfg.loss.free_bits or cfg.loss.capacity):
+        raise UserError("config key 'loss.objective': tcvae replaces the KL term by its decomposition; expected "
+                        "loss.free_bits=0 and loss.capacity=0 with it")
+    _check_sigma(cfg.loss)
     if cfg.loss.free_bits and cfg.loss.capacity:
         raise UserError("config keys 'loss.free_bits' and 'loss.capacity': both replace the KL term; expected one")
     if cfg.data.name == "celeba" and cfg.data.channels != 3:
         raise UserError(f"data.name=celeba gives RGB images; expected data.channels=3, got {cfg.data.channels}")
     return cfg
+
+
+def _check_sigma(loss: LossConfig) -> None:
+    if loss.sigma == "none":
+        return
+    if loss.recon != "mse":
+        raise UserError(f"config key 'loss.sigma': the calibrated decoder is Gaussian; expected loss.recon=mse, "
+                        f"got {loss.recon}")
+    if loss.recon_weight != 1:
+        raise UserError(f"config key 'loss.recon_weight': loss.sigma=optimal fits the weight itself (1 / 2 s2); "
+                        f"expected 1, got {loss.recon_weight}")
+    if loss.objective == "iwae":
+        raise UserError("config key 'loss.sigma': loss.sigma=optimal is built for the one-sample bound; "
+                        "expected loss.objective=elbo or tcvae")
 
 
 def _normal_image_size(size: int | list[int]) -> int | list[int]:

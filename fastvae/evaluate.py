@@ -11,6 +11,9 @@ Likelihoods (nats per image; bits/dim = nats / (pixels * ln 2)):
   fixed variance s2 (`--gaussian-var`, default 0.5). With s2 = 1/2 the training
   loss sum (sigmoid(logits) - x)^2 is exactly -log p(x|z) minus the constant
   (pixels / 2) * log(pi), so the ELBO here is the training objective, normalized.
+  `--gaussian-var fit` (the default for loss.sigma=optimal runs, the calibrated
+  decoder): s2 is the maximum-likelihood variance of the evaluated images, their
+  mean squared error at the ELBO's samples (a first pass), floored as in training.
 
 IWAE (Burda et al. 2015): log p(x) >= log (1/K) sum_k p(x, z_k) / q(z_k|x),
 z_k ~ q(z|x); K = 1 is a one-sample ELBO. Each sample's eps is keyed by (seed, k,
@@ -47,8 +50,18 @@ ACTIVE_UNIT_THRESHOLD = 0.01  # Burda et al.: Cov_x(E_q[z_u]) > 0.01
 @dataclass(frozen=True)
 class Likelihood:
     kind: str  # bce | mse
-    gaussian_var: float = 0.5
+    gaussian_var: float | None = 0.5  # None: fitted to the evaluated images (evaluate_model)
     normalized: bool = True  # False: minus the training reconstruction loss (no Gaussian constant)
+    fitted: bool = False  # gaussian_var was fitted to the evaluated images
+
+    @classmethod
+    def of_run(cls, loss, gaussian_var: float | None | str = "run", normalized: bool = True) -> "Likelihood":
+        """The decoder's likelihood for a run's loss.* settings: its variance fitted for the calibrated
+        decoder (loss.sigma=optimal), else 0.5, unless `gaussian_var` (a value, or None: fitted) says."""
+        fitted = loss.recon == "mse" and loss.sigma == "optimal"
+        if gaussian_var == "run":
+            gaussian_var = None if fitted else 0.5
+        return cls(loss.recon, gaussian_var, normalized or fitted)
 
     def log_prob(self, logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """log p(x|z) per image [N], float64."""
@@ -123,11 +136,24 @@ def evaluate_model(model, dataset, likelihood: Likelihood, iwae_samples: int = 0
     """All metrics over (up to max_images of) a dataset; see the module docstring for definitions.
     With several processes each evaluates its `shard` (rank, world size) and `all_reduce` (a sum
     over processes) makes every process's report that of the whole split."""
+    if likelihood.kind == "mse" and likelihood.gaussian_var is None:
+        likelihood = fitted_likelihood(model, dataset, max_images, binarize, seed, batch_size, shard, all_reduce)
     sums, pixels = evaluate_sums(model, dataset, likelihood, iwae_samples, chunk, max_images, binarize, seed,
                                  batch_size, progress, shard)
     if all_reduce is not None:
         sums.values = all_reduce(sums.values)
     return report_of(sums, pixels, likelihood, binarize, iwae_samples)
+
+
+def fitted_likelihood(model, dataset, max_images, binarize, seed, batch_size, shard, all_reduce) -> Likelihood:
+    """The Gaussian likelihood whose variance fits these images best: their mean squared error per
+    value at the ELBO's samples (the calibrated decoder's variance, over the split, not a batch)."""
+    sums, pixels = evaluate_sums(model, dataset, Likelihood("mse", normalized=False), 0, 1, max_images, binarize, seed,
+                                 batch_size, False, shard)
+    if all_reduce is not None:
+        sums.values = all_reduce(sums.values)
+    mean_sq_err = torch.tensor(sums.scalar("recon") / (sums.scalar("images") * pixels), dtype=torch.float64)
+    return Likelihood("mse", losses.optimal_variance(mean_sq_err).item(), fitted=True)
 
 
 @torch.no_grad()
@@ -166,7 +192,8 @@ def report_of(sums: EvalSums, pixels: int, likelihood: Likelihood, binarize: boo
     to_bits = 1.0 / (pixels * math.log(2))
     out = {
         "images": int(n), "pixels_per_image": pixels, "likelihood": likelihood.kind,
-        "gaussian_var": likelihood.gaussian_var if likelihood.kind == "mse" else None, "binarized": binarize,
+        "gaussian_var": likelihood.gaussian_var if likelihood.kind == "mse" else None,
+        "gaussian_var_fitted": likelihood.fitted, "binarized": binarize,
         "elbo_nats": elbo, "elbo_bits_per_dim": elbo * to_bits,
         "recon_nll_nats": sums.scalar("recon") / n, "kl_nats": sums.scalar("kl") / n,
         "active_units": int((activity > ACTIVE_UNIT_THRESHOLD).sum()), "latent_dim": sums.d,
@@ -186,6 +213,9 @@ def print_report(report: dict) -> None:
             ("  reconstruction NLL", f"{report['recon_nll_nats']:.2f}"),
             ("  KL", f"{report['kl_nats']:.2f}"),
             ("ELBO (bits/dim)", f"{report['elbo_bits_per_dim']:.4f}")]
+    if report["gaussian_var"] is not None:
+        fitted = " (fitted)" if report["gaussian_var_fitted"] else ""
+        rows.append((f"  Gaussian variance{fitted}", f"{report['gaussian_var']:.5g}"))
     if "iwae_nll_nats" in report:
         rows += [(f"IWAE NLL, K={report['iwae_samples']} (nats)", f"{report['iwae_nll_nats']:.2f}"),
                  ("IWAE NLL (bits/dim)", f"{report['iwae_nll_bits_per_dim']:.4f}")]
@@ -241,12 +271,13 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     if not 0 <= args.iwae_samples <= 5000:
         raise UserError(f"--iwae-samples {args.iwae_samples}: expected 0 to 5000")
-    if args.chunk < 1 or args.gaussian_var <= 0 or (args.max_images is not None and args.max_images < 1):
+    if args.chunk < 1 or not (args.gaussian_var in (None, "fit") or args.gaussian_var > 0) or (args.max_images is not None and args.max_images < 1):
         raise UserError("--chunk, --gaussian-var and --max-images: expected positive values")
     state = launched_processes(args.device)
     device = args.device if state is None else "cpu" if state.device.type == "cpu" else str(state.device)
     vae = load(args.checkpoint, device, args.overrides)
-    likelihood = Likelihood(vae.cfg.loss.recon, args.gaussian_var)
+    variance = {None: "run", "fit": None}.get(args.gaussian_var, args.gaussian_var)  # not given; fitted; a number
+    likelihood = Likelihood.of_run(vae.cfg.loss, variance)
     shard, all_reduce = ((state.process_index, state.num_processes), sum_over_processes) if state else ((0, 1), None)
     report = evaluate_model(vae.model, vae.split(args.split), likelihood, args.iwae_samples, args.chunk,
                             args.max_images, args.binarize, args.seed, progress=True, shard=shard,

@@ -97,6 +97,48 @@ def kl_term(kl_mean_per_dim: torch.Tensor, beta, free_bits: float = 0.0, capacit
     return beta * kl_mean_per_dim.sum()
 
 
+MIN_LOG_SIGMA = -6.0  # Rybkin et al.'s floor on log sigma: a perfect reconstruction must not give -inf
+
+
+def gaussian_nll(sq_err: torch.Tensor, pixels: int, var: torch.Tensor) -> torch.Tensor:
+    """-log N(x; x_hat, var I) per image from its sum of squared errors over `pixels` values."""
+    return 0.5 * (sq_err / var + pixels * (LOG_2PI + torch.log(var)))
+
+
+def optimal_variance(mean_sq_err: torch.Tensor) -> torch.Tensor:
+    """The shared decoder variance of the calibrated Gaussian decoder (sigma-VAE, Rybkin et al. 2021):
+    the maximum-likelihood variance of the batch is its mean squared error per value, floored at
+    exp(2 * MIN_LOG_SIGMA). Not detached: at the optimum the loss's derivative in var is zero, so
+    the gradient is that of the squared errors weighted by 1 / (2 var)."""
+    return mean_sq_err.clamp_min(math.exp(2 * MIN_LOG_SIGMA))
+
+
+def tc_decomposition(z: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor, dataset_size: int,
+                     mu_batch: torch.Tensor | None = None, logvar_batch: torch.Tensor | None = None):
+    """(MI, TC, dimension-wise KL) per sample [B] of beta-TCVAE (Chen et al. 2018), by minibatch-weighted
+    sampling: q(z) and q(z_d) are estimated from the posteriors of the batch's M images,
+    log q(z_i) ~ logsumexp_j log q(z_i | x_j) - log(N M) with N = dataset_size, and the same per
+    dimension. mu_batch / logvar_batch [M, D]: the posteriors to estimate with (the global batch
+    under several processes; default: this batch's). Their sum is log q(z|x) - log p(z), a one-sample KL.
+    z, mu, logvar [B, D]."""
+    mu_batch = mu if mu_batch is None else mu_batch
+    logvar_batch = logvar if logvar_batch is None else logvar_batch
+    log_norm = math.log(dataset_size * mu_batch.shape[0])
+    pairs = -0.5 * (LOG_2PI + logvar_batch + (z[:, None] - mu_batch) ** 2 / logvar_batch.exp())  # [B, M, D]
+    log_qz = torch.logsumexp(pairs.sum(2), dim=1) - log_norm
+    log_qz_product = (torch.logsumexp(pairs, dim=1) - log_norm).sum(1)
+    log_qz_x = log_normal(z, mu, logvar)
+    log_pz = log_normal(z, torch.zeros_like(z), torch.zeros_like(z))
+    return log_qz_x - log_qz, log_qz - log_qz_product, log_qz_product - log_pz
+
+
+def tcvae_kl_term(mi: torch.Tensor, tc: torch.Tensor, dimension_kl: torch.Tensor, beta, tc_weight: float):
+    """beta-TCVAE's replacement of the ELBO's KL, per sample: beta (MI + dimension-wise KL) + tc_weight TC
+    (Chen et al.'s alpha = gamma = beta, their beta = tc_weight: tc_weight = beta is the beta-VAE's
+    one-sample KL)."""
+    return beta * (mi + dimension_kl) + tc_weight * tc
+
+
 def vae_loss(recon: torch.Tensor, kl: torch.Tensor, recon_weight: float, beta: float) -> torch.Tensor:
     """Loss = recon_weight * mean_batch(recon) + beta * mean_batch(KL) (lecture: alpha*L1 + L2)."""
     return recon_weight * recon.mean() + beta * kl.mean()

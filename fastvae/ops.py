@@ -34,6 +34,23 @@ def global_batch_mean(values: torch.Tensor) -> torch.Tensor:
     return (total[:-1] / total[-1]).view(values.shape[1:])
 
 
+def global_batch(values: torch.Tensor) -> torch.Tensor:
+    """values [B, ...] of every process concatenated in rank order [N * B, ...], differentiably: one
+    all-reduce of a tensor holding this rank's values in its slot and zeros elsewhere, whose
+    backward sums every rank's gradient of this rank's slot (a reduce-scatter; torch's autograd
+    all_gather emulates that with all_to_all, which gloo lacks). Every rank must hold B rows
+    (data.drop_last=true). One process: the values themselves."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return values
+    from torch.distributed.nn.functional import all_reduce
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    slots = torch.stack([values if r == rank else torch.zeros_like(values) for r in range(world)])
+    return all_reduce(slots).flatten(0, 1)
+
+
 def eager_reparam_kl(mu: torch.Tensor, logvar: torch.Tensor, key=None):
     """The reference reparameterization + KL, eps from fastvae.noise (keyed when `key` is given)."""
     return losses.reparam_kl(mu, logvar, noise.draw_eps(mu, key))

@@ -17,10 +17,11 @@ FINAL_IMAGES = 5000  # test images in the final latent scatter: the most any rep
 
 def held_out_metrics(model, test_set, cfg: Config, max_images: int = EPOCH_IMAGES, shard=(0, 1),
                  all_reduce=None) -> dict:
-    """The test loss in training units (same weights, no Gaussian constant), from fastvae.evaluate,
+    """The test loss in training units (same weights, no Gaussian constant; the calibrated decoder's
+    normalized likelihood, its variance fitted to these images), from fastvae.evaluate,
     each process evaluating its shard. Its eps are keyed (fastvae.noise): the global RNG, which
     resume restores, is untouched."""
-    report = evaluate_model(model, test_set, Likelihood(cfg.loss.recon, normalized=False), max_images=max_images,
+    report = evaluate_model(model, test_set, Likelihood.of_run(cfg.loss, normalized=False), max_images=max_images,
                             seed=cfg.seed + 1, shard=shard, all_reduce=all_reduce)
     model.train()
     recon, kl = report["recon_nll_nats"], report["kl_nats"]

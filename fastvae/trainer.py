@@ -110,9 +110,7 @@ class Trainer:
         self.memory_format = MEMORY_FORMATS[cfg.train.memory_format]
         model = build_model(cfg).to(memory_format=self.memory_format)
         model.use_reparam_kl(self.ops.reparam_kl)
-        model.use_objective(Objective(self.ops.recon_loss, cfg.loss.recon, cfg.loss.recon_weight, cfg.loss.free_bits,
-                                      cfg.loss.capacity_gamma if cfg.loss.capacity else None,
-                                      cfg.loss.samples if cfg.loss.objective == "iwae" else 1))
+        model.use_objective(self._objective())
         if cfg.train.sync_batchnorm and acc.num_processes > 1:
             model = convert_sync_batchnorm(model, acc.device)
         model.to(acc.device)  # before the optimizer: fused Adam needs its parameters on the GPU
@@ -130,6 +128,25 @@ class Trainer:
         # step it once per process; it is stepped once per optimizer step.
         # its state goes into the checkpoint's fastvae.json (accelerate would pickle it: checkpoint.restore)
         self.scheduler = build_scheduler(cfg, self.optimizer, planned_steps)
+
+    def _objective(self) -> Objective:
+        loss = self.cfg.loss
+        tcvae = loss.objective == "tcvae"
+        if tcvae and self.accelerator.num_processes > 1 and not self.cfg.data.drop_last:
+            raise UserError("config key 'data.drop_last': loss.objective=tcvae gathers equal shares of the global "
+                            "batch from every process; expected data.drop_last=true")
+        return Objective(self.ops.recon_loss, loss.recon, loss.recon_weight, loss.free_bits,
+                         loss.capacity_gamma if loss.capacity else None,
+                         loss.samples if loss.objective == "iwae" else 1, loss.sigma == "optimal",
+                         loss.tc_weight if tcvae else None, self._dataset_size() if tcvae else 0)
+
+    def _dataset_size(self) -> int:
+        """N of beta-TCVAE's estimator: the number of training images."""
+        try:
+            return len(self.train_set)
+        except TypeError:
+            raise UserError(f"loss.objective=tcvae needs the training set's size; expected a data set with a "
+                            f"length, got {type(self.train_set).__name__}") from None
 
     def _set_up_state(self) -> None:
         """Where the run starts (a checkpoint's state when resuming), its log and its guard."""
@@ -388,7 +405,7 @@ class Trainer:
         from fastvae.evaluate import Likelihood, evaluate_model
 
         cfg = self.cfg
-        return evaluate_model(self.raw_model, self.test_set, Likelihood(cfg.loss.recon), cfg.train.final_eval_iwae,
+        return evaluate_model(self.raw_model, self.test_set, Likelihood.of_run(cfg.loss), cfg.train.final_eval_iwae,
                               max_images=cfg.train.final_eval_images or None, seed=cfg.seed, **self._eval_shard())
 
 

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from fastvae.evaluate import Likelihood, evaluate_model, iwae_bound, main
+from fastvae.evaluate import Likelihood, evaluate_model, evaluate_sums, fitted_likelihood, iwae_bound, main
 from fastvae.models.base import VAE
 
 SIGMA2 = 0.001  # a sharp Gaussian decoder: the latent matters, so the bounds are far from trivial
@@ -187,3 +187,43 @@ def test_data_that_moved_is_found_with_an_override(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert exc.value.code == 2 and err == ("fastvae: error: override 'model.latent_dim=3': only data.* keys can "
                                            "change for a trained model; expected e.g. data.root=/new/place")
+
+
+def test_the_fitted_gaussian_variance_is_the_likelihoods_maximum():
+    """--gaussian-var fit (the calibrated decoder's evaluation): the variance is the evaluated images'
+    mean squared error at the ELBO's samples, so no other variance gives a higher ELBO, and the
+    reconstruction NLL is (pixels / 2) (log(2 pi s2) + 1) exactly."""
+    W, b, x, _ = make_problem(n=64)
+    model, data = LinearGaussianVAE(W, b), DatasetOf(x)
+    fitted = evaluate_model(model, data, Likelihood("mse", None), iwae_samples=10, batch_size=16)
+    var = fitted["gaussian_var"]
+    assert fitted["gaussian_var_fitted"] and 0 < var < 1
+    assert fitted["recon_nll_nats"] == pytest.approx(3 * (math.log(2 * math.pi * var) + 1), rel=1e-12)
+    for other in (0.8 * var, 1.25 * var):
+        report = evaluate_model(model, data, Likelihood("mse", other), iwae_samples=10, batch_size=16)
+        assert report["elbo_nats"] < fitted["elbo_nats"] and not report["gaussian_var_fitted"]
+    # over 2 processes: shard 0's sums plus shard 1's (what the all-reduce adds) fit the split's variance
+    other_half = evaluate_sums(model, data, Likelihood("mse", normalized=False), 0, 1, None, False, 0, 16, False,
+                               (1, 2))[0].values
+    halves = fitted_likelihood(model, data, None, False, 0, 16, (0, 2), lambda v: v + other_half)
+    assert halves.gaussian_var == pytest.approx(var, rel=1e-12)
+    assert fitted_likelihood(model, data, None, False, 0, 16, (0, 2), None).gaussian_var != pytest.approx(var)
+
+
+def test_cli_fits_the_variance_of_a_calibrated_decoder_run(tmp_path, capsys):
+    from fastvae.checkpoint import list_checkpoints
+    from fastvae.train import train
+    from helpers import tiny_config
+
+    out = tmp_path / "run"
+    train(tiny_config(out, "train.max_steps=4", "loss.recon=mse", "loss.sigma=optimal"))
+    ckpt = str(list_checkpoints(out)[-1])
+    fitted = main(["--checkpoint", ckpt, "--max-images", "40"])
+    assert fitted["gaussian_var_fitted"] and fitted["gaussian_var"] == pytest.approx(
+        fitted["recon_mse"], rel=0.5)  # the MSE at samples, near the MSE at the means
+    assert "Gaussian variance (fitted)" in capsys.readouterr().out
+    fixed = main(["--checkpoint", ckpt, "--max-images", "40", "--gaussian-var", "0.5"])
+    assert fixed["gaussian_var"] == 0.5 and fixed["elbo_nats"] < fitted["elbo_nats"]
+    with pytest.raises(SystemExit) as exc:
+        main(["--checkpoint", ckpt, "--gaussian-var", "wide"])
+    assert exc.value.code == 2 and "expected a number or fit, got 'wide'" in capsys.readouterr().err

@@ -185,3 +185,127 @@ def test_a_capacity_gamma_of_zero_weighs_the_kl_term_by_zero():
     torch.manual_seed(2)
     loss, recon, _ = model(x, beta=torch.tensor(1.0), capacity=torch.tensor(5.0))
     assert loss.item() == pytest.approx(recon.mean().item(), rel=1e-6)
+
+
+# ---------------------------------------------------------------- beta-TCVAE and the calibrated decoder
+
+
+def test_tc_decomposition_against_float64_by_hand():
+    """Minibatch-weighted sampling written out as sums of densities, one sample at a time."""
+    import math
+
+    g = torch.Generator().manual_seed(0)
+    b, d, n = 5, 3, 100
+    mu, logvar = (torch.randn(b, d, generator=g, dtype=torch.float64) for _ in range(2))
+    z = mu + (0.5 * logvar).exp() * torch.randn(b, d, generator=g, dtype=torch.float64)
+    mi, tc, dim_kl = losses.tc_decomposition(z, mu, logvar, n)
+
+    def density(i, j, dims):  # q(z_i[dims] | x_j)
+        return math.prod(math.exp(-0.5 * (math.log(2 * math.pi) + logvar[j, k].item()
+                                          + (z[i, k] - mu[j, k]).item() ** 2 / math.exp(logvar[j, k].item())))
+                         for k in dims)
+
+    for i in range(b):
+        log_qz = math.log(sum(density(i, j, range(d)) for j in range(b)) / (n * b))
+        log_product = sum(math.log(sum(density(i, j, [k]) for j in range(b)) / (n * b)) for k in range(d))
+        log_pz = sum(-0.5 * (math.log(2 * math.pi) + z[i, k].item() ** 2) for k in range(d))
+        assert mi[i].item() == pytest.approx(math.log(density(i, i, range(d))) - log_qz, abs=1e-12)
+        assert tc[i].item() == pytest.approx(log_qz - log_product, abs=1e-12)
+        assert dim_kl[i].item() == pytest.approx(log_product - log_pz, abs=1e-12)
+
+
+def test_tcvae_with_tc_weight_beta_is_the_one_sample_kl_and_passes_gradcheck():
+    g = torch.Generator().manual_seed(2)
+    eps = torch.randn(6, 3, generator=g, dtype=torch.float64)
+    mu, logvar = (torch.randn(6, 3, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    z = mu + (0.5 * logvar).exp() * eps
+    one_sample_kl = losses.log_normal(z, mu, logvar) - losses.log_normal(z, torch.zeros_like(z), torch.zeros_like(z))
+    terms = losses.tc_decomposition(z, mu, logvar, 50)
+    torch.testing.assert_close(losses.tcvae_kl_term(*terms, 2.0, 2.0), 2.0 * one_sample_kl, rtol=0, atol=1e-12)
+    assert torch.autograd.gradcheck(lambda m, lv: losses.tcvae_kl_term(
+        *losses.tc_decomposition(m + (0.5 * lv).exp() * eps, m, lv, 50), 0.7, 4.0).mean(), (mu, logvar))
+
+
+def test_calibrated_gaussian_decoder_against_float64_by_hand():
+    import math
+
+    g = torch.Generator().manual_seed(3)
+    x_hat, x = (torch.rand(4, 6, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    sq_err = (x_hat - x).pow(2).sum(1)
+    var = losses.optimal_variance(sq_err.mean() / 6)
+    nll = losses.gaussian_nll(sq_err, 6, var)
+    by_hand = [-sum(math.log(math.exp(-(x_hat[i, p] - x[i, p]).item() ** 2 / (2 * var.item()))
+                             / math.sqrt(2 * math.pi * var.item())) for p in range(6)) for i in range(4)]
+    torch.testing.assert_close(nll, torch.tensor(by_hand, dtype=torch.float64), rtol=1e-12, atol=1e-12)
+    # the fitted variance is the likelihood's maximum: any other variance gives a larger NLL
+    for other in (0.9 * var, 1.1 * var):
+        assert losses.gaussian_nll(sq_err, 6, other).sum() > nll.sum()
+    # ... so its gradient is that of the squared errors over 2 var (var held fixed)
+    nll.sum().backward()
+    held = x_hat.detach().clone().requires_grad_()
+    losses.gaussian_nll((held - x.detach()).pow(2).sum(1), 6, var.detach()).sum().backward()
+    torch.testing.assert_close(x_hat.grad, held.grad, rtol=1e-10, atol=1e-12)
+    assert torch.autograd.gradcheck(
+        lambda a: losses.gaussian_nll((a - x.detach()).pow(2).sum(1), 6,
+                                      losses.optimal_variance((a - x.detach()).pow(2).mean())).mean(), (x_hat,))
+    # a perfect reconstruction: the floor keeps the loss finite
+    zero = torch.zeros(2, dtype=torch.float64)
+    assert torch.isfinite(losses.gaussian_nll(zero, 6, losses.optimal_variance(zero.mean()))).all()
+
+
+def objective_gradients(rank, world, objective):
+    """The parameters' gradient of one step on 8 images, shared over `world` processes as DDP does
+    (each rank its contiguous share; gradients averaged)."""
+    import torch.distributed as dist
+
+    from fastvae import noise
+    from fastvae.models import ConvVAE
+    from fastvae.models.base import Objective
+
+    torch.manual_seed(0)
+    model = ConvVAE(latent_dim=4)
+    model.use_objective(Objective(**objective))
+    x = torch.rand(8, 1, 28, 28, generator=torch.Generator().manual_seed(1))
+    share, ids = x.chunk(world)[rank], torch.arange(8).chunk(world)[rank]
+    loss, _, _ = model(share, (torch.tensor(3), noise.row_offsets(ids, 4, 0)), beta=torch.tensor(0.5))
+    loss.backward()
+    grads = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten() for p in model.parameters()])
+    if world > 1:
+        dist.all_reduce(grads)
+    return grads / world
+
+
+@pytest.mark.parametrize("objective", [
+    {"tc_weight": 3.0, "dataset_size": 100, "recon_weight": 0.0},  # the TC estimator's gradient alone
+    {"tc_weight": 3.0, "dataset_size": 100},
+    {"kind": "mse", "optimal_sigma": True},
+])
+def test_two_processes_give_the_gradient_of_one(tmp_path, objective):
+    """beta-TCVAE's q(z) over the global batch (ops.global_batch) and sigma-VAE's variance of the
+    global batch (ops.global_batch_mean): 2 x 4 images give one process's gradient of 8. (A
+    TCVAE estimating q(z) from each rank's own share, or a variance of each rank's own share, fails this.)"""
+    from ranks import on_ranks
+
+    one = objective_gradients(0, 1, objective)
+    two = on_ranks(objective_gradients, 2, tmp_path, objective)
+    assert one.abs().max() > 0
+    for rank_grads in two:
+        torch.testing.assert_close(rank_grads, one, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("objective", [["loss.objective=tcvae", "loss.tc_weight=4"],
+                                       ["loss.recon=mse", "loss.sigma=optimal"]])
+def test_tcvae_and_calibrated_decoder_train_and_resume_exactly(tmp_path, objective):
+    test_each_objective_trains_and_resumes_exactly(tmp_path, objective)
+
+
+@pytest.mark.parametrize("bad, message", [
+    (["loss.objective=tcvae", "loss.free_bits=0.5"], "tcvae replaces the KL term"),
+    (["loss.sigma=optimal"], "expected loss.recon=mse, got bce"),
+    (["loss.recon=mse", "loss.sigma=optimal", "loss.recon_weight=2"], "expected 1, got 2.0"),
+    (["loss.recon=mse", "loss.sigma=optimal", "loss.objective=iwae"], "expected loss.objective=elbo or tcvae"),
+    (["loss.objective=tcvae", "loss.tc_weight=-1"], "loss.tc_weight"),
+])
+def test_bad_tcvae_and_sigma_settings_are_one_line(bad, message):
+    with pytest.raises(UserError, match=message):
+        load_config("mnist", bad)

@@ -10,15 +10,16 @@ import torch
 from torch import nn
 
 from fastvae import losses
-from fastvae.ops import eager_reparam_kl, global_batch_mean, recon_loss_fp32
+from fastvae.ops import eager_reparam_kl, global_batch, global_batch_mean, recon_loss_fp32
 
 ReparamKL = Callable[..., tuple[torch.Tensor, torch.Tensor]]
 
 
 @dataclass(frozen=True)
 class Objective:
-    """What forward(x, noise_key, beta) trains: the reconstruction op and weight, and the KL term
-    (the ELBO's; or free bits, or a capacity, both terms of the global batch's mean KL per dimension)."""
+    """What forward(x, noise_key, beta) trains: the reconstruction op and weight (or the calibrated
+    Gaussian decoder's likelihood), and the KL term (the ELBO's; or free bits, or a capacity, both
+    terms of the global batch's mean KL per dimension; or beta-TCVAE's decomposition)."""
 
     recon_loss: Callable = recon_loss_fp32
     kind: str = "bce"
@@ -26,6 +27,9 @@ class Objective:
     free_bits: float = 0.0
     capacity_gamma: float | None = None  # set: capacity annealing, gamma * |KL - C|
     iwae_samples: int = 1  # > 1: the importance-weighted bound with this many samples per image
+    optimal_sigma: bool = False  # kind mse: -log N(x; x_hat, var I), var the global batch's MSE (sigma-VAE)
+    tc_weight: float | None = None  # set: beta-TCVAE, total correlation weighed by this
+    dataset_size: int = 0  # beta-TCVAE: the training set's size N (minibatch-weighted sampling)
 
     @property
     def batch_level(self) -> bool:
@@ -80,12 +84,32 @@ class VAE(nn.Module):
         if beta is None:
             return logits, mu, logvar, kl
         o = self.objective
-        recon = o.recon_loss(logits, x, o.kind)
+        recon = self._recon(logits, x)
+        if o.tc_weight is not None:
+            return self._tcvae(z, mu, logvar, recon, kl, beta)
         if not o.batch_level:
             return losses.vae_loss(recon, kl, o.recon_weight, beta), recon, kl
         kl_mean = global_batch_mean(losses.kl_divergence_per_dim(mu.float(), logvar.float()))
         gamma = o.capacity_gamma if o.capacity_gamma is not None else 1.0  # (`or 1.0` would make a gamma of 0 one)
         kl_loss = losses.kl_term(kl_mean, beta, o.free_bits, capacity, gamma)
+        return o.recon_weight * recon.mean() + kl_loss, recon, kl
+
+    def _recon(self, logits, x):
+        """Per image: the reconstruction loss; with the calibrated Gaussian decoder its negative
+        log-likelihood under the variance that fits the global batch best."""
+        recon = self.objective.recon_loss(logits, x, self.objective.kind)
+        if not self.objective.optimal_sigma:
+            return recon
+        pixels = x[0].numel()
+        return losses.gaussian_nll(recon, pixels, losses.optimal_variance(global_batch_mean(recon) / pixels))
+
+    def _tcvae(self, z, mu, logvar, recon, kl, beta):
+        """beta-TCVAE: q(z) estimated from the posteriors of the global batch (gathered with their
+        gradients), so N processes x B/N train what one process x B trains."""
+        o = self.objective
+        z, mu, logvar = z.float(), mu.float(), logvar.float()
+        terms = losses.tc_decomposition(z, mu, logvar, o.dataset_size, global_batch(mu), global_batch(logvar))
+        kl_loss = losses.tcvae_kl_term(*terms, beta, o.tc_weight).mean()
         return o.recon_weight * recon.mean() + kl_loss, recon, kl
 
     def _iwae(self, x, mu, logvar, noise_key, beta):
