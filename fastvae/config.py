@@ -96,6 +96,8 @@ class LossConfig:
                 "correlation and dimension-wise KL, q(z) estimated by minibatch-weighted sampling over the "
                 "global batch")
     samples: int = knob(1, "loss.objective=iwae: importance samples K per image (K = 1 is the ELBO)", at_least=1)
+    dreg: bool = knob(False, "loss.objective=iwae: doubly-reparameterized gradients for the encoder (DReG, Tucker "
+                             "et al. 2018): the same bound and expected gradient, lower variance")
     tc_weight: float = knob(6.0, "loss.objective=tcvae: weight of the total correlation (Chen et al.'s beta; "
                                  "mutual information and dimension-wise KL are weighed by loss.beta)", at_least=0)
     sigma: Literal["none", "optimal"] = knob(
@@ -203,7 +205,7 @@ RESUME_MAY_DIFFER = (
     "wandb.log_checkpoint",
     "data.root", "data.limit", "data.batch_size", "data.num_workers", "data.loader", "data.beton", "data.order",
     "data.flip", "data.skip_corrupt", "data.label_attribute", "data.test_split",
-    "loss.recon", "loss.recon_weight", "loss.beta", "loss.objective", "loss.samples", "loss.tc_weight",
+    "loss.recon", "loss.recon_weight", "loss.beta", "loss.objective", "loss.samples", "loss.dreg", "loss.tc_weight",
     "loss.sigma", "loss.kl_warmup_steps", "loss.kl_cycle_steps",
     "loss.kl_cycle_ramp", "loss.free_bits", "loss.capacity", "loss.capacity_steps", "loss.capacity_gamma",
     "optim.name", "optim.lr", "optim.weight_decay", "optim.betas", "optim.momentum", "optim.scheduler",
@@ -412,6 +414,9 @@ def validate(cfg: Config) -> Config:
     if cfg.loss.objective == "iwae" and (cfg.loss.free_bits or cfg.loss.capacity):
         raise UserError("config key 'loss.objective': iwae weighs samples by p(z)/q(z|x), not by a KL term; "
                         "expected loss.free_bits=0 and loss.capacity=0 with it")
+    if cfg.loss.dreg and (cfg.loss.objective != "iwae" or cfg.loss.samples < 2):
+        raise UserError("config key 'loss.dreg': DReG gradients are those of the importance-weighted bound with "
+                        "several samples; expected loss.objective=iwae and loss.samples >= 2 with it")
     if cfg.loss.samples > 1 and cfg.loss.objective != "iwae":
         raise UserError(f"config key 'loss.samples': {cfg.loss.samples} samples are for loss.objective=iwae; "
                         f"expected loss.objective=iwae or loss.samples=1")

@@ -137,7 +137,7 @@ class Trainer:
                             "batch from every process; expected data.drop_last=true")
         return Objective(self.ops.recon_loss, loss.recon, loss.recon_weight, loss.free_bits,
                          loss.capacity_gamma if loss.capacity else None,
-                         loss.samples if loss.objective == "iwae" else 1, loss.sigma == "optimal",
+                         loss.samples if loss.objective == "iwae" else 1, loss.dreg, loss.sigma == "optimal",
                          loss.tc_weight if tcvae else None, self._dataset_size() if tcvae else 0)
 
     def _dataset_size(self) -> int:

@@ -27,6 +27,7 @@ class Objective:
     free_bits: float = 0.0
     capacity_gamma: float | None = None  # set: capacity annealing, gamma * |KL - C|
     iwae_samples: int = 1  # > 1: the importance-weighted bound with this many samples per image
+    dreg: bool = False  # the bound's doubly-reparameterized gradients (Tucker et al. 2018)
     optimal_sigma: bool = False  # kind mse: -log N(x; x_hat, var I), var the global batch's MSE (sigma-VAE)
     tc_weight: float | None = None  # set: beta-TCVAE, total correlation weighed by this
     dataset_size: int = 0  # beta-TCVAE: the training set's size N (minibatch-weighted sampling)
@@ -130,5 +131,5 @@ class VAE(nn.Module):
         logits = self.decode(z.to(mu.dtype))
         recon = o.recon_loss(logits, x.repeat(k, *([1] * (x.dim() - 1))), o.kind).view(k, b)
         log_w_terms = (-o.recon_weight * recon, z.float().view(k, b, -1), mu.float(), logvar.float())
-        loss = losses.iwae_loss(*log_w_terms, beta).mean()
+        loss = losses.iwae_loss(*log_w_terms, beta, dreg_z=z if o.dreg else None).mean()
         return loss, recon.mean(0), kl.view(k, b)[0]
