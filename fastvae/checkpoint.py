@@ -393,6 +393,17 @@ class LoadedVAE:
     def run_dir(self) -> Path:
         return self.path.parent.parent  # RUN_DIR/checkpoints/step_N
 
+    @property
+    def conditioning(self):
+        """A conditional model's conditioning (fastvae.conditions), not bound to data; else None."""
+        from fastvae.conditions import conditioning_of
+
+        return conditioning_of(self.cfg.model)
+
+    def conditioning_for(self, split: str):
+        """The conditioning bound to a split's images (CelebA attributes: that split's table); else None."""
+        return None if self.conditioning is None else self.conditioning.for_dataset(self.split(split))
+
 
 def load(checkpoint: str | Path, device: str | torch.device | None = None, data_overrides=()) -> LoadedVAE:
     """Rebuild the model from a checkpoint's stored config, on CUDA when there is one.

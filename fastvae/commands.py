@@ -22,9 +22,17 @@ def generate_parser() -> argparse.ArgumentParser:
                        help="where the run's data is now, e.g. data.root=/new/place")
         return p
 
+    def conditions(p):
+        group = p.add_mutually_exclusive_group()
+        group.add_argument("--condition", help="a model trained with model.condition=labels: the class, by index or "
+                                               "name (default: one row per class)")
+        group.add_argument("--attributes", help="a model trained with model.condition=attributes: e.g. "
+                                                "Smiling=1,Male=0 (others 0; default: those of test images)")
+
     p = command("sample", "images from the prior")
     p.add_argument("--n", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
+    conditions(p)
     p = command("reconstruct", "originals above their reconstructions")
     p.add_argument("--split", default="test", choices=SPLITS)
     p.add_argument("--n", type=int, default=20)
@@ -38,6 +46,7 @@ def generate_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-points", type=int, default=5000)
     p.add_argument("--grid", type=int, default=20)
     p.add_argument("--span", type=float, default=3.0)
+    conditions(p)
     p = command("attribute", "attribute vector and an alpha sweep")
     group = p.add_mutually_exclusive_group(required=True)
     group.add_argument("--attribute", help="a named attribute, e.g. Smiling (CelebA)")

@@ -83,6 +83,11 @@ class ModelConfig:
     kwargs: dict = knob(doc="keyword arguments of the model's constructor, a mapping of JSON values (recorded "
                             "in checkpoints); in_channels, image_size and latent_dim come from data.* and "
                             "model.latent_dim", factory=dict)
+    condition: Literal["none", "labels", "attributes"] = knob(
+        "none", "a conditional VAE: encoder and decoder also get the image's class (labels: one-hot) or CelebA's "
+                "40 attributes (attributes: 0/1); generate sample --condition / --attributes then picks them")
+    condition_names: list[str] = knob(doc="the classes or attributes conditioned on, filled in from the data when "
+                                          "training starts (recorded in checkpoints); leave empty", factory=list)
 
 
 @dataclass
@@ -196,7 +201,8 @@ class Config:
 # What a checkpoint pins: resuming with another value of these keys is refused (the model or the
 # data would not be the same). Every other key may differ on resume, as this explicit list says;
 # tests/test_config.py checks that the two lists name every key exactly once.
-RESUME_MUST_MATCH = ("model.name", "model.kwargs", "model.latent_dim", "model.dropout", "data.name", "data.image_size",
+RESUME_MUST_MATCH = ("model.name", "model.kwargs", "model.latent_dim", "model.dropout", "model.condition",
+                     "model.condition_names", "data.name", "data.image_size",
                      "data.channels", "data.center_crop", "data.test_fraction", "data.split_seed",
                      "data.drop_last")
 RESUME_MAY_DIFFER = (
@@ -426,6 +432,9 @@ def validate(cfg: Config) -> Config:
     _check_sigma(cfg.loss)
     if cfg.loss.free_bits and cfg.loss.capacity:
         raise UserError("config keys 'loss.free_bits' and 'loss.capacity': both replace the KL term; expected one")
+    if cfg.model.condition == "attributes" and cfg.data.name != "celeba":
+        raise UserError(f"config key 'model.condition': data.name={cfg.data.name} has no attributes; expected "
+                        f"model.condition=labels (or data.name=celeba for attributes)")
     if cfg.data.name == "celeba" and cfg.data.channels != 3:
         raise UserError(f"data.name=celeba gives RGB images; expected data.channels=3, got {cfg.data.channels}")
     return cfg

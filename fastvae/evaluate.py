@@ -85,16 +85,18 @@ def eval_noise(seed: int, sample_ids: torch.Tensor, dim: int, draw: int) -> torc
 
 @torch.no_grad()
 def iwae_bound(model, x: torch.Tensor, likelihood: Likelihood, k: int, chunk: int, seed: int = 0,
-               sample_ids: torch.Tensor | None = None) -> torch.Tensor:
-    """Importance-weighted bound on log p(x) per image [B], float64."""
-    mu, logvar = (t.double() for t in model.encode(x))
+               sample_ids: torch.Tensor | None = None, condition: torch.Tensor | None = None) -> torch.Tensor:
+    """Importance-weighted bound on log p(x) per image [B] (log p(x | condition) for a conditional
+    model), float64."""
+    mu, logvar = (t.double() for t in model.encode_with(x, condition))
     ids = (sample_ids if sample_ids is not None else torch.arange(len(x))).to(mu.device)
     running = torch.full((len(x),), -math.inf, dtype=torch.float64, device=mu.device)
     for start in range(0, k, chunk):
         c = min(chunk, k - start)
         eps = torch.stack([eval_noise(seed, ids, mu.shape[1], 1 + start + i) for i in range(c)])
         z = losses.reparameterize(mu, logvar, eps)  # [c, B, D]
-        logits = model.decode(z.reshape(c * len(x), -1).to(next(model.parameters()).dtype))
+        logits = model.decode_with(z.reshape(c * len(x), -1).to(next(model.parameters()).dtype),
+                                   None if condition is None else condition.repeat(c, 1))
         log_px = likelihood.log_prob(logits, x.repeat(c, *([1] * (x.ndim - 1)))).view(c, len(x))
         log_w = losses.importance_log_weights(log_px, z, mu, logvar)
         running = torch.logaddexp(running, torch.logsumexp(log_w, dim=0))
@@ -132,24 +134,27 @@ def shard_of(total: int, shard: tuple[int, int]) -> list[int]:
 def evaluate_model(model, dataset, likelihood: Likelihood, iwae_samples: int = 0, chunk: int = 100,
                    max_images: int | None = None, binarize: bool = False, seed: int = 0,
                    batch_size: int = 100, progress: bool = False, shard: tuple[int, int] = (0, 1),
-                   all_reduce=None) -> dict:
+                   all_reduce=None, conditioning=None) -> dict:
     """All metrics over (up to max_images of) a dataset; see the module docstring for definitions.
     With several processes each evaluates its `shard` (rank, world size) and `all_reduce` (a sum
-    over processes) makes every process's report that of the whole split."""
+    over processes) makes every process's report that of the whole split. conditioning: a
+    conditional model's (fastvae.conditions, bound to this dataset)."""
     if likelihood.kind == "mse" and likelihood.gaussian_var is None:
-        likelihood = fitted_likelihood(model, dataset, max_images, binarize, seed, batch_size, shard, all_reduce)
+        likelihood = fitted_likelihood(model, dataset, max_images, binarize, seed, batch_size, shard, all_reduce,
+                                       conditioning)
     sums, pixels = evaluate_sums(model, dataset, likelihood, iwae_samples, chunk, max_images, binarize, seed,
-                                 batch_size, progress, shard)
+                                 batch_size, progress, shard, conditioning)
     if all_reduce is not None:
         sums.values = all_reduce(sums.values)
     return report_of(sums, pixels, likelihood, binarize, iwae_samples)
 
 
-def fitted_likelihood(model, dataset, max_images, binarize, seed, batch_size, shard, all_reduce) -> Likelihood:
+def fitted_likelihood(model, dataset, max_images, binarize, seed, batch_size, shard, all_reduce,
+                      conditioning=None) -> Likelihood:
     """The Gaussian likelihood whose variance fits these images best: their mean squared error per
     value at the ELBO's samples (the calibrated decoder's variance, over the split, not a batch)."""
     sums, pixels = evaluate_sums(model, dataset, Likelihood("mse", normalized=False), 0, 1, max_images, binarize, seed,
-                                 batch_size, False, shard)
+                                 batch_size, False, shard, conditioning)
     if all_reduce is not None:
         sums.values = all_reduce(sums.values)
     mean_sq_err = torch.tensor(sums.scalar("recon") / (sums.scalar("images") * pixels), dtype=torch.float64)
@@ -159,7 +164,7 @@ def fitted_likelihood(model, dataset, max_images, binarize, seed, batch_size, sh
 @torch.no_grad()
 def evaluate_sums(model, dataset, likelihood: Likelihood, iwae_samples: int, chunk: int, max_images: int | None,
                   binarize: bool, seed: int, batch_size: int, progress: bool,
-                  shard: tuple[int, int]) -> tuple[EvalSums, int]:
+                  shard: tuple[int, int], conditioning=None) -> tuple[EvalSums, int]:
     """(the sums of this process's share of the images, pixels per image)."""
     model.eval()
     device = next(model.parameters()).device
@@ -167,15 +172,16 @@ def evaluate_sums(model, dataset, likelihood: Likelihood, iwae_samples: int, chu
     total = min(len(dataset), max_images or len(dataset))
     sums, pixels = EvalSums(model.latent_dim, device), None
     bar = tqdm(total=total, desc="evaluate", unit="img", disable=not progress or shard[0] != 0)
-    for x, _, sample_ids in in_order_loader(Subset(dataset, shard_of(total, shard)), batch_size):
+    for x, labels, sample_ids in in_order_loader(Subset(dataset, shard_of(total, shard)), batch_size):
         x, sample_ids, pixels = x.to(device), torch.as_tensor(sample_ids).to(device), x[0].numel()
         if binarize:
             x = (x > 0.5).to(x.dtype)
-        mu, logvar = (t.double() for t in model.encode(x))
+        c = None if conditioning is None else conditioning.of_batch(torch.as_tensor(labels).to(device), sample_ids)
+        mu, logvar = (t.double() for t in model.encode_with(x, c))
         z = losses.reparameterize(mu, logvar, eval_noise(seed, sample_ids, mu.shape[1], 0))
-        recon = -likelihood.log_prob(model.decode(z.to(dtype)), x)
-        sq_err = (torch.sigmoid(model.decode(mu.to(dtype)).double()) - x.double()).pow(2).flatten(1).sum(1)
-        iwae = (iwae_bound(model, x, likelihood, iwae_samples, chunk, seed, sample_ids) if iwae_samples
+        recon = -likelihood.log_prob(model.decode_with(z.to(dtype), c), x)
+        sq_err = (torch.sigmoid(model.decode_with(mu.to(dtype), c).double()) - x.double()).pow(2).flatten(1).sum(1)
+        iwae = (iwae_bound(model, x, likelihood, iwae_samples, chunk, seed, sample_ids, c) if iwae_samples
                 else torch.zeros(len(x), dtype=torch.float64, device=device))
         sums.add(recon, losses.kl_divergence_per_dim(mu, logvar), iwae, sq_err, mu)
         bar.update(len(x) * shard[1])
@@ -281,7 +287,7 @@ def main(argv=None) -> dict:
     shard, all_reduce = ((state.process_index, state.num_processes), sum_over_processes) if state else ((0, 1), None)
     report = evaluate_model(vae.model, vae.split(args.split), likelihood, args.iwae_samples, args.chunk,
                             args.max_images, args.binarize, args.seed, progress=True, shard=shard,
-                            all_reduce=all_reduce)
+                            all_reduce=all_reduce, conditioning=vae.conditioning_for(args.split))
     report.update({"checkpoint": str(vae.path), "split": args.split, "step": vae.meta["step"],
                    "processes": shard[1]})
     if shard[0] != 0:

@@ -38,33 +38,43 @@ __all__ = ["LoadedVAE", "load", "sample", "images_at", "reconstruct", "encode", 
 
 
 @torch.no_grad()
-def decode_images(model, z: torch.Tensor) -> torch.Tensor:
-    """Images are sigmoid(logits) (the decoder gives logits)."""
-    return torch.sigmoid(model.decode(z).float())
+def decode_images(model, z: torch.Tensor, condition: torch.Tensor | None = None) -> torch.Tensor:
+    """Images are sigmoid(logits) (the decoder gives logits); condition [N, C]: a conditional model's."""
+    return torch.sigmoid(model.decode_with(z, _on(condition, z)).float())
+
+
+def _on(condition: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor | None:
+    return None if condition is None else condition.to(like.device)
 
 
 @torch.no_grad()
-def prior_samples(model, n: int, seed: int = 0, device="cpu") -> torch.Tensor:
-    """n images decoded from z ~ N(0, I), drawn from a seeded generator (the same for any device)."""
+def prior_samples(model, n: int, seed: int = 0, device="cpu", condition: torch.Tensor | None = None) -> torch.Tensor:
+    """n images decoded from z ~ N(0, I), drawn from a seeded generator (the same for any device);
+    a conditional model's condition [n, C] (or [C] for all of them)."""
     z = torch.randn(n, model.latent_dim, generator=torch.Generator().manual_seed(seed)).to(device)
-    return decode_images(model, z)
+    if condition is not None and condition.dim() == 1:
+        condition = condition.expand(n, -1)
+    return decode_images(model, z, condition)
 
 
 @torch.no_grad()
-def reconstruct_images(model, images: torch.Tensor) -> torch.Tensor:
+def reconstruct_images(model, images: torch.Tensor, condition: torch.Tensor | None = None) -> torch.Tensor:
     """Decoded from the posterior mean (z = mu): the deterministic reconstruction."""
-    mu, _ = model.encode(images)
-    return decode_images(model, mu)
+    mu, _ = model.encode_with(images, _on(condition, images))
+    return decode_images(model, mu, condition)
 
 
 @torch.no_grad()
-def encode_dataset(model, dataset, device="cpu", max_images: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(posterior means [N, D] on the CPU, labels [N]) over a dataset in order, up to max_images."""
+def encode_dataset(model, dataset, device="cpu", max_images: int | None = None,
+                   conditioning=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(posterior means [N, D] on the CPU, labels [N]) over a dataset in order, up to max_images
+    (a conditional model: given each image's condition, `conditioning` bound to the dataset)."""
     mus, labels, seen = [], [], 0
-    for x, y, _ in in_order_loader(dataset):
+    for x, y, ids in in_order_loader(dataset):
         if max_images is not None:
-            x, y = x[: max_images - seen], y[: max_images - seen]
-        mu, _ = model.encode(x.to(device))
+            x, y, ids = x[: max_images - seen], y[: max_images - seen], ids[: max_images - seen]
+        c = None if conditioning is None else conditioning.of_batch(torch.as_tensor(y), torch.as_tensor(ids))
+        mu, _ = model.encode_with(x.to(device), _on(c, x.to(device)))
         mus.append(mu.float().cpu())
         labels.append(y)
         seen += len(x)
@@ -76,9 +86,13 @@ def encode_dataset(model, dataset, device="cpu", max_images: int | None = None) 
 # ---------------------------------------------------------------- on a loaded checkpoint
 
 
-def sample(vae: LoadedVAE, n: int = 64, seed: int = 0) -> torch.Tensor:
-    """n images from the prior N(0, I)."""
-    return prior_samples(vae.model, n, seed, vae.device).cpu()
+def sample(vae: LoadedVAE, n: int = 64, seed: int = 0, condition: torch.Tensor | None = None) -> torch.Tensor:
+    """n images from the prior N(0, I); a conditional model's condition [C] or [n, C] (e.g.
+    vae.conditioning.class_vector("7"), or .attribute_vector("Smiling=1"))."""
+    if (condition is None) != (vae.conditioning is None):
+        raise UserError("sample: a condition is for a conditional model (model.condition), and a conditional model "
+                        "needs one; expected --condition / --attributes exactly for those")
+    return prior_samples(vae.model, n, seed, vae.device, condition).cpu()
 
 
 def images_at(vae: LoadedVAE, split: str, indices: list[int]) -> torch.Tensor:
@@ -89,20 +103,29 @@ def images_at(vae: LoadedVAE, split: str, indices: list[int]) -> torch.Tensor:
     return torch.stack([dataset[i][0] for i in indices])
 
 
-def reconstruct(vae: LoadedVAE, images: torch.Tensor) -> torch.Tensor:
-    """Reconstructions decoded from the posterior means."""
-    return reconstruct_images(vae.model, images.to(vae.device)).cpu()
+def conditions_at(vae: LoadedVAE, split: str, indices: list[int]) -> torch.Tensor | None:
+    """A conditional model's condition vectors [N, C] of these images of a split; else None."""
+    conditioning = vae.conditioning_for(split)
+    if conditioning is None:
+        return None
+    return torch.stack([conditioning.of_item(vae.split(split), i) for i in indices])
+
+
+def reconstruct(vae: LoadedVAE, images: torch.Tensor, condition: torch.Tensor | None = None) -> torch.Tensor:
+    """Reconstructions decoded from the posterior means (a conditional model: given the images' conditions)."""
+    return reconstruct_images(vae.model, images.to(vae.device), condition).cpu()
 
 
 @torch.no_grad()
-def encode(vae: LoadedVAE, images: torch.Tensor) -> torch.Tensor:
-    mu, _ = vae.model.encode(images.to(vae.device))
+def encode(vae: LoadedVAE, images: torch.Tensor, condition: torch.Tensor | None = None) -> torch.Tensor:
+    images = images.to(vae.device)
+    mu, _ = vae.model.encode_with(images, _on(condition, images))
     return mu.float()
 
 
 def encode_split(vae: LoadedVAE, split: str, max_images: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(posterior means [N, D], labels [N]) over a split, in dataset order."""
-    return encode_dataset(vae.model, vae.split(split), vae.device, max_images)
+    return encode_dataset(vae.model, vae.split(split), vae.device, max_images, vae.conditioning_for(split))
 
 
 def slerp(a: torch.Tensor, b: torch.Tensor, t: float) -> torch.Tensor:
@@ -115,29 +138,35 @@ def slerp(a: torch.Tensor, b: torch.Tensor, t: float) -> torch.Tensor:
 
 
 @torch.no_grad()
-def interpolate(vae: LoadedVAE, images: torch.Tensor, steps: int = 10, spherical: bool = False) -> torch.Tensor:
-    """[len(images) - 1, steps, C, H, W]: one row per consecutive pair, from the first mean to the second."""
+def interpolate(vae: LoadedVAE, images: torch.Tensor, steps: int = 10, spherical: bool = False,
+                conditions: torch.Tensor | None = None) -> torch.Tensor:
+    """[len(images) - 1, steps, C, H, W]: one row per consecutive pair, from the first mean to the
+    second (a conditional model: its condition moves linearly from the first image's to the second's)."""
     if len(images) < 2:
         raise UserError(f"interpolate: got {len(images)} image(s); expected at least 2")
     if steps < 2:
         raise UserError(f"interpolate: --steps {steps}; expected at least 2")
-    mu = encode(vae, images)
+    mu = encode(vae, images, conditions)
     rows = []
-    for a, b in zip(mu[:-1], mu[1:]):
+    for i, (a, b) in enumerate(zip(mu[:-1], mu[1:])):
         ts = torch.linspace(0, 1, steps).tolist()
         z = torch.stack([slerp(a, b, t) if spherical else a + t * (b - a) for t in ts])
-        rows.append(decode_images(vae.model, z).cpu())
+        c = None if conditions is None else torch.stack([conditions[i] + t * (conditions[i + 1] - conditions[i])
+                                                         for t in ts])
+        rows.append(decode_images(vae.model, z, c).cpu())
     return torch.stack(rows)
 
 
 @torch.no_grad()
-def latent_manifold(vae: LoadedVAE, grid: int = 20, span: float = 3.0) -> torch.Tensor:
-    """For a 2-d latent: decoded images over a grid of z in [-span, span]^2, row-major with z[1] decreasing."""
+def latent_manifold(vae: LoadedVAE, grid: int = 20, span: float = 3.0,
+                    condition: torch.Tensor | None = None) -> torch.Tensor:
+    """For a 2-d latent: decoded images over a grid of z in [-span, span]^2, row-major with z[1]
+    decreasing (a conditional model: all given one condition [C])."""
     if vae.model.latent_dim != 2:
         raise UserError(f"latent manifold needs a 2-d latent; this model has {vae.model.latent_dim}")
     values = torch.linspace(-span, span, grid)
     z = torch.stack([torch.stack([x, y]) for y in values.flip(0) for x in values]).to(vae.device)
-    return decode_images(vae.model, z).cpu()
+    return decode_images(vae.model, z, None if condition is None else condition.expand(len(z), -1)).cpu()
 
 
 def attribute_vector(mu: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
@@ -214,24 +243,67 @@ def _out_dir(vae: LoadedVAE, out: str | None) -> Path:
     return Path(out) if out else vae.run_dir / "generated"
 
 
+def asked_condition(vae, args) -> torch.Tensor | None:
+    """The condition --condition / --attributes name, checked against the checkpoint's model."""
+    text = args.condition if args.condition is not None else args.attributes
+    if text is None:
+        return None
+    if vae.conditioning is None:
+        flag = "--condition" if args.condition is not None else "--attributes"
+        raise UserError(f"{flag} {text}: checkpoint '{vae.path}' is of an unconditional model; expected a checkpoint "
+                        f"trained with model.condition=labels or attributes")
+    if args.condition is not None:
+        return vae.conditioning.class_vector(args.condition)
+    return vae.conditioning.attribute_vector(args.attributes)
+
+
 def cmd_sample(vae, args) -> list[Path]:
-    images = sample(vae, args.n, args.seed)
-    title = f"{args.n} samples from N(0, I), latent dim {vae.model.latent_dim}, seed {args.seed}"
-    return [pictures.save_grid(images, _out_dir(vae, args.out) / "samples.png",
-                               nrow=math.ceil(math.sqrt(args.n)), title=title)]
+    out, condition = _out_dir(vae, args.out) / "samples.png", asked_condition(vae, args)
+    what = f"latent dim {vae.model.latent_dim}, seed {args.seed}"
+    if vae.conditioning is not None and condition is None:
+        return [save_conditional_samples(vae, args.n, args.seed, out, what)]
+    images = sample(vae, args.n, args.seed, condition)
+    given = f" given {args.condition or args.attributes}" if condition is not None else ""
+    return [pictures.save_grid(images, out, nrow=math.ceil(math.sqrt(args.n)),
+                               title=f"{args.n} samples from N(0, I){given}, {what}")]
+
+
+def save_conditional_samples(vae, n: int, seed: int, out: Path, what: str) -> Path:
+    """A conditional model's samples when no condition is asked: one row per class (the same z in
+    every row), or given the attributes of n test images."""
+    conditioning = vae.conditioning
+    if conditioning.kind == "labels":
+        per_row = math.ceil(n / conditioning.dim)
+        images = class_rows(vae.model, per_row, seed, vae.device).cpu()
+        return pictures.save_grid(images, out, nrow=per_row, row_labels=list(conditioning.names),
+                                  title=f"{per_row} samples per class (the same z in each row), {what}")
+    picks = pictures.spread_indices(len(vae.split("test")), n)
+    images = sample(vae, len(picks), seed, conditions_at(vae, "test", picks))
+    return pictures.save_grid(images, out, nrow=math.ceil(math.sqrt(len(picks))),
+                              title=f"{len(picks)} samples given the attributes of test images, {what}")
+
+
+@torch.no_grad()
+def class_rows(model, per_row: int, seed: int = 0, device="cpu") -> torch.Tensor:
+    """A labels-conditional model's samples [classes * per_row, C, H, W]: the same per_row z decoded
+    given each class in turn."""
+    classes = model.condition_dim
+    z = torch.randn(per_row, model.latent_dim, generator=torch.Generator().manual_seed(seed)).to(device)
+    condition = torch.eye(classes, device=device).repeat_interleave(per_row, 0)
+    return decode_images(model, z.repeat(classes, 1), condition)
 
 
 def cmd_reconstruct(vae, args) -> list[Path]:
     dataset = vae.split(args.split)
     picks = pictures.spread_indices(len(dataset), args.n)
     images = images_at(vae, args.split, picks)
-    return [pictures.save_reconstruction_grid(images, reconstruct(vae, images),
+    return [pictures.save_reconstruction_grid(images, reconstruct(vae, images, conditions_at(vae, args.split, picks)),
                                               _out_dir(vae, args.out) / "reconstructions.png")]
 
 
 def cmd_interpolate(vae, args) -> list[Path]:
     images = images_at(vae, args.split, args.indices)
-    rows = interpolate(vae, images, args.steps, args.spherical)
+    rows = interpolate(vae, images, args.steps, args.spherical, conditions_at(vae, args.split, args.indices))
     kind = "spherical" if args.spherical else "linear"
     labels = [f"#{a} -> #{b}" for a, b in zip(args.indices[:-1], args.indices[1:])]
     return [pictures.save_grid(rows.flatten(0, 1), _out_dir(vae, args.out) / f"interpolation_{kind}.png",
@@ -244,8 +316,11 @@ def cmd_latent_plot(vae, args) -> list[Path]:
     mu, labels = encode_split(vae, args.split, args.max_points)
     written = [pictures.save_latent_scatter(mu, labels, out / "latent_scatter.png",
                                             f"Latent means of {len(mu)} {args.split} images ({vae.cfg.data.name})")]
-    if vae.model.latent_dim == 2:
-        images = latent_manifold(vae, args.grid, args.span)
+    condition = asked_condition(vae, args)
+    if vae.conditioning is not None and condition is None:
+        print("fastvae: a conditional model's manifold is drawn given one condition: add --condition or --attributes")
+    elif vae.model.latent_dim == 2:
+        images = latent_manifold(vae, args.grid, args.span, condition)
         written.append(pictures.save_grid(images, out / "latent_manifold.png", nrow=args.grid,
                                           title=f"Decoded z over [-{args.span:g}, {args.span:g}]^2 "
                                           f"(z[0] left to right, z[1] top to bottom)"))
@@ -256,6 +331,10 @@ def cmd_latent_plot(vae, args) -> list[Path]:
 
 
 def cmd_attribute(vae, args) -> list[Path]:
+    if vae.conditioning is not None:
+        raise UserError(f"attribute: checkpoint '{vae.path}' is of a conditional model, whose z holds what the "
+                        f"condition does not; expected `generate sample --condition` / `--attributes` for it, or an "
+                        f"unconditional checkpoint")
     out = _out_dir(vae, args.out)
     if args.vector:
         z_diff, meta = load_attribute_vector(args.vector)

@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 
 from fastvae import generate, pictures
+from fastvae.conditions import conditioning_of
 from fastvae.config import Config
 from fastvae.evaluate import Likelihood, evaluate_model
 
@@ -22,7 +23,8 @@ def held_out_metrics(model, test_set, cfg: Config, max_images: int = EPOCH_IMAGE
     each process evaluating its shard. Its eps are keyed (fastvae.noise): the global RNG, which
     resume restores, is untouched."""
     report = evaluate_model(model, test_set, Likelihood.of_run(cfg.loss, normalized=False), max_images=max_images,
-                            seed=cfg.seed + 1, shard=shard, all_reduce=all_reduce)
+                            seed=cfg.seed + 1, shard=shard, all_reduce=all_reduce,
+                            conditioning=test_conditioning(cfg, test_set))
     model.train()
     recon, kl = report["recon_nll_nats"], report["kl_nats"]
     return {"test_recon": recon, "test_kl": kl, "test_loss": cfg.loss.recon_weight * recon + cfg.loss.beta * kl,
@@ -35,15 +37,40 @@ def write_pictures(model, test_set, cfg: Config, device, folder: Path,
     """Prior samples, reconstructions and the latent scatter, as PNGs in `folder`."""
     model.eval()
     folder.mkdir(parents=True, exist_ok=True)
-    mu_all, label_all = generate.encode_dataset(model, test_set, device, max_images=max_images)
-    originals = torch.stack([test_set[i][0] for i in pictures.spread_indices(len(test_set), 40)])
+    conditioning = test_conditioning(cfg, test_set)
+    mu_all, label_all = generate.encode_dataset(model, test_set, device, max_images, conditioning)
+    picks = pictures.spread_indices(len(test_set), 40)
+    originals = torch.stack([test_set[i][0] for i in picks])
+    conditions = None if conditioning is None else torch.stack([conditioning.of_item(test_set, i) for i in picks])
     title = f"Latent means of {len(mu_all)} test images ({cfg.data.name}), colored by label"
     written = {
-        "samples": pictures.save_sample_grid(generate.prior_samples(model, cfg.train.samples, cfg.seed, device),
-                                             folder / "samples.png", model.latent_dim, cfg.seed),
+        "samples": save_samples(model, test_set, cfg, device, folder / "samples.png", conditioning),
         "reconstructions": pictures.save_reconstruction_grid(
-            originals, generate.reconstruct_images(model, originals.to(device)), folder / "reconstructions.png"),
+            originals, generate.reconstruct_images(model, originals.to(device), conditions),
+            folder / "reconstructions.png"),
         "latent_scatter": pictures.save_latent_scatter(mu_all, label_all, folder / "latent_scatter.png", title),
     }
     model.train()
     return written
+
+
+def test_conditioning(cfg: Config, test_set):
+    """A conditional model's conditioning bound to the test images; else None."""
+    conditioning = conditioning_of(cfg.model)
+    return None if conditioning is None else conditioning.for_dataset(test_set)
+
+
+def save_samples(model, test_set, cfg: Config, device, path: Path, conditioning) -> Path:
+    """Prior samples; a conditional model's one row per class, or given the attributes of test images."""
+    n, seed = cfg.train.samples, cfg.seed
+    if conditioning is None:
+        return pictures.save_sample_grid(generate.prior_samples(model, n, seed, device), path, model.latent_dim, seed)
+    if conditioning.kind == "labels":
+        per_row = max(1, n // conditioning.dim)
+        return pictures.save_grid(generate.class_rows(model, per_row, seed, device).cpu(), path, nrow=per_row,
+                                  row_labels=list(conditioning.names),
+                                  title=f"samples per class (the same z in each row), seed {seed}")
+    picks = pictures.spread_indices(len(test_set), n)
+    conditions = torch.stack([conditioning.of_item(test_set, i) for i in picks])
+    return pictures.save_sample_grid(generate.prior_samples(model, len(picks), seed, device, conditions), path,
+                                     model.latent_dim, seed)

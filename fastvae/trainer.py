@@ -23,6 +23,7 @@ from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
 from fastvae import checkpoint, noise, reports
+from fastvae.conditions import conditioning_of, names_from_data
 from fastvae.config import Config, to_dict
 from fastvae.data import build_datasets
 from fastvae.data.loaders import build_train_loader
@@ -102,6 +103,20 @@ class Trainer:
         # read every epoch for metrics and pictures: decoded in the first one only (CelebA, image folders)
         self.test_set = decoded_once(test_set, reports.FINAL_IMAGES)
         self.train_loader = build_train_loader(cfg, self.train_set, acc.num_processes, acc.device, acc.process_index)
+        self.conditioning = self._conditioning()
+
+    def _conditioning(self):
+        """A conditional model's condition vectors of the training images (on the device), its
+        names resolved from the data into the config (so checkpoints record them)."""
+        cfg = self.cfg
+        if cfg.model.condition == "none":
+            return None
+        names = names_from_data(cfg.model.condition, self.train_set, cfg.data.name)
+        if cfg.model.condition_names and cfg.model.condition_names != names:
+            raise UserError(f"config key 'model.condition_names': {cfg.model.condition_names[:4]}... differ from the "
+                            f"data's {names[:4]}...; expected them equal (or empty: filled in from the data)")
+        cfg.model.condition_names = names
+        return conditioning_of(cfg.model).for_dataset(self.train_set).to(self.accelerator.device)
 
     def _set_up_model(self) -> None:
         """Model, ops, optimizer and LR schedule, prepared by accelerate; the compiled forward."""
@@ -181,7 +196,8 @@ class Trainer:
             # beta as a device tensor: a Python float would be baked into a compiled graph, which
             # KL warm-up would then recompile every step
             loss, recon, kl = self.model(x, self._noise_key(batch), torch.full((), beta, device=x.device),
-                                         torch.full((), capacity, device=x.device) if cfg.loss.capacity else None)
+                                         torch.full((), capacity, device=x.device) if cfg.loss.capacity else None,
+                                         self._condition(batch))
             if self.guard.batch_is_bad(self.state.step, recon, kl):  # this batch updates nothing
                 self.optimizer.zero_grad(set_to_none=True)  # (nor does the rest of its accumulation window)
                 return None
@@ -195,6 +211,12 @@ class Trainer:
             self.scheduler.step()
         return {"loss": loss.detach(), "recon": recon.detach(), "kl": kl.detach(), "beta": beta,
                 "images": x.shape[0], "stepped": acc.sync_gradients}
+
+    def _condition(self, batch):
+        """A conditional model's condition vectors of the batch's images; None for other models."""
+        if self.conditioning is None:
+            return None
+        return self.conditioning.of_batch(batch[1].to(batch[0].device, non_blocking=True), batch[2])
 
     def _noise_key(self, batch):
         """Each sample's eps keyed by (seed, step, its index in the data set): the same numbers on
@@ -406,7 +428,8 @@ class Trainer:
 
         cfg = self.cfg
         return evaluate_model(self.raw_model, self.test_set, Likelihood.of_run(cfg.loss), cfg.train.final_eval_iwae,
-                              max_images=cfg.train.final_eval_images or None, seed=cfg.seed, **self._eval_shard())
+                              max_images=cfg.train.final_eval_images or None, seed=cfg.seed,
+                              conditioning=reports.test_conditioning(cfg, self.test_set), **self._eval_shard())
 
 
 def compile_counts() -> dict:

@@ -43,11 +43,13 @@ class ImageTensorDataset(Dataset):
     record exactly which samples each rank trained on.
     """
 
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor) -> None:
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, class_names: tuple[str, ...] | None = None) -> None:
         assert images.dtype == torch.uint8 and images.ndim == 4, images.shape
         assert len(images) == len(labels)
         self.images = images
         self.labels = labels.long()
+        classes = int(self.labels.max()) + 1 if len(self.labels) else 0
+        self.class_names = tuple(class_names) if class_names else tuple(str(i) for i in range(classes))
 
     def __len__(self) -> int:
         return len(self.images)

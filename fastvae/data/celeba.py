@@ -91,6 +91,7 @@ class CelebA(Dataset):
         self.attributes = attributes
         self.transform = image_transform(image_size, center_crop)
         self.labels = self.attribute_values(label_attribute).long()
+        self.class_names = (f"not_{label_attribute}", label_attribute)  # label 0 / 1
 
     def __len__(self) -> int:
         return len(self.files)

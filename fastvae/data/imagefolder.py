@@ -67,7 +67,9 @@ def image_folder(root: str, image_size: tuple[int, int], channels: int, center_c
     train_idx, test_idx = fixed_split(len(files), test_fraction, split_seed)
 
     def subset(idx):
-        return ImageFolderDataset([files[i] for i in idx], [labels[i] for i in idx],
-                                  image_size, channels, center_crop, skip_corrupt)
+        dataset = ImageFolderDataset([files[i] for i in idx], [labels[i] for i in idx],
+                                     image_size, channels, center_crop, skip_corrupt)
+        dataset.class_names = tuple(classes)  # first-level subfolders, sorted: label i is classes[i]
+        return dataset
 
     return subset(train_idx.tolist()), subset(test_idx.tolist())

@@ -54,8 +54,9 @@ def embedded_mnist(test_fraction: float, split_seed: int, root: str = ""):
     """(train, test) from the 5,000 real digits; the file is sorted by class, so split by a fixed permutation."""
     images, labels = read_mnist_csv(root or embedded_mnist_path())
     train_idx, test_idx = fixed_split(len(images), test_fraction, split_seed)
-    return (ImageTensorDataset(images[train_idx], labels[train_idx]),
-            ImageTensorDataset(images[test_idx], labels[test_idx]))
+    digits = tuple(str(d) for d in range(10))
+    return (ImageTensorDataset(images[train_idx], labels[train_idx], digits),
+            ImageTensorDataset(images[test_idx], labels[test_idx], digits))
 
 
 def _open_maybe_gz(path: Path):
@@ -92,6 +93,10 @@ def _find(root: Path, stem: str) -> Path:
                     f"`apt-get install dataset-fashion-mnist` or set data.root")
 
 
+FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
+                         "Ankle_boot")
+
+
 def fashion_mnist(root: str = ""):
     """(train 60k, test 10k) from the official IDX files."""
     root_path = Path(root or FASHION_MNIST_DEFAULT_ROOT)
@@ -108,5 +113,5 @@ def fashion_mnist(root: str = ""):
         if labels.ndim != 1 or len(labels) != len(images):
             raise UserError(f"IDX file '{labels_path}' holds {tuple(labels.shape)} labels; "
                             f"expected {len(images)} to match '{images_path}'")
-        out.append(ImageTensorDataset(images.unsqueeze(1).contiguous(), labels.long()))
+        out.append(ImageTensorDataset(images.unsqueeze(1).contiguous(), labels.long(), FASHION_MNIST_CLASSES))
     return out[0], out[1]

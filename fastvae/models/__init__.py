@@ -49,12 +49,20 @@ def model_class(name: str) -> type:
 
 def _data_kwargs(cls: type, cfg) -> dict:
     """What the data and config say, for the constructor arguments the class names (or all of them
-    when it takes **kwargs): in_channels, image_size as (height, width), latent_dim."""
+    when it takes **kwargs): in_channels, image_size as (height, width), latent_dim; and for a
+    conditional model (model.condition) condition_dim, which the class must take."""
     offered = {"in_channels": cfg.data.channels, "image_size": image_hw(cfg.data), "latent_dim": cfg.model.latent_dim}
     if cls is DFCVAE:
         offered["dropout"] = cfg.model.dropout
     params = inspect.signature(cls.__init__).parameters
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    if cfg.model.condition != "none":
+        if not (takes_any or "condition_dim" in params):
+            raise UserError(f"model {cfg.model.name}: model.condition={cfg.model.condition} needs a conditional model; "
+                            f"expected a constructor parameter condition_dim and encode(x, condition), "
+                            f"decode(z, condition) (docs/custom_model.md)")
+        offered["condition_dim"] = len(cfg.model.condition_names)
+    if takes_any:
         return offered
     return {k: v for k, v in offered.items() if k in params}
 
@@ -71,11 +79,12 @@ def build_model(cfg) -> VAE:
                         f"model.kwargs, data.channels and data.image_size that {cls.__name__} accepts") from None
     if not isinstance(model, VAE):
         raise UserError(f"model {cfg.model.name}: the constructor did not return a fastvae.VAE")
-    check_model(model, cfg.model.name, cfg.data.channels, *image_hw(cfg.data))
+    condition_dim = len(cfg.model.condition_names) if cfg.model.condition != "none" else 0
+    check_model(model, cfg.model.name, cfg.data.channels, *image_hw(cfg.data), condition_dim)
     return model
 
 
-def check_model(model: VAE, name: str, channels: int, height: int, width: int) -> None:
+def check_model(model: VAE, name: str, channels: int, height: int, width: int, condition_dim: int = 0) -> None:
     """Encode and decode two images in eval mode, without gradients and without touching any RNG
     or BatchNorm statistic: a model that does not fit the images fails here, in one line, rather
     than at step 500. Sets model.latent_dim from mu when the model does not set it."""
@@ -85,9 +94,10 @@ def check_model(model: VAE, name: str, channels: int, height: int, width: int) -
     try:
         with torch.no_grad(), torch.random.fork_rng(devices=[]):
             x = torch.rand(DRY_RUN_IMAGES, *shape, generator=torch.Generator().manual_seed(0))
-            encoded = model.encode(x)
+            condition = torch.zeros(DRY_RUN_IMAGES, condition_dim) if condition_dim else None
+            encoded = model.encode_with(x, condition)
             mu, logvar = _pair(encoded, name)
-            logits = model.decode(mu)
+            logits = model.decode_with(mu, condition)
     except UserError:
         raise
     except Exception as err:  # whatever the user's layers raise
@@ -103,6 +113,8 @@ def check_model(model: VAE, name: str, channels: int, height: int, width: int) -
     if tuple(logits.shape) != (DRY_RUN_IMAGES, *shape):
         raise UserError(f"model {name}: decode gave {tuple(logits.shape)} for {DRY_RUN_IMAGES} images of "
                         f"{'x'.join(map(str, shape))}; expected {(DRY_RUN_IMAGES, *shape)} (one logit per pixel)")
+    if condition_dim:
+        model.condition_dim = condition_dim
     if getattr(model, "latent_dim", None) is None:
         model.latent_dim = mu.shape[1]
     elif model.latent_dim != mu.shape[1]:

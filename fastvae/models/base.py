@@ -15,6 +15,11 @@ from fastvae.ops import eager_reparam_kl, global_batch, global_batch_mean, recon
 ReparamKL = Callable[..., tuple[torch.Tensor, torch.Tensor]]
 
 
+def with_condition(features: torch.Tensor, condition: torch.Tensor | None) -> torch.Tensor:
+    """[features, condition] along the last dim (the condition in the features' dtype: autocast)."""
+    return features if condition is None else torch.cat([features, condition.to(features.dtype)], dim=-1)
+
+
 @dataclass(frozen=True)
 class Objective:
     """What forward(x, noise_key, beta) trains: the reconstruction op and weight (or the calibrated
@@ -50,6 +55,7 @@ class VAE(nn.Module):
     """
 
     latent_dim: int
+    condition_dim: int = 0  # a conditional model (model.condition): encode(x, c) and decode(z, c), c [B, this]
 
     def __init__(self) -> None:
         super().__init__()
@@ -72,16 +78,26 @@ class VAE(nn.Module):
         """z [B, latent_dim] -> logits [B, C, H, W] (the reconstruction loss takes logits)."""
         raise NotImplementedError
 
+    def encode_with(self, x: torch.Tensor, condition: torch.Tensor | None = None):
+        """encode(x), or encode(x, condition) for a conditional model."""
+        return self.encode(x) if condition is None else self.encode(x, condition)
+
+    def decode_with(self, z: torch.Tensor, condition: torch.Tensor | None = None) -> torch.Tensor:
+        """decode(z), or decode(z, condition) for a conditional model."""
+        return self.decode(z) if condition is None else self.decode(z, condition)
+
     def forward(self, x: torch.Tensor, noise_key: tuple[torch.Tensor, torch.Tensor] | None = None,
-                beta: torch.Tensor | None = None, capacity: torch.Tensor | None = None):
+                beta: torch.Tensor | None = None, capacity: torch.Tensor | None = None,
+                condition: torch.Tensor | None = None):
         """noise_key: (seed, row counters) of fastvae.noise, to draw each sample's own eps; None:
         eps from torch's generator. beta (a tensor: a float would be baked into a compiled graph; and
-        capacity's C): return (loss, recon[B], kl[B]) instead of (logits, mu, logvar, kl)."""
-        mu, logvar = self.encode(x)
+        capacity's C): return (loss, recon[B], kl[B]) instead of (logits, mu, logvar, kl). condition
+        [B, condition_dim]: what a conditional model's encoder and decoder are given."""
+        mu, logvar = self.encode_with(x, condition)
         if beta is not None and self.objective.iwae_samples > 1:
-            return self._iwae(x, mu, logvar, noise_key, beta)
+            return self._iwae(x, mu, logvar, noise_key, beta, condition)
         z, kl = self.reparam_kl(mu, logvar) if noise_key is None else self.reparam_kl(mu, logvar, noise_key)
-        logits = self.decode(z.to(mu.dtype))
+        logits = self.decode_with(z.to(mu.dtype), condition)
         if beta is None:
             return logits, mu, logvar, kl
         o = self.objective
@@ -113,7 +129,7 @@ class VAE(nn.Module):
         kl_loss = losses.tcvae_kl_term(*terms, beta, o.tc_weight).mean()
         return o.recon_weight * recon.mean() + kl_loss, recon, kl
 
-    def _iwae(self, x, mu, logvar, noise_key, beta):
+    def _iwae(self, x, mu, logvar, noise_key, beta, condition=None):
         """(loss, recon[B], kl[B]) of the importance-weighted bound: the K samples of every image in one
         call of the reparameterization op (rows repeated K times; sample k of image i keyed as the
         virtual sample i * K + k, so K = 1 keys as the ELBO does and N processes still equal one),
@@ -128,7 +144,7 @@ class VAE(nn.Module):
             key = (seed, torch.cat([virtual, rows[:, 1:].repeat(k, 1)], 1))
         mu_k, logvar_k = mu.repeat(k, 1), logvar.repeat(k, 1)
         z, kl = self.reparam_kl(mu_k, logvar_k) if key is None else self.reparam_kl(mu_k, logvar_k, key)
-        logits = self.decode(z.to(mu.dtype))
+        logits = self.decode_with(z.to(mu.dtype), None if condition is None else condition.repeat(k, 1))
         recon = o.recon_loss(logits, x.repeat(k, *([1] * (x.dim() - 1))), o.kind).view(k, b)
         log_w_terms = (-o.recon_weight * recon, z.float().view(k, b, -1), mu.float(), logvar.float())
         loss = losses.iwae_loss(*log_w_terms, beta, dreg_z=z if o.dreg else None).mean()

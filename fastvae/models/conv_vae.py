@@ -7,7 +7,7 @@ import math
 import torch
 from torch import nn
 
-from fastvae.models.base import VAE
+from fastvae.models.base import VAE, with_condition
 
 
 class ConvVAE(VAE):
@@ -20,9 +20,10 @@ class ConvVAE(VAE):
     trimmed the same way: only the size of the linear layers changes.
     """
 
-    def __init__(self, latent_dim: int = 2, in_channels: int = 1, image_size: int | tuple[int, int] = 28) -> None:
+    def __init__(self, latent_dim: int = 2, in_channels: int = 1, image_size: int | tuple[int, int] = 28,
+                 condition_dim: int = 0) -> None:
         super().__init__()
-        self.latent_dim = latent_dim
+        self.latent_dim, self.condition_dim = latent_dim, condition_dim
         self.height, self.width = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
         self.top = (math.ceil(math.ceil(self.height / 2) / 2), math.ceil(math.ceil(self.width / 2) / 2))
         flat = 64 * self.top[0] * self.top[1]
@@ -36,9 +37,10 @@ class ConvVAE(VAE):
             nn.Conv2d(64, 64, kernel_size=3, stride=1, padding=1),
             nn.Flatten(),
         )
-        self.to_mu = nn.Linear(flat, latent_dim)
-        self.to_logvar = nn.Linear(flat, latent_dim)
-        self.from_z = nn.Linear(latent_dim, flat)
+        # a conditional model: the condition joins the flattened features and z (a CVAE's usual place)
+        self.to_mu = nn.Linear(flat + condition_dim, latent_dim)
+        self.to_logvar = nn.Linear(flat + condition_dim, latent_dim)
+        self.from_z = nn.Linear(latent_dim + condition_dim, flat)
         self.decoder = nn.Sequential(
             nn.ConvTranspose2d(64, 64, kernel_size=3, stride=1, padding=1),  # 7
             nn.LeakyReLU(0.01),
@@ -49,10 +51,10 @@ class ConvVAE(VAE):
             nn.ConvTranspose2d(32, in_channels, kernel_size=3, stride=1, padding=0),  # 29
         )
 
-    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        h = self.encoder(x)
+    def encode(self, x: torch.Tensor, condition: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        h = with_condition(self.encoder(x), condition)
         return self.to_mu(h), self.to_logvar(h)
 
-    def decode(self, z: torch.Tensor) -> torch.Tensor:
-        h = self.from_z(z).view(-1, 64, *self.top)
+    def decode(self, z: torch.Tensor, condition: torch.Tensor | None = None) -> torch.Tensor:
+        h = self.from_z(with_condition(z, condition)).view(-1, 64, *self.top)
         return self.decoder(h)[:, :, :self.height, :self.width]  # the lecture's Trim: 29x29 -> 28x28

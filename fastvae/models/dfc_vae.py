@@ -16,7 +16,7 @@ import math
 import torch
 from torch import nn
 
-from fastvae.models.base import VAE
+from fastvae.models.base import VAE, with_condition
 
 BASE_CHANNELS = (32, 64, 128, 256)
 
@@ -43,9 +43,9 @@ def upsample_to(size: tuple[int, int], current: tuple[int, int]) -> nn.Upsample:
 
 class DFCVAE(VAE):
     def __init__(self, latent_dim: int = 200, in_channels: int = 3, image_size: int | tuple[int, int] = 64,
-                 dropout: float = 0.0) -> None:
+                 dropout: float = 0.0, condition_dim: int = 0) -> None:
         super().__init__()
-        self.latent_dim = latent_dim
+        self.latent_dim, self.condition_dim = latent_dim, condition_dim
         height, width = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
         sizes = feature_sizes(height, width)
         chans = [BASE_CHANNELS[min(i, len(BASE_CHANNELS) - 1)] for i in range(len(sizes) - 1)]
@@ -57,9 +57,9 @@ class DFCVAE(VAE):
         self.encoder = nn.Sequential(*layers, nn.Flatten())
         self.top_channels, self.top_size = chans[-1], sizes[-1]
         flat = chans[-1] * sizes[-1][0] * sizes[-1][1]
-        self.to_mu = nn.Linear(flat, latent_dim)
-        self.to_logvar = nn.Linear(flat, latent_dim)
-        self.from_z = nn.Linear(latent_dim, flat)
+        self.to_mu = nn.Linear(flat + condition_dim, latent_dim)  # the condition joins features and z
+        self.to_logvar = nn.Linear(flat + condition_dim, latent_dim)
+        self.from_z = nn.Linear(latent_dim + condition_dim, flat)
 
         layers = []
         up_chans = list(reversed(chans[:-1])) + [in_channels]  # e.g. 128, 64, 32, 3
@@ -74,10 +74,10 @@ class DFCVAE(VAE):
             prev = c
         self.decoder = nn.Sequential(*layers)
 
-    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        h = self.encoder(x)
+    def encode(self, x: torch.Tensor, condition: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        h = with_condition(self.encoder(x), condition)
         return self.to_mu(h), self.to_logvar(h)
 
-    def decode(self, z: torch.Tensor) -> torch.Tensor:
-        h = self.from_z(z).view(-1, self.top_channels, *self.top_size)
+    def decode(self, z: torch.Tensor, condition: torch.Tensor | None = None) -> torch.Tensor:
+        h = self.from_z(with_condition(z, condition)).view(-1, self.top_channels, *self.top_size)
         return self.decoder(h)
