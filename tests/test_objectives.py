@@ -98,12 +98,13 @@ def test_free_bits_changes_what_trains_and_the_elbo_does_not():
 
 @pytest.mark.slow
 @pytest.mark.parametrize("objective", [["loss.free_bits=0.3"], ["loss.objective=iwae", "loss.samples=3", "loss.dreg=true"],
-                                       ["loss.objective=tcvae", "loss.recon=mse", "loss.sigma=optimal"]])
+                                       ["loss.objective=tcvae", "loss.recon=mse", "loss.sigma=optimal",
+                                        "model.condition=labels"]])
 def test_objectives_train_the_same_on_2_processes_as_on_one(tmp_path, objective):
     """Free bits (and capacity, through the same ops.global_batch_mean) are terms of the batch's mean KL:
     the ranks average over the global batch (one differentiable all-reduce), so 2 x B/2 equals 1 x B.
     IWAE: per image, keyed per (image, k). beta-TCVAE and the calibrated decoder: their global-batch
-    terms, through the whole training path (test_two_processes_give_the_gradient_of_one is the sharp
+    terms, through the whole training path, with a conditional model (each rank its images' labels) (test_two_processes_give_the_gradient_of_one is the sharp
     check: Adam's steps hide small gradient differences)."""
     out = tmp_path / "lc"
     cmd = [sys.executable, str(ROOT / "tools" / "loss_compare.py"), "--config", "mnist", "--nproc", "2", "--steps", "6",
