@@ -153,15 +153,8 @@ class Trainer:
         return Objective(self.ops.recon_loss, loss.recon, loss.recon_weight, loss.free_bits,
                          loss.capacity_gamma if loss.capacity else None,
                          loss.samples if loss.objective == "iwae" else 1, loss.dreg, loss.sigma == "optimal",
-                         loss.tc_weight if tcvae else None, self._dataset_size() if tcvae else 0)
-
-    def _dataset_size(self) -> int:
-        """N of beta-TCVAE's estimator: the number of training images."""
-        try:
-            return len(self.train_set)
-        except TypeError:
-            raise UserError(f"loss.objective=tcvae needs the training set's size; expected a data set with a "
-                            f"length, got {type(self.train_set).__name__}") from None
+                         # N of beta-TCVAE's estimator: the training images (every loader here knows it)
+                         loss.tc_weight if tcvae else None, len(self.train_set) if tcvae else 0)
 
     def _set_up_state(self) -> None:
         """Where the run starts (a checkpoint's state when resuming), its log and its guard."""
