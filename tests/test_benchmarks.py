@@ -106,3 +106,19 @@ def test_gpu_check_names_a_driver_too_old_for_this_torch(tmp_path):
     assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
     assert "the NVIDIA driver 550.54.15 (NVIDIA H100 80GB HBM3) is too old for torch" in proc.stderr
     assert "expected driver >= 580" in proc.stderr
+
+
+@pytest.mark.slow
+def test_objectives_benchmark_trains_and_evaluates_each_row(tmp_path):
+    """The command behind the objectives table in docs/training.md, at a toy size."""
+    out = tmp_path / "objectives.json"
+    proc = subprocess.run([sys.executable, "benchmarks/objectives.py", "--epochs", "1", "--limit", "64",
+                           "--iwae-samples", "3", "--iwae-images", "8", "--rows", "elbo", "cvae", "--threads", "1",
+                           "--out", str(tmp_path / "runs"), "--json", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["row"] for r in rows] == ["elbo", "cvae"]
+    for r in rows:
+        assert r["test_images"] == 500 and r["s_per_epoch"] > 0 and 0 <= r["active_units"] <= 16
+        assert r["elbo_nats"] < 0 < r["iwae_nll_nats"] and r["kl_nats"] >= 0
