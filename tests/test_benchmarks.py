@@ -112,7 +112,7 @@ def test_gpu_check_names_a_driver_too_old_for_this_torch(tmp_path):
 def test_objectives_benchmark_trains_and_evaluates_each_row(tmp_path):
     """The command behind the objectives table in docs/training.md, at a toy size."""
     out = tmp_path / "objectives.json"
-    proc = subprocess.run([sys.executable, "benchmarks/objectives.py", "--epochs", "1", "--limit", "64",
+    proc = subprocess.run([sys.executable, "benchmarks/objectives.py", "--epochs", "1", "--limit", "256",
                            "--iwae-samples", "3", "--iwae-images", "8", "--rows", "elbo", "cvae", "--threads", "1",
                            "--out", str(tmp_path / "runs"), "--json", str(out)],
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
