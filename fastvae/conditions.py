@@ -21,7 +21,9 @@ KINDS = ("none", "labels", "attributes")
 
 def base_dataset(dataset):
     """The data set under Subset (data.limit) and DecodedOnce wrappers."""
-    while isinstance(dataset, Subset) or hasattr(dataset, "max_items"):
+    from fastvae.data.memory import DecodedOnce
+
+    while isinstance(dataset, (Subset, DecodedOnce)):
         dataset = dataset.dataset
     return dataset
 

@@ -73,8 +73,9 @@ def encode_dataset(model, dataset, device="cpu", max_images: int | None = None,
     for x, y, ids in in_order_loader(dataset):
         if max_images is not None:
             x, y, ids = x[: max_images - seen], y[: max_images - seen], ids[: max_images - seen]
+        x = x.to(device)
         c = None if conditioning is None else conditioning.of_batch(torch.as_tensor(y), torch.as_tensor(ids))
-        mu, _ = model.encode_with(x.to(device), _on(c, x.to(device)))
+        mu, _ = model.encode_with(x, _on(c, x))
         mus.append(mu.float().cpu())
         labels.append(y)
         seen += len(x)
@@ -90,8 +91,9 @@ def sample(vae: LoadedVAE, n: int = 64, seed: int = 0, condition: torch.Tensor |
     """n images from the prior N(0, I); a conditional model's condition [C] or [n, C] (e.g.
     vae.conditioning.class_vector("7"), or .attribute_vector("Smiling=1"))."""
     if (condition is None) != (vae.conditioning is None):
-        raise UserError("sample: a condition is for a conditional model (model.condition), and a conditional model "
-                        "needs one; expected --condition / --attributes exactly for those")
+        kind = "an unconditional" if vae.conditioning is None else f"a {vae.conditioning.kind}-conditional"
+        raise UserError(f"sample: checkpoint '{vae.path}' is of {kind} model; expected a condition exactly for a "
+                        f"conditional model (vae.conditioning.class_vector / attribute_vector)")
     return prior_samples(vae.model, n, seed, vae.device, condition).cpu()
 
 
