@@ -271,14 +271,14 @@ def cmd_sample(vae, args) -> list[Path]:
 
 
 def save_conditional_samples(vae, n: int, seed: int, out: Path, what: str) -> Path:
-    """A conditional model's samples when no condition is asked: one row per class (the same z in
-    every row), or given the attributes of n test images."""
+    """A conditional model's samples when no condition is asked: one row per class (one z per
+    column, so a column shows one style in every class), or given the attributes of n test images."""
     conditioning = vae.conditioning
     if conditioning.kind == "labels":
         per_row = math.ceil(n / conditioning.dim)
         images = class_rows(vae.model, per_row, seed, vae.device).cpu()
         return pictures.save_grid(images, out, nrow=per_row, row_labels=list(conditioning.names),
-                                  title=f"{per_row} samples per class (the same z in each row), {what}")
+                                  title=f"{per_row} samples per class (one z per column), {what}")
     picks = pictures.spread_indices(len(vae.split("test")), n)
     images = sample(vae, len(picks), seed, conditions_at(vae, "test", picks))
     return pictures.save_grid(images, out, nrow=math.ceil(math.sqrt(len(picks))),

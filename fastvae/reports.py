@@ -69,7 +69,7 @@ def save_samples(model, test_set, cfg: Config, device, path: Path, conditioning)
         per_row = max(1, n // conditioning.dim)
         return pictures.save_grid(generate.class_rows(model, per_row, seed, device).cpu(), path, nrow=per_row,
                                   row_labels=list(conditioning.names),
-                                  title=f"samples per class (the same z in each row), seed {seed}")
+                                  title=f"samples per class (one z per column), seed {seed}")
     picks = pictures.spread_indices(len(test_set), n)
     conditions = torch.stack([conditioning.of_item(test_set, i) for i in picks])
     return pictures.save_sample_grid(generate.prior_samples(model, len(picks), seed, device, conditions), path,
