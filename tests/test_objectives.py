@@ -402,9 +402,10 @@ def test_the_model_trains_dreg_on_the_samples_it_decodes():
 
 
 def test_dreg_survives_torch_compile():
-    """The gradient hook DReG puts on the samples is traced by torch.compile (train.compile=true)."""
+    """The gradient hook DReG puts on the samples is traced by torch.compile (train.compile=true).
+    (A small MLP VAE: what is checked is the hook, not the layers; compiling it is quick.)"""
+    from conditional_models import UnconditionalMLP
     from fastvae import noise
-    from fastvae.models import ConvVAE
     from fastvae.models.base import Objective
 
     x = torch.rand(4, 1, 28, 28, generator=torch.Generator().manual_seed(1))
@@ -412,11 +413,13 @@ def test_dreg_survives_torch_compile():
     grads = {}
     for name, dreg, compiled in (("eager", True, False), ("compiled", True, True), ("plain", False, False)):
         torch.manual_seed(0)
-        model = ConvVAE(latent_dim=3)
+        model = UnconditionalMLP(1, (28, 28), 3)
+        model.latent_dim = 3
         model.use_objective(Objective(iwae_samples=4, dreg=dreg))
         if compiled:
             model.compile()
         model(x, key, beta=torch.tensor(1.0))[0].backward()
-        grads[name] = model.to_logvar.weight.grad
-    torch.testing.assert_close(grads["compiled"], grads["eager"], rtol=1e-4, atol=1e-6)
-    assert not torch.allclose(grads["plain"], grads["eager"], rtol=1e-2)  # DReG's encoder gradient differs
+        grads[name] = model.encoder.weight.grad
+    scale = grads["eager"].abs().max()  # float32 rounding of the fused graph: ~1e-5 of it
+    assert (grads["compiled"] - grads["eager"]).abs().max() < 1e-4 * scale
+    assert (grads["plain"] - grads["eager"]).abs().max() > 1e-2 * scale  # DReG's encoder gradient differs
