@@ -2,14 +2,16 @@
 from the CLI's config and evaluated by fastvae.evaluate. The plain ELBO row is the baseline.
 
 Per row: the test ELBO (nats/image, every test image), the IWAE-K bound on -log p(x) (the first
---iwae-images test images: K decodes each), active units, the KL, and the training time per epoch
-(the training loop's own images/s from metrics.jsonl; per-epoch test metrics and checkpoints not
-counted). Bernoulli likelihood on the grey levels as trained, except the calibrated Gaussian
+--iwae-images test images: K decodes each), active units, the KL, the training time per epoch
+(the training loop's own images/s from metrics.jsonl: runs sharing the machine make it noisy), and
+the time of one training step against the ELBO's, measured in one process on one batch of real
+images with the rows interleaved and repeated (harness.interleaved): the column to compare speed by. Bernoulli likelihood on the grey levels as trained, except the calibrated Gaussian
 decoder's row (its variance fitted to the test images: another likelihood, not comparable) and
 the conditional model's (a bound on log p(x | label), not log p(x)).
 
     python benchmarks/objectives.py [--data mnist] [--epochs 10] [--latent 16] [--iwae-samples 1000]
         [--iwae-images 100] [--rows elbo tcvae ...] [--threads N] [--json PATH] [--merge EARLIER.json]
+        [--step-repeats 7] [--step-calls 10] [--steps-only]
 """
 
 from __future__ import annotations
@@ -22,14 +24,16 @@ import time
 from pathlib import Path
 
 import torch
-from harness import print_table, write_json
+from harness import interleaved, print_table, write_json
 
 from fastvae.checkpoint import list_checkpoints, load
 from fastvae.config import load_config
 from fastvae.data import build_datasets
 from fastvae.evaluate import Likelihood, evaluate_model
+from fastvae.run_setup import reset_accelerate_state
 from fastvae.tracking import read_records
 from fastvae.train import train
+from fastvae.trainer import Trainer
 
 # row: (what it is, overrides); {steps} is the run's total optimizer steps
 ROWS = {
@@ -47,6 +51,7 @@ ROWS = {
 COLUMNS = [("objective", "objective", ""), ("elbo_nats", "test ELBO", ".2f"),
            ("elbo_nats_iwae_images", "ELBO, IWAE images", ".2f"), ("iwae_nll_nats", "IWAE NLL", ".2f"),
            ("kl_nats", "KL", ".2f"), ("active_units", "active", "d"), ("s_per_epoch", "s/epoch", ".1f")]
+STEP_COLUMNS = [("objective", "objective", ""), ("step_ms", "ms/step", ".1f"), ("vs_elbo", "x ELBO", ".2f")]
 
 
 def parse_args(argv=None):
@@ -62,6 +67,10 @@ def parse_args(argv=None):
     parser.add_argument("--out", help="keep the runs here (default: a temporary folder)")
     parser.add_argument("--json")
     parser.add_argument("--merge", help="an earlier run's JSON (same settings): its rows come first")
+    parser.add_argument("--step-repeats", type=int, default=7, help="step timing: samples per row (0: none)")
+    parser.add_argument("--step-calls", type=int, default=10, help="step timing: steps per sample")
+    parser.add_argument("--steps-only", action="store_true",
+                        help="only the step timing, no training runs (with --merge: beside an earlier run's rows)")
     return parser.parse_args(argv)
 
 
@@ -94,6 +103,27 @@ def run_row(name: str, args, out: Path) -> dict:
             "s_per_epoch": statistics.median(images / r["images_per_sec"] for r in epochs), "wall_s": wall}
 
 
+def step_timing(args, out: Path) -> list[dict]:
+    """ms per Trainer.train_step of every row on one batch of the data's first images, the rows
+    interleaved and repeated in this one process: ratios to the ELBO that timing noise between
+    separate runs does not blur."""
+    cases = {}
+    for name in args.rows:
+        label, overrides = ROWS[name]
+        reset_accelerate_state()
+        cfg = load_config(args.data, [f"out_dir={out / f'step_{name}'}", f"model.latent_dim={args.latent}",
+                                      "train.mixed_precision=no", "data.limit=512", "logger=none",
+                                      *(o.format(steps=1000, cycle=250) for o in overrides)])
+        trainer = Trainer(cfg)
+        batch = next(iter(trainer.train_loader))  # (images, labels, sample ids) on the device
+        cases[label] = lambda trainer=trainer, batch=batch: trainer.train_step(batch)
+    samples = interleaved(cases, torch.device("cpu"), args.step_repeats, args.step_calls)
+    medians = {label: statistics.median(times) for label, times in samples.items()}
+    base = medians.get(ROWS["elbo"][0])
+    return [{"objective": label, "step_ms": 1000 * m, "vs_elbo": m / base if base else float("nan"),
+             "samples_ms": [1000 * t for t in samples[label]]} for label, m in medians.items()]
+
+
 def merged_rows(args) -> list[dict]:
     """The rows of an earlier run of the same settings (--merge), to add rows to its table."""
     if not args.merge:
@@ -113,13 +143,22 @@ def main(argv=None) -> None:
         torch.set_num_threads(args.threads)
     out = Path(args.out or tempfile.mkdtemp(prefix="objectives-"))
     rows = merged_rows(args)
-    for name in args.rows:
+    for name in [] if args.steps_only else args.rows:
         rows.append(run_row(name, args, out))
         print_table(rows, COLUMNS)
-    print(f"{args.data}, conv_vae latent {args.latent}, {args.epochs} epochs, seed 0; ELBO nats/image over "
-          f"{rows[0]['test_images']} test images; IWAE NLL: K = {args.iwae_samples} on the first {args.iwae_images}")
+    if rows:
+        print(f"{args.data}, conv_vae latent {args.latent}, {args.epochs} epochs, seed 0; ELBO nats/image over "
+              f"{rows[0]['test_images']} test images; IWAE NLL: K = {args.iwae_samples} on the first "
+              f"{args.iwae_images}")
+    steps = step_timing(args, out) if args.step_repeats else []
+    if steps:
+        print_table(steps, STEP_COLUMNS)
+        print(f"one training step on {load_config(args.data).data.batch_size} images, fp32, "
+              f"{torch.get_num_threads()} thread(s), rows interleaved, median of {args.step_repeats} x "
+              f"{args.step_calls} steps")
     write_json(args.json, {"data": args.data, "epochs": args.epochs, "latent_dim": args.latent,
-                           "iwae_samples": args.iwae_samples, "iwae_images": args.iwae_images, "rows": rows})
+                           "iwae_samples": args.iwae_samples, "iwae_images": args.iwae_images, "rows": rows,
+                           "step_timing": steps})
 
 
 if __name__ == "__main__":
