@@ -114,11 +114,16 @@ def test_objectives_benchmark_trains_and_evaluates_each_row(tmp_path):
     out = tmp_path / "objectives.json"
     proc = subprocess.run([sys.executable, "benchmarks/objectives.py", "--epochs", "1", "--limit", "256",
                            "--iwae-samples", "3", "--iwae-images", "8", "--rows", "elbo", "cvae", "--threads", "1",
+                           "--step-repeats", "2", "--step-calls", "1",
                            "--out", str(tmp_path / "runs"), "--json", str(out)],
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    rows = json.loads(out.read_text())["rows"]
+    report = json.loads(out.read_text())
+    rows = report["rows"]
     assert [r["row"] for r in rows] == ["elbo", "cvae"]
+    steps = {r["objective"]: r for r in report["step_timing"]}
+    assert steps["ELBO (baseline)"]["vs_elbo"] == 1.0 and len(steps["ELBO (baseline)"]["samples_ms"]) == 2
+    assert all(r["step_ms"] > 0 for r in steps.values()) and len(steps) == 2
     for r in rows:
         assert r["test_images"] == 500 and r["s_per_epoch"] > 0 and 0 <= r["active_units"] <= 16
         assert r["elbo_nats"] < 0 < r["iwae_nll_nats"] and r["kl_nats"] >= 0
