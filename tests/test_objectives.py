@@ -1,5 +1,6 @@
-"""KL schedules and floors (fastvae/losses.py): cyclical annealing, free bits, capacity annealing.
-Each against float64 by hand, with gradients; exact on resume; N processes = 1 process."""
+"""The objectives (fastvae/losses.py): cyclical annealing, free bits, capacity annealing, IWAE with
+DReG, beta-TCVAE, the calibrated Gaussian decoder. Each against float64 by hand, with gradients;
+exact on resume; N processes = 1 process."""
 
 import subprocess
 import sys
@@ -99,12 +100,14 @@ def test_free_bits_changes_what_trains_and_the_elbo_does_not():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("objective", [["loss.free_bits=0.3"], ["loss.objective=iwae", "loss.samples=3", "loss.dreg=true"],
+@pytest.mark.parametrize("objective", [["loss.free_bits=0.3", "loss.kl_cycle_steps=4"],
+                                       ["loss.capacity=5", "loss.capacity_steps=4", "loss.capacity_gamma=20"],
+                                       ["loss.objective=iwae", "loss.samples=3", "loss.dreg=true"],
                                        ["loss.objective=tcvae", "loss.recon=mse", "loss.sigma=optimal",
                                         "model.condition=labels"]])
 def test_objectives_train_the_same_on_2_processes_as_on_one(tmp_path, objective):
-    """Free bits (and capacity, through the same ops.global_batch_mean) are terms of the batch's mean KL:
-    the ranks average over the global batch (one differentiable all-reduce), so 2 x B/2 equals 1 x B.
+    """Free bits (with cyclical annealing) and capacity are terms of the batch's mean KL: the ranks
+    average over the global batch (one differentiable all-reduce), so 2 x B/2 equals 1 x B.
     IWAE: per image, keyed per (image, k). beta-TCVAE and the calibrated decoder: their global-batch
     terms, through the whole training path, with a conditional model (each rank its images' labels) (test_two_processes_give_the_gradient_of_one is the sharp
     check: Adam's steps hide small gradient differences)."""
