@@ -19,36 +19,35 @@ def recon_loss_fp32(logits: torch.Tensor, target: torch.Tensor, kind: str) -> to
 
 
 def global_batch_mean(values: torch.Tensor) -> torch.Tensor:
-    """values [B, ...] averaged over the global batch of all processes, differentiably: one all-reduce
-    of (sum, count) whose backward sums the gradients over ranks, so that DDP's average of the ranks'
-    gradients is the gradient one process with the whole batch gets (as GlooSyncBatchNorm does).
-    One process: the plain mean."""
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+    """values [B, ...] averaged over the global batch of all processes, differentiably: the ranks'
+    (sum, count) gathered (global_batch) and summed, whose backward sums the gradients over ranks,
+    so that DDP's average of the ranks' gradients is the gradient one process with the whole batch
+    gets (as GlooSyncBatchNorm does). One process: the plain mean."""
+    if not _several_processes():
         return values.mean(0)
-    from torch.distributed.nn.functional import all_reduce
-
     local = torch.cat([values.sum(0).flatten(), values.new_full((1,), values.shape[0])])
-    total = all_reduce(local)
+    total = global_batch(local.unsqueeze(0)).sum(0)
     return (total[:-1] / total[-1]).view(values.shape[1:])
 
 
 def global_batch(values: torch.Tensor) -> torch.Tensor:
-    """values [B, ...] of every process concatenated in rank order [N * B, ...], differentiably: one
-    all-reduce of a tensor holding this rank's values in its slot and zeros elsewhere, whose
-    backward sums every rank's gradient of this rank's slot (a reduce-scatter; torch's autograd
-    all_gather emulates that with all_to_all, which gloo lacks). Every rank must hold B rows
-    (data.drop_last=true). One process: the values themselves."""
+    """values [B, ...] of every process concatenated in rank order [N * B, ...], differentiably: an
+    all-gather whose backward is a reduce-scatter (each rank gets the sum of every rank's gradient
+    of its rows). torch's functional collective, which torch.compile traces into the graph (the
+    torch.distributed.nn.functional ones are deprecated and break it). Every rank must hold B
+    rows (data.drop_last=true). One process: the values themselves."""
+    if not _several_processes():
+        return values
+    import torch.distributed as dist
+    from torch.distributed._functional_collectives import all_gather_tensor_autograd
+
+    return all_gather_tensor_autograd(values.contiguous(), 0, dist.group.WORLD)
+
+
+def _several_processes() -> bool:
     import torch.distributed as dist
 
-    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
-        return values
-    from torch.distributed.nn.functional import all_reduce
-
-    rank, world = dist.get_rank(), dist.get_world_size()
-    slots = torch.stack([values if r == rank else torch.zeros_like(values) for r in range(world)])
-    return all_reduce(slots).flatten(0, 1)
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
 def eager_reparam_kl(mu: torch.Tensor, logvar: torch.Tensor, key=None):

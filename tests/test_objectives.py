@@ -262,18 +262,21 @@ def test_calibrated_gaussian_decoder_against_float64_by_hand():
     assert torch.isfinite(losses.gaussian_nll(zero, 6, losses.optimal_variance(zero.mean()))).all()
 
 
-def objective_gradients(rank, world, objective):
+def objective_gradients(rank, world, objective, compiled=False):
     """The parameters' gradient of one step on 8 images, shared over `world` processes as DDP does
-    (each rank its contiguous share; gradients averaged)."""
+    (each rank its contiguous share; gradients averaged); compiled: also the graphs compiled."""
     import torch.distributed as dist
 
     from fastvae import noise
     from fastvae.models import ConvVAE
     from fastvae.models.base import Objective
+    from fastvae.trainer import compile_counts
 
     torch.manual_seed(0)
     model = ConvVAE(latent_dim=4)
     model.use_objective(Objective(**objective))
+    if compiled:
+        model.compile()
     x = torch.rand(8, 1, 28, 28, generator=torch.Generator().manual_seed(1))
     share, ids = x.chunk(world)[rank], torch.arange(8).chunk(world)[rank]
     loss, _, _ = model(share, (torch.tensor(3), noise.row_offsets(ids, 4, 0)), beta=torch.tensor(0.5))
@@ -281,7 +284,7 @@ def objective_gradients(rank, world, objective):
     grads = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten() for p in model.parameters()])
     if world > 1:
         dist.all_reduce(grads)
-    return grads / world
+    return (grads / world, compile_counts()) if compiled else grads / world
 
 
 @pytest.mark.parametrize("objective", [
@@ -300,6 +303,19 @@ def test_two_processes_give_the_gradient_of_one(tmp_path, objective):
     assert one.abs().max() > 0
     for rank_grads in two:
         torch.testing.assert_close(rank_grads, one, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_the_global_batch_terms_compile_into_one_graph_on_two_processes(tmp_path):
+    """train.compile=true under DDP: the all-gather of the global batch is torch's functional
+    collective, traced into the graph (the deprecated torch.distributed.nn ones split it in 6-7)."""
+    from ranks import on_ranks
+
+    objective = {"kind": "mse", "optimal_sigma": True, "tc_weight": 3.0, "dataset_size": 100}
+    one = objective_gradients(0, 1, objective)
+    for grads, counts in on_ranks(objective_gradients, 2, tmp_path, objective, True):
+        assert counts == {"compiled_graphs": 1, "graph_breaks": 0}
+        torch.testing.assert_close(grads, one, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("bad, message", [
