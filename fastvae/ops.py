@@ -23,7 +23,7 @@ def global_batch_mean(values: torch.Tensor) -> torch.Tensor:
     (sum, count) gathered (global_batch) and summed, whose backward sums the gradients over ranks,
     so that DDP's average of the ranks' gradients is the gradient one process with the whole batch
     gets (as GlooSyncBatchNorm does). One process: the plain mean."""
-    if not _several_processes():
+    if not several_processes():
         return values.mean(0)
     local = torch.cat([values.sum(0).flatten(), values.new_full((1,), values.shape[0])])
     total = global_batch(local.unsqueeze(0)).sum(0)
@@ -36,7 +36,7 @@ def global_batch(values: torch.Tensor) -> torch.Tensor:
     of its rows). torch's functional collective, which torch.compile traces into the graph (the
     torch.distributed.nn.functional ones are deprecated and break it). Every rank must hold B
     rows (data.drop_last=true). One process: the values themselves."""
-    if not _several_processes():
+    if not several_processes():
         return values
     import torch.distributed as dist
     from torch.distributed._functional_collectives import all_gather_tensor_autograd
@@ -44,7 +44,8 @@ def global_batch(values: torch.Tensor) -> torch.Tensor:
     return all_gather_tensor_autograd(values.contiguous(), 0, dist.group.WORLD)
 
 
-def _several_processes() -> bool:
+def several_processes() -> bool:
+    """Whether this process is one of several in an initialized process group."""
     import torch.distributed as dist
 
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1

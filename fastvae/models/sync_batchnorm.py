@@ -3,26 +3,26 @@
 Under DDP each process normalizes with the statistics of its own B/N images, so N processes train
 another model than one process with batch B. torch's nn.SyncBatchNorm fixes that on GPUs and is
 used there; it refuses CPU tensors, so on the CPU (gloo) GlooSyncBatchNorm does the same with one
-differentiable all-reduce of (sum, sum of squares, count) per layer: its backward all-reduces the
-gradients of those sums, as nn.SyncBatchNorm's does.
+differentiable sum over ranks of (sum, sum of squares, count) per layer (ops.global_batch, summed):
+its backward sums the gradients of those sums over ranks, as nn.SyncBatchNorm's does.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 from torch import nn
-from torch.distributed.nn.functional import all_reduce
+
+from fastvae.ops import global_batch, several_processes
 
 
 class GlooSyncBatchNorm(nn.BatchNorm2d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not (self.training and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        if not (self.training and several_processes()):
             return super().forward(x)
         dims = (0, 2, 3)
         local = torch.cat([x.sum(dims, dtype=torch.float64), (x * x).sum(dims, dtype=torch.float64),
                            x.new_full((1,), x.numel() // x.shape[1], dtype=torch.float64)])
-        total = all_reduce(local)  # sums over ranks; its backward sums the gradients over ranks
+        total = global_batch(local.unsqueeze(0)).sum(0)  # over ranks; the backward sums their gradients
         c = x.shape[1]
         count = total[2 * c]
         mean = total[:c] / count
