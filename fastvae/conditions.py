@@ -77,10 +77,11 @@ class Conditioning:
                             f"model was trained on")
         return Conditioning(self.kind, self.names, base.attributes.to(torch.uint8))
 
-    def of_item(self, dataset, index: int) -> torch.Tensor:
-        """The condition vector [dim] of one item of `dataset` (bound by for_dataset)."""
-        _, label, sample_id = dataset[index]
-        return self.of_batch(torch.as_tensor(label).reshape(1), torch.as_tensor(sample_id).reshape(1))[0]
+    def of_items(self, items: list) -> torch.Tensor:
+        """The condition vectors [N, dim] of items (image, label, index) already read from the data
+        set this conditioning is bound to (for_dataset)."""
+        labels = torch.stack([torch.as_tensor(label).reshape(()) for _, label, _ in items])
+        return self.of_batch(labels, torch.as_tensor([int(sample_id) for _, _, sample_id in items]))
 
     def class_vector(self, text: str) -> torch.Tensor:
         """`--condition 7` or `--condition Sneaker`: the one-hot vector of a class by index or name."""

@@ -98,19 +98,19 @@ def sample(vae: LoadedVAE, n: int = 64, seed: int = 0, condition: torch.Tensor |
 
 
 def images_at(vae: LoadedVAE, split: str, indices: list[int]) -> torch.Tensor:
+    return images_and_conditions(vae, split, indices)[0]
+
+
+def images_and_conditions(vae: LoadedVAE, split: str, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(these images of a split [N, C, H, W], a conditional model's condition vectors [N, C'] of
+    them, else None), each item read once."""
     dataset = vae.split(split)
     for i in indices:
         if not 0 <= i < len(dataset):
             raise UserError(f"image index {i}: expected 0 <= index < {len(dataset)} ({split} split)")
-    return torch.stack([dataset[i][0] for i in indices])
-
-
-def conditions_at(vae: LoadedVAE, split: str, indices: list[int]) -> torch.Tensor | None:
-    """A conditional model's condition vectors [N, C] of these images of a split; else None."""
+    items = [dataset[i] for i in indices]
     conditioning = vae.conditioning_for(split)
-    if conditioning is None:
-        return None
-    return torch.stack([conditioning.of_item(vae.split(split), i) for i in indices])
+    return torch.stack([item[0] for item in items]), None if conditioning is None else conditioning.of_items(items)
 
 
 def reconstruct(vae: LoadedVAE, images: torch.Tensor, condition: torch.Tensor | None = None) -> torch.Tensor:
@@ -263,26 +263,29 @@ def cmd_sample(vae, args) -> list[Path]:
     out, condition = _out_dir(vae, args.out) / "samples.png", asked_condition(vae, args)
     what = f"latent dim {vae.model.latent_dim}, seed {args.seed}"
     if vae.conditioning is not None and condition is None:
-        return [save_conditional_samples(vae, args.n, args.seed, out, what)]
+        test_set = vae.split("test") if vae.conditioning.kind == "attributes" else None  # labels: no data needed
+        return [save_conditional_samples(vae.model, vae.conditioning, test_set, args.n, args.seed, vae.device, out,
+                                         what)]
     images = sample(vae, args.n, args.seed, condition)
     given = f" given {args.condition or args.attributes}" if condition is not None else ""
     return [pictures.save_grid(images, out, nrow=math.ceil(math.sqrt(args.n)),
                                title=f"{args.n} samples from N(0, I){given}, {what}")]
 
 
-def save_conditional_samples(vae, n: int, seed: int, out: Path, what: str) -> Path:
+def save_conditional_samples(model, conditioning, test_set, n: int, seed: int, device, out: Path, what: str) -> Path:
     """A conditional model's samples when no condition is asked: one row per class (one z per
-    column, so a column shows one style in every class), or given the attributes of n test images."""
-    conditioning = vae.conditioning
+    column, so a column shows one style in every class), or given the attributes of n test images
+    (test_set: needed for attributes only)."""
     if conditioning.kind == "labels":
         per_row = math.ceil(n / conditioning.dim)
-        images = class_rows(vae.model, per_row, seed, vae.device).cpu()
+        images = class_rows(model, per_row, seed, device).cpu()
         return pictures.save_grid(images, out, nrow=per_row, row_labels=list(conditioning.names),
                                   title=f"{per_row} samples per class (one z per column), {what}")
-    picks = pictures.spread_indices(len(vae.split("test")), n)
-    images = sample(vae, len(picks), seed, conditions_at(vae, "test", picks))
-    return pictures.save_grid(images, out, nrow=math.ceil(math.sqrt(len(picks))),
-                              title=f"{len(picks)} samples given the attributes of test images, {what}")
+    items = [test_set[i] for i in pictures.spread_indices(len(test_set), n)]
+    conditions = conditioning.for_dataset(test_set).of_items(items)
+    images = prior_samples(model, len(items), seed, device, conditions).cpu()
+    return pictures.save_grid(images, out, nrow=math.ceil(math.sqrt(len(items))),
+                              title=f"{len(items)} samples given the attributes of test images, {what}")
 
 
 @torch.no_grad()
@@ -297,15 +300,14 @@ def class_rows(model, per_row: int, seed: int = 0, device="cpu") -> torch.Tensor
 
 def cmd_reconstruct(vae, args) -> list[Path]:
     dataset = vae.split(args.split)
-    picks = pictures.spread_indices(len(dataset), args.n)
-    images = images_at(vae, args.split, picks)
-    return [pictures.save_reconstruction_grid(images, reconstruct(vae, images, conditions_at(vae, args.split, picks)),
+    images, conditions = images_and_conditions(vae, args.split, pictures.spread_indices(len(dataset), args.n))
+    return [pictures.save_reconstruction_grid(images, reconstruct(vae, images, conditions),
                                               _out_dir(vae, args.out) / "reconstructions.png")]
 
 
 def cmd_interpolate(vae, args) -> list[Path]:
-    images = images_at(vae, args.split, args.indices)
-    rows = interpolate(vae, images, args.steps, args.spherical, conditions_at(vae, args.split, args.indices))
+    images, conditions = images_and_conditions(vae, args.split, args.indices)
+    rows = interpolate(vae, images, args.steps, args.spherical, conditions)
     kind = "spherical" if args.spherical else "linear"
     labels = [f"#{a} -> #{b}" for a, b in zip(args.indices[:-1], args.indices[1:])]
     return [pictures.save_grid(rows.flatten(0, 1), _out_dir(vae, args.out) / f"interpolation_{kind}.png",

@@ -39,9 +39,9 @@ def write_pictures(model, test_set, cfg: Config, device, folder: Path,
     folder.mkdir(parents=True, exist_ok=True)
     conditioning = test_conditioning(cfg, test_set)
     mu_all, label_all = generate.encode_dataset(model, test_set, device, max_images, conditioning)
-    picks = pictures.spread_indices(len(test_set), 40)
-    originals = torch.stack([test_set[i][0] for i in picks])
-    conditions = None if conditioning is None else torch.stack([conditioning.of_item(test_set, i) for i in picks])
+    items = [test_set[i] for i in pictures.spread_indices(len(test_set), 40)]
+    originals = torch.stack([item[0] for item in items])
+    conditions = None if conditioning is None else conditioning.of_items(items)
     title = f"Latent means of {len(mu_all)} test images ({cfg.data.name}), colored by label"
     written = {
         "samples": save_samples(model, test_set, cfg, device, folder / "samples.png", conditioning),
@@ -65,12 +65,5 @@ def save_samples(model, test_set, cfg: Config, device, path: Path, conditioning)
     n, seed = cfg.train.samples, cfg.seed
     if conditioning is None:
         return pictures.save_sample_grid(generate.prior_samples(model, n, seed, device), path, model.latent_dim, seed)
-    if conditioning.kind == "labels":
-        per_row = max(1, n // conditioning.dim)
-        return pictures.save_grid(generate.class_rows(model, per_row, seed, device).cpu(), path, nrow=per_row,
-                                  row_labels=list(conditioning.names),
-                                  title=f"samples per class (one z per column), seed {seed}")
-    picks = pictures.spread_indices(len(test_set), n)
-    conditions = torch.stack([conditioning.of_item(test_set, i) for i in picks])
-    return pictures.save_sample_grid(generate.prior_samples(model, len(picks), seed, device, conditions), path,
-                                     model.latent_dim, seed)
+    return generate.save_conditional_samples(model, conditioning, test_set, n, seed, device, path,
+                                             f"latent dim {model.latent_dim}, seed {seed}")
