@@ -62,12 +62,16 @@ def log_normal(z: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor) -> torch
     return -0.5 * (LOG_2PI + logvar + (z - mu) ** 2 / logvar.exp()).sum(-1)
 
 
+def log_prior(z: torch.Tensor) -> torch.Tensor:
+    """log p(z) = log N(z; 0, I) summed over the last dim."""
+    return -0.5 * (LOG_2PI + z.pow(2)).sum(-1)
+
+
 def importance_log_weights(log_px: torch.Tensor, z: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor,
                            beta=1.0) -> torch.Tensor:
     """log w = log p(x|z) + beta (log p(z) - log q(z|x)) for samples z of q = N(mu, exp(logvar)):
     log_px [K, B], z [K, B, D], mu and logvar [B, D]."""
-    prior = log_normal(z, torch.zeros_like(z), torch.zeros_like(z))
-    return log_px + beta * (prior - log_normal(z, mu, logvar))
+    return log_px + beta * (log_prior(z) - log_normal(z, mu, logvar))
 
 
 def iwae_loss(log_px: torch.Tensor, z: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor,
@@ -140,9 +144,7 @@ def tc_decomposition(z: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor, da
     pairs = -0.5 * (LOG_2PI + logvar_batch + (z[:, None] - mu_batch) ** 2 / logvar_batch.exp())  # [B, M, D]
     log_qz = torch.logsumexp(pairs.sum(2), dim=1) - log_norm
     log_qz_product = (torch.logsumexp(pairs, dim=1) - log_norm).sum(1)
-    log_qz_x = log_normal(z, mu, logvar)
-    log_pz = log_normal(z, torch.zeros_like(z), torch.zeros_like(z))
-    return log_qz_x - log_qz, log_qz - log_qz_product, log_qz_product - log_pz
+    return log_normal(z, mu, logvar) - log_qz, log_qz - log_qz_product, log_qz_product - log_prior(z)
 
 
 def tcvae_kl_term(mi: torch.Tensor, tc: torch.Tensor, dimension_kl: torch.Tensor, beta, tc_weight: float):
