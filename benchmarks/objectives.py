@@ -74,13 +74,16 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
-def run_row(name: str, args, out: Path) -> dict:
+def training_images(args) -> int:
+    """How many images each row trains on per epoch (the data set read once for all rows)."""
+    return len(build_datasets(load_config(args.data, [f"data.limit={args.limit}"]).data)[0])
+
+
+def run_row(name: str, args, out: Path, images: int) -> dict:
     label, overrides = ROWS[name]
     base = [f"out_dir={out / name}", f"model.latent_dim={args.latent}", f"train.epochs={args.epochs}",
             "train.mixed_precision=no", "train.log_every=100", f"data.limit={args.limit}"]
-    plain = load_config(args.data, base)
-    images = len(build_datasets(plain.data)[0])
-    steps = args.epochs * (images // plain.data.batch_size)  # data.drop_last
+    steps = args.epochs * (images // load_config(args.data, base).data.batch_size)  # data.drop_last
     overrides = [o.format(steps=steps, cycle=max(1, steps // 4)) for o in overrides]
     cfg = load_config(args.data, [*base, *overrides])
     started = time.perf_counter()
@@ -143,8 +146,9 @@ def main(argv=None) -> None:
         torch.set_num_threads(args.threads)
     out = Path(args.out or tempfile.mkdtemp(prefix="objectives-"))
     rows = merged_rows(args)
+    images = 0 if args.steps_only else training_images(args)
     for name in [] if args.steps_only else args.rows:
-        rows.append(run_row(name, args, out))
+        rows.append(run_row(name, args, out, images))
         print_table(rows, COLUMNS)
     if rows:
         print(f"{args.data}, conv_vae latent {args.latent}, {args.epochs} epochs, seed 0; ELBO nats/image over "
