@@ -344,7 +344,7 @@ def two_gpu_ddp(py: str, out: Path, timeout: float) -> dict:
     size = ["train.max_steps=2", "data.batch_size=4", "model.latent_dim=8", "model.dropout=0", "train.samples=4",
             "train.mixed_precision=no"] if SMOKE else ["train.compile=true", "train.max_steps=20", "data.batch_size=32"]
     cmd = accelerate_launch(["-m", "fastvae.train", "--config", "celeba", f"data.root={out / 'celeba'}",
-                             "train.sync_batchnorm=true", *size, f"out_dir={out / 'run_ddp'}"], processes=2, port=29571)
+                             "train.sync_batchnorm=true", *size, f"out_dir={out / 'run_ddp'}"], processes=2)
     result = run("ddp_2gpu", cmd, out, timeout)
     summary = out / "run_ddp" / "summary.json"
     done = json.loads(summary.read_text()) if summary.is_file() else {}

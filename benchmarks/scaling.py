@@ -54,7 +54,7 @@ def run(args, processes: int, threads: int, batch: int, out: Path) -> float:
              f"out_dir={out}"]
     from fastvae.launch.processes import accelerate_launch
 
-    cmd = [sys.executable, *train] if processes == 1 else accelerate_launch(train, processes, port=29547)
+    cmd = [sys.executable, *train] if processes == 1 else accelerate_launch(train, processes)
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     if proc.returncode:

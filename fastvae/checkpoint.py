@@ -339,8 +339,11 @@ def _plain_data(path: Path):
     try:
         return accelerate_load(path, map_location="cpu")
     except Exception as err:  # pickle's and torch's own types
+        # torch's first sentence only: the rest tells how to load the file anyway, which a file that
+        # would run code must not be
+        reason = one_line(err).split(". ")[0]
         raise UserError(f"checkpoint file '{path}' refused: it is not plain tensors and numbers "
-                        f"({type(err).__name__}: {one_line(err)}); expected a file fastvae wrote") from None
+                        f"({type(err).__name__}: {reason}); expected a file fastvae wrote") from None
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu"):

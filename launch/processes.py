@@ -4,8 +4,17 @@ line that tools/loss_compare.py, benchmarks/scaling.py and the tests start, writ
 from __future__ import annotations
 
 import shutil
+import socket
 import sys
 from pathlib import Path
+
+
+def free_port() -> int:
+    """A TCP port that nothing on this machine listens on now: a rendezvous port per run, so runs
+    started side by side (parallel tests, two users) never meet on a fixed one."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def accelerate_binary() -> str:
@@ -16,12 +25,13 @@ def accelerate_binary() -> str:
 
 
 def accelerate_launch(module_args: list[str], processes: int, machines: int = 1, machine_rank: int = 0,
-                      port: int = 29500, address: str = "127.0.0.1") -> list[str]:
+                      port: int | None = None, address: str = "127.0.0.1") -> list[str]:
     """argv of `accelerate launch` running `python -m ...` (module_args start with "-m") as `processes`
     processes over `machines` machines, this one being `machine_rank`. --multi_gpu also on a CPU:
-    fastvae puts launched processes on the CPU (gloo) when there is no GPU (docs/notes.md)."""
+    fastvae puts launched processes on the CPU (gloo) when there is no GPU (docs/notes.md). port: the
+    rendezvous port; None = a free one (all machines of one run must be given the same)."""
     multi = ["--multi_gpu"] if processes > 1 else []
     rendezvous = ["--machine_rank", str(machine_rank), "--main_process_ip", address, "--rdzv_backend", "static",
                   "--same_network"] if machines > 1 else []
     return [accelerate_binary(), "launch", *multi, "--num_processes", str(processes), "--num_machines", str(machines),
-            *rendezvous, "--main_process_port", str(port), *module_args]
+            *rendezvous, "--main_process_port", str(port or free_port()), *module_args]

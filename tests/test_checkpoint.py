@@ -20,6 +20,7 @@ from fastvae.trainer import Trainer
 from fastvae.evaluate import main as evaluate_main
 from fastvae.run_setup import reset_accelerate_state
 from helpers import TINY, assert_same_weights, final_weights, tiny_config, tree_snapshot
+from shared import built_once
 
 
 def test_checkpoints_hold_the_train_state(tmp_path):
@@ -147,10 +148,11 @@ def refused(args, capsys) -> str:
 
 @pytest.fixture(scope="module")
 def good_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("trust") / "run"
-    train(tiny_config(out, "train.max_steps=3", "optim.scheduler=cosine"))
-    reset_accelerate_state()
-    return out
+    def build(folder):
+        train(tiny_config(folder / "run", "train.max_steps=3", "optim.scheduler=cosine"))
+        reset_accelerate_state()
+
+    return built_once(tmp_path_factory, "tiny_cosine_3_steps", build) / "run"
 
 
 @pytest.mark.parametrize("name", ["custom_checkpoint_0.pkl", "random_states_0.pkl", "optimizer.bin"])

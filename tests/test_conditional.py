@@ -16,6 +16,7 @@ from fastvae.errors import UserError
 from fastvae.generate import load, main as generate, sample
 from fastvae.train import train
 from helpers import ROOT, TINY, tiny_config
+from shared import built_once
 
 
 def nearest_class_mean(images: torch.Tensor, labels: torch.Tensor, classes: int):
@@ -28,10 +29,11 @@ def nearest_class_mean(images: torch.Tensor, labels: torch.Tensor, classes: int)
 @pytest.fixture(scope="module")
 def mnist_cvae(tmp_path_factory):
     """A labels-conditional conv VAE, 3 epochs on the 4,500 embedded real MNIST digits (~25 s)."""
-    out = tmp_path_factory.mktemp("cvae") / "run"
-    train(load_config("mnist", [f"out_dir={out}", "train.epochs=3", "model.condition=labels",
-                                "train.mixed_precision=no"]))
-    return list_checkpoints(out)[-1]
+    def build(folder):
+        train(load_config("mnist", [f"out_dir={folder / 'run'}", "train.epochs=3", "model.condition=labels",
+                                    "train.mixed_precision=no"]))
+
+    return list_checkpoints(built_once(tmp_path_factory, "mnist_cvae", build) / "run")[-1]
 
 
 def test_generated_digits_are_of_the_asked_class(mnist_cvae):

@@ -106,7 +106,7 @@ def test_sigkill_then_resume_is_bit_identical(tmp_path):
 def test_two_processes_train_what_one_trains(tmp_path):
     out = tmp_path / "lc"
     cmd = [sys.executable, str(ROOT / "tools" / "loss_compare.py"), "--config", "mnist", "--nproc", "2", "--steps", "6",
-           "--assert-equal", "--out", str(out), "--port", "29541", "--timeout", "300", *TINY, *MODEL]
+           "--assert-equal", "--out", str(out), "--timeout", "300", *TINY, *MODEL]
     proc = subprocess.run(cmd, cwd=EXAMPLE, capture_output=True, text=True, timeout=600, env=ENV)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 

@@ -13,14 +13,16 @@ from fastvae.generate import (LoadedVAE, apply_attribute, attribute_vector, attr
 from fastvae.train import train
 from fastvae.run_setup import reset_accelerate_state
 from helpers import tiny_config
+from shared import built_once
 
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    out = tmp_path_factory.mktemp("gen") / "run"
-    train(tiny_config(out, "train.epochs=2", "data.limit=512", "optim.lr=2e-3"))
-    reset_accelerate_state()
-    return list_checkpoints(out)[-1]
+    def build(folder):
+        train(tiny_config(folder / "run", "train.epochs=2", "data.limit=512", "optim.lr=2e-3"))
+        reset_accelerate_state()
+
+    return list_checkpoints(built_once(tmp_path_factory, "tiny_2_epochs", build) / "run")[-1]
 
 
 def png_size(path):

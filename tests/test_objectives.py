@@ -113,7 +113,7 @@ def test_objectives_train_the_same_on_2_processes_as_on_one(tmp_path, objective)
     check: Adam's steps hide small gradient differences)."""
     out = tmp_path / "lc"
     cmd = [sys.executable, str(ROOT / "tools" / "loss_compare.py"), "--config", "mnist", "--nproc", "2", "--steps", "6",
-           "--assert-equal", "--out", str(out), "--port", "29545", "--timeout", "300", *TINY, *objective]
+           "--assert-equal", "--out", str(out), "--timeout", "300", *TINY, *objective]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 

@@ -22,10 +22,17 @@ from fastvae.tracking import read_records
 from fastvae.train import main, train
 from fastvae.run_setup import reset_accelerate_state
 from helpers import CONFIGS, ROOT, TINY, assert_same_weights, final_weights, tiny_config, tree_snapshot, wait_until
+from shared import built_once
 
 TRAIN = [sys.executable, "-m", "fastvae.train", "--config", str(CONFIGS / "mnist.yaml"), *TINY]
-ACCELERATE_2 = accelerate_launch(["-m", "fastvae.train", "--config", str(CONFIGS / "mnist.yaml"), *TINY,
-                                  "data.batch_size=16"], processes=2, port=29533)
+
+
+def accelerate_2() -> list[str]:
+    """Two training processes of the tiny run, on a rendezvous port that is free now."""
+    return accelerate_launch(["-m", "fastvae.train", "--config", str(CONFIGS / "mnist.yaml"), *TINY,
+                              "data.batch_size=16"], processes=2)
+
+
 ENV = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
 
 
@@ -63,9 +70,9 @@ SIGKILL_RUN = ["train.epochs=2", "train.checkpoint_every=1", "train.keep_checkpo
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
     """The weights of the run the killed runs must end with (trained once for every seed)."""
-    out = tmp_path_factory.mktemp("straight") / "run"
-    finish([*TRAIN, *SIGKILL_RUN, f"out_dir={out}"])
-    return final_weights(out)
+    folder = built_once(tmp_path_factory, "sigkill_uninterrupted",
+                        lambda folder: finish([*TRAIN, *SIGKILL_RUN, f"out_dir={folder / 'run'}"]))
+    return final_weights(folder / "run")
 
 
 @pytest.mark.slow
@@ -87,13 +94,13 @@ def test_sigkill_at_a_random_step_then_resume_is_bit_identical(tmp_path, seed, u
 @pytest.mark.slow
 def test_sigkill_two_process_run_then_resume_is_bit_identical(tmp_path):
     common = ["train.epochs=2", "train.checkpoint_every=1"]
-    finish([*ACCELERATE_2, *common, f"out_dir={tmp_path / 'straight'}"])
+    finish([*accelerate_2(), *common, f"out_dir={tmp_path / 'straight'}"])
     out = tmp_path / "killed"
-    proc = run_until([*ACCELERATE_2, *common, f"out_dir={out}"], out, 5)
+    proc = run_until([*accelerate_2(), *common, f"out_dir={out}"], out, 5)
     os.killpg(proc.pid, signal.SIGKILL)  # the launcher and both ranks
     proc.wait(timeout=30)
     assert newest_step(out) < 16
-    finish([*ACCELERATE_2, *common, f"out_dir={out}", "train.resume=auto"])
+    finish([*accelerate_2(), *common, f"out_dir={out}", "train.resume=auto"])
     assert json.loads((out / "summary.json").read_text())["ranks_agree"] is True
     assert_same_weights(final_weights(out), final_weights(tmp_path / "straight"))
 
@@ -191,7 +198,9 @@ def test_sigterm_saves_at_the_next_step_and_exits_cleanly(tmp_path):
 
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory):
-    """A finished tiny run: the files that bad commands must leave untouched."""
+    """A finished tiny run: the files that bad commands must leave untouched. One per worker, not
+    shared: a refused command may touch out_dir for a moment (its lock), which another worker's
+    snapshot of the same folder would see."""
     out = tmp_path_factory.mktemp("done") / "run"
     train(tiny_config(out, "train.max_steps=3"))
     reset_accelerate_state()
@@ -267,7 +276,7 @@ def test_a_frozen_rank_is_named_by_the_survivor_within_the_collective_timeout(tm
     """SIGSTOP on rank 1 (a frozen process, a node gone quiet): rank 0 stops after
     train.collective_timeout_s and says which rank stopped answering, instead of waiting torch's 30 min."""
     out, marker = tmp_path / "run", str(tmp_path)
-    cmd = [*ACCELERATE_2, "train.epochs=50", "train.checkpoint_every=1", "train.collective_timeout_s=8",
+    cmd = [*accelerate_2(), "train.epochs=50", "train.checkpoint_every=1", "train.collective_timeout_s=8",
            f"out_dir={out}"]
     proc = subprocess.Popen(cmd, cwd=ROOT, env={**ENV, "FASTVAE_TEST_MARK": marker}, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)

@@ -86,9 +86,12 @@ def test_without_flock_a_lock_file_of_a_dead_process_is_named_and_taken_over(tmp
     assert not (tmp_path / LOCK_FILE).exists()
 
 
-@pytest.mark.parametrize("holder", [f"pid {os.getpid()} on {socket.gethostname()} since now",
+# this process as the live holder: named by a placeholder, as test ids must be the same in every
+# pytest-xdist worker (each has its own pid)
+@pytest.mark.parametrize("holder", ["pid {this process} on {this host} since now",
                                     "pid 1 on another-node since now", "garbage"])
 def test_without_flock_a_live_or_uncheckable_holder_is_refused(tmp_path, without_flock, holder):
+    holder = holder.format_map({"this process": os.getpid(), "this host": socket.gethostname()})
     (tmp_path / LOCK_FILE).write_text(holder)
     with pytest.raises(UserError, match="is in use by another run"):
         RunLock(tmp_path).acquire()

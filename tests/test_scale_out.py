@@ -15,6 +15,7 @@ from fastvae.evaluate import Likelihood, evaluate_model, evaluate_sums, report_o
 from fastvae.launch.processes import accelerate_launch
 from fastvae.models import ConvVAE
 from helpers import ROOT, TINY
+from shared import built_once
 
 CPU = torch.device("cpu")
 
@@ -47,8 +48,10 @@ def loss_compare(tmp_path, name, *args):
 @pytest.fixture(scope="module")
 def mnist_two_nodes(tmp_path_factory):
     """1 process x 32 vs 2 processes x 16, the 2 as two accelerate launchers (--num_machines 2) on localhost."""
-    return loss_compare(tmp_path_factory.mktemp("lc"), "mnist", "--config", "mnist", "--nproc", "2",
-                        "--machines", "2", "--steps", "8", "--port", "29533", *TINY)
+    folder = built_once(tmp_path_factory, "mnist_two_nodes",
+                        lambda folder: loss_compare(folder, "mnist", "--config", "mnist", "--nproc", "2",
+                                                    "--machines", "2", "--steps", "8", *TINY))
+    return json.loads((folder / "mnist.json").read_text()), folder / "mnist"
 
 
 @pytest.mark.slow
@@ -72,7 +75,7 @@ def test_evaluate_under_accelerate_launch_matches_one_process(mnist_two_nodes, t
                     "--iwae-samples", "4", "--json", str(one)], cwd=ROOT, check=True, capture_output=True, timeout=300)
     two = tmp_path / "two.json"
     proc = subprocess.run(accelerate_launch(["-m", "fastvae.evaluate", "--checkpoint", ckpt, "--max-images", "150",
-                                             "--iwae-samples", "4", "--json", str(two)], processes=2, port=29535),
+                                             "--iwae-samples", "4", "--json", str(two)], processes=2),
                           cwd=ROOT, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     a, b = json.loads(one.read_text()), json.loads(two.read_text())
@@ -88,7 +91,7 @@ def test_sync_batchnorm_makes_two_processes_train_the_dfc_vae_one_process_trains
     root = write_celeba(tmp_path / "celeba", n=60)
     # SGD: Adam turns rounding into +-lr steps of weights whose gradient is as small as the
     # rounding (e.g. the conv biases before BatchNorm), which hides what this compares (docs/notes.md)
-    result, _ = loss_compare(tmp_path, "dfc", "--config", "celeba", "--steps", "4", "--port", "29537",
+    result, _ = loss_compare(tmp_path, "dfc", "--config", "celeba", "--steps", "4",
                              f"data.root={root}", "data.batch_size=16", "data.num_workers=0", "model.dropout=0",
                              "train.mixed_precision=no", "train.samples=16", "train.sync_batchnorm=true",
                              "optim.name=sgd", "optim.lr=0.00001")
@@ -102,7 +105,7 @@ def test_the_compiled_step_is_one_graph_under_ddp_with_kl_warmup(tmp_path):
     out = tmp_path / "run"
     cmd = accelerate_launch(["-m", "fastvae.train", "--config", "mnist", *TINY, "data.batch_size=16",
                              "train.compile=true", "loss.kl_warmup_steps=100", "train.max_steps=30",
-                             "train.epochs=5", f"out_dir={out}"], processes=2, port=29537)
+                             "train.epochs=5", f"out_dir={out}"], processes=2)
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,
                           env={**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

@@ -19,6 +19,7 @@ from fastvae.tracking import read_records
 from helpers import CONFIGS, ROOT, wait_until
 from wandb_records import run_contents
 
+# one cluster for the session: every test here runs on one pytest-xdist worker (tests/conftest.py)
 pytestmark = [pytest.mark.slow, pytest.mark.slurm]
 
 TINY_JOB = ["data.limit=256", "data.batch_size=32", "train.samples=16", "train.log_every=4", "train.mixed_precision=no"]

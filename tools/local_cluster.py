@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import json
 import os
 import shutil
 import signal
@@ -35,10 +36,11 @@ BINARIES = ["slurmctld", "slurmd", "slurmdbd", "sbatch", "munged", "mungekey", "
 DEFAULT_DIR = Path("/tmp/fastvae-slurm")
 CLUSTER_NAME = "fastvae"
 PARTITION = "debug"
-# Away from Slurm's own defaults (6817-6819) and MariaDB's 3306, so a system install does not clash.
-PORTS = {"slurmctld": 17817, "slurmd": 17818, "slurmdbd": 17819, "mariadb": 17306}
+# Each daemon's TCP port, chosen free when the cluster starts and kept in PORTS_FILE while it runs:
+# never a fixed port that another cluster, a test run beside it or a system install may hold.
+PORT_NAMES = ("slurmctld", "slurmd", "slurmd_second", "slurmdbd", "mariadb")
+PORTS_FILE = "ports.json"
 SECOND_NODE = "localhost"
-SECOND_SLURMD_PORT = 17820
 MUNGE_SOCKET = "/run/munge/munge.socket.2"  # the default: sacctmgr and slurmdbd ignore another one
 
 
@@ -83,19 +85,39 @@ def node_names() -> list[str]:
     return [host] if host == SECOND_NODE else [host, SECOND_NODE]
 
 
-def render_configs(root: Path) -> tuple[str, str]:
-    """(slurm.conf, slurmdbd.conf) of the cluster."""
+def saved_ports(root: Path) -> dict | None:
+    """The ports the cluster under `root` was started with (None before its first start)."""
+    try:
+        ports = json.loads((root / PORTS_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    return ports if isinstance(ports, dict) and set(ports) == set(PORT_NAMES) else None
+
+
+def choose_ports(root: Path) -> dict:
+    """Free ports for every daemon, saved under `root`."""
+    from fastvae.launch.processes import free_port
+
+    ports = {}
+    while len(set(ports.values())) < len(PORT_NAMES):  # five distinct ones
+        ports = {name: free_port() for name in PORT_NAMES}
+    (root / PORTS_FILE).write_text(json.dumps(ports))
+    return ports
+
+
+def render_configs(root: Path, ports: dict) -> tuple[str, str]:
+    """(slurm.conf, slurmdbd.conf) of the cluster, its daemons on `ports`."""
     host, words, cpus, mem = machine()
     hardware = (f"CPUs={words['CPUs']} Boards={words['Boards']} SocketsPerBoard={words['SocketsPerBoard']} "
                 f"CoresPerSocket={words['CoresPerSocket']} ThreadsPerCore={words['ThreadsPerCore']} RealMemory={mem}")
-    ports = [PORTS["slurmd"], SECOND_SLURMD_PORT]
+    node_ports = [ports["slurmd"], ports["slurmd_second"]]
     nodes = "\n".join(f"NodeName={name} NodeHostname={host} NodeAddr=127.0.0.1 Port={port} {hardware} State=UNKNOWN"
-                      for name, port in zip(node_names(), ports))
+                      for name, port in zip(node_names(), node_ports))
     conf = f"""# written by tools/local_cluster.py
 ClusterName={CLUSTER_NAME}
 SlurmctldHost={host}(127.0.0.1)
-SlurmctldPort={PORTS['slurmctld']}
-SlurmdPort={PORTS['slurmd']}
+SlurmctldPort={ports['slurmctld']}
+SlurmdPort={ports['slurmd']}
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
@@ -118,7 +140,7 @@ SchedulerType=sched/backfill
 MpiDefault=none
 AccountingStorageType=accounting_storage/slurmdbd
 AccountingStorageHost=127.0.0.1
-AccountingStoragePort={PORTS['slurmdbd']}
+AccountingStoragePort={ports['slurmdbd']}
 JobAcctGatherType=jobacct_gather/none
 {nodes}
 PartitionName={PARTITION} Nodes={",".join(node_names())} Default=YES MaxTime=INFINITE State=UP
@@ -127,22 +149,22 @@ PartitionName={PARTITION} Nodes={",".join(node_names())} Default=YES MaxTime=INF
 AuthType=auth/munge
 DbdHost=localhost
 DbdAddr=127.0.0.1
-DbdPort={PORTS['slurmdbd']}
+DbdPort={ports['slurmdbd']}
 SlurmUser=root
 PidFile={root}/run/slurmdbd.pid
 LogFile={root}/log/slurmdbd.log
 StorageType=accounting_storage/mysql
 StorageHost=127.0.0.1
-StoragePort={PORTS['mariadb']}
+StoragePort={ports['mariadb']}
 StorageUser=root
 StorageLoc=slurm_acct_db
 """
     return conf, dbd
 
 
-def write_configs(root: Path) -> bool:
+def write_configs(root: Path, ports: dict) -> bool:
     """Write the configs; True when they changed (daemons started from the old ones must restart)."""
-    conf, dbd = render_configs(root)
+    conf, dbd = render_configs(root, ports)
     for sub in ("state", "spool", "log", "run", "db"):
         (root / sub).mkdir(parents=True, exist_ok=True)
     for name in node_names():
@@ -201,7 +223,7 @@ def _munge_works() -> bool:
     return cred.returncode == 0 and subprocess.run(["unmunge"], input=cred.stdout, capture_output=True).returncode == 0
 
 
-def _start_mariadb(root: Path) -> None:
+def _start_mariadb(root: Path, port: int) -> None:
     data = root / "db"
     pid = root / "run" / "mariadb.pid"
     if _pid_alive(pid):
@@ -210,12 +232,12 @@ def _start_mariadb(root: Path) -> None:
         subprocess.run(["mariadb-install-db", f"--datadir={data}", "--user=root", "--skip-test-db",
                         "--auth-root-authentication-method=normal"], check=True, capture_output=True)
     log = root / "log" / "mariadb.log"
-    subprocess.Popen(["mariadbd", f"--datadir={data}", "--user=root", f"--port={PORTS['mariadb']}",
+    subprocess.Popen(["mariadbd", f"--datadir={data}", "--user=root", f"--port={port}",
                       "--bind-address=127.0.0.1", f"--socket={root}/run/mariadb.sock", f"--pid-file={pid}",
                       f"--log-error={log}", "--skip-name-resolve"],
                      stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                      start_new_session=True)
-    _wait("mariadbd", lambda: _port_open(PORTS["mariadb"]), 60, log)
+    _wait("mariadbd", lambda: _port_open(port), 60, log)
 
 
 def _daemon(root: Path, name: str, args: list[str], ready, timeout: float = 30, instance: str = "") -> None:
@@ -253,12 +275,13 @@ def start(root: Path = DEFAULT_DIR, timeout: float = 90) -> dict:
     install()
     root = root.resolve()
     root.mkdir(parents=True, exist_ok=True)
-    if write_configs(root):  # a cluster started from other configs (e.g. one node) starts again
+    ports = (saved_ports(root) if is_up(root) else None) or choose_ports(root)  # a running cluster keeps its own
+    if write_configs(root, ports):  # other configs (e.g. one node, other ports): the daemons start again
         stop(root)
     _start_munge(root)
-    _start_mariadb(root)
-    _daemon(root, "slurmdbd", [], lambda: _port_open(PORTS["slurmdbd"]))
-    _daemon(root, "slurmctld", [], lambda: _port_open(PORTS["slurmctld"]))
+    _start_mariadb(root, ports["mariadb"])
+    _daemon(root, "slurmdbd", [], lambda: _port_open(ports["slurmdbd"]))
+    _daemon(root, "slurmctld", [], lambda: _port_open(ports["slurmctld"]))
     for name in node_names():
         _daemon(root, "slurmd", ["-N", name], lambda: name in node_states(root), timeout, instance=name)
     _wait("every node", lambda: is_up(root), timeout, root / "log" / "slurmctld.log")

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from fastvae.launch.processes import accelerate_launch
+from fastvae.launch.processes import accelerate_launch, free_port
 from fastvae.tracking import STEPS_FILE, read_records
 
 
@@ -43,7 +43,7 @@ def parse_args(argv=None):
     p.add_argument("--param-rtol", type=float, default=1e-3,
                    help="largest ||a - b|| / ||b|| of the final parameters (all tensors) that counts as equal")
     p.add_argument("--assert-equal", action="store_true", help="exit 1 when the runs differ by more than --rtol")
-    p.add_argument("--port", type=int, default=29531, help="rendezvous port of the sharded run")
+    p.add_argument("--port", type=int, default=0, help="rendezvous port of the sharded run; 0 = a free one")
     p.add_argument("--timeout", type=float, default=600, help="seconds each run may take")
     p.add_argument("--json", help="write the comparison here")
     p.add_argument("overrides", nargs="*", help="config overrides, key=value")
@@ -79,7 +79,8 @@ def train_args(args, batch: int, out_dir: Path) -> list[str]:
 
 
 def sharded_commands(args, batch: int, out_dir: Path) -> list[list[str]]:
-    return [accelerate_launch(train_args(args, batch, out_dir), args.nproc, args.machines, rank, args.port)
+    port = args.port or free_port()  # one port for all the run's launchers
+    return [accelerate_launch(train_args(args, batch, out_dir), args.nproc, args.machines, rank, port)
             for rank in range(args.machines)]
 
 

@@ -2,18 +2,13 @@
 would set up, for tests of one differentiable collective (much cheaper than a training run)."""
 
 import os
-import socket
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from fastvae.launch.processes import free_port
 
 
 def _worker(rank: int, world: int, port: int, fn, out: Path, args) -> None:
