@@ -1,13 +1,14 @@
 """Drawing the pictures a VAE is judged by: image grids with a title and row labels, and latent
 scatter plots. Only drawing: the images come from fastvae.generate.
 
-Grids come from torchvision's make_grid; the title band and row labels are drawn
-with Pillow so the PNG's pixel size is exact and predictable:
+Grids are tiled as torchvision's make_grid tiles them (`tile`, written here so that drawing a
+grid does not import torchvision: fastvae.data.base says why); the title band and row labels are
+drawn with Pillow so the PNG's pixel size is exact and predictable:
     width  = LABEL_WIDTH (if row labels) + scale * grid_width
     height = title_band_height(title, width) + scale * grid_height
 with an integer upscale so 28x28 digits are visible; a title too long for the
 width wraps onto more lines (TITLE_HEIGHT for one line, +TITLE_LINE per extra
-line). Scatter plots use matplotlib.
+line). Scatter plots use matplotlib (imported when one is drawn).
 """
 
 from __future__ import annotations
@@ -15,13 +16,8 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")  # files only: no display on servers and CI
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
-from PIL import Image, ImageDraw, ImageFont  # noqa: E402
-from torchvision.utils import make_grid  # noqa: E402
+import torch
+from PIL import Image, ImageDraw, ImageFont
 
 TITLE_HEIGHT = 28
 TITLE_LINE = 18
@@ -68,11 +64,29 @@ def displayable(images: torch.Tensor) -> torch.Tensor:
     return images[:, :3] if channels == 4 else images[:, :1]
 
 
+def tile(images: torch.Tensor, nrow: int, padding: int = PADDING, pad_value: float = 1.0) -> torch.Tensor:
+    """images [N, C, H, W] (C 1 or 3) -> one [3, H', W'] grid, laid out as torchvision's make_grid
+    lays it out: min(nrow, N) columns, `padding` around every image, grey repeated to RGB, and one
+    image returned as it is (no padding)."""
+    if images.shape[1] == 1:
+        images = images.expand(-1, 3, -1, -1)
+    if len(images) == 1:
+        return images[0]
+    n, channels, h, w = images.shape
+    cols = min(nrow, n)
+    rows = math.ceil(n / cols)
+    grid = images.new_full((channels, rows * (h + padding) + padding, cols * (w + padding) + padding), pad_value)
+    for k, image in enumerate(images):
+        top, left = (k // cols) * (h + padding) + padding, (k % cols) * (w + padding) + padding
+        grid[:, top:top + h, left:left + w] = image
+    return grid
+
+
 def labeled_grid(images: torch.Tensor, nrow: int, title: str, row_labels: list[str] | None = None) -> Image.Image:
     """images [N, C, H, W] in [0, 1] -> a PIL image: title band on top, one label per grid row on the left."""
     images = displayable(images.detach().float().clamp(0, 1).cpu())
     scale = grid_scale(min(images.shape[-2:]))
-    grid = make_grid(images, nrow=nrow, padding=PADDING, pad_value=1.0)
+    grid = tile(images, nrow)
     array = (grid.permute(1, 2, 0) * 255).round().byte().numpy()
     body = Image.fromarray(array).convert("RGB")
     body = body.resize((body.width * scale, body.height * scale), Image.NEAREST)
@@ -141,10 +155,16 @@ def project_2d(points: torch.Tensor) -> tuple[torch.Tensor, tuple[str, str]]:
 def save_latent_scatter(mu: torch.Tensor, labels: torch.Tensor, path, title: str,
                         class_names: list[str] | None = None) -> Path:
     """The lecture's picture: latent means colored by class (PCA for latents larger than 2)."""
+    # matplotlib's object API, not pyplot: no global backend is chosen or changed (a notebook keeps
+    # its own), and nothing is imported until a scatter is drawn
+    from matplotlib import colormaps
+    from matplotlib.figure import Figure
+
     xy, (xlabel, ylabel) = project_2d(mu.cpu())
     labels = labels.cpu()
-    fig, ax = plt.subplots(figsize=(7, 6))
-    cmap = plt.get_cmap("tab10")
+    fig = Figure(figsize=(7, 6))
+    ax = fig.subplots()
+    cmap = colormaps["tab10"]
     for k in sorted(labels.unique().tolist()):
         sel = labels == k
         name = class_names[k] if class_names and k < len(class_names) else str(k)
@@ -157,5 +177,4 @@ def save_latent_scatter(mu: torch.Tensor, labels: torch.Tensor, path, title: str
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)
-    plt.close(fig)
     return path

@@ -203,3 +203,12 @@ def test_a_decompression_bomb_in_an_image_folder_is_one_line(tmp_path, monkeypat
     cfg = load_config(None, ["data.name=imagefolder", f"data.root={tmp_path / 'imgs'}", "data.channels=3"])
     with pytest.raises(UserError, match="could not be decoded \\(larger than PIL's decompression-bomb limit\\)"):
         build_datasets(cfg.data)[0][0]
+
+
+def test_unit_float_is_torchvisions_to_dtype_bit_for_bit():
+    from torchvision.transforms.v2.functional import to_dtype
+
+    from fastvae.data.base import unit_float
+
+    every_value = torch.arange(256, dtype=torch.uint8).view(1, 1, 16, 16)
+    assert torch.equal(unit_float(every_value), to_dtype(every_value, torch.float32, scale=True))

@@ -1,4 +1,9 @@
-"""Dataset building blocks shared by every source: in-memory uint8 images and a fixed split."""
+"""Dataset building blocks shared by every source: in-memory uint8 images and a fixed split.
+
+torchvision is imported where images are decoded and resized (image folders, CelebA), not at
+module level: the MNIST path, generate and evaluate then start without it (torchvision's import
+pulls in torch._dynamo: ~1.2 s of every command's start on our CPUs, docs/development.md).
+"""
 
 from __future__ import annotations
 
@@ -6,8 +11,12 @@ import sys
 
 import torch
 from torch.utils.data import DataLoader, Dataset, default_collate
-from torchvision.transforms import v2
-from torchvision.transforms.v2.functional import resize, to_dtype
+
+
+def unit_float(images: torch.Tensor) -> torch.Tensor:
+    """uint8 -> float32 in [0, 1], bit for bit what torchvision's to_dtype(..., scale=True) gives (a
+    multiplication by 1/255, not a division): every loader feeds the model the same numbers."""
+    return images.to(torch.float32).mul_(1.0 / 255)
 
 
 class CoverResize:
@@ -21,12 +30,16 @@ class CoverResize:
         h, w = image.shape[-2:]
         scale = max(self.height / h, self.width / w)
         size = [max(self.height, round(h * scale)), max(self.width, round(w * scale))]
+        from torchvision.transforms.v2.functional import resize
+
         return resize(image, size, antialias=True)
 
 
-def image_transform(image_size: tuple[int, int], center_crop: int = 0) -> v2.Compose:
+def image_transform(image_size: tuple[int, int], center_crop: int = 0):
     """uint8 CHW -> float32 CHW in [0, 1]: optional center crop, then resize to cover (height, width)
-    and center-crop to it (DFC-VAE on CelebA: crop 148, resize 64)."""
+    and center-crop to it (DFC-VAE on CelebA: crop 148, resize 64). A torchvision v2.Compose."""
+    from torchvision.transforms import v2
+
     height, width = image_size
     steps = [v2.CenterCrop(center_crop)] if center_crop else []
     if height == width:  # torchvision's own square path: the pixels every square run has trained on
@@ -56,7 +69,7 @@ class ImageTensorDataset(Dataset):
 
     def __getitem__(self, index: int):
         # the same uint8 -> float conversion as every other fastvae loader (bit-identical inputs)
-        return to_dtype(self.images[index], torch.float32, scale=True), self.labels[index], index
+        return unit_float(self.images[index]), self.labels[index], index
 
 
 def to_uint8(images: torch.Tensor) -> torch.Tensor:

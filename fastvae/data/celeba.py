@@ -18,7 +18,6 @@ from pathlib import Path
 import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
-from torchvision.transforms.v2.functional import pil_to_tensor
 
 from fastvae.data.base import image_transform, report_corrupt
 from fastvae.errors import UserError
@@ -103,6 +102,8 @@ class CelebA(Dataset):
         return self.attributes[:, self.attribute_names.index(name)]
 
     def __getitem__(self, index: int):
+        from torchvision.transforms.v2.functional import pil_to_tensor  # (fastvae.data.base says why here)
+
         path = self.image_dir / self.files[index]
         try:
             with Image.open(path) as img:

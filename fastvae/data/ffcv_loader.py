@@ -9,9 +9,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torchvision.transforms.v2.functional import to_dtype
 
-from fastvae.data.base import mirror_where
+from fastvae.data.base import mirror_where, unit_float
 from fastvae.data.sharding import ShardPlan
 from fastvae.errors import UserError
 
@@ -165,7 +164,7 @@ class FFCVTrainLoader:
         for image, label, index in self.loader:
             # RGB on disk, one channel kept for greyscale; the torchvision path's own uint8 -> float
             # conversion, so both loaders give bit-identical inputs
-            x = to_dtype(image[:, : self.channels], torch.float32, scale=True)
+            x = unit_float(image[:, : self.channels])
             if flips is not None:
                 x = mirror_where(x, flips[done:done + len(x)])
             done += len(x)

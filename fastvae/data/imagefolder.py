@@ -7,7 +7,6 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset
 from PIL import Image, UnidentifiedImageError
-from torchvision.transforms.v2.functional import pil_to_tensor
 
 from fastvae.data.base import fixed_split, image_transform, report_corrupt
 from fastvae.errors import UserError
@@ -36,6 +35,8 @@ class ImageFolderDataset(Dataset):
         return len(self.files)
 
     def __getitem__(self, index: int):
+        from torchvision.transforms.v2.functional import pil_to_tensor  # (fastvae.data.base says why here)
+
         path = self.files[index]
         # PIL decodes: torchvision 0.29 deprecates its own image decoders
         try:

@@ -13,10 +13,9 @@ from __future__ import annotations
 
 import torch
 from torch.utils.data import Dataset, Subset
-from torchvision.transforms.v2.functional import to_dtype
 from tqdm.auto import tqdm
 
-from fastvae.data.base import ImageTensorDataset, in_order_loader, mirror_where, to_uint8
+from fastvae.data.base import ImageTensorDataset, in_order_loader, mirror_where, to_uint8, unit_float
 from fastvae.data.sharding import ShardPlan
 
 
@@ -48,7 +47,7 @@ class DecodedOnce(Dataset):
     def __getitem__(self, index: int):
         if index in self.kept:
             image, label, sample_id = self.kept[index]
-            return to_dtype(image, torch.float32, scale=True), label, sample_id
+            return unit_float(image), label, sample_id
         item = self.dataset[index]
         if item is not None and len(self.kept) < self.max_items:
             self.kept[index] = (to_uint8(item[0]), *item[1:])
@@ -98,7 +97,7 @@ class MemoryTrainLoader:
         flips = self.plan.flips(self.epoch).to(self.device) if self.flip else None
         for b in range(start, len(self)):
             take = self.plan.share(order, b)
-            x = to_dtype(self.images[take], torch.float32, scale=True)
+            x = unit_float(self.images[take])
             if self.flip:
                 x = mirror_where(x, flips[take])
             yield x, self.labels[take], self.indices[take]
