@@ -178,8 +178,10 @@ def read_meta(path: str | Path) -> dict:
         raise UserError(f"checkpoint '{path}' has no {META_FILE}; expected a complete fastvae checkpoint")
     try:
         meta = json.loads(meta_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise UserError(f"checkpoint file '{meta_path}' is corrupt ({err}); expected JSON") from None
+    except (ValueError, UnicodeDecodeError, RecursionError) as err:  # ValueError: bad JSON, or an integer of
+        # more digits than Python converts; RecursionError: arrays nested thousands deep
+        raise UserError(f"checkpoint file '{meta_path}' is corrupt ({one_line(err)}); expected JSON as fastvae "
+                        f"writes it") from None
     _check_meta(meta, meta_path)
     return meta
 
@@ -214,6 +216,11 @@ def _check_meta(meta, where: Path) -> None:
         raise bad("scheduler", "the learning-rate scheduler's state as an object")
     if any(Path(name).name != name or name in (".", "..") for name in files):
         raise bad("files", "plain file names inside the checkpoint")
+    if meta.get("format", 1) not in (1, 2):
+        raise bad("format", "1 or 2")
+    if meta.get("format", 1) == 1 and ("sha256" in meta or meta.get("scheduler") is not None):
+        raise bad("format", "2 for a manifest with sha256 or the schedule's state (format 1 had neither: a "
+                            "fastvae.json edited to skip the hashes is refused)")
 
 
 def problem(path: str | Path) -> str | None:
@@ -225,6 +232,9 @@ def problem(path: str | Path) -> str | None:
     except UserError as err:
         return str(err)
     files, digests = meta["files"], meta.get("sha256", {})
+    links = sorted(p.name for p in path.iterdir() if p.is_symlink())
+    if links:
+        return f"{links[0]} is a link (refused: a checkpoint loads only files of its own folder)"
     for name, size in files.items():
         f = path / name
         if not f.is_file():
@@ -346,17 +356,20 @@ def _plain_data(path: Path):
                         f"({type(err).__name__}: {reason}); expected a file fastvae wrote") from None
 
 
-def load_model(path: str | Path, device: str | torch.device = "cpu"):
-    """Rebuild the model from a checkpoint's stored config: (model in eval mode, config, meta)."""
+def load_model(path: str | Path, device: str | torch.device = "cpu", trust_model: str | tuple[str, ...] = ()):
+    """Rebuild the model from a checkpoint's stored config: (model in eval mode, config, meta).
+    trust_model: the modules (or package.module:Class names) of your own models this may import; a
+    checkpoint naming any other module is refused before anything is imported (importing runs it)."""
     from fastvae.models import build_model
 
     path = Path(path)
     meta = read_meta(path)
     cfg = from_dict(meta["config"])
     weights = path / MODEL_FILE
-    if not weights.is_file():
-        raise UserError(f"checkpoint '{path}' has no {MODEL_FILE}; expected a complete fastvae checkpoint")
-    model = build_model(cfg)
+    if weights.is_symlink() or not weights.is_file():
+        raise UserError(f"checkpoint '{path}' has no {MODEL_FILE} of its own (missing, or a link); expected a "
+                        f"complete fastvae checkpoint")
+    model = build_model(cfg, (trust_model,) if isinstance(trust_model, str) else tuple(trust_model))
     try:
         state = load_file(str(weights), device=str(device))
     except Exception as err:  # safetensors raises its own error types for truncated files
@@ -408,11 +421,14 @@ class LoadedVAE:
         return None if self.conditioning is None else self.conditioning.for_dataset(self.split(split))
 
 
-def load(checkpoint: str | Path, device: str | torch.device | None = None, data_overrides=()) -> LoadedVAE:
+def load(checkpoint: str | Path, device: str | torch.device | None = None, data_overrides=(),
+         trust_model: str | tuple[str, ...] = ()) -> LoadedVAE:
     """Rebuild the model from a checkpoint's stored config, on CUDA when there is one.
-    data_overrides: `data.key=value` changes of where and how its data is read (data.root=...)."""
+    data_overrides: `data.key=value` changes of where and how its data is read (data.root=...).
+    trust_model: your own model's module (or modules) that this checkpoint may import: a
+    checkpoint's model.name outside fastvae is imported only when named here (load_model)."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError(f"device {device}: no CUDA device here; expected --device cpu")
-    model, cfg, meta = load_model(checkpoint, device)
+    model, cfg, meta = load_model(checkpoint, device, trust_model)
     return LoadedVAE(model, override_data(cfg, data_overrides), meta, Path(checkpoint), device)

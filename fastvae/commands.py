@@ -8,6 +8,10 @@ import argparse
 from fastvae.config import SPLITS
 
 
+TRUST_MODEL_HELP = ("a module of your own model that the checkpoint may import, e.g. my_vae (repeat for several); "
+                    "a checkpoint naming any other module outside fastvae is refused, as importing runs its code")
+
+
 def generate_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m fastvae.generate",
                                      description="Pictures and latent arithmetic from a fastvae checkpoint.")
@@ -18,6 +22,7 @@ def generate_parser() -> argparse.ArgumentParser:
         p.add_argument("--checkpoint", required=True, help="a checkpoint directory written by fastvae.train")
         p.add_argument("--out", help="output folder (default: RUN_DIR/generated)")
         p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+        p.add_argument("--trust-model", action="append", default=[], metavar="MODULE", help=TRUST_MODEL_HELP)
         p.add_argument("overrides", nargs="*", metavar="data.key=value",
                        help="where the run's data is now, e.g. data.root=/new/place")
         return p
@@ -82,6 +87,7 @@ def evaluate_parser() -> argparse.ArgumentParser:
                         "fit (fitted to the evaluated images); default: fit for loss.sigma=optimal runs, else 0.5")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    parser.add_argument("--trust-model", action="append", default=[], metavar="MODULE", help=TRUST_MODEL_HELP)
     parser.add_argument("overrides", nargs="*", metavar="data.key=value",
                         help="where the run's data is now, e.g. data.root=/new/place")
     parser.add_argument("--json", metavar="PATH", help="write the report as JSON (before anything is sent to W&B)")

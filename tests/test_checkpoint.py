@@ -286,3 +286,142 @@ def test_an_out_dir_that_turns_read_only_mid_run_is_one_line(tmp_path, monkeypat
     assert exc.value.code == 4 and len(err) == 1, err
     assert f"could not write {out / 'steps.jsonl'} (Read-only file system); the last good checkpoint is " \
            f"{out / 'checkpoints' / 'step_00000004'}" in err[0]
+
+
+# ---------------------------------------------------------------- trust: the code a checkpoint names
+
+
+MARKER_MODULE = '''from pathlib import Path
+Path(__file__).with_name("{name}_was_imported").write_text("code ran")
+from fastvae.models import ConvVAE as X
+'''
+
+
+def naming(good_run, tmp_path, model_name: str):
+    """A copy of the good run whose fastvae.json names `model_name` (the manifest cannot cover that
+    file), and a module beside it that leaves a marker file when imported."""
+    out = tmp_path / "run"
+    shutil.copytree(good_run, out)
+    ckpt = list_checkpoints(out)[-1]
+    meta = json.loads((ckpt / "fastvae.json").read_text())
+    meta["config"]["model"]["name"] = model_name
+    (ckpt / "fastvae.json").write_text(json.dumps(meta))
+    (tmp_path / "evilmod.py").write_text(MARKER_MODULE.format(name="evilmod"))
+    return ckpt
+
+
+def one_line_exit_2(capsys, call) -> str:
+    with pytest.raises(SystemExit) as exc:
+        call()
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("fastvae: ")]
+    assert exc.value.code == 2 and len(err) == 1, err
+    return err[0]
+
+
+@pytest.mark.parametrize("command", ["generate", "evaluate", "fastvae.load"])
+def test_a_checkpoint_naming_a_module_imports_nothing_without_consent(command, good_run, tmp_path, monkeypatch,
+                                                                     capsys):
+    import sys
+
+    from fastvae.checkpoint import load
+    from fastvae.errors import exit_on_user_error
+    from fastvae.generate import main as generate_main
+
+    ckpt = naming(good_run, tmp_path, "evilmod:X")
+    monkeypatch.chdir(tmp_path)  # where the module is importable from, as `python -m` would have it
+    monkeypatch.syspath_prepend(str(tmp_path))
+    calls = {"generate": lambda: generate_main(["sample", "--checkpoint", str(ckpt), "--n", "4", "--out", "g"]),
+             "evaluate": lambda: evaluate_main(["--checkpoint", str(ckpt), "--max-images", "4"]),
+             "fastvae.load": lambda: exit_on_user_error(load)(ckpt, "cpu")}
+    line = one_line_exit_2(capsys, calls[command])
+    assert "model.name 'evilmod:X' is code outside fastvae (module 'evilmod') and was not imported" in line
+    assert "--trust-model evilmod" in line
+    assert not (tmp_path / "evilmod_was_imported").exists() and "evilmod" not in sys.modules
+    # consent: the user names the module, and it loads (its import is what writes the marker)
+    assert type(load(ckpt, "cpu", trust_model="evilmod").model).__name__ == "ConvVAE"
+    assert (tmp_path / "evilmod_was_imported").exists()
+    sys.modules.pop("evilmod", None)
+
+
+def test_a_standard_library_module_named_by_a_checkpoint_is_not_imported(good_run, tmp_path, capsys):
+    import sys
+
+    ckpt = naming(good_run, tmp_path, "this:X")  # `import this` prints the Zen of Python
+    sys.modules.pop("this", None)
+    line = one_line_exit_2(capsys, lambda: evaluate_main(["--checkpoint", str(ckpt), "--max-images", "4"]))
+    assert "module 'this'" in line and "this" not in sys.modules
+    assert "Beautiful is better" not in capsys.readouterr().out
+
+
+def test_a_module_inside_a_checkpoint_folder_is_never_imported(good_run, tmp_path, monkeypatch, capsys):
+    """A namespace-package path through runs/.../step_N/ to a module the checkpoint brings: refused
+    even when the user names it."""
+    out = tmp_path / "run"
+    shutil.copytree(good_run, out)
+    ckpt = list_checkpoints(out)[-1]
+    (ckpt / "evil.py").write_text(MARKER_MODULE.format(name="evil"))
+    name = f"run.checkpoints.{ckpt.name}.evil"
+    meta = json.loads((ckpt / "fastvae.json").read_text())
+    meta["config"]["model"]["name"] = f"{name}:X"
+    (ckpt / "fastvae.json").write_text(json.dumps(meta))
+    monkeypatch.chdir(tmp_path)
+    line = one_line_exit_2(capsys, lambda: evaluate_main(["--checkpoint", str(ckpt), "--max-images", "4",
+                                                          "--trust-model", name]))
+    assert f"lies inside the checkpoint folder '{ckpt}' and was not imported" in line
+    assert not (ckpt / "evil_was_imported").exists()
+
+
+@pytest.mark.slow
+def test_accelerate_launch_of_evaluate_imports_nothing_without_consent(good_run, tmp_path, python):
+    import subprocess
+
+    from fastvae.launch.processes import accelerate_launch
+
+    ckpt = naming(good_run, tmp_path, "evilmod:X")
+    proc = subprocess.run(accelerate_launch(["-m", "fastvae.evaluate", "--checkpoint", str(ckpt), "--max-images",
+                                             "4"], processes=1), cwd=tmp_path, capture_output=True, text=True,
+                          timeout=300, env={**__import__("os").environ, "ACCELERATE_USE_CPU": "1"})
+    assert proc.returncode != 0
+    assert "and was not imported; expected --trust-model evilmod" in proc.stderr
+    assert not (tmp_path / "evilmod_was_imported").exists()
+
+
+@pytest.mark.parametrize("case", ["nested arrays", "an integer of 5,001 digits"])
+def test_a_hostile_manifest_is_one_line_not_a_traceback(case, good_run, tmp_path, capsys):
+    out = tmp_path / "run"
+    shutil.copytree(good_run, out)
+    ckpt = list_checkpoints(out)[-1]
+    text = (ckpt / "fastvae.json").read_text()
+    hostile = "[" * 100_000 if case == "nested arrays" else text.replace('"step": 3', '"step": ' + "9" * 5001)
+    (ckpt / "fastvae.json").write_text(hostile)
+    line = one_line_exit_2(capsys, lambda: evaluate_main(["--checkpoint", str(ckpt), "--max-images", "4"]))
+    assert f"checkpoint file '{ckpt / 'fastvae.json'}' is corrupt" in line
+
+
+def test_a_manifest_claiming_format_1_with_format_2_content_is_refused(good_run, tmp_path, capsys):
+    """The hashes catch damage, not an attacker who edits fastvae.json (docs/reliability.md); a
+    manifest edited to claim the hash-less format 1 while keeping format 2's schedule is refused."""
+    out = tmp_path / "run"
+    shutil.copytree(good_run, out)
+    ckpt = list_checkpoints(out)[-1]
+    meta = json.loads((ckpt / "fastvae.json").read_text())
+    meta.pop("sha256")
+    meta["format"] = 1
+    (ckpt / "fastvae.json").write_text(json.dumps(meta))
+    line = refused(["--config", "mnist", *TINY, "train.max_steps=5", f"train.resume={ckpt}",
+                    f"out_dir={tmp_path / 'fresh'}"], capsys)
+    assert "format is 1; expected 2 for a manifest with sha256 or the schedule's state" in line
+
+
+def test_a_checkpoint_file_that_is_a_link_is_refused(good_run, tmp_path, capsys):
+    out = tmp_path / "run"
+    shutil.copytree(good_run, out)
+    ckpt = list_checkpoints(out)[-1]
+    outside = tmp_path / "elsewhere.safetensors"
+    shutil.move(ckpt / "model.safetensors", outside)
+    (ckpt / "model.safetensors").symlink_to(outside)
+    line = refused(["--config", "mnist", *TINY, "train.max_steps=5", f"train.resume={ckpt}",
+                    f"out_dir={tmp_path / 'fresh'}"], capsys)
+    assert "model.safetensors is a link (refused: a checkpoint loads only files of its own folder)" in line
+    line = one_line_exit_2(capsys, lambda: evaluate_main(["--checkpoint", str(ckpt), "--max-images", "4"]))
+    assert "has no model.safetensors of its own (missing, or a link)" in line

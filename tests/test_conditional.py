@@ -98,7 +98,7 @@ def test_a_users_conditional_model_trains_and_samples(tmp_path):
     out = tmp_path / "user"
     train(tiny_config(out, "model.name=conditional_models:TinyConditionalVAE", "model.condition=labels",
                       "model.latent_dim=3", "train.max_steps=4"))
-    vae = load(list_checkpoints(out)[-1], "cpu")
+    vae = load(list_checkpoints(out)[-1], "cpu", trust_model="conditional_models")
     assert vae.model.condition_dim == 10 and sample(vae, 2, condition=torch.eye(10)[4]).shape == (2, 1, 28, 28)
 
 

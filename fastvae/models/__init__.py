@@ -10,10 +10,12 @@ import importlib
 import inspect
 import os
 import sys
+from pathlib import Path
 
 import torch
 
 from fastvae.config import image_hw
+from fastvae.checkpoint import META_FILE
 from fastvae.errors import UserError
 from fastvae.models.base import VAE
 from fastvae.models.conv_vae import ConvVAE
@@ -25,14 +27,27 @@ BUILT_IN = {"conv_vae": ConvVAE, "dfc_vae": DFCVAE}
 DRY_RUN_IMAGES = 2
 
 
-def model_class(name: str) -> type:
+def model_class(name: str, trusted: tuple[str, ...] | None = None) -> type:
     """The class `model.name` names: a built-in, or `package.module:ClassName` imported from where
-    training runs (the working directory, as `python -m` has it, and PYTHONPATH)."""
+    training runs (the working directory, as `python -m` has it, and PYTHONPATH).
+
+    Importing a module runs its code, so a name read from a checkpoint (`trusted` given: the
+    modules or import paths the user allowed, e.g. `--trust-model my_vae`) is imported only when the
+    user allowed it; a name from the user's own config (`trusted` None: training) always is. A
+    module is never imported from inside a checkpoint folder, allowed or not."""
     if name in BUILT_IN:
         return BUILT_IN[name]
     module_name, _, class_name = name.partition(":")
+    if trusted is not None and not ({name, module_name} & set(trusted)):
+        raise UserError(f"model.name {name!r} is code outside fastvae (module {module_name!r}) and was not "
+                        f"imported; expected --trust-model {module_name} (in Python: trust_model="
+                        f"{module_name!r}) if you trust that module: importing it runs it")
     if os.getcwd() not in sys.path and "" not in sys.path:  # the `fastvae` command sees what python -m sees
         sys.path.insert(0, os.getcwd())
+    inside = checkpoint_folder_on_path(module_name)
+    if inside is not None:
+        raise UserError(f"model.name {name!r}: module {module_name!r} lies inside the checkpoint folder '{inside}' "
+                        f"and was not imported; expected a module of your own code, outside any checkpoint")
     try:
         module = importlib.import_module(module_name)
     except Exception as err:  # ImportError, or whatever the module raised while importing
@@ -45,6 +60,19 @@ def model_class(name: str) -> type:
         raise UserError(f"model.name {name!r}: {class_name} is not a subclass of fastvae.VAE; expected a class "
                         f"that subclasses fastvae.VAE and implements encode and decode")
     return cls
+
+
+def checkpoint_folder_on_path(module_name: str) -> Path | None:
+    """The checkpoint folder (one holding fastvae.json) that importing `module_name` would pass
+    through, found without importing anything: a checkpoint may not bring the code that loads it."""
+    parts = module_name.split(".")
+    for entry in sys.path:
+        folder = Path(entry or os.getcwd())
+        for part in parts:
+            folder = folder / part
+            if (folder / META_FILE).is_file():
+                return folder
+    return None
 
 
 def _data_kwargs(cls: type, cfg) -> dict:
@@ -67,10 +95,10 @@ def _data_kwargs(cls: type, cfg) -> dict:
     return {k: v for k, v in offered.items() if k in params}
 
 
-def build_model(cfg) -> VAE:
+def build_model(cfg, trusted: tuple[str, ...] | None = None) -> VAE:
     """The model `cfg.model` describes, for the images `cfg.data` describes; one dry forward on two
-    images proves it fits them (check_model)."""
-    cls = model_class(cfg.model.name)
+    images proves it fits them (check_model). trusted: see model_class."""
+    cls = model_class(cfg.model.name, trusted)
     kwargs = {**_data_kwargs(cls, cfg), **cfg.model.kwargs}
     try:
         model = cls(**kwargs)
