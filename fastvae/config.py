@@ -104,21 +104,25 @@ class LossConfig:
     dreg: bool = knob(False, "loss.objective=iwae: doubly-reparameterized gradients for the encoder (DReG, Tucker "
                              "et al. 2018): the same bound and expected gradient, lower variance")
     tc_weight: float = knob(6.0, "loss.objective=tcvae: weight of the total correlation (Chen et al.'s beta; "
-                                 "mutual information and dimension-wise KL are weighed by loss.beta)", at_least=0)
+                                 "mutual information and dimension-wise KL are weighed by loss.beta); needs "
+                                 "data.batch_size >= 2 (q(z) is estimated from the batch's posteriors)", at_least=0)
     sigma: Literal["none", "optimal"] = knob(
         "none", "loss.recon=mse: none (recon_weight x the sum of squared errors), or optimal: the calibrated "
                 "Gaussian decoder (sigma-VAE, Rybkin et al. 2021), -log N(x; x_hat, s2 I) with the shared "
                 "variance s2 set to the global batch's mean squared error; no weight to tune")
     kl_warmup_steps: int = knob(0, "ramp beta linearly from 0 over this many steps; 0 = off", at_least=0)
     kl_cycle_steps: int = knob(0, "cyclical KL annealing (Fu et al. 2019): restart the ramp of beta every this "
-                                  "many steps; 0 = off", at_least=0)
+                                  "many steps; 0 = off, else at least 2 (a 1-step cycle keeps beta at 0: a plain "
+                                  "autoencoder)", at_least=0)
     kl_cycle_ramp: float = knob(0.5, "share of each cycle over which beta ramps from 0 (then it holds)", above=0)
     free_bits: float = knob(0.0, "per-dimension KL floor in nats (Kingma et al. 2016): the KL term is "
-                                 "beta x sum_j max(free_bits, KL_j averaged over the global batch); 0 = off",
+                                 "beta x sum_j max(free_bits, KL_j averaged over the global batch); 0 = off; at "
+                                 "most what an 8-bit image holds, C x H x W x ln 256 nats, over model.latent_dim",
                             at_least=0)
     capacity: float = knob(0.0, "capacity annealing (Burgess et al. 2018): the KL term is capacity_gamma x "
                                 "|KL averaged over the global batch - C|, C ramped from 0 to this many nats over "
-                                "capacity_steps; 0 = off", at_least=0)
+                                "capacity_steps; 0 = off; at most what an 8-bit image holds, C x H x W x ln 256 "
+                                "nats", at_least=0)
     capacity_steps: int = knob(0, "steps over which C grows to loss.capacity; 0 = C is loss.capacity at once",
                                at_least=0)
     capacity_gamma: float = knob(1000.0, "weight of |KL - C| (Burgess et al.'s gamma)", at_least=0)
@@ -414,6 +418,7 @@ def validate(cfg: Config) -> Config:
     if cfg.loss.kl_cycle_ramp > 1:
         raise UserError(f"config key 'loss.kl_cycle_ramp': expected a share of the cycle in (0, 1], got "
                         f"{cfg.loss.kl_cycle_ramp}")
+    _check_schedules(cfg)
     if cfg.loss.kl_cycle_steps and cfg.loss.kl_warmup_steps:
         raise UserError("config keys 'loss.kl_cycle_steps' and 'loss.kl_warmup_steps': both schedule beta; expected "
                         "one of them (a cycle starts with its own warm-up)")
@@ -438,6 +443,33 @@ def validate(cfg: Config) -> Config:
     if cfg.data.name == "celeba" and cfg.data.channels != 3:
         raise UserError(f"data.name=celeba gives RGB images; expected data.channels=3, got {cfg.data.channels}")
     return cfg
+
+
+def image_information_nats(data) -> float:
+    """What one 8-bit image can hold: C x H x W x ln 256 nats. No KL per image, floor or capacity
+    above it can mean what a user wants."""
+    height, width = image_hw(data)
+    return data.channels * height * width * math.log(256)
+
+
+def _check_schedules(cfg: Config) -> None:
+    """Settings that are valid numbers but would silently train something else than asked."""
+    loss = cfg.loss
+    if loss.kl_cycle_steps == 1:
+        raise UserError("config key 'loss.kl_cycle_steps': a 1-step cycle keeps beta at 0 for the whole run (a plain "
+                        "autoencoder); expected 0 (off) or at least 2")
+    if loss.objective == "tcvae" and cfg.data.batch_size < 2:
+        raise UserError(f"config key 'data.batch_size': loss.objective=tcvae estimates q(z) from the posteriors of "
+                        f"the batch, and {cfg.data.batch_size} image per process makes it a constant bias; expected "
+                        f"at least 2")
+    most = image_information_nats(cfg.data)
+    if loss.free_bits * cfg.model.latent_dim > most:
+        raise UserError(f"config key 'loss.free_bits': {loss.free_bits:g} nats x {cfg.model.latent_dim} dimensions is "
+                        f"more than an 8-bit image of this size holds ({most:.0f} nats); expected at most "
+                        f"{most / cfg.model.latent_dim:.4g} per dimension (typically 0.1-2)")
+    if loss.capacity > most:
+        raise UserError(f"config key 'loss.capacity': {loss.capacity:g} nats is more than an 8-bit image of this size "
+                        f"holds ({most:.0f} nats); expected at most that (typically 5-50)")
 
 
 def _check_sigma(loss: LossConfig) -> None:

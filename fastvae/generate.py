@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from fastvae import pictures
+from fastvae.atomic import replaced
 from fastvae.checkpoint import LoadedVAE, load
 from fastvae.commands import generate_parser
 from fastvae.data import in_order_loader
@@ -223,9 +224,10 @@ def apply_attribute(vae: LoadedVAE, images: torch.Tensor, z_diff: torch.Tensor,
 
 def save_attribute_vector(path: str | Path, z_diff: torch.Tensor, meta: dict) -> Path:
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"z_diff": z_diff.cpu(), "meta": meta}, path)
-    path.with_suffix(".json").write_text(json.dumps({**meta, "norm": float(z_diff.norm())}, indent=2))
+    with replaced(path) as tmp:
+        torch.save({"z_diff": z_diff.cpu(), "meta": meta}, tmp)
+    with replaced(path.with_suffix(".json")) as tmp:
+        tmp.write_text(json.dumps({**meta, "norm": float(z_diff.norm())}, indent=2))
     return path
 
 

@@ -19,6 +19,8 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
+from fastvae.atomic import replaced
+
 TITLE_HEIGHT = 28
 TITLE_LINE = 18
 TITLE_FONT = 14
@@ -109,8 +111,8 @@ def labeled_grid(images: torch.Tensor, nrow: int, title: str, row_labels: list[s
 
 def save_grid(images: torch.Tensor, path, nrow: int, title: str, row_labels: list[str] | None = None) -> Path:
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    labeled_grid(images, nrow, title, row_labels).save(path)
+    with replaced(path) as tmp:
+        labeled_grid(images, nrow, title, row_labels).save(tmp)
     return path
 
 
@@ -175,6 +177,6 @@ def save_latent_scatter(mu: torch.Tensor, labels: torch.Tensor, path, title: str
     ax.legend(markerscale=3, fontsize=8, loc="best", title="label")
     fig.tight_layout()
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
+    with replaced(path) as tmp:
+        fig.savefig(tmp, dpi=100)
     return path

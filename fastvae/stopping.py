@@ -74,9 +74,10 @@ class NonFiniteGuard:
     must decide before the optimizer step: it reads one flag per step.
     """
 
-    def __init__(self, policy: str, accelerator) -> None:
+    def __init__(self, policy: str, accelerator, out_dir=None) -> None:
         self.policy = policy
         self.accelerator = accelerator
+        self.out_dir = out_dir  # where its checkpoints are, for the message (None: not said)
         self.first_bad = torch.full((2,), -1.0, device=accelerator.device)  # [step, term: 0 recon / 1 kl]
         self.skipped = 0
 
@@ -112,5 +113,12 @@ class NonFiniteGuard:
         if step >= 0:
             name = ("recon", "kl")[int(term)]
             raise NonFiniteLoss(f"non-finite {name} at step {int(step) + 1}; expected finite losses "
-                                f"(lower optim.lr, check the data, or train.nonfinite=skip); "
-                                f"the last good checkpoint is kept")
+                                f"(lower optim.lr, check the data, or train.nonfinite=skip); {self._kept()}")
+
+    def _kept(self) -> str:
+        from fastvae.checkpoint import last_good
+
+        if self.out_dir is None:
+            return "nothing non-finite was checkpointed"
+        good = last_good(self.out_dir)
+        return f"the last good checkpoint is kept: {good}" if good != "none" else "no checkpoint was written before it"

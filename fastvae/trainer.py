@@ -170,7 +170,7 @@ class Trainer:
         if self.resumed_from is not None:
             self.log.trim_after(self.state.step)
         self.state.wandb_run_id = self.log.run_id
-        self.guard = NonFiniteGuard(cfg.train.nonfinite, acc)
+        self.guard = NonFiniteGuard(cfg.train.nonfinite, acc, self.out_dir)
         self.noise_seed = torch.tensor(cfg.seed, dtype=torch.int64, device=acc.device)
         self.last_saved_step = self.state.step if self.resumed_from is not None else -1
 

@@ -1,5 +1,6 @@
 """Config loading: YAML + dotted overrides, strict types, one-line errors with exit code 2."""
 
+import re
 import subprocess
 import sys
 
@@ -112,3 +113,23 @@ def test_yaml_12_booleans_keep_no_a_string(tmp_path):
     assert cfg.train.mixed_precision == "no" and cfg.train.compile is True
     with pytest.raises(UserError, match="config key 'train.compile': expected bool, got 'yes'"):
         load_config(None, ["train.compile=yes"])
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["loss.kl_cycle_steps=1"], "'loss.kl_cycle_steps': a 1-step cycle keeps beta at 0 for the whole run"),
+    (["loss.objective=tcvae", "data.batch_size=1"], "'data.batch_size': loss.objective=tcvae estimates q(z) from"),
+    (["loss.free_bits=1e30"], "'loss.free_bits': 1e+30 nats x 2 dimensions is more than an 8-bit image of this "
+                              "size holds (4347 nats); expected at most 2174 per dimension"),
+    (["loss.capacity=5000"], "'loss.capacity': 5000 nats is more than an 8-bit image of this size holds"),
+])
+def test_schedules_that_would_train_something_else_are_refused(overrides, message):
+    """Valid numbers that cannot mean what the user wants: refused in one line (the rule is in --help)."""
+    with pytest.raises(UserError, match=re.escape(message)):
+        load_config("mnist", overrides)
+
+
+def test_the_nearest_good_schedules_are_accepted():
+    load_config("mnist", ["loss.kl_cycle_steps=2"])
+    load_config("mnist", ["loss.objective=tcvae", "data.batch_size=2"])
+    load_config("mnist", ["loss.free_bits=2000"])
+    load_config("mnist", ["loss.capacity=4000"])

@@ -23,3 +23,23 @@ def test_a_grid_command_does_not_import_torchvision(python, tmp_path):
     out = subprocess.run([python, "-c", code, str(tmp_path / "g.png")], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip() == "[]"
+
+
+def test_a_picture_is_replaced_whole_or_not_at_all(tmp_path, monkeypatch):
+    """Two generate commands writing one --out, or one that fails half-way, never leave half a PNG:
+    it is written beside the target and renamed onto it."""
+    from PIL import Image
+
+    from fastvae.pictures import save_grid
+
+    path = save_grid(torch.rand(4, 1, 8, 8), tmp_path / "samples.png", 2, "first")
+    before = path.read_bytes()
+
+    def half_then_fail(self, fp, *args, **kwargs):
+        open(fp, "wb").write(before[: len(before) // 2])
+        raise OSError("disk full")
+
+    monkeypatch.setattr(Image.Image, "save", half_then_fail)
+    with pytest.raises(OSError):
+        save_grid(torch.rand(4, 1, 8, 8), path, 2, "second")
+    assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["samples.png"]

@@ -139,7 +139,7 @@ def test_nonfinite_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(t
     assert exc.value.code == 3
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("fastvae: error: non-finite recon at step ")
-    assert err.endswith("the last good checkpoint is kept")
+    assert err.endswith(f"the last good checkpoint is kept: {list_checkpoints(out)[-1]}")
     bad_step = int(err.split("at step ")[1].split(";")[0])
     saved = list_checkpoints(out)
     assert saved and newest_step(out) == bad_step - 1  # everything before the bad step, nothing after
@@ -171,6 +171,17 @@ def test_guard_names_the_kl_term_when_read_not_in_the_step():
     guard.batch_is_bad(5, torch.tensor([float("nan")] * 4), torch.ones(4))  # later bad steps keep the first
     with pytest.raises(NonFiniteLoss, match="^non-finite kl at step 5;"):
         guard.raise_if_bad()
+
+
+def test_a_nonfinite_stop_before_any_checkpoint_says_none_exists(tmp_path, capsys):
+    out = tmp_path / "run"
+    cfg = tiny_config(out, "train.epochs=2", "train.log_every=1")
+    with pytest.raises(SystemExit) as exc:
+        exit_on_user_error(train)(cfg, datasets=poisoned_datasets(bad_index=0))  # the first batch's image
+    assert exc.value.code == 3 and not list_checkpoints(out)
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("fastvae: error: non-finite recon at step ")
+    assert err.endswith("no checkpoint was written before it"), err
 
 
 # ---------------------------------------------------------------- signals
