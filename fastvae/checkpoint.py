@@ -361,6 +361,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", trust_model
     trust_model: the modules (or package.module:Class names) of your own models this may import; a
     checkpoint naming any other module is refused before anything is imported (importing runs it)."""
     from fastvae.models import build_model
+    from fastvae.sizes import check_fits
 
     path = Path(path)
     meta = read_meta(path)
@@ -369,7 +370,9 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", trust_model
     if weights.is_symlink() or not weights.is_file():
         raise UserError(f"checkpoint '{path}' has no {MODEL_FILE} of its own (missing, or a link); expected a "
                         f"complete fastvae checkpoint")
-    model = build_model(cfg, (trust_model,) if isinstance(trust_model, str) else tuple(trust_model))
+    trusted = (trust_model,) if isinstance(trust_model, str) else tuple(trust_model)
+    check_fits(cfg, torch.device(device), training=False, trusted=trusted)  # before anything is allocated
+    model = build_model(cfg, trusted)
     try:
         state = load_file(str(weights), device=str(device))
     except Exception as err:  # safetensors raises its own error types for truncated files

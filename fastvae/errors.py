@@ -35,13 +35,40 @@ class LostRank(UserError):
     exit_code = 5
 
 
+class OutOfMemory(UserError):
+    """An allocation failed although the size check at set-up (fastvae/sizes.py) let the run start."""
+
+    exit_code = 6
+
+
+# How torch's CPU and CUDA allocators say that an allocation failed.
+ALLOCATION_FAILED = ("can't allocate memory", "out of memory", "not enough memory")
+
+
+def out_of_memory(err: BaseException) -> OutOfMemory | None:
+    """A failed allocation as one line (MemoryError, torch.OutOfMemoryError, the CPU allocator's
+    RuntimeError), else None."""
+    text = str(err)
+    if not (isinstance(err, MemoryError) or any(words in text for words in ALLOCATION_FAILED)):
+        return None
+    first = text.strip().splitlines()[0][:200] if text.strip() else type(err).__name__
+    return OutOfMemory(f"out of memory ({first}); expected a smaller data.batch_size, data.image_size, "
+                       f"loss.samples or model (the set-up's size check is rough: docs/reliability.md)")
+
+
 def exit_on_user_error(main):
     """Turn a UserError escaping `main` into `fastvae: error: ...` and its exit code (2 for bad input)."""
 
     @functools.wraps(main)
     def wrapper(*args, **kwargs):
         try:
-            return main(*args, **kwargs)
+            try:
+                return main(*args, **kwargs)
+            except (MemoryError, RuntimeError) as err:  # torch.OutOfMemoryError is a RuntimeError
+                oom = out_of_memory(err)
+                if oom is None:
+                    raise
+                raise oom from None
         except UserError as err:
             message = " ".join(str(err).split())  # always one line
             print(f"fastvae: error: {message}", file=sys.stderr, flush=True)

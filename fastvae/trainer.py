@@ -36,6 +36,7 @@ from fastvae.models.sync_batchnorm import convert_sync_batchnorm
 from fastvae.optim import build_optimizer, build_scheduler
 from fastvae.ops import select_ops
 from fastvae.run_setup import make_accelerator, prepare_out_dir, removed_if_refused, watch_group
+from fastvae.sizes import check_fits, processes_sharing
 from fastvae.stopping import DEFAULT_STOP_SIGNALS, NonFiniteGuard, StopSignal
 from fastvae.tracking import RunLog, check_wandb_ready
 
@@ -85,6 +86,8 @@ class Trainer:
             check_wandb_ready()
         self.cfg, self.stop_signals = cfg, stop_signals or DEFAULT_STOP_SIGNALS
         self.accelerator, self.precision_source = make_accelerator(cfg)
+        # before any data set or model is built: a run too big for this machine is one line
+        check_fits(cfg, self.accelerator.device, training=True, copies=processes_sharing(self.accelerator.device))
         self.watch_group = watch_group(self.accelerator)
         set_seed(cfg.seed)
         created = not Path(cfg.out_dir).exists()

@@ -95,11 +95,16 @@ def _data_kwargs(cls: type, cfg) -> dict:
     return {k: v for k, v in offered.items() if k in params}
 
 
+def model_kwargs(cls: type, cfg) -> dict:
+    """The constructor's arguments: what the data and config offer (_data_kwargs), then model.kwargs."""
+    return {**_data_kwargs(cls, cfg), **cfg.model.kwargs}
+
+
 def build_model(cfg, trusted: tuple[str, ...] | None = None) -> VAE:
     """The model `cfg.model` describes, for the images `cfg.data` describes; one dry forward on two
     images proves it fits them (check_model). trusted: see model_class."""
     cls = model_class(cfg.model.name, trusted)
-    kwargs = {**_data_kwargs(cls, cfg), **cfg.model.kwargs}
+    kwargs = model_kwargs(cls, cfg)
     try:
         model = cls(**kwargs)
     except (TypeError, ValueError) as err:  # unexpected arguments, or values (a size) it cannot take
