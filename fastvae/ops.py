@@ -39,9 +39,9 @@ def global_batch(values: torch.Tensor) -> torch.Tensor:
     if not several_processes():
         return values
     import torch.distributed as dist
-    from torch.distributed._functional_collectives import all_gather_tensor_autograd
+    from torch.distributed._functional_collectives import all_gather_single_autograd
 
-    return all_gather_tensor_autograd(values.contiguous(), 0, dist.group.WORLD)
+    return all_gather_single_autograd(values.contiguous(), 0, dist.group.WORLD)
 
 
 def several_processes() -> bool:

@@ -25,13 +25,15 @@ def accelerate_binary() -> str:
 
 
 def accelerate_launch(module_args: list[str], processes: int, machines: int = 1, machine_rank: int = 0,
-                      port: int | None = None, address: str = "127.0.0.1") -> list[str]:
+                      port: int | None = None, address: str = "127.0.0.1", mixed_precision: str = "no") -> list[str]:
     """argv of `accelerate launch` running `python -m ...` (module_args start with "-m") as `processes`
     processes over `machines` machines, this one being `machine_rank`. --multi_gpu also on a CPU:
     fastvae puts launched processes on the CPU (gloo) when there is no GPU (docs/notes.md). port: the
-    rendezvous port; None = a free one (all machines of one run must be given the same)."""
+    rendezvous port; None = a free one (all machines of one run must be given the same). Every value
+    accelerate would otherwise default with a four-line warning per launch is passed."""
     multi = ["--multi_gpu"] if processes > 1 else []
     rendezvous = ["--machine_rank", str(machine_rank), "--main_process_ip", address, "--rdzv_backend", "static",
                   "--same_network"] if machines > 1 else []
     return [accelerate_binary(), "launch", *multi, "--num_processes", str(processes), "--num_machines", str(machines),
-            *rendezvous, "--main_process_port", str(port or free_port()), *module_args]
+            *rendezvous, "--main_process_port", str(port or free_port()), "--mixed_precision", mixed_precision,
+            "--dynamo_backend", "no", *module_args]

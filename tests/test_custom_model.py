@@ -52,6 +52,7 @@ def test_the_page_runs_as_written(tmp_path):
     proc = subprocess.run(["bash", "-euo", "pipefail", "-c", commands], cwd=tmp_path, env=ENV,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "were not passed to `accelerate launch`" not in proc.stderr  # quiet multi-process runs
     runs = tmp_path / "docs" / "examples" / "runs"
     assert "fastvae: resumed from" in proc.stdout
     assert json.loads((runs / "my_vae_2proc" / "summary.json").read_text())["ranks_agree"] is True

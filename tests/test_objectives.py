@@ -264,7 +264,10 @@ def test_calibrated_gaussian_decoder_against_float64_by_hand():
 
 def objective_gradients(rank, world, objective, compiled=False):
     """The parameters' gradient of one step on 8 images, shared over `world` processes as DDP does
-    (each rank its contiguous share; gradients averaged); compiled: also the graphs compiled."""
+    (each rank its contiguous share; gradients averaged), and the FutureWarnings that step raised;
+    compiled: also the graphs compiled."""
+    import warnings
+
     import torch.distributed as dist
 
     from fastvae import noise
@@ -279,12 +282,15 @@ def objective_gradients(rank, world, objective, compiled=False):
         model.compile()
     x = torch.rand(8, 1, 28, 28, generator=torch.Generator().manual_seed(1))
     share, ids = x.chunk(world)[rank], torch.arange(8).chunk(world)[rank]
-    loss, _, _ = model(share, (torch.tensor(3), noise.row_offsets(ids, 4, 0)), beta=torch.tensor(0.5))
-    loss.backward()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        loss, _, _ = model(share, (torch.tensor(3), noise.row_offsets(ids, 4, 0)), beta=torch.tensor(0.5))
+        loss.backward()
+    future = [str(w.message) for w in caught if issubclass(w.category, FutureWarning)]
     grads = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten() for p in model.parameters()])
     if world > 1:
         dist.all_reduce(grads)
-    return (grads / world, compile_counts()) if compiled else grads / world
+    return (grads / world, compile_counts()) if compiled else (grads / world, future)
 
 
 @pytest.mark.parametrize("objective", [
@@ -295,14 +301,16 @@ def objective_gradients(rank, world, objective, compiled=False):
 def test_two_processes_give_the_gradient_of_one(tmp_path, objective):
     """beta-TCVAE's q(z) over the global batch (ops.global_batch) and sigma-VAE's variance of the
     global batch (ops.global_batch_mean): 2 x 4 images give one process's gradient of 8. (A
-    TCVAE estimating q(z) from each rank's own share, or a variance of each rank's own share, fails this.)"""
+    TCVAE estimating q(z) from each rank's own share, or a variance of each rank's own share, fails this.)
+    And no rank warns: the global-batch gather is torch's current collective, not a deprecated one."""
     from ranks import on_ranks
 
-    one = objective_gradients(0, 1, objective)
+    one, _ = objective_gradients(0, 1, objective)
     two = on_ranks(objective_gradients, 2, tmp_path, objective)
     assert one.abs().max() > 0
-    for rank_grads in two:
+    for rank_grads, future_warnings in two:
         torch.testing.assert_close(rank_grads, one, rtol=1e-4, atol=1e-6)
+        assert future_warnings == []
 
 
 @pytest.mark.slow
@@ -312,7 +320,7 @@ def test_the_global_batch_terms_compile_into_one_graph_on_two_processes(tmp_path
     from ranks import on_ranks
 
     objective = {"kind": "mse", "optimal_sigma": True, "tc_weight": 3.0, "dataset_size": 100}
-    one = objective_gradients(0, 1, objective)
+    one, _ = objective_gradients(0, 1, objective)
     for grads, counts in on_ranks(objective_gradients, 2, tmp_path, objective, True):
         assert counts == {"compiled_graphs": 1, "graph_breaks": 0}
         torch.testing.assert_close(grads, one, rtol=1e-4, atol=1e-5)
