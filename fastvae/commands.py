@@ -55,8 +55,9 @@ def generate_parser() -> argparse.ArgumentParser:
     p = command("attribute", "attribute vector and an alpha sweep")
     group = p.add_mutually_exclusive_group(required=True)
     group.add_argument("--attribute", help="a named attribute, e.g. Smiling (CelebA)")
-    group.add_argument("--labels", type=int, nargs=2, metavar=("PRESENT", "ABSENT"),
-                       help="a label pair on labeled data: mean(PRESENT) - mean(ABSENT)")
+    group.add_argument("--labels", nargs=2, metavar=("PRESENT", "ABSENT"),
+                       help="a class pair on labeled data, by name or index (an image folder's subfolders, "
+                            "alphabetical: 0 is the first): mean(PRESENT) - mean(ABSENT)")
     group.add_argument("--vector", help="apply a saved attribute vector (.pt) instead of computing one")
     p.add_argument("--split", default="train", choices=SPLITS, help="split the vector is computed on")
     p.add_argument("--apply-split", default="test", choices=SPLITS, help="split of the edited images")

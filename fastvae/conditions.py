@@ -28,6 +28,16 @@ def base_dataset(dataset):
     return dataset
 
 
+def class_index(names, text: str, flag: str) -> int:
+    """A class asked for by name (`circle`, `Sneaker`) or index (`7`); names are the data set's
+    class names (an image folder's: its first-level subfolders, in alphabetical order)."""
+    names = list(names)
+    index = names.index(text) if text in names else int(text) if text.isdigit() else -1
+    if not 0 <= index < len(names):
+        raise UserError(f"{flag} {text}: expected a class index 0-{len(names) - 1} or one of: {', '.join(names)}")
+    return index
+
+
 def names_from_data(kind: str, dataset, data_name: str) -> list[str]:
     """model.condition_names for a data set: its class names, or its attribute names."""
     base = base_dataset(dataset)
@@ -88,11 +98,7 @@ class Conditioning:
         if self.kind != "labels":
             raise UserError(f"--condition {text}: this model is conditioned on attributes; expected --attributes "
                             f"NAME=0|1,...")
-        index = self.names.index(text) if text in self.names else int(text) if text.isdigit() else -1
-        if not 0 <= index < self.dim:
-            raise UserError(f"--condition {text}: expected a class index 0-{self.dim - 1} or one of: "
-                            f"{', '.join(self.names)}")
-        return torch.eye(self.dim)[index]
+        return torch.eye(self.dim)[class_index(self.names, text, "--condition")]
 
     def attribute_vector(self, text: str) -> torch.Tensor:
         """`--attributes Smiling=1,Male=0`: those attributes set, every other one 0 (absent)."""

@@ -28,6 +28,7 @@ from fastvae import pictures
 from fastvae.atomic import replaced
 from fastvae.checkpoint import LoadedVAE, load
 from fastvae.commands import generate_parser
+from fastvae.conditions import base_dataset, class_index
 from fastvae.data import in_order_loader
 from fastvae.errors import UserError, exit_on_user_error
 
@@ -336,6 +337,11 @@ def cmd_latent_plot(vae, args) -> list[Path]:
     return written
 
 
+def class_names(dataset) -> tuple[str, ...]:
+    """The data set's class names (MNIST's "0"-"9", an image folder's subfolders, ...)."""
+    return tuple(getattr(base_dataset(dataset), "class_names", ()))
+
+
 def cmd_attribute(vae, args) -> list[Path]:
     if vae.conditioning is not None:
         raise UserError(f"attribute: checkpoint '{vae.path}' is of a conditional model, whose z holds what the "
@@ -349,8 +355,9 @@ def cmd_attribute(vae, args) -> list[Path]:
                             f"expected the model's {vae.model.latent_dim}")
         name, written = Path(args.vector).stem, []
     else:
-        z_diff, meta = attribute_vector_for(vae, args.split, args.attribute,
-                                            tuple(args.labels) if args.labels else None)
+        labels = tuple(class_index(class_names(vae.split(args.split)), text, "--labels")
+                       for text in args.labels) if args.labels else None
+        z_diff, meta = attribute_vector_for(vae, args.split, args.attribute, labels)
         name = args.attribute or "labels_{}_minus_{}".format(*args.labels)
         written = [save_attribute_vector(out / f"attribute_{name}.pt", z_diff, meta)]
     what = meta.get("attribute") or "label {} - label {}".format(*meta["labels"])

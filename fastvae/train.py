@@ -32,7 +32,7 @@ def parse_args(argv):
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog="config keys (override any with key=value; values are YAML):\n"
                                             + keys_help())
-    parser.add_argument("--config", help="a shipped config (mnist, fashion_mnist, celeba) or a YAML path; "
+    parser.add_argument("--config", help="a shipped config (mnist, fashion_mnist, celeba, imagefolder) or a YAML path; "
                                          "defaults if omitted")
     parser.add_argument("overrides", nargs="*", metavar="key=value",
                         help="config overrides with dotted keys, e.g. train.epochs=5 data.batch_size=64")

@@ -26,7 +26,7 @@ from fastvae import checkpoint, noise, reports
 from fastvae.conditions import conditioning_of, names_from_data
 from fastvae.config import Config, to_dict
 from fastvae.data import build_datasets
-from fastvae.data.loaders import build_train_loader
+from fastvae.data.loaders import build_train_loader, dropped_images_notice
 from fastvae.data.memory import decoded_once
 from fastvae.errors import LostRank, OutputError, UserError
 from fastvae.losses import capacity_at, kl_weight
@@ -106,6 +106,9 @@ class Trainer:
         # read every epoch for metrics and pictures: decoded in the first one only (CelebA, image folders)
         self.test_set = decoded_once(test_set, reports.FINAL_IMAGES)
         self.train_loader = build_train_loader(cfg, self.train_set, acc.num_processes, acc.device, acc.process_index)
+        notice = dropped_images_notice(cfg, len(self.train_set), acc.num_processes)
+        if notice:
+            acc.print(notice)
         self.conditioning = self._conditioning()
 
     def _conditioning(self):
@@ -139,13 +142,28 @@ class Trainer:
         optimizer = build_optimizer(cfg, model.parameters(), acc.device)
         self.model, self.optimizer = acc.prepare(model, optimizer)
         self.raw_model = acc.unwrap_model(self.model)
-        planned_steps = cfg.train.epochs * max(1, len(self.train_loader) // cfg.train.grad_accum_steps)
-        self.total_steps = min(planned_steps, cfg.train.max_steps) if cfg.train.max_steps else planned_steps
+        planned_steps = cfg.train.epochs * self._steps_per_epoch()
         # The schedule spans the planned epochs whatever max_steps says: stopping early and resuming
         # must see the same learning rates as one uninterrupted run. Not prepared: accelerate would
         # step it once per process; it is stepped once per optimizer step.
         # its state goes into the checkpoint's fastvae.json (accelerate would pickle it: checkpoint.restore)
         self.scheduler = build_scheduler(cfg, self.optimizer, planned_steps)
+
+    def _steps_per_epoch(self) -> int:
+        return max(1, len(self.train_loader) // self.cfg.train.grad_accum_steps)
+
+    def _last_step(self) -> int:
+        """The step this run ends at: its position plus the steps of what is left of train.epochs at
+        this run's batches (a resumed run may have another global batch than its checkpoint: the
+        steps before are counted in the checkpoint's batches, those after in this run's), or
+        train.max_steps if that comes first."""
+        state, cfg = self.state, self.cfg
+        left = 0
+        if state.epoch < cfg.train.epochs:
+            in_this_epoch = (len(self.train_loader) - state.batch_in_epoch) // cfg.train.grad_accum_steps
+            left = in_this_epoch + (cfg.train.epochs - state.epoch - 1) * self._steps_per_epoch()
+        last = state.step + left
+        return min(last, cfg.train.max_steps) if cfg.train.max_steps else last
 
     def _objective(self) -> Objective:
         loss = self.cfg.loss
@@ -169,6 +187,7 @@ class Trainer:
         if self.state.batch_in_epoch > len(self.train_loader):
             raise UserError(f"checkpoint '{self.resumed_from}' is {self.state.batch_in_epoch} batches into an epoch "
                             f"of {len(self.train_loader)}; expected a checkpoint of this data set")
+        self.total_steps = self._last_step()
         self.log = RunLog(acc, cfg, self.state.wandb_run_id)
         if self.resumed_from is not None:
             self.log.trim_after(self.state.step)
@@ -319,8 +338,12 @@ class Trainer:
                   f"{acc.num_processes} process(es) on {acc.device}, ops={self.ops.name}, "
                   f"mixed_precision={acc.mixed_precision} ({self.precision_source}), "
                   f"compile={cfg.train.compile and cfg.train.compile_mode}, memory_format={cfg.train.memory_format}, "
-                  f"loader={type(self.train_loader).__name__}, "
-                  f"{self.total_steps} steps -> {self.out_dir}", flush=True)
+                  f"loader={type(self.train_loader).__name__}, {self._steps_said()} -> {self.out_dir}", flush=True)
+
+    def _steps_said(self) -> str:
+        """The steps this run will take, and for a resumed run from where to where."""
+        steps = max(0, self.total_steps - self.state.step)
+        return f"{steps} steps" + (f" (step {self.state.step} to {self.total_steps})" if self.state.step else "")
 
     def _log_step(self, metrics: dict, bar) -> None:
         """Every log_every steps: the one host sync of the loop (guard, progress bar, tracker). The

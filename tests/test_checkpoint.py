@@ -52,6 +52,22 @@ def test_resume_with_another_global_batch_continues_at_the_same_image(tmp_path, 
     assert old.rebatch(16) is None and old.batch_in_epoch == 3
 
 
+@pytest.mark.parametrize("batch, steps_left", [(16, 8 + 16), (64, 2 + 4)])
+def test_a_resume_with_another_batch_size_says_and_takes_the_steps_it_will_take(tmp_path, capsys, batch, steps_left):
+    """4 batches of 32 (128 images into epoch 1 of 2), then batches of 16 or 64: the start line and the
+    progress bar count the steps this run takes, and the run ends with the second epoch (with batches
+    of 64 the old count, 2 epochs x 4 steps = 8, ended it at step 8, before the epoch's end)."""
+    out = tmp_path / "run"
+    train(tiny_config(out, "train.epochs=2", "train.max_steps=4"))
+    capsys.readouterr()
+    result = train(tiny_config(out, "train.epochs=2", f"data.batch_size={batch}", "train.resume=auto"))
+    printed = capsys.readouterr()
+    assert f"{steps_left} steps (step 4 to {4 + steps_left}) ->" in printed.out
+    assert (result["step"], result["epoch"]) == (4 + steps_left, 2)
+    bar = [part for part in printed.err.replace("\r", "\n").splitlines() if part.startswith("train:")][-1]
+    assert f"100%" in bar and f" {4 + steps_left}/{4 + steps_left} " in bar, bar
+
+
 def test_resume_refuses_a_key_that_must_match_and_allows_the_others(tmp_path):
     out = tmp_path / "run"
     train(tiny_config(out, "train.max_steps=2"))

@@ -12,7 +12,7 @@ from fastvae.train import main
 from helpers import CONFIGS, ROOT
 
 
-@pytest.mark.parametrize("name", ["mnist", "fashion_mnist", "celeba"])
+@pytest.mark.parametrize("name", ["mnist", "fashion_mnist", "celeba", "imagefolder"])
 def test_shipped_configs_load(name):
     cfg = load_config(CONFIGS / f"{name}.yaml")
     assert isinstance(cfg, Config)
@@ -101,7 +101,7 @@ def test_cli_missing_config_subprocess(tmp_path):
     lines = proc.stderr.strip().splitlines()
     assert lines == [f"fastvae: error: config file '{tmp_path / 'x.yaml'}' not found; "
                      f"expected a YAML file such as configs/mnist.yaml or a shipped config: "
-                     f"celeba, fashion_mnist, mnist"]
+                     f"celeba, fashion_mnist, imagefolder, mnist"]
 
 
 def test_yaml_12_booleans_keep_no_a_string(tmp_path):

@@ -1,7 +1,12 @@
 """Datasets: the embedded real MNIST subset, Fashion-MNIST IDX files, any image folder."""
 
 import gzip
+import json
+import os
+import re
 import struct
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +18,7 @@ from fastvae.config import load_config
 from fastvae.data import build_datasets
 from fastvae.data.mnist import FASHION_MNIST_DEFAULT_ROOT, embedded_mnist_path, read_idx
 from fastvae.errors import UserError
+from helpers import ROOT
 
 
 def test_embedded_mnist_is_real_and_split_deterministically():
@@ -212,3 +218,50 @@ def test_unit_float_is_torchvisions_to_dtype_bit_for_bit():
 
     every_value = torch.arange(256, dtype=torch.uint8).view(1, 1, 16, 16)
     assert torch.equal(unit_float(every_value), to_dtype(every_value, torch.float32, scale=True))
+
+
+def draw_shapes(root: Path, per_class: dict[str, int], size=(52, 36)):
+    """A folder of your making: white shapes on grey, RGB, width x height = size, one subfolder per class."""
+    from PIL import ImageDraw
+
+    g = torch.Generator().manual_seed(0)
+    for name, count in per_class.items():
+        (root / name).mkdir(parents=True)
+        for i in range(count):
+            x, y, r = (int(v) for v in torch.randint(10, 26, (3,), generator=g))
+            image = Image.new("RGB", size, (90, 90, 90))
+            box = [x, y - r // 2, x + r, y + r // 2]
+            draw = ImageDraw.Draw(image)
+            {"circle": draw.ellipse, "square": draw.rectangle,
+             "triangle": lambda b, fill: draw.polygon([(b[0], b[3]), (b[2], b[3]), ((b[0] + b[2]) // 2, b[1])],
+                                                      fill=fill)}[name](box, fill=(250, 250, 250))
+            image.save(root / name / f"{i}.png")
+
+
+@pytest.mark.slow
+def test_the_image_folder_commands_run_as_written(tmp_path):
+    """docs/data.md's block on a folder of 181 RGB 52 x 36 images in 3 classes (the newcomer's case):
+    the shipped config trains it, and the classes are taken by name."""
+    draw_shapes(tmp_path / "my_images", {"circle": 60, "square": 60, "triangle": 61})
+    (block,) = re.findall(r"test_the_image_folder_commands_run_as_written -->\n```bash\n(.*?)```",
+                          (ROOT / "docs" / "data.md").read_text(), re.S)
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    proc = subprocess.run(["bash", "-euo", "pipefail", "-c", block], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "conv_vae on imagefolder (163 train images)" in proc.stdout
+    run = tmp_path / "runs" / "my_images"
+    assert json.loads((run / "summary.json").read_text())["epoch"] == 3
+    assert (run / "generated" / "attribute_sweep_labels_circle_minus_square.png").is_file()
+
+
+def test_a_large_share_left_out_by_drop_last_is_said():
+    from fastvae.data.loaders import dropped_images_notice
+
+    cfg = load_config("imagefolder", ["data.root=my_images", "data.batch_size=128"])
+    said = dropped_images_notice(cfg, 181, 1)
+    assert said.startswith("fastvae: data.drop_last=true leaves 53 of the 181 training images out of every epoch "
+                           "(29%;") and "data.drop_last=false" in said
+    assert dropped_images_notice(cfg, 181, 1) is not None and dropped_images_notice(cfg, 256, 1) is None
+    assert dropped_images_notice(load_config("imagefolder", ["data.batch_size=128", "data.drop_last=false"]),
+                                 181, 1) is None

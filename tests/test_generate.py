@@ -176,3 +176,16 @@ def test_cli_bad_checkpoint_is_one_line_exit_2(tmp_path, capsys, checkpoint):
     with pytest.raises(SystemExit):
         main(["interpolate", "--checkpoint", str(checkpoint), "--indices", "0", "100000"])
     assert "image index 100000: expected 0 <= index < 500" in capsys.readouterr().err
+
+
+def test_labels_take_class_names_and_an_unknown_one_is_one_line(checkpoint, tmp_path, capsys):
+    """MNIST's classes are named "0"-"9": by name or index alike; a name it lacks is one line, not argparse's
+    'invalid int value' and its usage."""
+    [vector, _] = main(["attribute", "--checkpoint", str(checkpoint), "--labels", "9", "4", "--split", "test",
+                        "--alphas", "0", "--out", str(tmp_path)])
+    assert vector.name == "attribute_labels_9_minus_4.pt"
+    with pytest.raises(SystemExit) as exc:
+        main(["attribute", "--checkpoint", str(checkpoint), "--labels", "9", "circle"])
+    assert exc.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "fastvae: error: --labels circle: expected a class index 0-9 or one of: 0, 1, 2, 3, 4, 5, 6, 7, 8, 9"]

@@ -35,6 +35,21 @@ class TrainLoader(Protocol):
         """The epoch's batches after the first n, reading none of those (resume inside an epoch)."""
 
 
+DROPPED_SHARE_SAID = 0.10  # data.drop_last leaving out more of each epoch than this is said at start-up
+
+
+def dropped_images_notice(cfg: Config, images: int, num_processes: int) -> str | None:
+    """What data.drop_last costs a small data set, in words, when it leaves out a large share of
+    every epoch (181 images in batches of 128: 53 of them); None when it is little or nothing."""
+    global_batch = cfg.data.batch_size * num_processes
+    dropped = images % global_batch if cfg.data.drop_last else 0
+    if not images or dropped / images <= DROPPED_SHARE_SAID:
+        return None
+    return (f"fastvae: data.drop_last=true leaves {dropped} of the {images} training images out of every epoch "
+            f"({dropped / images:.0%}; global batches of {global_batch}, a new draw each epoch); "
+            f"data.drop_last=false trains on them too, or choose a data.batch_size that divides the data set")
+
+
 def build_train_loader(cfg: Config, train_set, num_processes: int, device: torch.device, rank: int = 0) -> TrainLoader:
     global_batch = cfg.data.batch_size * num_processes
     if cfg.data.drop_last and len(train_set) < global_batch:
