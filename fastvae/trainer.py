@@ -55,26 +55,39 @@ class Totals(NamedTuple):
     recon: float
     kl: float
     images: float
+    terms_x_images: dict  # each objective term (a batch mean) x its batch's images
+
+    def means(self) -> dict:
+        """loss, recon, kl and the objective's terms per image."""
+        n = self.images
+        return {"loss": self.loss_x_images / n, "recon": self.recon / n, "kl": self.kl / n,
+                **{name: value / n for name, value in self.terms_x_images.items()}}
 
 
 class LossSums:
-    """loss x n, recon and kl of some batches (an epoch's, or a log point's one) summed on the
-    device, and their image count on the host: nothing crosses between them per step; read once,
-    summed over all ranks."""
+    """loss x n, recon, kl and the objective's own terms (each x n) of some batches (an epoch's, or a
+    log point's one) summed on the device, and their image count on the host: nothing crosses
+    between them per step; read once, summed over all ranks."""
 
     def __init__(self, device) -> None:
-        self.sums, self.images = torch.zeros(3, device=device, dtype=torch.float64), 0
+        self.sums, self.images, self.term_names = torch.zeros(3, device=device, dtype=torch.float64), 0, []
 
     def add(self, metrics: dict) -> None:
-        n = metrics["images"]
-        self.sums += torch.stack([metrics["loss"] * n, metrics["recon"].sum(), metrics["kl"].sum()]).double()
+        n, terms = metrics["images"], metrics.get("terms", {})
+        if not self.term_names and terms:
+            self.term_names = sorted(terms)
+            self.sums = torch.cat([self.sums, self.sums.new_zeros(len(terms))])
+        values = [metrics["loss"] * n, metrics["recon"].sum(), metrics["kl"].sum(),
+                  *(terms[name] * n for name in self.term_names)]
+        self.sums += torch.stack(values).double()
         self.images += n
 
     def totals(self, accelerator) -> Totals:
         """Summed over all ranks: one all-reduce, one host read."""
         local = torch.cat([self.sums, torch.tensor([float(self.images)], device=self.sums.device,
                                                    dtype=torch.float64)])
-        return Totals(*accelerator.reduce(local, reduction="sum").tolist())
+        *sums, images = accelerator.reduce(local, reduction="sum").tolist()
+        return Totals(*sums[:3], images, dict(zip(self.term_names, sums[3:])))
 
 
 class Trainer:
@@ -210,9 +223,9 @@ class Trainer:
         with acc.accumulate(self.model):
             # beta as a device tensor: a Python float would be baked into a compiled graph, which
             # KL warm-up would then recompile every step
-            loss, recon, kl = self.model(x, self._noise_key(batch), torch.full((), beta, device=x.device),
-                                         torch.full((), capacity, device=x.device) if cfg.loss.capacity else None,
-                                         self._condition(batch))
+            loss, recon, kl, terms = self.model(x, self._noise_key(batch), torch.full((), beta, device=x.device),
+                                                torch.full((), capacity, device=x.device) if cfg.loss.capacity
+                                                else None, self._condition(batch), with_terms=True)
             if self.guard.batch_is_bad(self.state.step, recon, kl):  # this batch updates nothing
                 self.optimizer.zero_grad(set_to_none=True)  # (nor does the rest of its accumulation window)
                 return None
@@ -224,7 +237,7 @@ class Trainer:
         if acc.sync_gradients:
             self.state.step += 1
             self.scheduler.step()
-        return {"loss": loss.detach(), "recon": recon.detach(), "kl": kl.detach(), "beta": beta,
+        return {"loss": loss.detach(), "recon": recon.detach(), "kl": kl.detach(), "terms": terms, "beta": beta,
                 "images": x.shape[0], "stepped": acc.sync_gradients}
 
     def _condition(self, batch):
@@ -352,8 +365,7 @@ class Trainer:
         now = time.perf_counter()
         batch = LossSums(self.accelerator.device)
         batch.add(metrics)
-        loss, recon, kl, images = batch.totals(self.accelerator)
-        values = {"loss": loss / images, "recon": recon / images, "kl": kl / images, "beta": metrics["beta"],
+        values = {**batch.totals(self.accelerator).means(), "beta": metrics["beta"],
                   "lr": self.scheduler.get_last_lr()[0], "skipped_batches": self.guard.skipped,
                   "images_per_sec": self.images_since_log / max(now - self.log_clock, 1e-9)}
         self.images_since_log, self.log_clock = 0, now
@@ -367,10 +379,8 @@ class Trainer:
         batches = len(self.train_loader)
         complete = state.batch_in_epoch >= batches
         if totals.images > 0:
-            n = totals.images
             record = {"epoch": state.epoch + 1 if complete else round(state.epoch + state.batch_in_epoch / batches, 4),
-                      "step": state.step, "loss": totals.loss_x_images / n, "recon": totals.recon / n,
-                      "kl": totals.kl / n, "images_per_sec": n / elapsed,
+                      "step": state.step, **totals.means(), "images_per_sec": totals.images / elapsed,
                       "lr": self.scheduler.get_last_lr()[0], "skipped_batches": self.guard.skipped}
             record.update(reports.held_out_metrics(self.raw_model, self.test_set, self.cfg, **self._eval_shard()))
             self.log.log_epoch(record)

@@ -79,6 +79,28 @@ def test_each_objective_trains_and_resumes_exactly(tmp_path, objective):
     train(tiny_config(tmp_path / "stopped", *objective, "train.epochs=2", "train.max_steps=5"))
     train(tiny_config(tmp_path / "stopped", *objective, "train.epochs=2", "train.resume=auto"))
     assert_same_weights(final_weights(tmp_path / "stopped"), final_weights(tmp_path / "straight"))
+    check_logged_terms(tmp_path / "straight", objective)
+
+
+# What each objective logs beside loss, recon and kl (per step and per epoch), and how its loss is made
+# of them (docs/training.md says it in words).
+TERMS = {"loss.free_bits=0.3": {"kl_term"}, "loss.capacity=5": {"kl_term"}, "loss.objective=iwae": {"iwae_bound"},
+         "loss.objective=tcvae": {"mi", "tc", "dimension_kl", "sigma2"}}
+
+
+def check_logged_terms(out, objective):
+    from fastvae.tracking import STEPS_FILE, read_records
+
+    expected = set().union(*(TERMS.get(setting, set()) for setting in objective))
+    for record in read_records(out) + read_records(out, STEPS_FILE):
+        logged = set(record) - {"epoch", "step", "loss", "recon", "kl", "beta", "lr", "skipped_batches",
+                                "images_per_sec"} - {k for k in record if k.startswith("test_")}
+        assert logged == expected, record
+        if "iwae_bound" in expected:  # the loss is minus the bound, not recon + kl
+            assert record["loss"] == pytest.approx(-record["iwae_bound"], rel=1e-6)
+        if "tc" in expected:  # recon_weight 1, beta 1, tc_weight 6 (its default)
+            parts = record["recon"] + record["mi"] + record["dimension_kl"] + 6 * record["tc"]
+            assert record["loss"] == pytest.approx(parts, rel=1e-5)
 
 
 def test_free_bits_changes_what_trains_and_the_elbo_does_not():

@@ -88,49 +88,61 @@ class VAE(nn.Module):
 
     def forward(self, x: torch.Tensor, noise_key: tuple[torch.Tensor, torch.Tensor] | None = None,
                 beta: torch.Tensor | None = None, capacity: torch.Tensor | None = None,
-                condition: torch.Tensor | None = None):
+                condition: torch.Tensor | None = None, with_terms: bool = False):
         """noise_key: (seed, row counters) of fastvae.noise, to draw each sample's own eps; None:
         eps from torch's generator. beta (a tensor: a float would be baked into a compiled graph; and
-        capacity's C): return (loss, recon[B], kl[B]) instead of (logits, mu, logvar, kl). condition
+        capacity's C): return (loss, recon[B], kl[B]) instead of (logits, mu, logvar, kl), and with
+        `with_terms` a 4th item: the objective's own terms, batch means (`objective_terms`). condition
         [B, condition_dim]: what a conditional model's encoder and decoder are given."""
         mu, logvar = self.encode_with(x, condition)
         if beta is not None and self.objective.iwae_samples > 1:
-            return self._iwae(x, mu, logvar, noise_key, beta, condition)
+            loss, recon, kl, terms = self._iwae(x, mu, logvar, noise_key, beta, condition)
+            return (loss, recon, kl, terms) if with_terms else (loss, recon, kl)
         z, kl = self.reparam_kl(mu, logvar) if noise_key is None else self.reparam_kl(mu, logvar, noise_key)
         logits = self.decode_with(z.to(mu.dtype), condition)
         if beta is None:
             return logits, mu, logvar, kl
+        loss, recon, terms = self._loss(x, logits, z, mu, logvar, kl, beta, capacity)
+        return (loss, recon, kl, terms) if with_terms else (loss, recon, kl)
+
+    def _loss(self, x, logits, z, mu, logvar, kl, beta, capacity):
+        """(loss, recon[B], terms) of the one-sample objectives."""
         o = self.objective
-        recon = self._recon(logits, x)
+        recon, terms = self._recon(logits, x)
         if o.tc_weight is not None:
-            return self._tcvae(z, mu, logvar, recon, kl, beta)
+            loss, tc_terms = self._tcvae(z, mu, logvar, recon, beta)
+            return loss, recon, {**terms, **tc_terms}
         if not o.batch_level:
-            return losses.vae_loss(recon, kl, o.recon_weight, beta), recon, kl
+            return losses.vae_loss(recon, kl, o.recon_weight, beta), recon, terms
         kl_mean = global_batch_mean(losses.kl_divergence_per_dim(mu.float(), logvar.float()))
         gamma = o.capacity_gamma if o.capacity_gamma is not None else 1.0  # (`or 1.0` would make a gamma of 0 one)
         kl_loss = losses.kl_term(kl_mean, beta, o.free_bits, capacity, gamma)
-        return o.recon_weight * recon.mean() + kl_loss, recon, kl
+        return o.recon_weight * recon.mean() + kl_loss, recon, {**terms, "kl_term": kl_loss.detach()}
 
     def _recon(self, logits, x):
         """Per image: the reconstruction loss; with the calibrated Gaussian decoder its negative
-        log-likelihood under the variance that fits the global batch best."""
+        log-likelihood under the variance that fits the global batch best (a term: sigma2)."""
         recon = self.objective.recon_loss(logits, x, self.objective.kind)
         if not self.objective.optimal_sigma:
-            return recon
+            return recon, {}
         pixels = x[0].numel()
-        return losses.gaussian_nll(recon, pixels, losses.optimal_variance(global_batch_mean(recon) / pixels))
+        variance = losses.optimal_variance(global_batch_mean(recon) / pixels)
+        return losses.gaussian_nll(recon, pixels, variance), {"sigma2": variance.detach()}
 
-    def _tcvae(self, z, mu, logvar, recon, kl, beta):
+    def _tcvae(self, z, mu, logvar, recon, beta):
         """beta-TCVAE: q(z) estimated from the posteriors of the global batch (gathered with their
-        gradients), so N processes x B/N train what one process x B trains."""
+        gradients), so N processes x B/N train what one process x B trains. Its terms: mutual
+        information, total correlation and dimension-wise KL, batch means."""
         o = self.objective
         z, mu, logvar = z.float(), mu.float(), logvar.float()
-        terms = losses.tc_decomposition(z, mu, logvar, o.dataset_size, global_batch(mu), global_batch(logvar))
-        kl_loss = losses.tcvae_kl_term(*terms, beta, o.tc_weight).mean()
-        return o.recon_weight * recon.mean() + kl_loss, recon, kl
+        mi, tc, dimension_kl = losses.tc_decomposition(z, mu, logvar, o.dataset_size, global_batch(mu),
+                                                       global_batch(logvar))
+        kl_loss = losses.tcvae_kl_term(mi, tc, dimension_kl, beta, o.tc_weight).mean()
+        terms = {"mi": mi.mean().detach(), "tc": tc.mean().detach(), "dimension_kl": dimension_kl.mean().detach()}
+        return o.recon_weight * recon.mean() + kl_loss, terms
 
     def _iwae(self, x, mu, logvar, noise_key, beta, condition=None):
-        """(loss, recon[B], kl[B]) of the importance-weighted bound: the K samples of every image in one
+        """(loss, recon[B], kl[B], terms) of the importance-weighted bound: the K samples of every image in one
         call of the reparameterization op (rows repeated K times; sample k of image i keyed as the
         virtual sample i * K + k, so K = 1 keys as the ELBO does and N processes still equal one),
         decoded together. recon and kl are reported per image: the mean recon of its samples and
@@ -148,4 +160,6 @@ class VAE(nn.Module):
         recon = o.recon_loss(logits, x.repeat(k, *([1] * (x.dim() - 1))), o.kind).view(k, b)
         log_w_terms = (-o.recon_weight * recon, z.float().view(k, b, -1), mu.float(), logvar.float())
         loss = losses.iwae_loss(*log_w_terms, beta, dreg_z=z if o.dreg else None).mean()
-        return loss, recon.mean(0), kl.view(k, b)[0]
+        # the loss is minus the bound (beta-weighted): not recon + kl, which are the samples' mean recon
+        # and the closed-form KL, reported beside it
+        return loss, recon.mean(0), kl.view(k, b)[0], {"iwae_bound": -loss.detach()}
