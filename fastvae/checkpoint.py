@@ -22,13 +22,14 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from fastvae.config import RESUME_MAY_DIFFER, SPLITS, Config, flatten, from_dict, override_data, to_dict
 from fastvae.errors import OutputError, UserError
 
 META_FILE = "fastvae.json"
 MODEL_FILE = "model.safetensors"
+EMA_FILE = "ema.safetensors"  # the weights' moving average (fastvae.ema), by parameter name
 CHECKPOINT_RE = re.compile(r"^step_(\d+)$")
 ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 
@@ -45,6 +46,7 @@ class TrainState:
     batch_in_epoch: int = 0
     wandb_run_id: str | None = None
     global_batch: int | None = None
+    ema_updates: int | None = None  # updates the weights' moving average has had (train.ema_decay)
 
     def rebatch(self, global_batch: int) -> str | None:
         """Continue with global batches of `global_batch` images (another data.batch_size or number
@@ -99,10 +101,11 @@ def file_digest(path: Path) -> str:
 
 
 def save_checkpoint(accelerator, out_dir: str | Path, cfg: Config, state: TrainState, keep: int,
-                    scheduler=None) -> Path:
+                    scheduler=None, extra: dict[str, dict] | None = None) -> Path:
     """All ranks call this (each saves its RNG state); rank 0 finalizes. Returns the checkpoint path.
-    A write that fails (disk full, read-only) removes its partial folder and says, in one line, which
-    checkpoint is the last good one."""
+    extra: more safetensors files of rank 0's ({file name: tensors}, e.g. the EMA weights), in the
+    manifest like accelerate's. A write that fails (disk full, read-only) removes its partial folder
+    and says, in one line, which checkpoint is the last good one."""
     root = checkpoint_dir(out_dir)
     name = f"step_{state.step:08d}"
     final, tmp = root / name, root / f".tmp-{name}"
@@ -115,6 +118,8 @@ def save_checkpoint(accelerator, out_dir: str | Path, cfg: Config, state: TrainS
         accelerator.save_state(str(tmp))
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
+            for name, tensors in (extra or {}).items():
+                save_file(tensors, str(tmp / name))
             _finalize(tmp, final, cfg, state, scheduler)
             for old in list_checkpoints(out_dir)[:-keep]:
                 shutil.rmtree(old)
@@ -202,6 +207,8 @@ def _check_meta(meta, where: Path) -> None:
             raise bad(key, "an integer from 0 to 2^53")
     if meta.get("global_batch") is not None and (type(meta["global_batch"]) is not int or meta["global_batch"] < 1):
         raise bad("global_batch", "a positive integer or null")
+    if meta.get("ema_updates") is not None and (type(meta["ema_updates"]) is not int or meta["ema_updates"] < 0):
+        raise bad("ema_updates", "a count or null")
     if meta.get("wandb_run_id") is not None and not isinstance(meta["wandb_run_id"], str):
         raise bad("wandb_run_id", "a string or null")
     files = meta.get("files")
@@ -356,10 +363,12 @@ def _plain_data(path: Path):
                         f"({type(err).__name__}: {reason}); expected a file fastvae wrote") from None
 
 
-def load_model(path: str | Path, device: str | torch.device = "cpu", trust_model: str | tuple[str, ...] = ()):
+def load_model(path: str | Path, device: str | torch.device = "cpu", trust_model: str | tuple[str, ...] = (),
+               ema: bool = True):
     """Rebuild the model from a checkpoint's stored config: (model in eval mode, config, meta).
     trust_model: the modules (or package.module:Class names) of your own models this may import; a
-    checkpoint naming any other module is refused before anything is imported (importing runs it)."""
+    checkpoint naming any other module is refused before anything is imported (importing runs it).
+    ema: use the weights' moving average where the checkpoint has one (train.ema_decay)."""
     from fastvae.models import build_model
     from fastvae.sizes import check_fits
 
@@ -377,15 +386,23 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", trust_model
         state = load_file(str(weights), device=str(device))
     except Exception as err:  # safetensors raises its own error types for truncated files
         raise UserError(f"checkpoint file '{weights}' is unreadable ({one_line(err)}); expected safetensors") from None
-    digest = meta.get("sha256", {}).get(MODEL_FILE)
-    if digest is not None and file_digest(weights) != digest:  # e.g. weights changed behind an intact header
-        raise UserError(f"checkpoint file '{weights}' does not match its sha256 in {META_FILE} (changed or "
-                        f"damaged); expected the file as training wrote it")
+    _check_digest(weights, meta)
+    averaged = path / EMA_FILE
+    if ema and averaged.is_file() and not averaged.is_symlink():
+        _check_digest(averaged, meta)
+        state.update(load_file(str(averaged), device=str(device)))
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise UserError(f"checkpoint '{path}' does not fit model {cfg.model.name} "
                         f"(missing {len(missing)}, unexpected {len(unexpected)} tensors)")
     return model.to(device).eval(), cfg, meta
+
+
+def _check_digest(file: Path, meta: dict) -> None:
+    digest = meta.get("sha256", {}).get(file.name)
+    if digest is not None and file_digest(file) != digest:  # e.g. weights changed behind an intact header
+        raise UserError(f"checkpoint file '{file}' does not match its sha256 in {META_FILE} (changed or "
+                        f"damaged); expected the file as training wrote it")
 
 
 @dataclass
@@ -425,13 +442,14 @@ class LoadedVAE:
 
 
 def load(checkpoint: str | Path, device: str | torch.device | None = None, data_overrides=(),
-         trust_model: str | tuple[str, ...] = ()) -> LoadedVAE:
+         trust_model: str | tuple[str, ...] = (), ema: bool = True) -> LoadedVAE:
     """Rebuild the model from a checkpoint's stored config, on CUDA when there is one.
     data_overrides: `data.key=value` changes of where and how its data is read (data.root=...).
     trust_model: your own model's module (or modules) that this checkpoint may import: a
-    checkpoint's model.name outside fastvae is imported only when named here (load_model)."""
+    checkpoint's model.name outside fastvae is imported only when named here (load_model). ema: the
+    weights' moving average where there is one (ema=False: the trained weights themselves)."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError(f"device {device}: no CUDA device here; expected --device cpu")
-    model, cfg, meta = load_model(checkpoint, device, trust_model)
+    model, cfg, meta = load_model(checkpoint, device, trust_model, ema)
     return LoadedVAE(model, override_data(cfg, data_overrides), meta, Path(checkpoint), device)

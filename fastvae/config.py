@@ -38,7 +38,7 @@ SPLITS = ("train", "test")
 # Image shapes fixed by a dataset's files: the one place these rules live. (The models take any
 # size; what a size cannot do is the model's dry forward at set-up: fastvae.models.check_model.)
 DATASET_CHANNELS_AND_SIZE = {"mnist": (1, 28), "fashion_mnist": (1, 28)}
-BUILT_IN_MODELS = ("conv_vae", "dfc_vae")
+BUILT_IN_MODELS = ("conv_vae", "dfc_vae", "kl_autoencoder")
 # A user's model: `package.module:ClassName`, importable from where training runs.
 IMPORT_PATH = re.compile(r"^[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*:[A-Za-z_][\w]*$")
 
@@ -88,6 +88,11 @@ class ModelConfig:
                 "40 attributes (attributes: 0/1); generate sample --condition / --attributes then picks them")
     condition_names: list[str] = knob(doc="the classes or attributes conditioned on, filled in from the data when "
                                           "training starts (recorded in checkpoints); leave empty", factory=list)
+    pretrained: str = knob("", "kl_autoencoder: a local diffusers AutoencoderKL folder (config.json + "
+                               "diffusion_pytorch_model.safetensors) to start from; its architecture goes into "
+                               "model.kwargs, its weights are loaded when a fresh run starts")
+    train_decoder_only: bool = knob(False, "kl_autoencoder with model.pretrained: train the decoder only, the "
+                                           "encoder frozen (Stable Diffusion's ft-EMA / ft-MSE recipe)")
 
 
 @dataclass
@@ -95,11 +100,13 @@ class LossConfig:
     recon: Literal["bce", "mse"] = knob("bce", "bce (Bernoulli decoder) or mse (Gaussian decoder)")
     recon_weight: float = knob(1.0, "weight of the reconstruction term (the lecture's alpha)", at_least=0)
     beta: float = knob(1.0, "weight of the KL term (1 = plain VAE)", at_least=0)
-    objective: Literal["elbo", "iwae", "tcvae"] = knob(
+    objective: Literal["elbo", "iwae", "tcvae", "ldm"] = knob(
         "elbo", "elbo; iwae: the importance-weighted bound with loss.samples samples per image (Burda et al. "
                 "2016); tcvae: beta-TCVAE (Chen et al. 2018), the KL split into mutual information, total "
                 "correlation and dimension-wise KL, q(z) estimated by minibatch-weighted sampling over the "
-                "global batch")
+                "global batch; ldm: the latent-diffusion autoencoder's (LDM's LPIPSWithDiscriminator): "
+                "loss.pixel + loss.perceptual_weight x LPIPS as a likelihood with one log-variance, loss.beta x "
+                "KL (LDM: 1e-6), and a PatchGAN from loss.disc_start (docs/latent_autoencoder.md)")
     samples: int = knob(1, "loss.objective=iwae: importance samples K per image (K = 1 is the ELBO)", at_least=1)
     dreg: bool = knob(False, "loss.objective=iwae: doubly-reparameterized gradients for the encoder (DReG, Tucker "
                              "et al. 2018): the same bound and expected gradient, lower variance")
@@ -126,6 +133,36 @@ class LossConfig:
     capacity_steps: int = knob(0, "steps over which C grows to loss.capacity; 0 = C is loss.capacity at once",
                                at_least=0)
     capacity_gamma: float = knob(1000.0, "weight of |KL - C| (Burgess et al.'s gamma)", at_least=0)
+    pixel: Literal["l1", "l2"] = knob("l1", "loss.objective=ldm: the per-pixel term on images in [-1, 1]: l1 "
+                                            "(LDM) or l2 (squared, SD's ft-MSE)")
+    perceptual_weight: float = knob(1.0, "loss.objective=ldm: weight of LPIPS, added to every pixel's term as "
+                                         "LDM does (so it weighs C x H x W times in the sum); 0 = no LPIPS",
+                                    at_least=0)
+    lpips_net: Literal["vgg", "alex"] = knob("vgg", "LPIPS's backbone (LDM: vgg)")
+    lpips_weights: str = knob("", "the backbone's torchvision weights file (vgg16-397923af.pth or "
+                                  "alexnet-owt-7be5be79.pth); empty = the torch hub cache "
+                                  "($TORCH_HOME/hub/checkpoints); never downloaded")
+    logvar_init: float = knob(0.0, "loss.objective=ldm: the output log-variance's start (LDM: 0)")
+    learn_logvar: bool = knob(False, "loss.objective=ldm: train the log-variance (SD 2 / SGM) instead of keeping "
+                                     "it fixed (LDM)")
+    disc_weight: float = knob(0.0, "loss.objective=ldm: weight of the adversarial term, times LDM's adaptive "
+                                   "weight ||grad NLL|| / ||grad G|| at the decoder's last layer (LDM: 0.5); "
+                                   "0 = no discriminator", at_least=0)
+    disc_start: int = knob(0, "the step from which the discriminator trains and its term counts (LDM: 50001); "
+                              "before it the discriminator is neither run nor trained", at_least=0)
+    disc_factor: float = knob(1.0, "LDM's disc_factor: scales the adversarial term and the discriminator's loss "
+                                   "once active", at_least=0)
+    disc_loss: Literal["hinge", "vanilla"] = knob("hinge", "the discriminator's loss (LDM: hinge)")
+
+
+@dataclass
+class DiscConfig:
+    channels: int = knob(64, "the PatchGAN's first width (pix2pix ndf)", above=0)
+    layers: int = knob(3, "the PatchGAN's downsampling layers (pix2pix n_layers)", above=0)
+    norm: Literal["batch", "none"] = knob("batch", "batch (LDM; synchronized over the global batch with several "
+                                                   "processes) or none (no batch statistics)")
+    lr: float = knob(0.0, "the discriminator's learning rate; 0 = optim.lr", at_least=0)
+    betas: list[float] = knob(doc="the discriminator's Adam betas (LDM: 0.5, 0.9)", factory=lambda: [0.5, 0.9])
 
 
 @dataclass
@@ -175,6 +212,12 @@ class TrainConfig:
     final_eval: bool = knob(False, "run fastvae.evaluate on the test split at the end (writes eval.json)")
     final_eval_iwae: int = knob(0, "importance samples K of that evaluation; 0 = ELBO only", at_least=0)
     final_eval_images: int = knob(0, "evaluate only this many test images; 0 = all", at_least=0)
+    ema_decay: float = knob(0.0, "an exponential moving average of the weights with LDM's warm-up, decay "
+                                 "min(ema_decay, (1 + n) / (10 + n)) at update n (LitEma), checkpointed and used by "
+                                 "generate, evaluate and export; 0 = off (SD's ft-EMA: 0.9999)", at_least=0,
+                             below=1)
+    gradient_checkpointing: bool = knob(False, "recompute activations in the backward pass instead of keeping them "
+                                               "(models that offer it, e.g. kl_autoencoder: diffusers' switch)")
 
 
 @dataclass
@@ -198,6 +241,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
+    disc: DiscConfig = field(default_factory=DiscConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
@@ -206,7 +250,8 @@ class Config:
 # data would not be the same). Every other key may differ on resume, as this explicit list says;
 # tests/test_config.py checks that the two lists name every key exactly once.
 RESUME_MUST_MATCH = ("model.name", "model.kwargs", "model.latent_dim", "model.dropout", "model.condition",
-                     "model.condition_names", "data.name", "data.image_size",
+                     "model.condition_names", "data.name", "data.image_size", "disc.channels", "disc.layers",
+                     "disc.norm",
                      "data.channels", "data.center_crop", "data.test_fraction", "data.split_seed",
                      "data.drop_last")
 RESUME_MAY_DIFFER = (
@@ -218,13 +263,16 @@ RESUME_MAY_DIFFER = (
     "loss.recon", "loss.recon_weight", "loss.beta", "loss.objective", "loss.samples", "loss.dreg", "loss.tc_weight",
     "loss.sigma", "loss.kl_warmup_steps", "loss.kl_cycle_steps",
     "loss.kl_cycle_ramp", "loss.free_bits", "loss.capacity", "loss.capacity_steps", "loss.capacity_gamma",
+    "loss.pixel", "loss.perceptual_weight", "loss.lpips_net", "loss.lpips_weights", "loss.logvar_init",
+    "loss.learn_logvar", "loss.disc_weight", "loss.disc_start", "loss.disc_factor", "loss.disc_loss",
+    "disc.lr", "disc.betas", "model.pretrained", "model.train_decoder_only",
     "optim.name", "optim.lr", "optim.weight_decay", "optim.betas", "optim.momentum", "optim.scheduler",
     "optim.warmup_steps", "optim.grad_clip",
     "train.epochs", "train.max_steps", "train.grad_accum_steps", "train.mixed_precision", "train.compile",
     "train.compile_mode", "train.memory_format",
     "train.ops", "train.cpu", "train.collective_timeout_s", "train.sync_batchnorm", "train.checkpoint_every", "train.keep_checkpoints", "train.resume",
     "train.nonfinite", "train.log_every", "train.samples", "train.final_eval", "train.final_eval_iwae",
-    "train.final_eval_images")
+    "train.final_eval_images", "train.ema_decay", "train.gradient_checkpointing")
 
 
 # ---------------------------------------------------------------- conversion
@@ -435,6 +483,7 @@ def validate(cfg: Config) -> Config:
         raise UserError("config key 'loss.objective': tcvae replaces the KL term by its decomposition; expected "
                         "loss.free_bits=0 and loss.capacity=0 with it")
     _check_sigma(cfg.loss)
+    _check_autoencoder(cfg)
     if cfg.loss.free_bits and cfg.loss.capacity:
         raise UserError("config keys 'loss.free_bits' and 'loss.capacity': both replace the KL term; expected one")
     if cfg.model.condition == "attributes" and cfg.data.name != "celeba":
@@ -470,6 +519,31 @@ def _check_schedules(cfg: Config) -> None:
     if loss.capacity > most:
         raise UserError(f"config key 'loss.capacity': {loss.capacity:g} nats is more than an 8-bit image of this size "
                         f"holds ({most:.0f} nats); expected at most that (typically 5-50)")
+
+
+def _check_autoencoder(cfg: Config) -> None:
+    """The latent-diffusion autoencoder's settings: what only it can use, and what it cannot."""
+    loss, model = cfg.loss, cfg.model
+    if loss.objective != "ldm" and (loss.disc_weight or loss.disc_start):
+        raise UserError("config key 'loss.disc_weight': the discriminator is part of loss.objective=ldm; expected "
+                        "loss.objective=ldm with it")
+    if loss.disc_start and not loss.disc_weight:
+        raise UserError(f"config key 'loss.disc_start': {loss.disc_start} starts a discriminator that does not exist "
+                        f"(loss.disc_weight=0); expected loss.disc_weight > 0 (LDM: 0.5) or no loss.disc_start")
+    if loss.objective == "ldm" and (loss.free_bits or loss.capacity or loss.sigma != "none"):
+        raise UserError("config key 'loss.objective': ldm has its own reconstruction likelihood and KL weight; "
+                        "expected loss.free_bits=0, loss.capacity=0 and loss.sigma=none with it")
+    if loss.disc_weight and cfg.train.grad_accum_steps > 1:
+        raise UserError("config key 'train.grad_accum_steps': the discriminator's step is not built for gradient "
+                        "accumulation; expected 1 with loss.disc_weight > 0 (a larger data.batch_size instead)")
+    if (model.pretrained or model.train_decoder_only) and model.name != "kl_autoencoder":
+        raise UserError(f"config key 'model.pretrained': diffusers' AutoencoderKL weights are for "
+                        f"model.name=kl_autoencoder; got {model.name}")
+    if model.train_decoder_only and not model.pretrained:
+        raise UserError("config key 'model.train_decoder_only': fine-tuning the decoder alone keeps an encoder that "
+                        "was never trained; expected model.pretrained=FOLDER (the weights to start from)")
+    if len(cfg.disc.betas) != 2 or not all(0 <= b < 1 for b in cfg.disc.betas):
+        raise UserError(f"config key 'disc.betas': expected two numbers in [0, 1), got {cfg.disc.betas}")
 
 
 def _check_sigma(loss: LossConfig) -> None:

@@ -7,7 +7,8 @@ Likelihoods (nats per image; bits/dim = nats / (pixels * ln 2)):
 - Bernoulli decoder (loss.recon=bce): log p(x|z) = -BCE(logits, x), summed over
   pixels, on the intensities as trained (exact for binary images; `--binarize`
   thresholds at 0.5 first, as in the binarized-MNIST literature).
-- Gaussian decoder (loss.recon=mse): p(x|z) = N(x; sigmoid(logits), s2 I) with a
+- Gaussian decoder (loss.recon=mse; and the latent-diffusion autoencoder, whose decoder draws
+  its images itself, `model.images`): p(x|z) = N(x; sigmoid(logits), s2 I) with a
   fixed variance s2 (`--gaussian-var`, default 0.5). With s2 = 1/2 the training
   loss sum (sigmoid(logits) - x)^2 is exactly -log p(x|z) minus the constant
   (pixels / 2) * log(pi), so the ELBO here is the training objective, normalized.
@@ -61,14 +62,16 @@ class Likelihood:
         fitted = loss.recon == "mse" and loss.sigma == "optimal"
         if gaussian_var == "run":
             gaussian_var = None if fitted else 0.5
-        return cls(loss.recon, gaussian_var, normalized or fitted)
+        kind = "mse" if loss.objective == "ldm" else loss.recon  # its decoder gives pixels, not logits
+        return cls(kind, gaussian_var, normalized or fitted)
 
-    def log_prob(self, logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """log p(x|z) per image [N], float64."""
-        logits, x = logits.double(), x.double()
+    def log_prob(self, output: torch.Tensor, x: torch.Tensor, images=torch.sigmoid) -> torch.Tensor:
+        """log p(x|z) per image [N], float64, of the decoder's output (bce: logits; mse: `images`
+        of it, the model's own mapping to [0, 1])."""
+        output, x = output.double(), x.double()
         if self.kind == "bce":
-            return -losses.reconstruction_loss(logits, x, "bce")
-        sq = losses.reconstruction_loss(logits, x, "mse")  # sum of squared errors: the training loss
+            return -losses.reconstruction_loss(output, x, "bce")
+        sq = (images(output) - x).pow(2).flatten(1).sum(1)  # sum of squared errors: the training loss
         if not self.normalized:
             return -sq
         var = self.gaussian_var
@@ -97,7 +100,7 @@ def iwae_bound(model, x: torch.Tensor, likelihood: Likelihood, k: int, chunk: in
         z = losses.reparameterize(mu, logvar, eps)  # [c, B, D]
         logits = model.decode_with(z.reshape(c * len(x), -1).to(next(model.parameters()).dtype),
                                    None if condition is None else condition.repeat(c, 1))
-        log_px = likelihood.log_prob(logits, x.repeat(c, *([1] * (x.ndim - 1)))).view(c, len(x))
+        log_px = likelihood.log_prob(logits, x.repeat(c, *([1] * (x.ndim - 1))), model.images).view(c, len(x))
         log_w = losses.importance_log_weights(log_px, z, mu, logvar)
         running = torch.logaddexp(running, torch.logsumexp(log_w, dim=0))
     return running - math.log(k)
@@ -179,8 +182,8 @@ def evaluate_sums(model, dataset, likelihood: Likelihood, iwae_samples: int, chu
         c = None if conditioning is None else conditioning.of_batch(torch.as_tensor(labels).to(device), sample_ids)
         mu, logvar = (t.double() for t in model.encode_with(x, c))
         z = losses.reparameterize(mu, logvar, eval_noise(seed, sample_ids, mu.shape[1], 0))
-        recon = -likelihood.log_prob(model.decode_with(z.to(dtype), c), x)
-        sq_err = (torch.sigmoid(model.decode_with(mu.to(dtype), c).double()) - x.double()).pow(2).flatten(1).sum(1)
+        recon = -likelihood.log_prob(model.decode_with(z.to(dtype), c), x, model.images)
+        sq_err = (model.images(model.decode_with(mu.to(dtype), c).double()) - x.double()).pow(2).flatten(1).sum(1)
         iwae = (iwae_bound(model, x, likelihood, iwae_samples, chunk, seed, sample_ids, c) if iwae_samples
                 else torch.zeros(len(x), dtype=torch.float64, device=device))
         sums.add(recon, losses.kl_divergence_per_dim(mu, logvar), iwae, sq_err, mu)

@@ -41,8 +41,9 @@ __all__ = ["LoadedVAE", "load", "sample", "images_at", "reconstruct", "encode", 
 
 @torch.no_grad()
 def decode_images(model, z: torch.Tensor, condition: torch.Tensor | None = None) -> torch.Tensor:
-    """Images are sigmoid(logits) (the decoder gives logits); condition [N, C]: a conditional model's."""
-    return torch.sigmoid(model.decode_with(z, _on(condition, z)).float())
+    """Images in [0, 1] (model.images: sigmoid of the decoder's logits, or a decoder's own pixels);
+    condition [N, C]: a conditional model's."""
+    return model.images(model.decode_with(z, _on(condition, z)).float())
 
 
 def _on(condition: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor | None:

@@ -169,3 +169,51 @@ def reparam_kl(mu: torch.Tensor, logvar: torch.Tensor, eps: torch.Tensor | None 
     if eps is None:
         eps = torch.randn_like(mu)
     return reparameterize(mu, logvar, eps), kl_divergence(mu, logvar)
+
+
+# ---------------------------------------------------------------- the latent-diffusion autoencoder (LDM)
+# LDM's LPIPSWithDiscriminator (CompVis latent-diffusion, ldm/modules/losses/contperceptual.py), term by
+# term, on images in [-1, 1]; the KL is the ELBO's (kl_divergence above), weighed by loss.beta.
+
+PIXEL_KINDS = ("l1", "l2")
+
+
+def autoencoder_reconstruction(x: torch.Tensor, x_hat: torch.Tensor, pixel: str = "l1",
+                               perceptual: torch.Tensor | None = None, perceptual_weight: float = 1.0):
+    """LDM's rec_loss per pixel [B, C, H, W]: |x - x_hat| (or its square) + perceptual_weight x each
+    image's LPIPS added to every one of its pixels (so LPIPS weighs C x H x W times in the sum, as in LDM)."""
+    if pixel not in PIXEL_KINDS:
+        raise ValueError(f"pixel loss {pixel!r}: expected one of {PIXEL_KINDS}")
+    rec = (x - x_hat).abs() if pixel == "l1" else (x - x_hat).pow(2)
+    if perceptual is not None:
+        rec = rec + perceptual_weight * perceptual.view(-1, 1, 1, 1)
+    return rec
+
+
+def autoencoder_nll(rec: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+    """Per image [B]: sum over pixels of rec / exp(logvar) + logvar, logvar LDM's one scalar output
+    log-variance (fixed, or learned)."""
+    return (rec / logvar.exp() + logvar).flatten(1).sum(1)
+
+
+def hinge_d_loss(logits_real: torch.Tensor, logits_fake: torch.Tensor) -> torch.Tensor:
+    return 0.5 * (F.relu(1.0 - logits_real).mean() + F.relu(1.0 + logits_fake).mean())
+
+
+def vanilla_d_loss(logits_real: torch.Tensor, logits_fake: torch.Tensor) -> torch.Tensor:
+    return 0.5 * (F.softplus(-logits_real).mean() + F.softplus(logits_fake).mean())
+
+
+D_LOSSES = {"hinge": hinge_d_loss, "vanilla": vanilla_d_loss}
+
+
+def generator_adversarial_loss(logits_fake: torch.Tensor) -> torch.Tensor:
+    """-mean D(x_hat): the generator's adversarial term."""
+    return -logits_fake.mean()
+
+
+def adaptive_weight(nll_grad: torch.Tensor, g_grad: torch.Tensor, disc_weight: float) -> torch.Tensor:
+    """LDM's balance of the adversarial term: ||d NLL / d L|| / (||d G / d L|| + 1e-4), clamped to
+    [0, 1e4], times disc_weight, L the decoder's last layer; held fixed (no gradient). The gradients
+    must be those of the global batch for N processes to train what one does (fastvae.critic)."""
+    return (nll_grad.norm() / (g_grad.norm() + 1e-4)).clamp(0.0, 1e4).detach() * disc_weight

@@ -38,3 +38,10 @@ def lr_factor(step: int, warmup: int, kind: str, total_steps: int) -> float:
 def build_scheduler(cfg: Config, optimizer, total_steps: int):
     warmup, kind = cfg.optim.warmup_steps, cfg.optim.scheduler
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, warmup, kind, total_steps))
+
+
+def build_disc_optimizer(cfg: Config, module: torch.nn.Module, device: torch.device | None = None):
+    """The discriminator's Adam: disc.lr (0 = optim.lr) and disc.betas (LDM: 0.5, 0.9), no decay."""
+    fused = {"fused": True} if device is not None and device.type == "cuda" else {}
+    return torch.optim.Adam(module.parameters(), lr=cfg.disc.lr or cfg.optim.lr, betas=tuple(cfg.disc.betas),
+                            **fused)

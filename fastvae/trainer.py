@@ -24,16 +24,21 @@ from tqdm.auto import tqdm
 
 from fastvae import checkpoint, noise, reports
 from fastvae.conditions import conditioning_of, names_from_data
-from fastvae.config import Config, to_dict
+from fastvae.config import Config, image_hw, to_dict
 from fastvae.data import build_datasets
 from fastvae.data.loaders import build_train_loader, dropped_images_notice
+from fastvae.autoencoder_loss import AutoencoderLoss
+from fastvae.critic import Critic
 from fastvae.data.memory import decoded_once
+from fastvae.ema import EMA
 from fastvae.errors import LostRank, OutputError, UserError
 from fastvae.losses import capacity_at, kl_weight
 from fastvae.models import build_model
 from fastvae.models.base import Objective
+from fastvae.models.kl_autoencoder import load_pretrained, resolve_pretrained
 from fastvae.models.sync_batchnorm import convert_sync_batchnorm
-from fastvae.optim import build_optimizer, build_scheduler
+from fastvae.optim import build_disc_optimizer, build_optimizer, build_scheduler
+from fastvae.perceptual import check_image_size, load_lpips
 from fastvae.ops import select_ops
 from fastvae.run_setup import make_accelerator, prepare_out_dir, removed_if_refused, watch_group
 from fastvae.sizes import check_fits, processes_sharing
@@ -55,39 +60,45 @@ class Totals(NamedTuple):
     recon: float
     kl: float
     images: float
-    terms_x_images: dict  # each objective term (a batch mean) x its batch's images
+    terms: dict  # name: (term x images, images) over the batches that had it
 
     def means(self) -> dict:
         """loss, recon, kl and the objective's terms per image."""
         n = self.images
         return {"loss": self.loss_x_images / n, "recon": self.recon / n, "kl": self.kl / n,
-                **{name: value / n for name, value in self.terms_x_images.items()}}
+                **{name: value / images for name, (value, images) in self.terms.items() if images}}
 
 
 class LossSums:
     """loss x n, recon, kl and the objective's own terms (each x n) of some batches (an epoch's, or a
-    log point's one) summed on the device, and their image count on the host: nothing crosses
-    between them per step; read once, summed over all ranks."""
+    log point's one) summed on the device, and image counts on the host: nothing crosses between them
+    per step; read once, summed over all ranks. A term may start mid-way (the critic's, at
+    loss.disc_start): each is averaged over the batches that had it (every rank has the same terms)."""
 
     def __init__(self, device) -> None:
-        self.sums, self.images, self.term_names = torch.zeros(3, device=device, dtype=torch.float64), 0, []
+        self.sums, self.images = torch.zeros(3, device=device, dtype=torch.float64), 0
+        self.terms: dict[str, torch.Tensor] = {}
+        self.term_images: dict[str, int] = {}
 
     def add(self, metrics: dict) -> None:
-        n, terms = metrics["images"], metrics.get("terms", {})
-        if not self.term_names and terms:
-            self.term_names = sorted(terms)
-            self.sums = torch.cat([self.sums, self.sums.new_zeros(len(terms))])
-        values = [metrics["loss"] * n, metrics["recon"].sum(), metrics["kl"].sum(),
-                  *(terms[name] * n for name in self.term_names)]
-        self.sums += torch.stack(values).double()
+        n = metrics["images"]
+        self.sums += torch.stack([metrics["loss"] * n, metrics["recon"].sum(), metrics["kl"].sum()]).double()
         self.images += n
+        for name, value in metrics.get("terms", {}).items():
+            self.terms[name] = self.terms.get(name, 0) + value.double() * n
+            self.term_images[name] = self.term_images.get(name, 0) + n
 
     def totals(self, accelerator) -> Totals:
         """Summed over all ranks: one all-reduce, one host read."""
-        local = torch.cat([self.sums, torch.tensor([float(self.images)], device=self.sums.device,
-                                                   dtype=torch.float64)])
-        *sums, images = accelerator.reduce(local, reduction="sum").tolist()
-        return Totals(*sums[:3], images, dict(zip(self.term_names, sums[3:])))
+        names = sorted(self.terms)
+        device = self.sums.device
+        counts = torch.tensor([float(self.images), *(float(self.term_images[k]) for k in names)], device=device,
+                              dtype=torch.float64)
+        local = torch.cat([self.sums, torch.stack([self.terms[k] for k in names]) if names else counts[:0], counts])
+        values = accelerator.reduce(local, reduction="sum").tolist()
+        sums, term_sums, images, term_images = values[:3], values[3:3 + len(names)], values[3 + len(names)], \
+            values[4 + len(names):]
+        return Totals(*sums, images, {k: (v, m) for k, v, m in zip(names, term_sums, term_images)})
 
 
 class Trainer:
@@ -99,6 +110,7 @@ class Trainer:
             check_wandb_ready()
         self.cfg, self.stop_signals = cfg, stop_signals or DEFAULT_STOP_SIGNALS
         self.accelerator, self.precision_source = make_accelerator(cfg)
+        resolve_pretrained(cfg)  # a diffusers folder's architecture into model.kwargs, before anything is sized
         # before any data set or model is built: a run too big for this machine is one line
         check_fits(cfg, self.accelerator.device, training=True, copies=processes_sharing(self.accelerator.device))
         self.watch_group = watch_group(self.accelerator)
@@ -143,8 +155,8 @@ class Trainer:
         self.ops = select_ops(cfg.train.ops, acc.device)
         self.memory_format = MEMORY_FORMATS[cfg.train.memory_format]
         model = build_model(cfg).to(memory_format=self.memory_format)
+        self._adapt(model)
         model.use_reparam_kl(self.ops.reparam_kl)
-        model.use_objective(self._objective())
         if cfg.train.sync_batchnorm and acc.num_processes > 1:
             model = convert_sync_batchnorm(model, acc.device)
         model.to(acc.device)  # before the optimizer: fused Adam needs its parameters on the GPU
@@ -153,14 +165,38 @@ class Trainer:
             # graph in its _pre_forward logger)
             model.compile(mode=None if cfg.train.compile_mode == "default" else cfg.train.compile_mode)
         optimizer = build_optimizer(cfg, model.parameters(), acc.device)
-        self.model, self.optimizer = acc.prepare(model, optimizer)
+        self.model, self.optimizer = acc.prepare(model, optimizer)  # prepared first: model.safetensors
         self.raw_model = acc.unwrap_model(self.model)
+        self.critic = Critic(cfg, acc, lambda m: build_disc_optimizer(cfg, m, acc.device)) if cfg.loss.disc_weight \
+            else None
+        self.raw_model.use_objective(self._objective())  # (before the first forward, so also when compiled)
+        self.ema = EMA(self.raw_model, cfg.train.ema_decay) if cfg.train.ema_decay else None
         planned_steps = cfg.train.epochs * self._steps_per_epoch()
         # The schedule spans the planned epochs whatever max_steps says: stopping early and resuming
         # must see the same learning rates as one uninterrupted run. Not prepared: accelerate would
         # step it once per process; it is stepped once per optimizer step.
         # its state goes into the checkpoint's fastvae.json (accelerate would pickle it: checkpoint.restore)
         self.scheduler = build_scheduler(cfg, self.optimizer, planned_steps)
+
+    def _adapt(self, model) -> None:
+        """What the config asks of the model before its optimizer exists: diffusers weights to start
+        from, the encoder frozen, LDM's log-variance, gradient checkpointing."""
+        cfg = self.cfg
+        if cfg.model.pretrained:  # a resumed run then loads its checkpoint over them
+            load_pretrained(model, cfg.model.pretrained)
+        if cfg.model.train_decoder_only:
+            model.trainable_for_decoder_only()
+        if hasattr(model, "nll_logvar"):  # trained only by loss.objective=ldm with loss.learn_logvar
+            model.nll_logvar.data.fill_(cfg.loss.logvar_init)
+            model.nll_logvar.requires_grad_(cfg.loss.objective == "ldm" and cfg.loss.learn_logvar)
+        elif cfg.loss.learn_logvar:
+            raise UserError(f"config key 'loss.learn_logvar': model {cfg.model.name} has no nll_logvar parameter to "
+                            f"learn; expected a model with one (kl_autoencoder) or loss.learn_logvar=false")
+        if cfg.train.gradient_checkpointing:
+            if not hasattr(model, "enable_gradient_checkpointing"):
+                raise UserError(f"config key 'train.gradient_checkpointing': model {cfg.model.name} offers none; "
+                                f"expected a model with enable_gradient_checkpointing() (kl_autoencoder)")
+            model.enable_gradient_checkpointing()
 
     def _steps_per_epoch(self) -> int:
         return max(1, len(self.train_loader) // self.cfg.train.grad_accum_steps)
@@ -180,6 +216,8 @@ class Trainer:
 
     def _objective(self) -> Objective:
         loss = self.cfg.loss
+        if loss.objective == "ldm":
+            return Objective(autoencoder=self._autoencoder_loss())
         tcvae = loss.objective == "tcvae"
         if tcvae and self.accelerator.num_processes > 1 and not self.cfg.data.drop_last:
             raise UserError("config key 'data.drop_last': loss.objective=tcvae gathers equal shares of the global "
@@ -190,10 +228,26 @@ class Trainer:
                          # N of beta-TCVAE's estimator: the training images (every loader here knows it)
                          loss.tc_weight if tcvae else None, len(self.train_set) if tcvae else 0)
 
+    def _autoencoder_loss(self) -> AutoencoderLoss:
+        """LDM's loss: LPIPS loaded from its weights file (never downloaded), the critic when there is one."""
+        loss, raw = self.cfg.loss, self.raw_model
+        if loss.disc_weight and raw.last_layer() is None:
+            raise UserError(f"config key 'loss.disc_weight': model {self.cfg.model.name} names no decoder last layer "
+                            f"for the adaptive weight; expected a model whose last_layer() returns it "
+                            f"(kl_autoencoder) or loss.disc_weight=0")
+        perceptual = None
+        if loss.perceptual_weight > 0:
+            perceptual = load_lpips(loss.lpips_net, loss.lpips_weights)
+            check_image_size(perceptual, loss.lpips_net, self.cfg.data.channels, *image_hw(self.cfg.data))
+            perceptual.to(self.accelerator.device)
+        return AutoencoderLoss(loss.pixel, perceptual, loss.perceptual_weight, self.critic)
+
     def _set_up_state(self) -> None:
         """Where the run starts (a checkpoint's state when resuming), its log and its guard."""
         cfg, acc = self.cfg, self.accelerator
         self.state, self.resumed_from = checkpoint.restore(acc, cfg, self.out_dir, self.scheduler)
+        if self.ema is not None and self.resumed_from is not None:
+            self._restore_ema()
         rebatched = self.state.rebatch(cfg.data.batch_size * acc.num_processes)
         if rebatched:
             acc.print(f"fastvae: resuming {rebatched}")
@@ -220,6 +274,8 @@ class Trainer:
         beta = kl_weight(cfg.loss.beta, self.state.step, cfg.loss.kl_warmup_steps, cfg.loss.kl_cycle_steps,
                          cfg.loss.kl_cycle_ramp)
         capacity = capacity_at(self.state.step, cfg.loss.capacity, cfg.loss.capacity_steps)
+        if self.critic is not None:  # its adversarial terms from loss.disc_start on
+            self.critic.begin_step(self.state.step)
         with acc.accumulate(self.model):
             # beta as a device tensor: a Python float would be baked into a compiled graph, which
             # KL warm-up would then recompile every step
@@ -237,6 +293,10 @@ class Trainer:
         if acc.sync_gradients:
             self.state.step += 1
             self.scheduler.step()
+            if self.ema is not None:
+                self.ema.update(self.raw_model)
+            if self.critic is not None and self.critic.active:  # the discriminator's step, on this batch
+                terms = {**terms, **self.critic.step()}
         return {"loss": loss.detach(), "recon": recon.detach(), "kl": kl.detach(), "terms": terms, "beta": beta,
                 "images": x.shape[0], "stepped": acc.sync_gradients}
 
@@ -408,8 +468,27 @@ class Trainer:
         if saved.batch_in_epoch >= len(self.train_loader):  # the end of an epoch is the start of the next
             saved.epoch, saved.batch_in_epoch = saved.epoch + 1, 0
         self.last_saved_step = saved.step
+        extra = None
+        if self.ema is not None:
+            saved.ema_updates = self.ema.updates
+            extra = {checkpoint.EMA_FILE: self.ema.state_dict()}
         return checkpoint.save_checkpoint(self.accelerator, self.out_dir, self.cfg, saved,
-                                          self.cfg.train.keep_checkpoints, self.scheduler)
+                                          self.cfg.train.keep_checkpoints, self.scheduler, extra)
+
+    def _restore_ema(self) -> None:
+        """The moving average as the checkpoint has it; one without (EMA switched on now) starts it
+        from the checkpoint's weights."""
+        from safetensors.torch import load_file
+
+        path = self.resumed_from / checkpoint.EMA_FILE
+        if not path.is_file():
+            self.accelerator.print(f"fastvae: {self.resumed_from} has no moving average: it starts from its weights")
+            return
+        try:
+            self.ema.load_state_dict(load_file(str(path)), self.state.ema_updates or 0)
+        except KeyError as err:
+            raise UserError(f"checkpoint '{self.resumed_from}': {err.args[0]}; expected the moving average of the "
+                            f"same trainable weights (model.train_decoder_only as when it was saved)") from None
 
     # ---------------------------------------------------------------- the end of the run
 

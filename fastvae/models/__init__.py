@@ -20,10 +20,11 @@ from fastvae.errors import UserError
 from fastvae.models.base import VAE
 from fastvae.models.conv_vae import ConvVAE
 from fastvae.models.dfc_vae import DFCVAE
+from fastvae.models.kl_autoencoder import KLAutoencoder
 
-__all__ = ["VAE", "ConvVAE", "DFCVAE", "build_model", "model_class", "check_model"]
+__all__ = ["VAE", "ConvVAE", "DFCVAE", "KLAutoencoder", "build_model", "model_class", "check_model"]
 
-BUILT_IN = {"conv_vae": ConvVAE, "dfc_vae": DFCVAE}
+BUILT_IN = {"conv_vae": ConvVAE, "dfc_vae": DFCVAE, "kl_autoencoder": KLAutoencoder}
 DRY_RUN_IMAGES = 2
 
 
@@ -82,6 +83,8 @@ def _data_kwargs(cls: type, cfg) -> dict:
     offered = {"in_channels": cfg.data.channels, "image_size": image_hw(cfg.data), "latent_dim": cfg.model.latent_dim}
     if cls is DFCVAE:
         offered["dropout"] = cfg.model.dropout
+    if cls is KLAutoencoder:  # its latent is latent_channels x h x w (model.kwargs), not model.latent_dim
+        del offered["latent_dim"]
     params = inspect.signature(cls.__init__).parameters
     takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
     if cfg.model.condition != "none":

@@ -36,6 +36,9 @@ class Objective:
     optimal_sigma: bool = False  # kind mse: -log N(x; x_hat, var I), var the global batch's MSE (sigma-VAE)
     tc_weight: float | None = None  # set: beta-TCVAE, total correlation weighed by this
     dataset_size: int = 0  # beta-TCVAE: the training set's size N (minibatch-weighted sampling)
+    # set: the latent-diffusion autoencoder's loss (fastvae.autoencoder_loss.AutoencoderLoss), called as
+    # (model, x, decoder output, kl[B], beta) -> (loss, recon[B], terms)
+    autoencoder: Callable | None = None
 
     @property
     def batch_level(self) -> bool:
@@ -86,6 +89,21 @@ class VAE(nn.Module):
         """decode(z), or decode(z, condition) for a conditional model."""
         return self.decode(z) if condition is None else self.decode(z, condition)
 
+    def images(self, output: torch.Tensor) -> torch.Tensor:
+        """The decoder's output as images in [0, 1]: sigmoid(logits) (a model whose decoder draws
+        pixels itself, e.g. kl_autoencoder, overrides this)."""
+        return torch.sigmoid(output)
+
+    def pixels(self, output: torch.Tensor) -> torch.Tensor:
+        """The decoder's output as images in [-1, 1], not clamped: what the latent-diffusion loss
+        compares (loss.objective=ldm)."""
+        return 2 * torch.sigmoid(output) - 1
+
+    def last_layer(self) -> torch.nn.Parameter | None:
+        """The decoder's last layer's weight, where the adversarial term's adaptive weight is measured
+        (loss.disc_weight > 0); None: this model cannot be trained against a discriminator."""
+        return None
+
     def forward(self, x: torch.Tensor, noise_key: tuple[torch.Tensor, torch.Tensor] | None = None,
                 beta: torch.Tensor | None = None, capacity: torch.Tensor | None = None,
                 condition: torch.Tensor | None = None, with_terms: bool = False):
@@ -108,6 +126,8 @@ class VAE(nn.Module):
     def _loss(self, x, logits, z, mu, logvar, kl, beta, capacity):
         """(loss, recon[B], terms) of the one-sample objectives."""
         o = self.objective
+        if o.autoencoder is not None:
+            return o.autoencoder(self, x, logits, kl, beta)
         recon, terms = self._recon(logits, x)
         if o.tc_weight is not None:
             loss, tc_terms = self._tcvae(z, mu, logvar, recon, beta)

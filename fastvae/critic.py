@@ -1,0 +1,86 @@
+"""The critic: the PatchGAN discriminator a latent-diffusion autoencoder trains against, its optimizer,
+and its two parts of a training step. A component the Trainer drives only for loss.disc_weight > 0:
+the plain ELBO step has no GAN code on its path.
+
+- generator_term (inside the model's forward, from loss.disc_start on): -mean D(x_hat) through the
+  frozen discriminator, weighed by LDM's adaptive weight ||grad NLL|| / (||grad G|| + 1e-4) at the
+  decoder's last layer. Those gradients are averaged over all processes before their norms are taken:
+  LDM takes them per rank, so on 8 GPUs it does not train what one GPU trains; here N x B/N does.
+- step (after the generator's optimizer step): the discriminator's loss on the same batch (the real
+  images and the reconstructions the generator's step made, detached) and its optimizer step. LDM
+  recomputes the reconstructions with the updated generator; reusing them saves a whole autoencoder
+  forward and is the same loss on the images the step produced.
+- Its BatchNorm is synchronized over the global batch with several processes (fastvae's
+  GlooSyncBatchNorm / SyncBatchNorm): batch statistics of N shares equal one process's.
+- Before loss.disc_start it is neither run nor trained (LDM runs it and both gradient norms every
+  step with a zero weight, and updates its batch statistics): frozen, not just unweighted.
+Its state (weights, optimizer) is prepared by accelerate and saved in every checkpoint.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fastvae import losses
+from fastvae.discriminator import NLayerDiscriminator
+from fastvae.ops import several_processes
+
+
+def mean_over_processes(t: torch.Tensor) -> torch.Tensor:
+    """t averaged over all processes (no gradient): the global batch's gradient from each rank's."""
+    if not several_processes():
+        return t
+    import torch.distributed as dist
+
+    t = t.clone()
+    dist.all_reduce(t)
+    return t / dist.get_world_size()
+
+
+class Critic:
+    def __init__(self, cfg, accelerator, build_optimizer) -> None:
+        from fastvae.models.sync_batchnorm import convert_sync_batchnorm
+
+        loss, disc = cfg.loss, cfg.disc
+        self.start, self.weight, self.factor = loss.disc_start, loss.disc_weight, loss.disc_factor
+        self.d_loss = losses.D_LOSSES[loss.disc_loss]
+        self.accelerator = accelerator
+        module = NLayerDiscriminator(cfg.data.channels, disc.channels, disc.layers, disc.norm)
+        if accelerator.num_processes > 1 and disc.norm == "batch":
+            module = convert_sync_batchnorm(module, accelerator.device)
+        module.to(accelerator.device)
+        optimizer = build_optimizer(module)
+        self.disc, self.optimizer = accelerator.prepare(module, optimizer)  # (DDP wants trainable parameters)
+        self.raw = accelerator.unwrap_model(self.disc).requires_grad_(False)  # trainable only in its own step
+        self.active = False
+        self.real = self.fake = None
+
+    def begin_step(self, step: int) -> None:
+        """Whether this step has the adversarial terms (step >= loss.disc_start)."""
+        self.active = step >= self.start
+
+    def generator_term(self, x: torch.Tensor, x_hat: torch.Tensor, nll_loss: torch.Tensor, last_layer):
+        """(d_weight x disc_factor x G, logged terms); keeps x and x_hat for this step's discriminator update."""
+        self.real, self.fake = x.detach(), x_hat.detach()
+        g_loss = losses.generator_adversarial_loss(self.raw(x_hat.contiguous()).float())
+        nll_grad, = torch.autograd.grad(nll_loss, last_layer, retain_graph=True)
+        g_grad, = torch.autograd.grad(g_loss, last_layer, retain_graph=True)
+        both = mean_over_processes(torch.stack([nll_grad.float(), g_grad.float()]))
+        d_weight = losses.adaptive_weight(both[0], both[1], self.weight)
+        return d_weight * self.factor * g_loss, {"g_loss": g_loss.detach(), "d_weight": d_weight}
+
+    def step(self) -> dict:
+        """The discriminator's update on the batch the generator just trained on; its logged terms."""
+        self.raw.requires_grad_(True)
+        try:
+            logits_real = self.disc(self.real.contiguous()).float()
+            logits_fake = self.disc(self.fake.contiguous()).float()
+            d_loss = self.factor * self.d_loss(logits_real, logits_fake)
+            self.accelerator.backward(d_loss)
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        finally:
+            self.raw.requires_grad_(False)
+        self.real = self.fake = None
+        return {"d_loss": d_loss.detach(), "logits_real": logits_real.mean().detach(),
+                "logits_fake": logits_fake.mean().detach()}

@@ -1,0 +1,171 @@
+"""The latent-diffusion KL autoencoder (Stable Diffusion's VAE family: LDM's kl-f4/f8, SD's kl-f8,
+SDXL's, Flux's 16-channel one) as a fastvae.VAE: diffusers' `AutoencoderKL` (the architecture and
+the format users share: config.json + diffusion_pytorch_model.safetensors), not a copy of it.
+
+Its latent is C x h x w; fastvae's reparameterization + KL op sees it flattened to [batch, C*h*w],
+so every element's noise is keyed as any latent's is (resume and N processes stay exact), and decode
+gets it back in shape. Images are in [-1, 1] inside, as diffusers and LDM have them: encode takes
+fastvae's [0, 1] images and maps them; decode returns diffusers' output ([-1, 1], not logits), which
+`pixels` leaves as it is and `images` maps back. The posterior's log-variance is clamped to
+[-30, 20] as diffusers' DiagonalGaussianDistribution does.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import math
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from fastvae.errors import UserError
+from fastvae.models.base import VAE
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "diffusion_pytorch_model.safetensors"
+PICKLED_WEIGHTS = "diffusion_pytorch_model.bin"
+LOGVAR_RANGE = (-30.0, 20.0)
+
+
+def autoencoder_kl_class():
+    try:
+        from diffusers import AutoencoderKL
+    except ImportError as err:
+        raise UserError(f"model.name=kl_autoencoder needs diffusers ({err}); expected `pip install "
+                        f"'fastvae[ldm]'` (scripts/setup.sh installs it)") from None
+    return AutoencoderKL
+
+
+class KLAutoencoder(VAE):
+    """diffusers' AutoencoderKL with `len(block_out_channels)` levels (factor f = 2^(levels - 1));
+    any other AutoencoderKL argument (scaling_factor, shift_factor, act_fn, mid_block_add_attention,
+    ...) passes through."""
+
+    def __init__(self, in_channels: int = 3, image_size: tuple[int, int] = (64, 64),
+                 block_out_channels: tuple[int, ...] = (64, 128, 128), layers_per_block: int = 1,
+                 latent_channels: int = 4, norm_num_groups: int = 32, **diffusers_kwargs) -> None:
+        super().__init__()
+        levels = len(block_out_channels)
+        factor = 2 ** (levels - 1)
+        height, width = image_size
+        if height % factor or width % factor:
+            raise ValueError(f"data.image_size {height}x{width} is not divisible by the autoencoder's factor "
+                             f"{factor} (2^(levels - 1), {levels} levels of block_out_channels)")
+        self.vae = autoencoder_kl_class()(
+            in_channels=in_channels, out_channels=in_channels, down_block_types=("DownEncoderBlock2D",) * levels,
+            up_block_types=("UpDecoderBlock2D",) * levels, block_out_channels=tuple(block_out_channels),
+            layers_per_block=layers_per_block, latent_channels=latent_channels, norm_num_groups=norm_num_groups,
+            sample_size=height, **diffusers_kwargs)
+        self.latent_shape = (latent_channels, height // factor, width // factor)
+        self.latent_dim = math.prod(self.latent_shape)
+        # LDM's one output log-variance (loss.objective=ldm); fixed unless loss.learn_logvar. Not part of
+        # diffusers' model: export leaves it out.
+        self.nll_logvar = nn.Parameter(torch.zeros(()))
+
+    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        posterior = self.vae.encode(x * 2 - 1).latent_dist
+        return posterior.mean.flatten(1), posterior.logvar.flatten(1)
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        return self.vae.decode(z.view(-1, *self.latent_shape)).sample
+
+    def pixels(self, output: torch.Tensor) -> torch.Tensor:
+        return output
+
+    def images(self, output: torch.Tensor) -> torch.Tensor:
+        return (output.clamp(-1, 1) + 1) / 2
+
+    def last_layer(self) -> nn.Parameter:
+        return self.vae.decoder.conv_out.weight
+
+    def enable_gradient_checkpointing(self) -> None:
+        self.vae.enable_gradient_checkpointing()
+
+    def trainable_for_decoder_only(self) -> None:
+        """Freeze the encoder (and quant_conv): the decoder learns to draw the latents it already gets."""
+        self.vae.encoder.requires_grad_(False)
+        if self.vae.quant_conv is not None:
+            self.vae.quant_conv.requires_grad_(False)
+
+
+# ---------------------------------------------------------------- diffusers' folders
+
+
+def read_folder_config(folder: str | Path) -> dict:
+    """A diffusers AutoencoderKL folder's config.json, checked: one line for anything else."""
+    folder = Path(folder)
+    path = folder / CONFIG_FILE
+    if not path.is_file():
+        raise UserError(f"model.pretrained '{folder}' has no {CONFIG_FILE}; expected a diffusers AutoencoderKL "
+                        f"folder (config.json + {WEIGHTS_FILE}), e.g. a local copy of stabilityai/sd-vae-ft-mse")
+    try:
+        config = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError, RecursionError) as err:
+        raise UserError(f"model.pretrained '{path}' is not JSON ({type(err).__name__}); expected diffusers' config") \
+            from None
+    if not isinstance(config, dict) or config.get("_class_name") != "AutoencoderKL":
+        found = config.get("_class_name") if isinstance(config, dict) else type(config).__name__
+        raise UserError(f"model.pretrained '{folder}' holds a {found!r}; expected an AutoencoderKL folder")
+    if not (folder / WEIGHTS_FILE).is_file():
+        why = (f" (only the pickle {PICKLED_WEIGHTS}, which is never read: loading it could run code)"
+               if (folder / PICKLED_WEIGHTS).exists() else "")
+        raise UserError(f"model.pretrained '{folder}' has no {WEIGHTS_FILE}{why}; expected safetensors weights "
+                        f"(diffusers' save_pretrained writes them)")
+    return config
+
+
+def architecture_of(config: dict) -> dict:
+    """model.kwargs that rebuild the folder's AutoencoderKL (its constructor's arguments, less what
+    fastvae derives: block types from the level count, out_channels = in_channels, sample_size)."""
+    derived = {"self", "down_block_types", "up_block_types", "out_channels", "sample_size", "in_channels"}
+    accepted = set(inspect.signature(autoencoder_kl_class().__init__).parameters) - derived
+    kwargs = {k: v for k, v in config.items() if k in accepted and not k.startswith("_")}
+    levels = len(config.get("block_out_channels", ()))
+    if config.get("down_block_types") not in (None, ["DownEncoderBlock2D"] * levels) or \
+            config.get("up_block_types") not in (None, ["UpDecoderBlock2D"] * levels):
+        raise UserError("model.pretrained: block types other than DownEncoderBlock2D / UpDecoderBlock2D are not "
+                        "an LDM-style KL autoencoder; expected those")
+    return kwargs
+
+
+def load_pretrained(model: KLAutoencoder, folder: str | Path) -> None:
+    """The folder's safetensors weights into the model's AutoencoderKL (never a pickle)."""
+    from safetensors.torch import load_file
+
+    path = Path(folder) / WEIGHTS_FILE
+    try:
+        state = load_file(str(path))
+    except Exception as err:  # safetensors' own error types
+        raise UserError(f"model.pretrained file '{path}' is unreadable ({type(err).__name__}); expected safetensors") \
+            from None
+    missing, unexpected = model.vae.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise UserError(f"model.pretrained '{folder}' does not fit the configured AutoencoderKL (missing "
+                        f"{len(missing)}, unexpected {len(unexpected)} tensors); expected its own config.json's "
+                        f"architecture in model.kwargs")
+
+
+def resolve_pretrained(cfg) -> None:
+    """model.pretrained's architecture into model.kwargs (what checkpoints record, so they rebuild
+    without the folder); a key the user set to another value, or another channel count, is one line."""
+    if not cfg.model.pretrained:
+        return
+    config = read_folder_config(cfg.model.pretrained)
+    if config.get("in_channels", 3) != cfg.data.channels:
+        raise UserError(f"model.pretrained '{cfg.model.pretrained}' takes {config.get('in_channels', 3)}-channel "
+                        f"images; expected data.channels={config.get('in_channels', 3)}")
+    for key, value in architecture_of(config).items():
+        given = cfg.model.kwargs.get(key)
+        if given is not None and given != value:
+            raise UserError(f"config key 'model.kwargs.{key}': {given!r}, but model.pretrained's config.json says "
+                            f"{value!r}; expected them equal (or leave it out)")
+        cfg.model.kwargs[key] = value
+
+
+def export_diffusers(model: KLAutoencoder, out: str | Path) -> Path:
+    """The model as a diffusers folder that AutoencoderKL.from_pretrained loads (safetensors)."""
+    out = Path(out)
+    model.vae.save_pretrained(str(out), safe_serialization=True)
+    return out
