@@ -3,6 +3,7 @@
     fastvae train --config mnist [key=value ...]        (= python -m fastvae.train)
     fastvae generate sample --checkpoint CKPT            (= python -m fastvae.generate)
     fastvae evaluate --checkpoint CKPT                   (= python -m fastvae.evaluate)
+    fastvae export --checkpoint CKPT --out DIR           (= python -m fastvae.export)
     fastvae ffcv --config celeba --out DIR               (= python -m fastvae.data.ffcv)
     fastvae slurm --config mnist --dry-run               (= python -m fastvae.launch.slurm)
 
@@ -20,6 +21,7 @@ COMMANDS = {
     "train": ("fastvae.train", "train a VAE (--help lists every config key)"),
     "generate": ("fastvae.generate", "samples, reconstructions, interpolation, latent plots, attribute sweeps"),
     "evaluate": ("fastvae.evaluate", "test ELBO, IWAE bound, active units, PSNR of a checkpoint"),
+    "export": ("fastvae.export", "a kl_autoencoder checkpoint as a diffusers AutoencoderKL folder"),
     "ffcv": ("fastvae.data.ffcv", "write a dataset as FFCV .beton files"),
     "slurm": ("fastvae.launch.slurm", "submit training to SLURM (submitit)"),
 }
@@ -30,7 +32,7 @@ def usage() -> str:
     lines = [f"  {name.ljust(width)}  {doc}" for name, (_, doc) in COMMANDS.items()]
     return "usage: fastvae COMMAND [options]\n\ncommands:\n" + "\n".join(lines) + \
         "\n\n`fastvae COMMAND --help` for a command's options; configs: --config mnist | fashion_mnist | " \
-        "celeba (shipped) or a YAML path"
+        "celeba | imagefolder | kl_autoencoder | ... (shipped) or a YAML path"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -12,6 +12,9 @@ TRUST_MODEL_HELP = ("a module of your own model that the checkpoint may import, 
                     "a checkpoint naming any other module outside fastvae is refused, as importing runs its code")
 
 
+NO_EMA_HELP = "the trained weights, not their moving average (which is used where the run kept one: train.ema_decay)"
+
+
 def generate_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m fastvae.generate",
                                      description="Pictures and latent arithmetic from a fastvae checkpoint.")
@@ -23,6 +26,7 @@ def generate_parser() -> argparse.ArgumentParser:
         p.add_argument("--out", help="output folder (default: RUN_DIR/generated)")
         p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
         p.add_argument("--trust-model", action="append", default=[], metavar="MODULE", help=TRUST_MODEL_HELP)
+        p.add_argument("--no-ema", dest="ema", action="store_false", help=NO_EMA_HELP)
         p.add_argument("overrides", nargs="*", metavar="data.key=value",
                        help="where the run's data is now, e.g. data.root=/new/place")
         return p
@@ -89,6 +93,7 @@ def evaluate_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--trust-model", action="append", default=[], metavar="MODULE", help=TRUST_MODEL_HELP)
+    parser.add_argument("--no-ema", dest="ema", action="store_false", help=NO_EMA_HELP)
     parser.add_argument("overrides", nargs="*", metavar="data.key=value",
                         help="where the run's data is now, e.g. data.root=/new/place")
     parser.add_argument("--json", metavar="PATH", help="write the report as JSON (before anything is sent to W&B)")
@@ -110,4 +115,14 @@ def ffcv_parser() -> argparse.ArgumentParser:
     return parser
 
 
-PARSERS = {"generate": generate_parser, "evaluate": evaluate_parser, "ffcv": ffcv_parser}
+def export_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m fastvae.export",
+                                     description="A kl_autoencoder checkpoint as a diffusers AutoencoderKL folder "
+                                                 "(config.json + diffusion_pytorch_model.safetensors).")
+    parser.add_argument("--checkpoint", required=True, help="a checkpoint directory written by fastvae.train")
+    parser.add_argument("--out", required=True, help="the folder to write (diffusers' from_pretrained reads it)")
+    parser.add_argument("--no-ema", dest="ema", action="store_false", help=NO_EMA_HELP)
+    return parser
+
+
+PARSERS = {"generate": generate_parser, "evaluate": evaluate_parser, "export": export_parser, "ffcv": ffcv_parser}

@@ -37,6 +37,18 @@ def mean_over_processes(t: torch.Tensor) -> torch.Tensor:
     return t / dist.get_world_size()
 
 
+def adversarial_term(disc, x_hat: torch.Tensor, nll_loss: torch.Tensor, last_layer: torch.Tensor, weight: float,
+                     factor: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(d_weight x factor x G, G, d_weight): G = -mean disc(x_hat), d_weight LDM's adaptive weight from
+    the gradients of the NLL and of G at the last layer, averaged over all processes first."""
+    g_loss = losses.generator_adversarial_loss(disc(x_hat.contiguous()).float())
+    nll_grad, = torch.autograd.grad(nll_loss, last_layer, retain_graph=True)
+    g_grad, = torch.autograd.grad(g_loss, last_layer, retain_graph=True)
+    both = mean_over_processes(torch.stack([nll_grad.float(), g_grad.float()]))
+    d_weight = losses.adaptive_weight(both[0], both[1], weight)
+    return d_weight * factor * g_loss, g_loss, d_weight
+
+
 class Critic:
     def __init__(self, cfg, accelerator, build_optimizer) -> None:
         from fastvae.models.sync_batchnorm import convert_sync_batchnorm
@@ -62,12 +74,8 @@ class Critic:
     def generator_term(self, x: torch.Tensor, x_hat: torch.Tensor, nll_loss: torch.Tensor, last_layer):
         """(d_weight x disc_factor x G, logged terms); keeps x and x_hat for this step's discriminator update."""
         self.real, self.fake = x.detach(), x_hat.detach()
-        g_loss = losses.generator_adversarial_loss(self.raw(x_hat.contiguous()).float())
-        nll_grad, = torch.autograd.grad(nll_loss, last_layer, retain_graph=True)
-        g_grad, = torch.autograd.grad(g_loss, last_layer, retain_graph=True)
-        both = mean_over_processes(torch.stack([nll_grad.float(), g_grad.float()]))
-        d_weight = losses.adaptive_weight(both[0], both[1], self.weight)
-        return d_weight * self.factor * g_loss, {"g_loss": g_loss.detach(), "d_weight": d_weight}
+        term, g_loss, d_weight = adversarial_term(self.raw, x_hat, nll_loss, last_layer, self.weight, self.factor)
+        return term, {"g_loss": g_loss.detach(), "d_weight": d_weight}
 
     def step(self) -> dict:
         """The discriminator's update on the batch the generator just trained on; its logged terms."""

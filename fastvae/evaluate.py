@@ -284,7 +284,7 @@ def main(argv=None) -> dict:
         raise UserError("--chunk, --gaussian-var and --max-images: expected positive values")
     state = launched_processes(args.device)
     device = args.device if state is None else "cpu" if state.device.type == "cpu" else str(state.device)
-    vae = load(args.checkpoint, device, args.overrides, args.trust_model)
+    vae = load(args.checkpoint, device, args.overrides, args.trust_model, args.ema)
     variance = {None: "run", "fit": None}.get(args.gaussian_var, args.gaussian_var)  # not given; fitted; a number
     likelihood = Likelihood.of_run(vae.cfg.loss, variance)
     shard, all_reduce = ((state.process_index, state.num_processes), sum_over_processes) if state else ((0, 1), None)

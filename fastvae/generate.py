@@ -385,7 +385,7 @@ def main(argv=None) -> list[Path]:
     args = parse_args(argv)
     if getattr(args, "n", 1) < 1:
         raise UserError(f"--n {args.n}: expected at least 1")
-    vae = load(args.checkpoint, args.device, args.overrides, args.trust_model)
+    vae = load(args.checkpoint, args.device, args.overrides, args.trust_model, args.ema)
     written = COMMANDS[args.command](vae, args)
     for path in written:
         print(f"fastvae: wrote {path}")

@@ -1,0 +1,428 @@
+"""The latent-diffusion KL autoencoder (fastvae/models/kl_autoencoder.py, fastvae/autoencoder_loss.py,
+fastvae/critic.py, fastvae/ema.py, fastvae/perceptual.py): LDM's loss against a float64 transcription
+of LPIPSWithDiscriminator, diffusers' format in and out, the discriminator and EMA exact on resume and
+on 2 processes, bad input in one line."""
+
+import json
+import os
+import pickle
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+from fastvae import losses
+from fastvae.checkpoint import list_checkpoints, load
+from fastvae.config import load_config
+from fastvae.critic import adversarial_term
+from fastvae.discriminator import NLayerDiscriminator
+from fastvae.errors import UserError
+from fastvae.train import main as train_main, train
+from fastvae.run_setup import reset_accelerate_state
+from helpers import ROOT, TINY, assert_same_weights, final_weights, tiny_config
+from kl_runs import KL_MODEL, kl_overrides, lpips_weights
+from shared import built_once
+
+pytest.importorskip("diffusers")
+
+
+# ---------------------------------------------------------------- the loss, against LDM's own arithmetic
+
+
+def ldm_reference(x, x_hat, kl, logvar, p_loss, logits_fake, last_layer, kl_weight, perceptual_weight, disc_weight,
+                  disc_factor, step, disc_start):
+    """LDM's LPIPSWithDiscriminator.forward, optimizer_idx 0 (ldm/modules/losses/contperceptual.py), as written
+    there: rec_loss, nll, kl_loss, g_loss, calculate_adaptive_weight, adopt_weight."""
+    rec_loss = torch.abs(x.contiguous() - x_hat.contiguous())
+    rec_loss = rec_loss + perceptual_weight * p_loss
+    nll_loss = rec_loss / torch.exp(logvar) + logvar
+    nll_loss = torch.sum(nll_loss) / nll_loss.shape[0]
+    kl_loss = torch.sum(kl) / kl.shape[0]
+    g_loss = -torch.mean(logits_fake)
+    nll_grads = torch.autograd.grad(nll_loss, last_layer, retain_graph=True)[0]
+    g_grads = torch.autograd.grad(g_loss, last_layer, retain_graph=True)[0]
+    d_weight = torch.norm(nll_grads) / (torch.norm(g_grads) + 1e-4)
+    d_weight = torch.clamp(d_weight, 0.0, 1e4).detach() * disc_weight
+    factor = disc_factor if step >= disc_start else 0.0
+    return nll_loss + kl_weight * kl_loss + d_weight * factor * g_loss
+
+
+def toy_problem():
+    """x, a last layer W and x_hat = tanh(h W) in float64, a patch critic's logits of x_hat, a KL per image."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(4, 3, 4, 4, generator=g, dtype=torch.float64) * 2 - 1
+    h = torch.randn(4 * 16, 5, generator=g, dtype=torch.float64)
+    W = torch.randn(5, 3, generator=g, dtype=torch.float64, requires_grad=True)
+    x_hat = torch.tanh(h @ W).view(4, 4, 4, 3).permute(0, 3, 1, 2)
+    critic = torch.randn(3, generator=g, dtype=torch.float64)
+    logits_fake = torch.einsum("bchw,c->bhw", x_hat, critic)
+    return x, x_hat, W, logits_fake, torch.rand(4, generator=g, dtype=torch.float64) * 30
+
+
+@pytest.mark.parametrize("step", [0, 5])
+def test_the_ldm_terms_assemble_ldms_loss_in_float64(step):
+    p_loss = torch.rand(4, 1, 1, 1, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    logvar = torch.tensor(0.3, dtype=torch.float64)
+    x, x_hat, W_ref, logits_fake, kl = toy_problem()  # the reference's own graph (it backpropagates through it)
+    expected = ldm_reference(x, x_hat, kl, logvar, p_loss, logits_fake, W_ref, 1e-6, 1.0, 0.5, 1.0, step, 5)
+    x, x_hat, W, logits_fake, kl = toy_problem()
+    rec = losses.autoencoder_reconstruction(x, x_hat, "l1", p_loss.flatten(), 1.0)
+    nll_loss = losses.autoencoder_nll(rec, logvar).mean()
+    loss = nll_loss + 1e-6 * kl.mean()
+    if step >= 5:
+        g_loss = losses.generator_adversarial_loss(logits_fake)
+        nll_grad, = torch.autograd.grad(nll_loss, W, retain_graph=True)
+        g_grad, = torch.autograd.grad(g_loss, W, retain_graph=True)
+        loss = loss + losses.adaptive_weight(nll_grad, g_grad, 0.5) * 1.0 * g_loss
+    torch.testing.assert_close(loss, expected, rtol=1e-12, atol=1e-12)
+    # and its gradient with the adaptive weight held, as LDM holds it
+    torch.testing.assert_close(torch.autograd.grad(loss, W)[0], torch.autograd.grad(expected, W_ref)[0], rtol=1e-12,
+                               atol=1e-12)
+
+
+def test_the_discriminator_losses_are_ldms():
+    g = torch.Generator().manual_seed(2)
+    real, fake = torch.randn(4, 1, 3, 3, generator=g, dtype=torch.float64), torch.randn(4, 1, 3, 3, generator=g,
+                                                                                        dtype=torch.float64)
+    hinge = 0.5 * (torch.mean(torch.relu(1.0 - real)) + torch.mean(torch.relu(1.0 + fake)))
+    vanilla = 0.5 * (torch.mean(nn.functional.softplus(-real)) + torch.mean(nn.functional.softplus(fake)))
+    assert losses.hinge_d_loss(real, fake).item() == pytest.approx(hinge.item(), abs=1e-15)
+    assert losses.vanilla_d_loss(real, fake).item() == pytest.approx(vanilla.item(), abs=1e-15)
+    assert losses.adaptive_weight(torch.ones(4), torch.zeros(4), 0.5).item() == pytest.approx(1e4 * 0.5)
+
+
+def test_the_nll_is_l2_when_asked_and_gradchecks():
+    x, x_hat, W, _, _ = toy_problem()
+    assert torch.equal(losses.autoencoder_reconstruction(x, x_hat, "l2"), (x - x_hat) ** 2)
+    logvar = torch.tensor(0.2, dtype=torch.float64, requires_grad=True)
+    torch.autograd.gradcheck(lambda w, lv: losses.autoencoder_nll(
+        losses.autoencoder_reconstruction(x, torch.tanh(w).expand_as(x), "l1"), lv), (W[:1, :1].detach().clone()
+                                                                                      .requires_grad_(), logvar))
+
+
+class ToyAutoencoder(nn.Module):
+    """What AutoencoderLoss asks of a model: pixels, nll_logvar, last_layer."""
+
+    def __init__(self, W):
+        super().__init__()
+        self.W, self.nll_logvar = W, nn.Parameter(torch.tensor(0.3))
+
+    def pixels(self, output):
+        return output
+
+    def last_layer(self):
+        return self.W
+
+
+def test_the_autoencoder_loss_with_lpips_and_critic_is_ldms(tmp_path_factory):
+    """fastvae's AutoencoderLoss (float32, real LPIPS with random VGG weights, a PatchGAN) against the
+    float64 transcription on the same numbers (the LPIPS distances and logits computed once, in float64)."""
+    from fastvae.autoencoder_loss import AutoencoderLoss
+    from fastvae.perceptual import load_lpips
+
+    g = torch.Generator().manual_seed(3)
+    x = torch.rand(2, 3, 32, 32, generator=g)
+    W = nn.Parameter(torch.randn(3, 3, generator=g) * 0.5)
+    h = torch.randn(2, 32, 32, 3, generator=g)
+    disc = NLayerDiscriminator(3, 8, 2).eval()  # eval: the same logits when the reference calls it again
+
+    class Critic:
+        active, raw, weight, factor = True, disc, 0.5, 1.0
+
+        def generator_term(self, x_pm, x_hat, nll_loss, last_layer):
+            term, g_loss, d_weight = adversarial_term(disc, x_hat, nll_loss, last_layer, self.weight, self.factor)
+            return term, {"g_loss": g_loss.detach(), "d_weight": d_weight}
+
+    lpips = load_lpips("vgg", lpips_weights(tmp_path_factory))
+    model = ToyAutoencoder(W)
+    output = torch.tanh(h @ W).permute(0, 3, 1, 2)
+    kl = torch.rand(2, generator=g) * 10
+    loss, recon, terms = AutoencoderLoss("l1", lpips, 1.0, Critic())(model, x, output, kl, torch.tensor(1e-6))
+    x_pm = x * 2 - 1
+    expected = ldm_reference(x_pm, output, kl, model.nll_logvar, lpips(x_pm, output), disc(output), W, 1e-6, 1.0, 0.5,
+                             1.0, 1, 0)
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-4)
+    assert terms["lpips"] > 0 and set(terms) >= {"nll", "logvar", "pixel", "lpips", "g_loss", "d_weight"}
+
+
+def test_gradients_flow_through_lpips_into_the_decoder(tmp_path_factory):
+    """diffusers' research script computed LPIPS under torch.no_grad(): no perceptual gradient reached the
+    VAE. Here the perceptual term changes the decoder's gradient (under no_grad it would not)."""
+    from fastvae.autoencoder_loss import AutoencoderLoss
+    from fastvae.perceptual import load_lpips
+
+    lpips = load_lpips("vgg", lpips_weights(tmp_path_factory))
+    g = torch.Generator().manual_seed(4)
+    x, h = torch.rand(2, 3, 32, 32, generator=g), torch.randn(2, 32, 32, 3, generator=g)
+    grads = []
+    for perceptual in (None, lpips):
+        W = nn.Parameter(torch.randn(3, 3, generator=torch.Generator().manual_seed(5)))
+        model = ToyAutoencoder(W)
+        loss, _, _ = AutoencoderLoss("l1", perceptual, 1.0)(model, x, torch.tanh(h @ W).permute(0, 3, 1, 2),
+                                                             torch.zeros(2), torch.tensor(0.0))
+        grads.append(torch.autograd.grad(loss, W)[0])
+    assert (grads[1] - grads[0]).abs().max() > 1e-3 * grads[0].abs().max()
+
+
+# ---------------------------------------------------------------- the model and diffusers' format
+
+
+def test_the_model_is_diffusers_autoencoderkl_with_a_flattened_spatial_latent():
+    from diffusers import AutoencoderKL
+
+    from fastvae.models import build_model
+
+    model = build_model(load_config("mnist", KL_MODEL)).eval()
+    assert model.latent_shape == (2, 14, 14) and model.latent_dim == 392
+    reference = AutoencoderKL(in_channels=1, out_channels=1, down_block_types=("DownEncoderBlock2D",) * 2,
+                              up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16),
+                              norm_num_groups=4, latent_channels=2)
+    reference.load_state_dict(model.vae.state_dict())
+    x = torch.rand(3, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        mu, logvar = model.encode(x)
+        posterior = reference.encode(x * 2 - 1).latent_dist
+        assert torch.equal(mu, posterior.mean.flatten(1)) and torch.equal(logvar, posterior.logvar.flatten(1))
+        # (float32 rounding: the latent arrives flattened and reshaped, not as the moments' strided slice)
+        torch.testing.assert_close(model.decode(mu), reference.decode(posterior.mean).sample, rtol=1e-4, atol=1e-5)
+        # the fastvae ELBO's closed-form KL is diffusers' posterior.kl(), per image
+        _, _, _, kl = model(x)
+        torch.testing.assert_close(losses.kl_divergence(mu, logvar), posterior.kl(), rtol=1e-5, atol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def kl_run(tmp_path_factory):
+    """4 steps without the discriminator, 2 with it, an EMA of the weights (trained once per session)."""
+    def build(folder):
+        train(tiny_config(folder / "run", *kl_overrides(tmp_path_factory, "train.max_steps=6", "train.ema_decay=0.9",
+                                                        "train.log_every=1")))
+        reset_accelerate_state()
+
+    return list_checkpoints(built_once(tmp_path_factory, "kl_tiny_run", build) / "run")[-1]
+
+
+def test_a_run_logs_ldms_terms_and_checkpoints_both_networks_and_the_ema(kl_run):
+    from fastvae.tracking import STEPS_FILE, read_records
+
+    names = {p.name for p in kl_run.iterdir()}
+    assert {"model.safetensors", "model_1.safetensors", "optimizer_1.bin", "ema.safetensors"} <= names
+    meta = json.loads((kl_run / "fastvae.json").read_text())
+    assert meta["ema_updates"] == 6 and meta["config"]["model"]["name"] == "kl_autoencoder"
+    steps = {r["step"]: r for r in read_records(kl_run.parent.parent, STEPS_FILE)}
+    assert "d_loss" not in steps[2] and {"nll", "lpips", "logvar", "pixel"} <= set(steps[2])  # disc_start=2: the
+    # third step (state.step 2 when it starts) is the first with the critic
+    assert {"d_loss", "g_loss", "d_weight", "logits_real", "logits_fake"} <= set(steps[6])
+
+
+def test_the_ema_is_litemas_and_loads_unless_asked_not_to(kl_run):
+    from safetensors.torch import load_file
+
+    from fastvae.ema import EMA
+
+    model = nn.Linear(2, 1)
+    ema = EMA(model, 0.9)
+    start = model.weight.detach().clone()
+    with torch.no_grad():
+        model.weight += 1.0
+    ema.update(model)  # LitEma: n = 1, decay min(0.9, 2 / 11)
+    torch.testing.assert_close(ema.shadow[0], start - (1 - 2 / 11) * (start - model.weight))
+    averaged = load_file(str(kl_run / "ema.safetensors"))
+    with_ema, without = load(kl_run, "cpu"), load(kl_run, "cpu", ema=False)
+    name = "vae.decoder.conv_out.weight"
+    assert torch.equal(dict(with_ema.model.named_parameters())[name], averaged[name])
+    assert not torch.equal(dict(without.model.named_parameters())[name], averaged[name])
+
+
+def test_generate_and_evaluate_work_on_the_autoencoder(kl_run, tmp_path):
+    from fastvae.evaluate import main as evaluate_main
+    from fastvae.generate import main as generate_main
+
+    for command in (["reconstruct", "--n", "4"], ["interpolate", "--indices", "0", "1", "--steps", "3"],
+                    ["sample", "--n", "4"]):
+        assert all(p.is_file() for p in generate_main([*command, "--checkpoint", str(kl_run), "--out", str(tmp_path)]))
+    report = evaluate_main(["--checkpoint", str(kl_run), "--max-images", "8", "--json", str(tmp_path / "e.json")])
+    assert report["latent_dim"] == 392 and report["likelihood"] == "mse" and 0 < report["psnr_db"] < 60
+
+
+def diffusers_folder(path, **config):
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(7)
+    vae = AutoencoderKL(in_channels=1, out_channels=1, down_block_types=("DownEncoderBlock2D",) * 2,
+                        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), norm_num_groups=4,
+                        latent_channels=2, **config)
+    vae.save_pretrained(str(path), safe_serialization=True)
+    return vae
+
+
+def test_fine_tuning_from_a_diffusers_folder_then_exporting_round_trips(tmp_path, tmp_path_factory):
+    """Start from a local diffusers folder (architecture read from its config.json, weights from its
+    safetensors), fine-tune the decoder alone, export, and diffusers' from_pretrained reconstructs as
+    fastvae's evaluation of it does."""
+    from diffusers import AutoencoderKL
+
+    from fastvae.export import main as export_main
+    from fastvae.generate import reconstruct_images
+    from fastvae.trainer import Trainer
+
+    start = diffusers_folder(tmp_path / "sd-vae", scaling_factor=0.5)
+    overrides = [*kl_overrides(tmp_path_factory, "train.max_steps=3"), f"model.pretrained={tmp_path / 'sd-vae'}",
+                 "model.train_decoder_only=true", "model.kwargs={}", "loss.disc_weight=0", "loss.disc_start=0"]
+    trainer = Trainer(tiny_config(tmp_path / "ft", *overrides))
+    assert trainer.cfg.model.kwargs["block_out_channels"] == [8, 16] and trainer.cfg.model.kwargs["scaling_factor"] == 0.5
+    assert_same_weights(trainer.raw_model.vae.state_dict(), start.state_dict())  # the folder's weights to start
+    trainer.fit()
+    reset_accelerate_state()
+    tuned = final_weights(tmp_path / "ft")
+    assert torch.equal(tuned["vae.encoder.conv_in.weight"], start.state_dict()["encoder.conv_in.weight"])
+    assert not torch.equal(tuned["vae.decoder.conv_out.weight"], start.state_dict()["decoder.conv_out.weight"])
+    ckpt = list_checkpoints(tmp_path / "ft")[-1]
+    export_main(["--checkpoint", str(ckpt), "--out", str(tmp_path / "exported")])
+    assert sorted(p.name for p in (tmp_path / "exported").iterdir()) == ["config.json",
+                                                                       "diffusion_pytorch_model.safetensors"]
+    theirs = AutoencoderKL.from_pretrained(str(tmp_path / "exported"))
+    ours = load(ckpt, "cpu")
+    x = torch.stack([ours.split("test")[i][0] for i in range(6)])
+    with torch.no_grad():
+        by_fastvae = reconstruct_images(ours.model, x)  # z = mu, images as fastvae's evaluation draws them
+        by_diffusers = (theirs.decode(theirs.encode(x * 2 - 1).latent_dist.mode()).sample.clamp(-1, 1) + 1) / 2
+    assert (by_fastvae - by_diffusers).abs().max() < 1e-5  # measured: ~1e-6 (float32 rounding)
+    assert json.loads((tmp_path / "exported" / "config.json").read_text())["scaling_factor"] == 0.5
+
+
+class WritesAFileWhenUnpickled:
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def bad_folder(tmp_path, case: str):
+    folder = tmp_path / "folder"
+    diffusers_folder(folder)
+    if case == "only a pickle":
+        (folder / "diffusion_pytorch_model.safetensors").unlink()
+        (folder / "diffusion_pytorch_model.bin").write_bytes(pickle.dumps(WritesAFileWhenUnpickled(tmp_path / "ran")))
+    elif case == "another class":
+        config = json.loads((folder / "config.json").read_text())
+        (folder / "config.json").write_text(json.dumps({**config, "_class_name": "UNet2DModel"}))
+    return folder
+
+
+@pytest.mark.parametrize("case, overrides, message", [
+    ("only a pickle", ["model.pretrained={folder}"],
+     "has no diffusion_pytorch_model.safetensors (only the pickle diffusion_pytorch_model.bin, which is never read"),
+    ("another class", ["model.pretrained={folder}"], "holds a 'UNet2DModel'; expected an AutoencoderKL folder"),
+    ("", ["model.pretrained={tmp}/nowhere"], "has no config.json; expected a diffusers AutoencoderKL folder"),
+    ("", ["loss.lpips_weights={tmp}/none.pth"], "LPIPS's vgg backbone weights not found: expected '"),
+    ("", ["model.kwargs.block_out_channels=[8, 16, 16, 16]"], "data.image_size 28x28 is not divisible by the "
+                                                               "autoencoder's factor 8"),
+    ("", ["model.train_decoder_only=true"], "'model.train_decoder_only': fine-tuning the decoder alone keeps an"),
+    ("", ["loss.disc_weight=0"], "'loss.disc_start': 2 starts a discriminator that does not exist"),
+    ("", ["loss.lpips_weights={tmp}/pickled.pth"], "LPIPS backbone file '"),
+])
+def test_bad_autoencoder_input_is_one_line_and_runs_nothing(case, overrides, message, tmp_path, tmp_path_factory,
+                                                            capsys):
+    folder = bad_folder(tmp_path, case) if case else tmp_path
+    (tmp_path / "pickled.pth").write_bytes(pickle.dumps(WritesAFileWhenUnpickled(tmp_path / "ran")))
+    given = [o.format(folder=folder, tmp=tmp_path) for o in overrides]
+    if "model.pretrained" in given[0]:
+        given.append("model.kwargs={}")
+    with pytest.raises(SystemExit) as exc:
+        train_main(["--config", "mnist", *TINY, *kl_overrides(tmp_path_factory), *given, "train.max_steps=1",
+                    f"out_dir={tmp_path / 'run'}"])
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("fastvae: ")]
+    assert exc.value.code == 2 and len(err) == 1 and message in err[0], err
+    assert not (tmp_path / "ran").exists() and not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_lpips_weights_come_from_the_torch_hub_cache(tmp_path, tmp_path_factory, monkeypatch):
+    from fastvae.perceptual import BACKBONE_FILES, backbone_path, hub_checkpoints
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    with pytest.raises(UserError, match=f"expected {BACKBONE_FILES['vgg']} in {hub_checkpoints()} .* fastvae never "
+                                        f"downloads: copy https://download.pytorch.org/models/vgg16-397923af.pth"):
+        backbone_path("vgg")
+    hub_checkpoints().mkdir(parents=True)
+    shutil.copy(lpips_weights(tmp_path_factory), hub_checkpoints())
+    assert backbone_path("vgg") == hub_checkpoints() / BACKBONE_FILES["vgg"]
+
+
+# ---------------------------------------------------------------- exact: resume, and N processes with the critic
+
+
+def test_resume_with_both_optimizers_the_discriminator_and_the_ema_is_bit_identical(tmp_path, tmp_path_factory):
+    common = [*kl_overrides(tmp_path_factory, "train.ema_decay=0.99", "train.checkpoint_every=1"), "train.epochs=1",
+              "data.limit=96"]
+    train(tiny_config(tmp_path / "straight", *common))
+    train(tiny_config(tmp_path / "stopped", *common, "train.max_steps=4"))  # stops once the critic has trained
+    train(tiny_config(tmp_path / "stopped", *common, "train.resume=auto"))
+    for name in ("model.safetensors", "model_1.safetensors", "ema.safetensors"):
+        from safetensors.torch import load_file
+
+        a, b = (load_file(str(list_checkpoints(tmp_path / run)[-1] / name)) for run in ("stopped", "straight"))
+        assert_same_weights(a, b)
+
+
+def generator_gradient(rank, world, per_rank_weight=False):
+    """The decoder's gradient of the adversarial term on 8 images (a share per rank, averaged as DDP
+    does), with the critic's BatchNorm synchronized over the global batch as fastvae.critic does;
+    per_rank_weight: LDM's adaptive weight from each rank's own gradients."""
+    import torch.distributed as dist
+
+    import fastvae.critic as critic
+    from fastvae.models.sync_batchnorm import convert_sync_batchnorm
+
+    torch.manual_seed(0)
+    decoder = nn.Conv2d(4, 3, 3, padding=1)
+    disc = NLayerDiscriminator(3, 8, 2)
+    if world > 1:
+        disc = convert_sync_batchnorm(disc, torch.device("cpu"))
+    disc.requires_grad_(False)
+    g = torch.Generator().manual_seed(1)
+    h, x = torch.randn(8, 4, 16, 16, generator=g), torch.rand(8, 3, 16, 16, generator=g) * 2 - 1
+    share = slice(rank * 8 // world, (rank + 1) * 8 // world)
+    x_hat = torch.tanh(decoder(h[share]))
+    nll_loss = (x[share] - x_hat).abs().flatten(1).sum(1).mean()
+    if per_rank_weight:
+        critic.mean_over_processes = lambda t: t
+    term, _, _ = adversarial_term(disc, x_hat, nll_loss, decoder.weight, 0.5, 1.0)
+    (nll_loss + term).backward()
+    grad = decoder.weight.grad.clone()
+    if world > 1:
+        dist.all_reduce(grad)
+    return grad / world
+
+
+@pytest.mark.parametrize("per_rank_weight", [False, True])
+def test_two_processes_give_the_adversarial_gradient_of_one(tmp_path, per_rank_weight):
+    """With the gradient norms of the global batch, 2 x 4 images give 1 x 8's gradient; LDM's per-rank
+    norms (each rank's own adaptive weight) do not."""
+    from ranks import on_ranks
+
+    one = generator_gradient(0, 1)
+    two = on_ranks(generator_gradient, 2, tmp_path, per_rank_weight)
+    for grad in two:
+        if per_rank_weight:
+            assert not torch.allclose(grad, one, rtol=1e-4, atol=1e-6)
+        else:
+            torch.testing.assert_close(grad, one, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_two_processes_train_the_autoencoder_one_trains_with_the_discriminator(tmp_path, tmp_path_factory):
+    """1 x 16 vs 2 x 8 through tools/loss_compare.py --assert-equal: the critic active from step 2 (its
+    batch statistics synchronized, the adaptive weight from global gradient norms), and the EMA."""
+    out = tmp_path / "lc"
+    cmd = [sys.executable, str(ROOT / "tools" / "loss_compare.py"), "--config", "mnist", "--nproc", "2", "--steps", "5",
+           "--out", str(out), "--json", str(out) + ".json", "--assert-equal", "--timeout", "300", *TINY,
+           *kl_overrides(tmp_path_factory, "train.ema_decay=0.99")]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=700,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    result = json.loads((tmp_path / "lc.json").read_text())
+    assert result["max_loss_rel_diff"] < 1e-4 and [r["step"] for r in result["steps"]] == list(range(1, 6))
