@@ -6,6 +6,13 @@ fp32 / bf16 autocast x contiguous / channels_last (x ops eager / triton where Tr
 MNIST conv VAE (batch 128) and the 64x64 CelebA DFC-VAE (batch 64); baseline: the lecture's step
 written out (eager fp32 model, eager losses, backward, Adam).
 
+kl: the latent-diffusion autoencoder's step (diffusers' AutoencoderKL, LDM's loss: L1 + LPIPS, KL, a
+PatchGAN with the adaptive weight), fastvae's `Trainer.train_step` against a plain PyTorch step written
+the way diffusers' research script (examples/research_projects/autoencoderkl) and LDM do it: eager,
+fp32, NCHW, the discriminator and both gradient norms computed every step (LDM, before disc_start with
+a zero weight), one optimizer step for each network. Both phases: before loss.disc_start and after.
+Each row also gives the step's FLOPs (torch.utils.flop_counter) and the GFLOP/s it achieved.
+
 loop: whole epochs on the embedded MNIST (4,500 images, batch 128), data loading included:
 `Trainer.fit()` with the torch DataLoader or the in-memory loader, against the plain loop over
 shuffled batches of the in-memory tensor. images/s is what fastvae writes to metrics.jsonl (the
@@ -15,8 +22,8 @@ reported beside it.
 Every row is a ratio to its baseline, interleaved and repeated, with its peak memory (CUDA max
 allocated, or the growth of the process's peak RSS while the case ran: a lower bound on CPU).
 
-    python benchmarks/train_throughput.py [--parts step loop] [--repeats 5] [--steps 3] [--modes eager compiled]
-        [--precisions fp32 bf16] [--formats contiguous channels_last] [--json PATH]
+    python benchmarks/train_throughput.py [--parts step loop kl] [--repeats 5] [--steps 3] [--modes eager compiled]
+        [--precisions fp32 bf16] [--formats contiguous channels_last] [--kl-size 64] [--json PATH]
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ import copy
 import os
 import resource
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -166,6 +174,123 @@ def run_steps(args, device, tmp: Path) -> list[dict]:
     return rows
 
 
+# ---------------------------------------------------------------- the latent-diffusion autoencoder
+
+KL_CHANNELS = "[64, 128, 128]"  # AutoencoderKL 64/128/128: 3 levels, f = 4 (PLATFORM.md's measured peer)
+KL_BATCH = 8
+KL_PHASES = {"before disc_start": False, "after disc_start": True}
+
+
+def kl_overrides(size: int, lpips_path: str, disc_active: bool) -> list[str]:
+    return ["model.name=kl_autoencoder", f"model.kwargs={{block_out_channels: {KL_CHANNELS}, layers_per_block: 1}}",
+            "data.name=imagefolder", "data.root=unused", "data.channels=3", f"data.image_size={size}",
+            f"data.batch_size={KL_BATCH}", "loss.objective=ldm", "loss.beta=1e-6", f"loss.lpips_weights={lpips_path}",
+            "loss.disc_weight=0.5", f"loss.disc_start={0 if disc_active else 10**9}", "optim.betas=[0.5, 0.9]"]
+
+
+class DiffusersScriptStep:
+    """One step the way the research script / LDM write it: encode, sample, decode, L1 + LPIPS NLL + KL,
+    D(x_hat) and both gradient norms for the adaptive weight (every step: LDM weighs the term by 0
+    before disc_start, it does not skip it), backward, the generator's Adam step; then D on the real
+    images and the reconstructions, its loss (x 0 before disc_start), backward, D's Adam step. Eager,
+    fp32, NCHW; LPIPS with gradients (the script's torch.no_grad would make the loss another one)."""
+
+    def __init__(self, model, lpips, x, disc_active: bool) -> None:
+        from fastvae.discriminator import NLayerDiscriminator
+
+        self.vae = copy.deepcopy(model.vae).train().to(memory_format=torch.contiguous_format)
+        self.lpips, self.x, self.factor = lpips, x.contiguous() * 2 - 1, 1.0 if disc_active else 0.0
+        torch.manual_seed(0)
+        self.disc = NLayerDiscriminator(x.shape[1])
+        self.opt_g = torch.optim.Adam(self.vae.parameters(), lr=1e-4, betas=(0.5, 0.9))
+        self.opt_d = torch.optim.Adam(self.disc.parameters(), lr=1e-4, betas=(0.5, 0.9))
+        self.logvar = torch.zeros(())
+
+    def __call__(self) -> None:
+        x = self.x
+        posterior = self.vae.encode(x).latent_dist
+        x_hat = self.vae.decode(posterior.sample()).sample
+        rec = (x - x_hat).abs() + self.lpips(x, x_hat)
+        nll = torch.sum(rec / torch.exp(self.logvar) + self.logvar) / len(x)
+        kl = torch.sum(posterior.kl()) / len(x)
+        g_loss = -torch.mean(self.disc(x_hat))
+        last = self.vae.decoder.conv_out.weight
+        nll_grad = torch.autograd.grad(nll, last, retain_graph=True)[0]
+        g_grad = torch.autograd.grad(g_loss, last, retain_graph=True)[0]
+        d_weight = torch.clamp(nll_grad.norm() / (g_grad.norm() + 1e-4), 0.0, 1e4).detach() * 0.5
+        (nll + 1e-6 * kl + d_weight * self.factor * g_loss).backward()
+        self.opt_g.step()
+        self.opt_g.zero_grad(set_to_none=True)
+        d_loss = self.factor * losses.hinge_d_loss(self.disc(x.detach()), self.disc(x_hat.detach()))
+        d_loss.backward()
+        self.opt_d.step()
+        self.opt_d.zero_grad(set_to_none=True)
+
+
+def kl_trainer_step(overrides: list[str], x, out_dir: Path):
+    reset_accelerate_state()
+    cfg = load_config(None, [*overrides, f"out_dir={out_dir}", "train.epochs=1000", "logger=none"])
+    images = (x.cpu() * 255).to(torch.uint8)
+    trainer = Trainer(cfg, datasets=(ImageTensorDataset(images, torch.zeros(len(x))),) * 2)
+    device = trainer.accelerator.device
+    batch = (x.to(device), None, torch.arange(len(x), device=device))
+    return trainer, lambda: trainer.train_step(batch)
+
+
+def step_flops(fn) -> float:
+    """FLOPs of one call (torch.utils.flop_counter: matmuls and convolutions, forward and backward)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+def kl_cases(args, device, tmp: Path, disc_active: bool, lpips_path: str) -> dict:
+    torch.manual_seed(0)
+    x = torch.rand(KL_BATCH, 3, args.kl_size, args.kl_size, device=device)
+    common = [*kl_overrides(args.kl_size, lpips_path, disc_active), f"train.cpu={device.type == 'cpu'}"]
+    first, step = kl_trainer_step([*common, "train.mixed_precision=no"], x, tmp / "peer_source")
+    cases = {"plain PyTorch, the diffusers script's way, fp32": DiffusersScriptStep(
+        first.raw_model, first.raw_model.objective.autoencoder.perceptual, x, disc_active)}
+    cases["fastvae train_step fp32 channels_last"] = step
+    for precision in [p for p in args.precisions if p != "fp32"]:
+        _, cases[f"fastvae train_step {precision} channels_last"] = kl_trainer_step(
+            [*common, f"train.mixed_precision={PRECISIONS[precision]}"], x, tmp / f"kl_{precision}")
+    if "contiguous" in args.formats:
+        _, cases["fastvae train_step fp32 contiguous"] = kl_trainer_step(
+            [*common, "train.mixed_precision=no", "train.memory_format=contiguous"], x, tmp / "kl_contiguous")
+    return cases
+
+
+def run_kl(args, device, tmp: Path) -> list[dict]:
+    from fastvae.perceptual import BACKBONE_FILES, hub_checkpoints
+
+    lpips_path = args.lpips_weights or str(hub_checkpoints() / BACKBONE_FILES["vgg"])
+    if not Path(lpips_path).is_file():  # no real weights here: random ones of the same shape (same FLOPs)
+        sys.path.insert(0, str(ROOT))
+        from tools.random_weights import write_random_backbone
+
+        lpips_path = str(write_random_backbone("vgg", tmp / "lpips"))
+    rows = []
+    for phase, active in KL_PHASES.items():
+        print(f"kl autoencoder {args.kl_size} px, {phase}: building the steps...", flush=True)
+        cases = kl_cases(args, device, tmp / phase.replace(" ", "_"), active, lpips_path)
+        flops = {name: step_flops(fn) for name, fn in cases.items()}
+        meters = {name: PeakMemory(device) for name in cases}
+        samples = interleaved({n: measured(fn, meters[n]) for n, fn in cases.items()}, device,
+                              repeats=args.repeats, calls_per_sample=1, warmup=1)
+        peer = summarize(samples[next(iter(cases))])["median_s"]
+        for name, times in samples.items():
+            s = summarize(times)
+            rows.append({"part": "kl", "workload": f"AutoencoderKL {KL_CHANNELS} {args.kl_size}px, {phase}",
+                         "variant": name, "batch": KL_BATCH, **s, "ms": s["median_s"] * 1e3,
+                         "images_per_s": KL_BATCH / s["median_s"], "x_baseline": peer / s["median_s"],
+                         "peak_MB": meters[name].peak / 2**20, "gflop": flops[name] / 1e9,
+                         "gflop_per_s": flops[name] / 1e9 / s["median_s"]})
+    return rows
+
+
 # ---------------------------------------------------------------- whole epochs, data included
 
 
@@ -251,7 +376,10 @@ def run_loop(args, device, tmp: Path) -> list[dict]:
 
 def main(argv=None) -> None:
     parser = base_parser(__doc__.splitlines()[0])
-    parser.add_argument("--parts", nargs="*", default=["step", "loop"], choices=["step", "loop"])
+    parser.add_argument("--parts", nargs="*", default=["step", "loop"], choices=["step", "loop", "kl"])
+    parser.add_argument("--kl-size", type=int, default=64, help="image size of the kl rows (256: kl-f8's, a GPU's)")
+    parser.add_argument("--lpips-weights", default="", help="LPIPS's VGG weights (default: the torch hub cache, "
+                                                            "else random weights of the same shape)")
     parser.add_argument("--steps", type=int, default=3, help="training steps per timing sample")
     parser.add_argument("--loop-repeats", type=int, default=3, help="epochs per loop variant")
     parser.add_argument("--workloads", nargs="*", default=list(WORKLOADS)[:2], choices=list(WORKLOADS))
@@ -271,6 +399,8 @@ def main(argv=None) -> None:
             rows += run_steps(args, device, Path(tmp))
         if "loop" in args.parts:
             rows += run_loop(args, device, Path(tmp))
+        if "kl" in args.parts:
+            rows += run_kl(args, device, Path(tmp))
     print()
     steps = [r for r in rows if r["part"] == "step"]
     if steps:
@@ -278,6 +408,13 @@ def main(argv=None) -> None:
         print_table(steps, [("workload", "workload", ""), ("variant", "variant", ""), ("batch", "batch", "d"),
                             ("ms", "step ms", ".1f"), ("images_per_s", "images/s", ".0f"),
                             ("x_baseline", "x plain", ".2f"), ("peak_MB", "peak MB", ".0f")])
+    kls = [r for r in rows if r["part"] == "kl"]
+    if kls:
+        print(f"\nkl autoencoder step, device {device}: {args.repeats} interleaved repeats, median; x plain: the "
+              f"plain step of the same phase")
+        print_table(kls, [("workload", "workload", ""), ("variant", "variant", ""), ("ms", "step ms", ".0f"),
+                          ("images_per_s", "images/s", ".1f"), ("x_baseline", "x plain", ".2f"),
+                          ("gflop", "GFLOP", ".0f"), ("gflop_per_s", "GFLOP/s", ".0f"), ("peak_MB", "peak MB", ".0f")])
     loops = [r for r in rows if r["part"] == "loop"]
     if loops:
         print(f"\nloop, device {device}: {args.loop_repeats} interleaved epochs each, median images/s")

@@ -96,6 +96,11 @@ def evaluate_parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-ema", dest="ema", action="store_false", help=NO_EMA_HELP)
     parser.add_argument("overrides", nargs="*", metavar="data.key=value",
                         help="where the run's data is now, e.g. data.root=/new/place")
+    parser.add_argument("--ssim", action="store_true", help="SSIM of the reconstructions (torchmetrics; data_range 1)")
+    parser.add_argument("--lpips", action="store_true", help="LPIPS of the reconstructions (the backbone from the "
+                                                              "torch hub cache, the run's loss.lpips_weights, or "
+                                                              "--lpips-weights)")
+    parser.add_argument("--lpips-weights", default="", metavar="PATH", help="LPIPS's backbone weights file")
     parser.add_argument("--json", metavar="PATH", help="write the report as JSON (before anything is sent to W&B)")
     parser.add_argument("--wandb", action=argparse.BooleanOptionalAction, default=None,
                         help="log the evaluation to W&B (default: when the run was trained with logger=wandb)")

@@ -106,18 +106,49 @@ def iwae_bound(model, x: torch.Tensor, likelihood: Likelihood, k: int, chunk: in
     return running - math.log(k)
 
 
+@dataclass(frozen=True)
+class ImageQuality:
+    """Reconstruction metrics beside the likelihood, on z = mu's images against the originals in [0, 1]:
+    SSIM (torchmetrics: Gaussian window 11, sigma 1.5, data_range 1.0, averaged over the whole image,
+    torchmetrics >= 1.4.2's way; skimage and pytorch-msssim average the valid region only) and LPIPS
+    (fastvae.perceptual: lpips's heads, the backbone from the hub cache or a path, on [-1, 1])."""
+
+    ssim: bool = False
+    lpips: torch.nn.Module | None = None
+
+    def measure(self, images: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(SSIM, LPIPS) per image [B] in float64 (zeros where not asked)."""
+        zeros = torch.zeros(len(x), dtype=torch.float64, device=x.device)
+        ssim = lpips = zeros
+        if self.ssim:
+            try:
+                from torchmetrics.functional.image import structural_similarity_index_measure
+            except ImportError as err:
+                raise UserError(f"--ssim needs torchmetrics ({err}); expected `pip install 'fastvae[metrics]'`") \
+                    from None
+
+            ssim = structural_similarity_index_measure(images.float(), x.float(), data_range=1.0,
+                                                       reduction="none").double()
+        if self.lpips is not None:
+            from fastvae.perceptual import lpips_distance
+
+            lpips = lpips_distance(self.lpips, images * 2 - 1, x * 2 - 1).double()
+        return ssim, lpips
+
+
 class EvalSums:
     """What the report is made of, as one float64 vector: summed over batches, then over processes."""
 
-    SCALARS = ("recon", "kl", "iwae", "sq_err", "images")
+    SCALARS = ("recon", "kl", "iwae", "sq_err", "images", "ssim", "lpips")
 
     def __init__(self, latent_dim: int, device) -> None:
         self.d = latent_dim
         self.values = torch.zeros(len(self.SCALARS) + 3 * latent_dim, dtype=torch.float64, device=device)
 
-    def add(self, recon, kl_per_dim, iwae, sq_err, mu) -> None:
+    def add(self, recon, kl_per_dim, iwae, sq_err, mu, ssim, lpips) -> None:
         self.values += torch.cat([torch.stack([recon.sum(), kl_per_dim.sum(), iwae.sum(), sq_err.sum(),
-                                               torch.tensor(float(len(mu)), dtype=torch.float64, device=mu.device)]),
+                                               torch.tensor(float(len(mu)), dtype=torch.float64, device=mu.device),
+                                               ssim.sum(), lpips.sum()]),
                                   kl_per_dim.sum(0), mu.sum(0), (mu * mu).sum(0)])
 
     def scalar(self, name: str) -> float:
@@ -137,7 +168,7 @@ def shard_of(total: int, shard: tuple[int, int]) -> list[int]:
 def evaluate_model(model, dataset, likelihood: Likelihood, iwae_samples: int = 0, chunk: int = 100,
                    max_images: int | None = None, binarize: bool = False, seed: int = 0,
                    batch_size: int = 100, progress: bool = False, shard: tuple[int, int] = (0, 1),
-                   all_reduce=None, conditioning=None) -> dict:
+                   all_reduce=None, conditioning=None, quality: ImageQuality = ImageQuality()) -> dict:
     """All metrics over (up to max_images of) a dataset; see the module docstring for definitions.
     With several processes each evaluates its `shard` (rank, world size) and `all_reduce` (a sum
     over processes) makes every process's report that of the whole split. conditioning: a
@@ -146,10 +177,10 @@ def evaluate_model(model, dataset, likelihood: Likelihood, iwae_samples: int = 0
         likelihood = fitted_likelihood(model, dataset, max_images, binarize, seed, batch_size, shard, all_reduce,
                                        conditioning)
     sums, pixels = evaluate_sums(model, dataset, likelihood, iwae_samples, chunk, max_images, binarize, seed,
-                                 batch_size, progress, shard, conditioning)
+                                 batch_size, progress, shard, conditioning, quality)
     if all_reduce is not None:
         sums.values = all_reduce(sums.values)
-    return report_of(sums, pixels, likelihood, binarize, iwae_samples)
+    return report_of(sums, pixels, likelihood, binarize, iwae_samples, quality)
 
 
 def fitted_likelihood(model, dataset, max_images, binarize, seed, batch_size, shard, all_reduce,
@@ -167,7 +198,8 @@ def fitted_likelihood(model, dataset, max_images, binarize, seed, batch_size, sh
 @torch.no_grad()
 def evaluate_sums(model, dataset, likelihood: Likelihood, iwae_samples: int, chunk: int, max_images: int | None,
                   binarize: bool, seed: int, batch_size: int, progress: bool,
-                  shard: tuple[int, int], conditioning=None) -> tuple[EvalSums, int]:
+                  shard: tuple[int, int], conditioning=None,
+                  quality: ImageQuality = ImageQuality()) -> tuple[EvalSums, int]:
     """(the sums of this process's share of the images, pixels per image)."""
     model.eval()
     device = next(model.parameters()).device
@@ -183,16 +215,18 @@ def evaluate_sums(model, dataset, likelihood: Likelihood, iwae_samples: int, chu
         mu, logvar = (t.double() for t in model.encode_with(x, c))
         z = losses.reparameterize(mu, logvar, eval_noise(seed, sample_ids, mu.shape[1], 0))
         recon = -likelihood.log_prob(model.decode_with(z.to(dtype), c), x, model.images)
-        sq_err = (model.images(model.decode_with(mu.to(dtype), c).double()) - x.double()).pow(2).flatten(1).sum(1)
+        images = model.images(model.decode_with(mu.to(dtype), c).double())
+        sq_err = (images - x.double()).pow(2).flatten(1).sum(1)
         iwae = (iwae_bound(model, x, likelihood, iwae_samples, chunk, seed, sample_ids, c) if iwae_samples
                 else torch.zeros(len(x), dtype=torch.float64, device=device))
-        sums.add(recon, losses.kl_divergence_per_dim(mu, logvar), iwae, sq_err, mu)
+        sums.add(recon, losses.kl_divergence_per_dim(mu, logvar), iwae, sq_err, mu, *quality.measure(images, x))
         bar.update(len(x) * shard[1])
     bar.close()
     return sums, pixels or dataset[0][0].numel()  # (a process whose share was empty reads one image)
 
 
-def report_of(sums: EvalSums, pixels: int, likelihood: Likelihood, binarize: bool, iwae_samples: int) -> dict:
+def report_of(sums: EvalSums, pixels: int, likelihood: Likelihood, binarize: bool, iwae_samples: int,
+              quality: ImageQuality = ImageQuality()) -> dict:
     n = sums.scalar("images")
     mu_sum, mu_sq = sums.per_dim(1), sums.per_dim(2)
     activity = (mu_sq - mu_sum * mu_sum / n) / (n - 1) if n > 1 else torch.zeros_like(mu_sum)  # unbiased Var_x
@@ -209,6 +243,10 @@ def report_of(sums: EvalSums, pixels: int, likelihood: Likelihood, binarize: boo
         "unit_activity": activity.tolist(), "kl_per_dim_nats": (sums.per_dim(0) / n).tolist(),
         "recon_mse": mse, "psnr_db": 10 * math.log10(1.0 / mse) if mse > 0 else math.inf,
     }
+    if quality.ssim:
+        out["ssim"] = sums.scalar("ssim") / n
+    if quality.lpips is not None:
+        out["lpips"] = sums.scalar("lpips") / n
     if iwae_samples:
         nll = -sums.scalar("iwae") / n
         out.update({"iwae_samples": iwae_samples, "iwae_log_likelihood_nats": -nll, "iwae_nll_nats": nll,
@@ -231,6 +269,7 @@ def print_report(report: dict) -> None:
     rows += [("active units", f"{report['active_units']} / {report['latent_dim']}"),
              ("reconstruction MSE", f"{report['recon_mse']:.5f}"),
              ("PSNR (dB)", f"{report['psnr_db']:.2f}")]
+    rows += [(name, f"{report[key]:.4f}") for key, name in (("ssim", "SSIM"), ("lpips", "LPIPS")) if key in report]
     width = max(len(name) for name, _ in rows)
     for name, value in rows:
         print(f"{name.ljust(width)}  {value}")
@@ -274,6 +313,15 @@ def sum_over_processes(t: torch.Tensor) -> torch.Tensor:
 
 
 @exit_on_user_error
+def image_lpips(args, vae):
+    """--lpips: the run's LPIPS settings (loss.lpips_net, loss.lpips_weights) unless --lpips-weights says."""
+    if not args.lpips:
+        return None
+    from fastvae.perceptual import load_lpips
+
+    return load_lpips(vae.cfg.loss.lpips_net, args.lpips_weights or vae.cfg.loss.lpips_weights).to(vae.device)
+
+
 def main(argv=None) -> dict:
     from fastvae.checkpoint import load
 
@@ -288,9 +336,10 @@ def main(argv=None) -> dict:
     variance = {None: "run", "fit": None}.get(args.gaussian_var, args.gaussian_var)  # not given; fitted; a number
     likelihood = Likelihood.of_run(vae.cfg.loss, variance)
     shard, all_reduce = ((state.process_index, state.num_processes), sum_over_processes) if state else ((0, 1), None)
+    quality = ImageQuality(args.ssim, image_lpips(args, vae))
     report = evaluate_model(vae.model, vae.split(args.split), likelihood, args.iwae_samples, args.chunk,
                             args.max_images, args.binarize, args.seed, progress=True, shard=shard,
-                            all_reduce=all_reduce, conditioning=vae.conditioning_for(args.split))
+                            all_reduce=all_reduce, conditioning=vae.conditioning_for(args.split), quality=quality)
     report.update({"checkpoint": str(vae.path), "split": args.split, "step": vae.meta["step"],
                    "processes": shard[1]})
     if shard[0] != 0:

@@ -12,7 +12,8 @@ from fastvae.train import main
 from helpers import CONFIGS, ROOT
 
 
-@pytest.mark.parametrize("name", ["mnist", "fashion_mnist", "celeba", "imagefolder"])
+@pytest.mark.parametrize("name", ["mnist", "fashion_mnist", "celeba", "imagefolder", "kl_autoencoder", "kl_f8",
+                                  "kl_f8_16ch"])
 def test_shipped_configs_load(name):
     cfg = load_config(CONFIGS / f"{name}.yaml")
     assert isinstance(cfg, Config)
@@ -101,7 +102,7 @@ def test_cli_missing_config_subprocess(tmp_path):
     lines = proc.stderr.strip().splitlines()
     assert lines == [f"fastvae: error: config file '{tmp_path / 'x.yaml'}' not found; "
                      f"expected a YAML file such as configs/mnist.yaml or a shipped config: "
-                     f"celeba, fashion_mnist, imagefolder, mnist"]
+                     f"celeba, fashion_mnist, imagefolder, kl_autoencoder, kl_f8, kl_f8_16ch, mnist"]
 
 
 def test_yaml_12_booleans_keep_no_a_string(tmp_path):

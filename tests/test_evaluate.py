@@ -227,3 +227,14 @@ def test_cli_fits_the_variance_of_a_calibrated_decoder_run(tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
         main(["--checkpoint", ckpt, "--gaussian-var", "wide"])
     assert exc.value.code == 2 and "expected a number or fit, got 'wide'" in capsys.readouterr().err
+
+
+def test_ssim_of_a_perfect_reconstruction_is_one_and_of_noise_is_low():
+    """--ssim (torchmetrics, data_range 1): 1 for identical images, far below for unrelated ones."""
+    from fastvae.evaluate import ImageQuality
+
+    x = torch.rand(3, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    ssim, lpips = ImageQuality(ssim=True).measure(x.double(), x)
+    assert torch.allclose(ssim, torch.ones(3, dtype=torch.float64)) and not lpips.any()
+    noise = torch.rand(3, 1, 28, 28, generator=torch.Generator().manual_seed(1))
+    assert ImageQuality(ssim=True).measure(noise.double(), x)[0].max() < 0.2

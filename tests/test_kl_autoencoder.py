@@ -243,8 +243,10 @@ def test_generate_and_evaluate_work_on_the_autoencoder(kl_run, tmp_path):
     for command in (["reconstruct", "--n", "4"], ["interpolate", "--indices", "0", "1", "--steps", "3"],
                     ["sample", "--n", "4"]):
         assert all(p.is_file() for p in generate_main([*command, "--checkpoint", str(kl_run), "--out", str(tmp_path)]))
-    report = evaluate_main(["--checkpoint", str(kl_run), "--max-images", "8", "--json", str(tmp_path / "e.json")])
+    report = evaluate_main(["--checkpoint", str(kl_run), "--max-images", "8", "--json", str(tmp_path / "e.json"),
+                            "--ssim", "--lpips"])  # LPIPS with the run's loss.lpips_weights
     assert report["latent_dim"] == 392 and report["likelihood"] == "mse" and 0 < report["psnr_db"] < 60
+    assert -1 < report["ssim"] < 1 and report["lpips"] > 0
 
 
 def diffusers_folder(path, **config):
@@ -426,3 +428,31 @@ def test_two_processes_train_the_autoencoder_one_trains_with_the_discriminator(t
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     result = json.loads((tmp_path / "lc.json").read_text())
     assert result["max_loss_rel_diff"] < 1e-4 and [r["step"] for r in result["steps"]] == list(range(1, 6))
+
+
+def test_gradient_checkpointing_trains_the_same_weights(tmp_path, tmp_path_factory):
+    """diffusers' own switch (train.gradient_checkpointing): activations recomputed in the backward pass,
+    the same step."""
+    common = [*kl_overrides(tmp_path_factory, "train.max_steps=3"), "loss.disc_weight=0", "loss.disc_start=0"]
+    train(tiny_config(tmp_path / "plain", *common))
+    train(tiny_config(tmp_path / "checkpointed", *common, "train.gradient_checkpointing=true"))
+    for name, value in final_weights(tmp_path / "plain").items():
+        torch.testing.assert_close(final_weights(tmp_path / "checkpointed")[name], value, rtol=1e-5, atol=1e-6)
+
+
+def test_bf16_runs_the_networks_in_bf16_and_lpips_and_the_loss_in_float32(tmp_path, tmp_path_factory, monkeypatch):
+    import fastvae.autoencoder_loss as autoencoder_loss
+
+    seen = []
+    real = autoencoder_loss.lpips_distance
+
+    def spy(model, a, b):
+        seen.append((a.dtype, b.dtype))
+        out = real(model, a, b)
+        seen.append(out.dtype)
+        return out
+
+    monkeypatch.setattr(autoencoder_loss, "lpips_distance", spy)
+    result = train(tiny_config(tmp_path / "bf16", *kl_overrides(tmp_path_factory, "train.max_steps=3"),
+                               "train.mixed_precision=bf16"))
+    assert result["step"] == 3 and seen and all(s in ((torch.float32, torch.float32), torch.float32) for s in seen)

@@ -3,7 +3,7 @@
 format: plumbing and gradients, not perceptual quality) and the discriminator from step 2."""
 
 from shared import built_once
-from weights import write_random_backbone
+from tools.random_weights import write_random_backbone
 
 KL_MODEL = ["model.name=kl_autoencoder",
             "model.kwargs={block_out_channels: [8, 16], norm_num_groups: 4, latent_channels: 2}"]

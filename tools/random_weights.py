@@ -1,5 +1,9 @@
 """Pretrained-weight files that cannot be downloaded here, written with random weights of the same
-architecture, names and format: they check plumbing and gradients, not perceptual quality."""
+architecture, names and format: they check plumbing and gradients (tests), and cost the same FLOPs
+(benchmarks), not perceptual quality.
+
+    python tools/random_weights.py vgg FOLDER     # FOLDER/vgg16-397923af.pth
+"""
 
 from pathlib import Path
 
@@ -19,3 +23,9 @@ def write_random_backbone(net: str, folder) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save({f"features.{k}": v for k, v in features.state_dict().items()}, path)
     return path
+
+
+if __name__ == "__main__":
+    import sys
+
+    print(write_random_backbone(sys.argv[1], sys.argv[2]))
