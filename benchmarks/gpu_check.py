@@ -15,6 +15,9 @@
 11. a synthetic CelebA-size data set (162,770 x 3 x 64 x 64 uint8) held on the GPU: images/s
 12. an fp16 (GradScaler) run, a run that must stop on a non-finite loss, and with 2+ GPUs a
     2-GPU DDP run (NCCL, SyncBatchNorm, ranks_agree; smoke: 2 gloo processes)
+13. the latent-diffusion autoencoder (AutoencoderKL 64/128/128 at kl-f8's 256 px; smoke: 32 px):
+    fastvae's step against the diffusers-script-style step before and after disc_start, fp32 vs bf16,
+    NCHW vs channels_last, FLOPs and peak memory (benchmarks/train_throughput.py --parts kl)
 Every check has a time budget; the kit stays under BUDGET_S and the JSON names what did not run.
 
     bash benchmarks/gpu_check.sh OUT          # on a GPU machine: < 9 minutes on one H100
@@ -295,6 +298,8 @@ def subprocess_checks(out: Path, budget: Budget) -> dict:
         training = ["train.max_steps=4", "data.limit=256", "data.batch_size=32", "train.samples=4"]
         celeba = (60, ["train.max_steps=2", "data.batch_size=8", "model.latent_dim=8", "train.samples=4",
                        "train.mixed_precision=no", "data.loader=memory"])  # what auto picks on a GPU
+        kl = [py, "benchmarks/train_throughput.py", "--parts", "kl", "--kl-size", "32", "--repeats", "1",
+              "--precisions", "fp32", "--formats", "channels_last"]
     else:
         kernels = [py, "benchmarks/kernels.py", "--repeats", "5"]
         throughput = [py, "benchmarks/train_throughput.py", "--parts", "step", "--repeats", "5", "--precisions", "bf16",
@@ -302,6 +307,9 @@ def subprocess_checks(out: Path, budget: Budget) -> dict:
                       "celeba dfc_vae 3x64x64", "celeba dfc_vae 3x128x128"]
         training = ["train.max_steps=40"]
         celeba = (700, ["train.epochs=2", "data.batch_size=64"])  # 490 train faces: 7 steps per epoch
+        # the latent-diffusion autoencoder's step against the diffusers-script-style step, both phases:
+        # fp32 vs bf16, NCHW vs channels_last, with FLOPs and peak memory (kl-f8's 256 px needs a GPU)
+        kl = [py, "benchmarks/train_throughput.py", "--parts", "kl", "--kl-size", "256", "--repeats", "3"]
     return {
         "training_triton": budget.run("training_triton", 60, lambda timeout: run(
             "training_triton", [py, "-m", "fastvae.train", "--config", "mnist", "train.ops=triton", *training,
@@ -322,6 +330,8 @@ def subprocess_checks(out: Path, budget: Budget) -> dict:
             "kernels", [*kernels, "--json", str(out / "kernels.json")], out, timeout)),
         "train_throughput": budget.run("train_throughput", 150, lambda timeout: run(
             "train_throughput", [*throughput, "--json", str(out / "train_throughput.json")], out, timeout)),
+        "kl_autoencoder": budget.run("kl_autoencoder", 150, lambda timeout: run(
+            "kl_autoencoder", [*kl, "--json", str(out / "kl_autoencoder.json")], out, timeout)),
     }
 
 

@@ -22,7 +22,9 @@ from __future__ import annotations
 import torch
 
 from fastvae import losses
+from fastvae.config import image_hw
 from fastvae.discriminator import NLayerDiscriminator
+from fastvae.errors import UserError
 from fastvae.ops import several_processes
 
 
@@ -49,6 +51,19 @@ def adversarial_term(disc, x_hat: torch.Tensor, nll_loss: torch.Tensor, last_lay
     return d_weight * factor * g_loss, g_loss, d_weight
 
 
+def check_image_size(module: torch.nn.Module, channels: int, height: int, width: int) -> None:
+    """One forward of two images of this size, in one line if the PatchGAN's strides cannot take it."""
+    try:
+        with torch.no_grad():
+            module.eval()(torch.zeros(2, channels, height, width))
+    except RuntimeError as err:
+        raise UserError(f"config key 'disc.layers': a {module.main[0].out_channels}-channel PatchGAN cannot take "
+                        f"{height}x{width} images ({str(err).splitlines()[0][:100]}); expected fewer disc.layers or "
+                        f"larger images") from None
+    finally:
+        module.train()
+
+
 class Critic:
     def __init__(self, cfg, accelerator, build_optimizer) -> None:
         from fastvae.models.sync_batchnorm import convert_sync_batchnorm
@@ -58,6 +73,7 @@ class Critic:
         self.d_loss = losses.D_LOSSES[loss.disc_loss]
         self.accelerator = accelerator
         module = NLayerDiscriminator(cfg.data.channels, disc.channels, disc.layers, disc.norm)
+        check_image_size(module, cfg.data.channels, *image_hw(cfg.data))
         if accelerator.num_processes > 1 and disc.norm == "batch":
             module = convert_sync_batchnorm(module, accelerator.device)
         module.to(accelerator.device)

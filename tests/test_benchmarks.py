@@ -24,7 +24,7 @@ def test_gpu_check_kit_smoke_mode_runs_every_check_on_the_cpu(tmp_path):
     assert report["compile"]["graph_breaks"] == 0
     assert report["cuda_graph_replay"] == {"skipped": "no CUDA device"}
     assert set(report["runs"]) == {"kernels", "train_throughput", "training_triton", "training_celeba",
-                                   "training_fp16", "nonfinite_stops", "ddp_2gpu"}
+                                   "training_fp16", "nonfinite_stops", "ddp_2gpu", "kl_autoencoder"}
     assert report["keyed_rng"]["ok"] and report["sync_free_steps"]["ok"] and report["celeba_size"]["ok"]
     # the compiled step, KL warm-up on: one graph, no break, no recompile over 30 steps (single process)
     assert {k: report["compiled_step"][k] for k in ("steps", "graphs", "graph_breaks", "recompiles")} == {
@@ -35,6 +35,9 @@ def test_gpu_check_kit_smoke_mode_runs_every_check_on_the_cpu(tmp_path):
     assert report["seconds"] < report["budget_s"]
     check_kernel_benchmark(out)
     assert json.loads((out / "train_throughput.json").read_text())["results"]
+    kl = json.loads((out / "kl_autoencoder.json").read_text())["results"]  # both phases, the peer and fastvae
+    assert {r["workload"].split(", ")[1] for r in kl} == {"before disc_start", "after disc_start"}
+    assert all(r["gflop"] > 0 for r in kl) and sum(r["x_baseline"] == 1.0 for r in kl) >= 2
     assert (out / "run_triton" / "summary.json").is_file()
     assert json.loads((out / "run_celeba" / "summary.json").read_text())["step"] == 2
 

@@ -326,6 +326,7 @@ def bad_folder(tmp_path, case: str):
     ("", ["model.train_decoder_only=true"], "'model.train_decoder_only': fine-tuning the decoder alone keeps an"),
     ("", ["loss.disc_weight=0"], "'loss.disc_start': 2 starts a discriminator that does not exist"),
     ("", ["loss.lpips_weights={tmp}/pickled.pth"], "LPIPS backbone file '"),
+    ("", ["disc.layers=5"], "'disc.layers': a 64-channel PatchGAN cannot take 28x28 images"),
 ])
 def test_bad_autoencoder_input_is_one_line_and_runs_nothing(case, overrides, message, tmp_path, tmp_path_factory,
                                                             capsys):
