@@ -312,7 +312,6 @@ def sum_over_processes(t: torch.Tensor) -> torch.Tensor:
     return reduce(t, reduction="sum")
 
 
-@exit_on_user_error
 def image_lpips(args, vae):
     """--lpips: the run's LPIPS settings (loss.lpips_net, loss.lpips_weights) unless --lpips-weights says."""
     if not args.lpips:
@@ -322,6 +321,7 @@ def image_lpips(args, vae):
     return load_lpips(vae.cfg.loss.lpips_net, args.lpips_weights or vae.cfg.loss.lpips_weights).to(vae.device)
 
 
+@exit_on_user_error
 def main(argv=None) -> dict:
     from fastvae.checkpoint import load
 
