@@ -457,3 +457,16 @@ def test_bf16_runs_the_networks_in_bf16_and_lpips_and_the_loss_in_float32(tmp_pa
     result = train(tiny_config(tmp_path / "bf16", *kl_overrides(tmp_path_factory, "train.max_steps=3"),
                                "train.mixed_precision=bf16"))
     assert result["step"] == 3 and seen and all(s in ((torch.float32, torch.float32), torch.float32) for s in seen)
+
+
+def test_the_shipped_configs_build_their_models_and_the_cpu_one_trains(tmp_path, tmp_path_factory):
+    """configs/kl_autoencoder.yaml trains as shipped (two steps of it); kl_f8 / kl_f8_16ch are LDM's and
+    Flux's sizes (counted on the meta device: 83.7M parameters, the REFERENCES figure for kl-f8)."""
+    from fastvae.sizes import estimate
+
+    assert round(estimate(load_config("kl_f8", ["data.root=x"]), trace=False).parameters / 1e6, 1) == 83.7
+    assert round(estimate(load_config("kl_f8_16ch", ["data.root=x"]), trace=False).parameters / 1e6, 1) == 83.8
+    result = train(load_config("kl_autoencoder", [f"loss.lpips_weights={lpips_weights(tmp_path_factory)}",
+                                                  "data.limit=64", "train.max_steps=2", "train.samples=4",
+                                                  f"out_dir={tmp_path / 'run'}"]))
+    assert result["step"] == 2
