@@ -33,6 +33,14 @@ torch.set_num_threads(_threads)
 
 
 @pytest.fixture(autouse=True)
+def worker_threads():
+    """Every test starts with its worker's share of the cores, whatever an earlier one set (FFCV's
+    import sets torch's threads, for one): results must not depend on which tests ran before."""
+    torch.set_num_threads(_threads)
+    yield
+
+
+@pytest.fixture(autouse=True)
 def fresh_accelerate_state():
     """accelerate keeps process-wide singletons; each in-process run starts clean."""
     from fastvae.run_setup import reset_accelerate_state

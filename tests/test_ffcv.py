@@ -217,3 +217,15 @@ def test_corrupt_image_stops_the_write_or_is_left_out(tmp_path, capsys):
     paths = ffcv_main([*args, "--skip-corrupt"])
     assert check_beton(paths[0]) == 20  # 21 training images, one left out
     assert "left 1 undecodable image(s) out of train.beton" in capsys.readouterr().err
+
+
+def test_importing_ffcv_leaves_torchs_threads_as_they_were():
+    """FFCV's import sets torch's threads to 1; fastvae's import of it puts them back (the step would
+    run on one core, and give other sums than the loaders that never import FFCV)."""
+    import subprocess
+    import sys
+
+    code = ("import torch; torch.set_num_threads(2); from fastvae.data.ffcv_loader import require_ffcv; "
+            "require_ffcv(); print(torch.get_num_threads())")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.stdout.strip() == "2", out.stderr[-2000:]

@@ -20,11 +20,16 @@ FIELDS = ("image", "label", "index")
 
 
 def require_ffcv():
+    threads = torch.get_num_threads()
     try:
         import ffcv  # noqa: F401
     except ImportError:
         raise UserError(f"data.loader=ffcv needs the ffcv package, which is not installed; expected: "
                         f"{INSTALL_HINT}") from None
+    finally:
+        # importing ffcv sets torch's intra-op threads to 1 (its pipeline Compiler does, at import):
+        # the training step, and every later one in the process, would run on one core
+        torch.set_num_threads(threads)
 
 
 def check_beton(path: str | Path, image_size: tuple[int, int] | None = None) -> int:
