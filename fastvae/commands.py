@@ -96,7 +96,19 @@ def evaluate_parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-ema", dest="ema", action="store_false", help=NO_EMA_HELP)
     parser.add_argument("overrides", nargs="*", metavar="data.key=value",
                         help="where the run's data is now, e.g. data.root=/new/place")
+    parser.add_argument("--psnr", action="store_true", help="PSNR of the reconstructions (always reported; data "
+                        "range 1, as the images are in [0, 1])")
     parser.add_argument("--ssim", action="store_true", help="SSIM of the reconstructions (torchmetrics; data_range 1)")
+    parser.add_argument("--fid", action="store_true", help="FID of prior samples against the split's images "
+                        "(torch-fidelity's Inception; conditional models: the test images' conditions)")
+    parser.add_argument("--rfid", action="store_true", help="FID of the reconstructions against the originals")
+    parser.add_argument("--kid", action="store_true", help="also KID (unbiased MMD, cubic kernel) beside each FID")
+    parser.add_argument("--num-samples", type=int, help="prior samples for --fid (default: one per evaluated image)")
+    parser.add_argument("--inception-weights", help="torch-fidelity's weights-inception-2015-12-05-6726825d.pth "
+                        "(default: the torch hub cache's copy; never downloaded)")
+    parser.add_argument("--kid-subsets", type=int, default=100, help="KID: random subsets averaged (torch-fidelity's 100)")
+    parser.add_argument("--kid-subset-size", type=int, default=1000,
+                        help="KID: images per subset (at most the smaller set; torch-fidelity's 1000)")
     parser.add_argument("--lpips", action="store_true", help="LPIPS of the reconstructions (the backbone from the "
                                                               "torch hub cache, the run's loss.lpips_weights, or "
                                                               "--lpips-weights)")

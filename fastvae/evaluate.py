@@ -46,6 +46,7 @@ from fastvae.errors import UserError, exit_on_user_error
 
 LOG_2PI = math.log(2 * math.pi)
 ACTIVE_UNIT_THRESHOLD = 0.01  # Burda et al.: Cov_x(E_q[z_u]) > 0.01
+SAMPLE_STREAM = 2**31 - 1  # the noise stream of FID's prior samples (IWAE's draws use streams 0..K)
 
 
 @dataclass(frozen=True)
@@ -168,19 +169,49 @@ def shard_of(total: int, shard: tuple[int, int]) -> list[int]:
 def evaluate_model(model, dataset, likelihood: Likelihood, iwae_samples: int = 0, chunk: int = 100,
                    max_images: int | None = None, binarize: bool = False, seed: int = 0,
                    batch_size: int = 100, progress: bool = False, shard: tuple[int, int] = (0, 1),
-                   all_reduce=None, conditioning=None, quality: ImageQuality = ImageQuality()) -> dict:
+                   all_reduce=None, conditioning=None, quality: ImageQuality = ImageQuality(),
+                   features=None, all_gather=None) -> dict:
     """All metrics over (up to max_images of) a dataset; see the module docstring for definitions.
     With several processes each evaluates its `shard` (rank, world size) and `all_reduce` (a sum
     over processes) makes every process's report that of the whole split. conditioning: a
-    conditional model's (fastvae.conditions, bound to this dataset)."""
+    conditional model's (fastvae.conditions, bound to this dataset). features: a
+    fastvae.fid.FeatureSets for FID/KID, whose features `all_gather` joins over processes."""
     if likelihood.kind == "mse" and likelihood.gaussian_var is None:
         likelihood = fitted_likelihood(model, dataset, max_images, binarize, seed, batch_size, shard, all_reduce,
                                        conditioning)
     sums, pixels = evaluate_sums(model, dataset, likelihood, iwae_samples, chunk, max_images, binarize, seed,
-                                 batch_size, progress, shard, conditioning, quality)
+                                 batch_size, progress, shard, conditioning, quality, features)
     if all_reduce is not None:
         sums.values = all_reduce(sums.values)
-    return report_of(sums, pixels, likelihood, binarize, iwae_samples, quality)
+    report = report_of(sums, pixels, likelihood, binarize, iwae_samples, quality)
+    if features is not None:
+        total = min(len(dataset), max_images or len(dataset))
+        if features.fid:
+            add_sample_features(model, dataset, total, features, seed, batch_size, shard, conditioning, progress)
+        report.update(features.report(all_gather, shard[0] == 0))
+    return report
+
+
+@torch.no_grad()
+def add_sample_features(model, dataset, total: int, features, seed: int, batch_size: int, shard, conditioning,
+                        progress: bool = False) -> None:
+    """FID's prior samples (features.num_samples, default one per evaluated image): sample i decodes
+    z ~ N(0, I) keyed by (seed, SAMPLE_STREAM, i), so any split over processes draws the same images;
+    a conditional model's sample i has the condition of test image i mod total."""
+    device, dtype = next(model.parameters()).device, next(model.parameters()).dtype
+    positions = shard_of(features.num_samples or total, shard)
+    bar = tqdm(total=features.num_samples or total, desc="FID samples", unit="img",
+               disable=not progress or shard[0] != 0)
+    done = 0
+    for _, labels, sample_ids in in_order_loader(Subset(dataset, [p % total for p in positions]), batch_size):
+        ids = torch.tensor(positions[done:done + len(sample_ids)], device=device)
+        c = None if conditioning is None else conditioning.of_batch(torch.as_tensor(labels).to(device),
+                                                                      torch.as_tensor(sample_ids).to(device))
+        z = eval_noise(seed, ids, model.latent_dim, SAMPLE_STREAM)
+        features.add("samples", model.images(model.decode_with(z.to(dtype), c).double()))
+        done += len(ids)
+        bar.update(len(ids) * shard[1])
+    bar.close()
 
 
 def fitted_likelihood(model, dataset, max_images, binarize, seed, batch_size, shard, all_reduce,
@@ -199,7 +230,7 @@ def fitted_likelihood(model, dataset, max_images, binarize, seed, batch_size, sh
 def evaluate_sums(model, dataset, likelihood: Likelihood, iwae_samples: int, chunk: int, max_images: int | None,
                   binarize: bool, seed: int, batch_size: int, progress: bool,
                   shard: tuple[int, int], conditioning=None,
-                  quality: ImageQuality = ImageQuality()) -> tuple[EvalSums, int]:
+                  quality: ImageQuality = ImageQuality(), features=None) -> tuple[EvalSums, int]:
     """(the sums of this process's share of the images, pixels per image)."""
     model.eval()
     device = next(model.parameters()).device
@@ -220,6 +251,9 @@ def evaluate_sums(model, dataset, likelihood: Likelihood, iwae_samples: int, chu
         iwae = (iwae_bound(model, x, likelihood, iwae_samples, chunk, seed, sample_ids, c) if iwae_samples
                 else torch.zeros(len(x), dtype=torch.float64, device=device))
         sums.add(recon, losses.kl_divergence_per_dim(mu, logvar), iwae, sq_err, mu, *quality.measure(images, x))
+        if features is not None:
+            features.add("real", x)
+            features.add("reconstructions", images)
         bar.update(len(x) * shard[1])
     bar.close()
     return sums, pixels or dataset[0][0].numel()  # (a process whose share was empty reads one image)
@@ -270,6 +304,13 @@ def print_report(report: dict) -> None:
              ("reconstruction MSE", f"{report['recon_mse']:.5f}"),
              ("PSNR (dB)", f"{report['psnr_db']:.2f}")]
     rows += [(name, f"{report[key]:.4f}") for key, name in (("ssim", "SSIM"), ("lpips", "LPIPS")) if key in report]
+    for key, what in (("fid", "samples"), ("rfid", "reconstructions")):
+        if key in report:
+            counts = f"{report[key + '_images']} {what} vs {report['fid_real_images']} images"
+            rows.append((f"{key[:-3]}FID ({counts})", f"{report[key]:.3f}"))
+            if f"{key[:-3]}kid_mean" in report:
+                rows.append((f"{key[:-3]}KID (subsets of {report[key[:-3] + 'kid_subset_size']})",
+                             f"{report[key[:-3] + 'kid_mean']:.5f} +- {report[key[:-3] + 'kid_std']:.5f}"))
     width = max(len(name) for name, _ in rows)
     for name, value in rows:
         print(f"{name.ljust(width)}  {value}")
@@ -312,6 +353,40 @@ def sum_over_processes(t: torch.Tensor) -> torch.Tensor:
     return reduce(t, reduction="sum")
 
 
+def gather_rows(t: torch.Tensor) -> torch.Tensor:
+    """Every process's rows [N_rank, D], joined in rank order on each process (shares may differ in size)."""
+    from accelerate import PartialState
+    from accelerate.utils import gather, pad_across_processes
+
+    device = PartialState().device
+    counts = gather(torch.tensor([len(t)], device=device)).tolist()
+    padded = pad_across_processes(t.to(device), dim=0)
+    rows = gather(padded).cpu()
+    m = padded.shape[0]
+    return torch.cat([rows[i * m:i * m + c] for i, c in enumerate(counts)])
+
+
+def fid_features(args, vae, split_size: int):
+    """--fid / --rfid: the Inception network and what to compare; the real images' features cached in the
+    run's folder, keyed by everything that changes them (data set, split, count, weights)."""
+    if not (args.fid or args.rfid):
+        if args.kid or args.num_samples:
+            raise UserError("--kid and --num-samples go with --fid or --rfid; expected one of them too")
+        return None
+    from fastvae.fid import FeatureSets, cache_file_for, load_inception
+
+    if args.num_samples is not None and args.num_samples < 2:
+        raise UserError(f"--num-samples {args.num_samples}: expected at least 2")
+    inception, sha = load_inception(args.inception_weights or "", vae.device)
+    d = vae.cfg.data
+    total = min(split_size, args.max_images or split_size)
+    cache = cache_file_for(vae.run_dir, data=[d.name, d.root, d.image_size, d.channels, d.center_crop,
+                                              d.test_fraction, d.split_seed, d.label_attribute, d.test_split],
+                           split=args.split, images=total, binarize=args.binarize, weights=sha)
+    return FeatureSets(inception, sha, args.fid, args.rfid, args.kid, args.num_samples, args.kid_subsets,
+                       args.kid_subset_size, cache)
+
+
 def image_lpips(args, vae):
     """--lpips: the run's LPIPS settings (loss.lpips_net, loss.lpips_weights) unless --lpips-weights says."""
     if not args.lpips:
@@ -337,9 +412,11 @@ def main(argv=None) -> dict:
     likelihood = Likelihood.of_run(vae.cfg.loss, variance)
     shard, all_reduce = ((state.process_index, state.num_processes), sum_over_processes) if state else ((0, 1), None)
     quality = ImageQuality(args.ssim, image_lpips(args, vae))
-    report = evaluate_model(vae.model, vae.split(args.split), likelihood, args.iwae_samples, args.chunk,
+    dataset = vae.split(args.split)
+    report = evaluate_model(vae.model, dataset, likelihood, args.iwae_samples, args.chunk,
                             args.max_images, args.binarize, args.seed, progress=True, shard=shard,
-                            all_reduce=all_reduce, conditioning=vae.conditioning_for(args.split), quality=quality)
+                            all_reduce=all_reduce, conditioning=vae.conditioning_for(args.split), quality=quality,
+                            features=fid_features(args, vae, len(dataset)), all_gather=gather_rows if state else None)
     report.update({"checkpoint": str(vae.path), "split": args.split, "step": vae.meta["step"],
                    "processes": shard[1]})
     if shard[0] != 0:

@@ -1,0 +1,201 @@
+"""FID and KID (Heusel et al. 2017; Binkowski et al. 2018) from torch-fidelity: its Inception-v3 feature
+extractor (the TF-FID network and resize, as the published numbers use) and its metric code; fastvae owns
+the plumbing: which images, the weights file, features gathered over processes, cached real statistics.
+
+Why torch-fidelity and not torchmetrics' FID: torchmetrics wraps the same extractor but keeps its state
+inside a module (one process, no cache of the real set's features, and KID without a weights path);
+torch-fidelity's functions take features, so several processes can gather theirs first.
+
+Images go in as [B, C, H, W] floats in [0, 1]; they become uint8 the way a PNG of them would
+(torchvision's save_image: x * 255 + 0.5, clamped; truncating instead would turn 254.99998 into 254),
+greyscale repeated to RGB (PIL's convert("RGB")), and torch-fidelity resizes them to 299 px itself.
+Its weights file (`weights-inception-2015-12-05-6726825d.pth`; pytorch-fid's `pt_inception-...` differs)
+is read from the torch hub cache or a given path, never downloaded, and only as plain tensors.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import tempfile
+import warnings
+from pathlib import Path
+
+import torch
+
+from fastvae.errors import UserError
+from fastvae.perceptual import hub_checkpoints
+
+INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
+INCEPTION_URL = f"https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/{INCEPTION_FILE}"
+FEATURE_DIM = 2048
+UNBIASED_FROM = 2048  # fewer images than feature dimensions: a rank-deficient covariance, FID biased upwards
+
+
+def inception_path(path: str = "") -> Path:
+    """The Inception weights: `path` when given, else the hub cache's copy; missing is one line."""
+    found = Path(path) if path else hub_checkpoints() / INCEPTION_FILE
+    if not found.is_file():
+        where = f"'{found}'" if path else f"{INCEPTION_FILE} in {hub_checkpoints()} (torch's hub cache, $TORCH_HOME)"
+        raise UserError(f"FID/KID need torch-fidelity's Inception weights: expected {where}; fastvae never downloads: "
+                        f"copy {INCEPTION_URL} there from a machine with internet, or give --inception-weights PATH")
+    return found
+
+
+def load_inception(path: str = "", device="cpu") -> tuple[torch.nn.Module, str]:
+    """(torch-fidelity's frozen Inception-v3 giving 2048 pool features, the weights file's sha256).
+
+    The file is read once into memory and checked to hold plain tensors (weights_only); torch-fidelity
+    is then given a private copy of those same bytes, so what it unpickles is what was checked."""
+    weights = inception_path(path)
+    data = weights.read_bytes()
+    try:
+        torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as err:  # pickle's and torch's own types
+        raise UserError(f"Inception weights file '{weights}' refused: it is not plain tensors ({type(err).__name__}); "
+                        f"expected torch-fidelity's {INCEPTION_FILE}") from None
+    try:
+        from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+    except ImportError as err:
+        raise UserError(f"FID/KID need torch-fidelity ({err}); expected `pip install 'fastvae[metrics]'`") from None
+    with tempfile.TemporaryDirectory() as folder:
+        copy = Path(folder) / INCEPTION_FILE
+        copy.write_bytes(data)
+        try:
+            model = FeatureExtractorInceptionV3("inception-v3-compat", [str(FEATURE_DIM)],
+                                                feature_extractor_weights_path=str(copy))
+        except RuntimeError as err:  # load_state_dict: missing keys or other shapes
+            raise UserError(f"Inception weights file '{weights}' does not fit Inception-v3 "
+                            f"({str(err).splitlines()[0][:100]}); expected torch-fidelity's {INCEPTION_FILE}") from None
+    return model.to(device), hashlib.sha256(data).hexdigest()
+
+
+def inception_input(images: torch.Tensor) -> torch.Tensor:
+    """[B, C, H, W] in [0, 1] -> uint8 RGB, as a PNG of them reads back (see the module docstring)."""
+    x = images.detach().float().mul(255).add_(0.5).clamp_(0, 255).to(torch.uint8)
+    return x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x
+
+
+@torch.no_grad()
+def inception_features(model: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """2048 pool features per image [B, 2048], float64 on the CPU."""
+    if images.shape[1] not in (1, 3):
+        raise UserError(f"FID/KID: images with {images.shape[1]} channels; expected 1 (greyscale) or 3 (RGB)")
+    (features,) = model(inception_input(images))
+    return features.double().cpu()
+
+
+def statistics(features: torch.Tensor) -> dict:
+    """Mean and (unbiased) covariance of features [N, D], float64 numpy, torch-fidelity's way."""
+    from torch_fidelity.metric_fid import fid_features_to_statistics
+
+    return fid_features_to_statistics(features.double().cpu())
+
+
+def frechet_distance(real: torch.Tensor, fake: torch.Tensor) -> float:
+    """FID of two feature sets [N, D]: ||mu1 - mu2||^2 + Tr(S1 + S2 - 2 (S1 S2)^1/2), by torch-fidelity
+    (the trace of the square root from the eigenvalues of S1 S2). Where S1 S2 has eigenvalues that are
+    clearly complex or negative (near-singular covariances, usually too few images) it warns instead of
+    silently keeping the real part; fewer images than feature dimensions also warns (biased upwards)."""
+    import numpy as np
+    from torch_fidelity.metric_fid import fid_statistics_to_metric
+
+    for name, f in (("real", real), ("generated", fake)):
+        if len(f) < 2:
+            raise UserError(f"FID: {len(f)} {name} image(s); expected at least 2 (and >= {UNBIASED_FROM} for an "
+                            f"unbiased value)")
+    s1, s2 = statistics(real), statistics(fake)
+    eig = np.linalg.eigvals(s1["sigma"] @ s2["sigma"])
+    scale = max(float(np.abs(eig).max()), 1e-300)
+    if np.abs(eig.imag).max() > 1e-6 * scale or eig.real.min() < -1e-6 * scale:
+        warnings.warn(f"FID: the covariances are near-singular ({len(real)} and {len(fake)} images for {real.shape[1]} "
+                      f"feature dimensions); the square root's trace keeps the real part, the value is unreliable",
+                      stacklevel=2)
+    elif min(len(real), len(fake)) < UNBIASED_FROM:
+        warnings.warn(f"FID from {min(len(real), len(fake))} images (< {UNBIASED_FROM}) is biased upwards: compare "
+                      f"FIDs of equal image counts only", stacklevel=2)
+    return fid_statistics_to_metric(s1, s2, verbose=False)["frechet_inception_distance"]
+
+
+def kernel_inception_distance(real: torch.Tensor, fake: torch.Tensor, subsets: int = 100, subset_size: int = 1000,
+                              seed: int = 2020) -> tuple[float, float, int]:
+    """KID (mean, std over subsets, subset size) by torch-fidelity: the unbiased MMD^2 with the cubic
+    kernel (x.y / D + 1)^3 over `subsets` random subsets of min(subset_size, N1, N2) images each."""
+    from torch_fidelity.metric_kid import kid_features_to_metric
+
+    size = min(subset_size, len(real), len(fake))
+    if size < 2:
+        raise UserError(f"KID: {size} image(s) in a subset; expected at least 2")
+    out = kid_features_to_metric(real.double().cpu(), fake.double().cpu(), kid_subsets=subsets,
+                                 kid_subset_size=size, rng_seed=seed, verbose=False)
+    return out["kernel_inception_distance_mean"], out["kernel_inception_distance_std"], size
+
+
+class FeatureSets:
+    """The Inception features one evaluation collects, by set: "real" (the split's images, unless read
+    from the cache), "reconstructions" (z = mu) and "samples" (from the prior). Each process collects
+    its own share in order; `gathered` joins the shares in rank order, which is the order one process
+    would have collected them in (evaluate's shards are contiguous)."""
+
+    def __init__(self, inception: torch.nn.Module, weights_sha: str, fid: bool = False, rfid: bool = False,
+                 kid: bool = False, num_samples: int | None = None, kid_subsets: int = 100,
+                 kid_subset_size: int = 1000, cache_file: Path | None = None) -> None:
+        self.inception, self.weights_sha = inception, weights_sha
+        self.fid, self.rfid, self.kid, self.num_samples = fid, rfid, kid, num_samples
+        self.kid_subsets, self.kid_subset_size, self.cache_file = kid_subsets, kid_subset_size, cache_file
+        self.cached_real = read_cached(cache_file)
+        self.parts: dict[str, list[torch.Tensor]] = {"real": [], "reconstructions": [], "samples": []}
+
+    def add(self, name: str, images: torch.Tensor) -> None:
+        wanted = {"real": self.cached_real is None, "reconstructions": self.rfid, "samples": self.fid}[name]
+        if wanted:
+            self.parts[name].append(inception_features(self.inception, images))
+
+    def gathered(self, name: str, all_gather=None) -> torch.Tensor:
+        mine = torch.cat(self.parts[name]) if self.parts[name] else torch.zeros(0, FEATURE_DIM, dtype=torch.float64)
+        return mine if all_gather is None else all_gather(mine)
+
+    def report(self, all_gather=None, is_main: bool = True) -> dict:
+        """FID / KID of the asked comparisons against the real features (cached after the first time)."""
+        real = self.cached_real if self.cached_real is not None else self.gathered("real", all_gather)
+        if self.cached_real is None and self.cache_file is not None and is_main:
+            write_cached(self.cache_file, real)
+        out = {"inception_weights_sha256": self.weights_sha, "fid_real_images": len(real)}
+        for key, name, asked in (("fid", "samples", self.fid), ("rfid", "reconstructions", self.rfid)):
+            if not asked:
+                continue
+            fake = self.gathered(name, all_gather)
+            out[f"{key}_images"] = len(fake)
+            out[key] = frechet_distance(real, fake)
+            if self.kid:
+                kid = key[:-3] + "kid"  # kid (samples), rkid (reconstructions)
+                out[f"{kid}_mean"], out[f"{kid}_std"], out[f"{kid}_subset_size"] = \
+                    kernel_inception_distance(real, fake, self.kid_subsets, self.kid_subset_size)
+        return out
+
+
+def cache_file_for(folder: Path, **key) -> Path:
+    """Where the real images' features are cached: one file per (data set, split, images, size,
+    weights' hash, ...) -- whatever `key` holds, hashed into the name."""
+    import json
+
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return Path(folder) / "fid_features" / f"real-{digest}.safetensors"
+
+
+def read_cached(path: Path | None) -> torch.Tensor | None:
+    if path is None or not path.is_file():
+        return None
+    from safetensors.torch import load_file
+
+    return load_file(str(path))["features"].double()
+
+
+def write_cached(path: Path, features: torch.Tensor) -> None:
+    """float32 (what the extractor computes in): 8 KB per image."""
+    from safetensors.torch import save_file
+
+    from fastvae.atomic import replaced
+
+    with replaced(path) as tmp:
+        save_file({"features": features.float().contiguous()}, str(tmp))
