@@ -44,9 +44,10 @@ class TrainState:
     step: int = 0
     epoch: int = 0
     batch_in_epoch: int = 0
-    wandb_run_id: str | None = None
+    wandb_run_id: str | None = None  # the tracking run's id (W&B's, when logging there): a resume continues it
     global_batch: int | None = None
     ema_updates: int | None = None  # updates the weights' moving average has had (train.ema_decay)
+    mlflow_run_id: str | None = None  # logger=mlflow: the MLflow run a resume continues
 
     def rebatch(self, global_batch: int) -> str | None:
         """Continue with global batches of `global_batch` images (another data.batch_size or number
@@ -209,8 +210,9 @@ def _check_meta(meta, where: Path) -> None:
         raise bad("global_batch", "a positive integer or null")
     if meta.get("ema_updates") is not None and (type(meta["ema_updates"]) is not int or meta["ema_updates"] < 0):
         raise bad("ema_updates", "a count or null")
-    if meta.get("wandb_run_id") is not None and not isinstance(meta["wandb_run_id"], str):
-        raise bad("wandb_run_id", "a string or null")
+    for key in ("wandb_run_id", "mlflow_run_id"):
+        if meta.get(key) is not None and not isinstance(meta[key], str):
+            raise bad(key, "a string or null")
     files = meta.get("files")
     if not isinstance(files, dict) or not all(isinstance(k, str) and type(v) is int and v >= 0 for k, v in files.items()):
         raise bad("files", "an object of file names and sizes")

@@ -34,6 +34,7 @@ def knob(default=dataclasses.MISSING, doc: str = "", *, factory=None, above=None
 
 
 SPLITS = ("train", "test")
+TRACKERS = ("wandb", "tensorboard", "mlflow")  # logger=...: accelerate's trackers of these names
 
 # Image shapes fixed by a dataset's files: the one place these rules live. (The models take any
 # size; what a size cannot do is the model's dry forward at set-up: fastvae.models.check_model.)
@@ -236,7 +237,9 @@ class Config:
     out_dir: str = knob("runs/mnist", "where metrics, checkpoints and pictures go")
     seed: int = knob(0, "seed of the model's initialization, the data order and the noise", at_least=0,
                      below=2**32)  # numpy's seed range (accelerate's set_seed seeds numpy too)
-    logger: Literal["none", "wandb"] = knob("none", "none (metrics.jsonl only) or wandb (also W&B)")
+    logger: str | list[str] = knob("none", "where metrics also go besides metrics.jsonl: none, wandb, tensorboard "
+                                           "(OUT_DIR/tensorboard), mlflow (OUT_DIR/mlflow.db unless "
+                                           "$MLFLOW_TRACKING_URI), or a list, e.g. [wandb,tensorboard]")
     wandb: WandbConfig = field(default_factory=WandbConfig)
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -466,6 +469,7 @@ def validate(cfg: Config) -> Config:
     if cfg.loss.kl_cycle_ramp > 1:
         raise UserError(f"config key 'loss.kl_cycle_ramp': expected a share of the cycle in (0, 1], got "
                         f"{cfg.loss.kl_cycle_ramp}")
+    loggers(cfg)
     _check_schedules(cfg)
     if cfg.loss.kl_cycle_steps and cfg.loss.kl_warmup_steps:
         raise UserError("config keys 'loss.kl_cycle_steps' and 'loss.kl_warmup_steps': both schedule beta; expected "
@@ -492,6 +496,17 @@ def validate(cfg: Config) -> Config:
     if cfg.data.name == "celeba" and cfg.data.channels != 3:
         raise UserError(f"data.name=celeba gives RGB images; expected data.channels=3, got {cfg.data.channels}")
     return cfg
+
+
+def loggers(cfg: Config) -> tuple[str, ...]:
+    """The trackers `logger` names (none: ()), checked: known names, each once, none alone."""
+    names = [cfg.logger] if isinstance(cfg.logger, str) else list(cfg.logger)
+    if names == ["none"] or not names:
+        return ()
+    if any(n not in TRACKERS for n in names) or len(set(names)) != len(names):
+        raise UserError(f"config key 'logger': {cfg.logger!r}; expected none, one of {', '.join(TRACKERS)}, or a "
+                        f"list of them, each once (e.g. [wandb,tensorboard])")
+    return tuple(names)
 
 
 def image_information_nats(data) -> float:

@@ -399,6 +399,7 @@ def image_lpips(args, vae):
 @exit_on_user_error
 def main(argv=None) -> dict:
     from fastvae.checkpoint import load
+    from fastvae.config import loggers
 
     args = parse_args(argv)
     if not 0 <= args.iwae_samples <= 5000:
@@ -426,7 +427,7 @@ def main(argv=None) -> dict:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(report, indent=2))
         print(f"fastvae: wrote {args.json}")
-    if args.wandb if args.wandb is not None else vae.cfg.logger == "wandb":
+    if args.wandb if args.wandb is not None else "wandb" in loggers(vae.cfg):
         log_to_wandb(report, vae)
     return report
 

@@ -49,7 +49,7 @@ def make_accelerator(cfg: Config) -> tuple[Accelerator, str]:
         gradient_accumulation_steps=cfg.train.grad_accum_steps,
         kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.train.collective_timeout_s))],
         cpu=cpu,  # the data loaders are not prepared: they shard themselves (fastvae.data.sharding)
-        log_with="wandb" if cfg.logger == "wandb" else None,
+        # trackers: fastvae.tracking.RunLog builds them (their folders and run ids come from the run)
     ), why
 
 

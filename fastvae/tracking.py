@@ -1,8 +1,9 @@
-"""Where metrics go: metrics.jsonl in out_dir always, W&B through accelerate's tracker when asked.
+"""Where metrics go: metrics.jsonl in out_dir always; W&B, TensorBoard and MLflow through accelerate's
+trackers when `logger` names them (one or several).
 
 Only the main process writes; callers pass values already reduced across ranks.
-The W&B run id lives in every checkpoint, so a resumed (or requeued) run keeps
-logging into the same W&B run.
+The tracking run's id lives in every checkpoint (and MLflow's run id), so a resumed (or requeued)
+run keeps logging into the same W&B / MLflow run, and steps logged before a crash are not logged again.
 """
 
 from __future__ import annotations
@@ -11,12 +12,16 @@ import json
 import os
 from pathlib import Path
 
-from fastvae.config import Config, flatten
+from fastvae.config import Config, flatten, loggers
 from fastvae.errors import UserError
 
 METRICS_FILE = "metrics.jsonl"
 STEPS_FILE = "steps.jsonl"  # the training loss at every log point (train.log_every)
-LOGGED_FILE = "wandb_logged.json"
+LOGGED_FILE = "logged_steps.json"  # the last step sent to the trackers (LoggedSteps)
+TENSORBOARD_DIR = "tensorboard"
+MLFLOW_DB = "mlflow.db"
+MLFLOW_ARTIFACTS = "mlartifacts"
+EXTRA_OF = {"wandb": "wandb", "tensorboard": "tensorboard", "mlflow": "mlflow"}
 DEFAULT_PROJECT = "fastvae"
 EVAL_FILE = "eval.json"
 OFFLINE_MODES = ("offline", "dryrun", "disabled")
@@ -54,13 +59,31 @@ def check_wandb_ready() -> None:
                         f"(or WANDB_API_KEY), or WANDB_MODE=offline to log locally and `wandb sync` later")
 
 
+def check_tracker_installed(name: str) -> None:
+    """logger=tensorboard / mlflow without its package: one line now, not a traceback at the first log."""
+    module = {"tensorboard": "tensorboard", "mlflow": "mlflow", "wandb": "wandb"}[name]
+    try:
+        __import__(module)
+        if name == "mlflow":
+            __import__("sqlalchemy"), __import__("alembic")  # its SQLite store
+    except ImportError as err:
+        raise UserError(f"logger={name} but {err.name} is not installed; expected "
+                        f"`pip install 'fastvae[{EXTRA_OF[name]}]'` or another logger") from None
+
+
+def check_trackers_ready(cfg: Config) -> None:
+    """Every tracker `logger` names installed (and W&B logged in), before anything else runs."""
+    for name in loggers(cfg):
+        check_wandb_ready() if name == "wandb" else check_tracker_installed(name)
+
+
 class LoggedSteps:
-    """What this W&B run has logged last: a step and the kinds of records logged at it.
+    """What this tracking run has logged last: a step and the kinds of records logged at it.
 
     W&B keeps the steps of a run increasing and drops a record whose step is below the run's
-    last one. After a crash, a resumed run replays the steps since its checkpoint; logging them
-    again would be dropped (and warned about) in W&B, so they are not logged again: the first
-    attempt's values stand, and they are the replay's values too, since resuming is exact."""
+    last one; TensorBoard and MLflow would keep both copies. After a crash, a resumed run replays
+    the steps since its checkpoint, so they are not logged again: the first attempt's values
+    stand, and they are the replay's values too, since resuming is exact."""
 
     def __init__(self, path: Path, run_id: str) -> None:
         self.path, self.run_id, self.step, self.kinds = path, run_id, -1, []
@@ -99,21 +122,71 @@ def wandb_init_args(w, out_dir: Path, run_id: str | None = None) -> dict:
             "dir": env.get("WANDB_DIR") or str(out_dir)}
 
 
+def new_local_run_id() -> str:
+    import secrets
+
+    return secrets.token_hex(8)
+
+
+def scalar_config(cfg: Config) -> dict:
+    """The flattened config with lists and mappings as text: TensorBoard's hparams and MLflow's params
+    take numbers, strings and booleans only."""
+    return {k: v if isinstance(v, (int, float, str, bool)) else json.dumps(v) for k, v in flatten(cfg).items()}
+
+
+def mlflow_tracker(out_dir: Path, run_id: str | None):
+    """accelerate's MLflowTracker: $MLFLOW_TRACKING_URI, else a SQLite store in out_dir (MLflow's default
+    kind of local store since its file store went into maintenance), artifacts beside it."""
+    import mlflow
+    from accelerate.tracking import MLflowTracker
+
+    artifacts = None
+    if not os.environ.get("MLFLOW_TRACKING_URI"):  # (set_tracking_uri sets it: RunLog.close unsets it)
+        mlflow.set_tracking_uri(f"sqlite:///{(out_dir / MLFLOW_DB).absolute()}")
+        artifacts = (out_dir / MLFLOW_ARTIFACTS).absolute().as_uri()
+    return artifacts is not None, MLflowTracker(os.environ.get("MLFLOW_EXPERIMENT_NAME") or DEFAULT_PROJECT, artifacts, run_id,
+                         run_name=out_dir.name)
+
+
 class RunLog:
-    def __init__(self, accelerator, cfg: Config, wandb_run_id: str | None = None) -> None:
+    def __init__(self, accelerator, cfg: Config, run_id: str | None = None, mlflow_run_id: str | None = None) -> None:
         self.accelerator = accelerator
         self.path = Path(cfg.out_dir) / METRICS_FILE
         self.steps_path = Path(cfg.out_dir) / STEPS_FILE
-        self.use_tracker = cfg.logger == "wandb"
+        self.trackers = loggers(cfg)
+        self.use_tracker = bool(self.trackers)
         self.log_images = self.use_tracker and cfg.wandb.log_images
-        self.run_id = None
-        if self.use_tracker:
-            # Only the main process's id matters: it alone logs and writes checkpoint metadata.
-            init = wandb_init_args(cfg.wandb, Path(cfg.out_dir), wandb_run_id)
-            self.run_id = init["id"]
-            self.logged = LoggedSteps(Path(cfg.out_dir) / LOGGED_FILE, self.run_id)
-            accelerator.init_trackers(project_name=init.pop("project"), config=flatten(cfg),
-                                      init_kwargs={"wandb": init})
+        self.run_id, self.mlflow_run_id, self.mlflow_uri_set = None, mlflow_run_id, False
+        if self.use_tracker and accelerator.is_main_process:
+            self._start(cfg, run_id)
+
+    def _start(self, cfg: Config, run_id: str | None) -> None:
+        """The trackers, built here because their folders and run ids come from the run: accelerate's
+        init_trackers starts what `accelerator.log_with` holds (tracker objects are taken as they are)."""
+        out = Path(cfg.out_dir)
+        init, project = {}, DEFAULT_PROJECT
+        if "wandb" in self.trackers:
+            init = wandb_init_args(cfg.wandb, out, run_id)
+            project, run_id = init.pop("project"), init["id"]
+        self.run_id = run_id or new_local_run_id()
+        self.logged = LoggedSteps(out / LOGGED_FILE, self.run_id)
+        from accelerate.tracking import TensorBoardTracker
+
+        made = {"wandb": lambda: "wandb", "tensorboard": lambda: TensorBoardTracker(TENSORBOARD_DIR, out),
+                "mlflow": lambda: self._mlflow(out)}
+        self.accelerator.log_with = [made[name]() for name in self.trackers]
+        self.accelerator.init_trackers(project_name=project, init_kwargs={"wandb": init})
+        for tracker in self.accelerator.trackers:
+            if tracker.name == "wandb":
+                tracker.store_init_configuration(flatten(cfg))
+            elif not (tracker.name == "mlflow" and self.mlflow_run_id):  # MLflow's params cannot change on resume
+                tracker.store_init_configuration(scalar_config(cfg))
+            if tracker.name == "mlflow":
+                self.mlflow_run_id = tracker.tracker.info.run_id
+
+    def _mlflow(self, out: Path):
+        self.mlflow_uri_set, tracker = mlflow_tracker(out, self.mlflow_run_id)
+        return tracker
 
     def trim_after(self, step: int) -> None:
         """On resume: drop the step and epoch records written after the checkpoint the run resumes from."""
@@ -149,16 +222,34 @@ class RunLog:
             self.accelerator.log({f"epoch/{k}": v for k, v in record.items()}, step=record["step"])
 
     def log_pictures(self, paths: dict[str, Path], step: int) -> None:
-        """PNG files as wandb.Image under `pictures/<name>` (main process only)."""
-        if self.log_images and self._to_tracker(step, "pictures"):
-            import wandb
+        """PNG files under `pictures/<name>` (main process only): wandb.Image in W&B, an image in
+        TensorBoard, artifacts pictures/step_N/ in MLflow."""
+        if not (self.log_images and self._to_tracker(step, "pictures")):
+            return
+        for tracker in self.accelerator.trackers:
+            if tracker.name == "wandb":
+                import wandb
 
-            self.accelerator.log({f"pictures/{k}": wandb.Image(str(p), caption=f"step {step}")
-                                  for k, p in paths.items()}, step=step)
+                tracker.log({f"pictures/{k}": wandb.Image(str(p), caption=f"step {step}") for k, p in paths.items()},
+                            step=step)
+            elif tracker.name == "tensorboard":
+                import numpy as np
+                from PIL import Image
+
+                for k, p in paths.items():
+                    with Image.open(p) as image:
+                        tracker.writer.add_image(f"pictures/{k}", np.asarray(image.convert("RGB")), step,
+                                                 dataformats="HWC")
+                tracker.writer.flush()
+            elif tracker.name == "mlflow":
+                import mlflow
+
+                for p in paths.values():
+                    mlflow.log_artifact(str(p), artifact_path=f"pictures/step_{step:08d}", run_id=self.mlflow_run_id)
 
     def log_checkpoint(self, path: Path, name: str) -> None:
         """The checkpoint directory as a W&B model artifact (main process only)."""
-        if self.use_tracker and self.accelerator.is_main_process:
+        if "wandb" in self.trackers and self.accelerator.is_main_process:
             import wandb
 
             run = self.accelerator.get_tracker("wandb", unwrap=True)
@@ -175,5 +266,13 @@ class RunLog:
             self.accelerator.log(scalars, step=step)
 
     def close(self) -> None:
-        if self.use_tracker:
+        """The trackers' runs ended (also after an error: an MLflow run left active would refuse the next
+        run in this process); again is a no-op."""
+        if self.use_tracker and not getattr(self, "closed", False):
+            self.closed = True
             self.accelerator.end_training()
+        if self.mlflow_uri_set:  # the next run in this process chooses its own store
+            import mlflow
+
+            mlflow.set_tracking_uri(None)
+            self.mlflow_uri_set = False

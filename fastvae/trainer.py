@@ -43,7 +43,7 @@ from fastvae.ops import select_ops
 from fastvae.run_setup import make_accelerator, prepare_out_dir, removed_if_refused, watch_group
 from fastvae.sizes import check_fits, processes_sharing
 from fastvae.stopping import DEFAULT_STOP_SIGNALS, NonFiniteGuard, StopSignal
-from fastvae.tracking import RunLog, check_wandb_ready
+from fastvae.tracking import RunLog, check_trackers_ready
 
 
 RESOLVED_CONFIG = "config.yaml"
@@ -106,8 +106,7 @@ class Trainer:
         """Set up the run `cfg` describes (resuming it when train.resume says so). `datasets`:
         (train, test) to train on instead of the ones cfg.data names; any of `stop_signals`
         checkpoints and stops fit() at the next step boundary."""
-        if cfg.logger == "wandb":
-            check_wandb_ready()
+        check_trackers_ready(cfg)
         self.cfg, self.stop_signals = cfg, stop_signals or DEFAULT_STOP_SIGNALS
         self.accelerator, self.precision_source = make_accelerator(cfg)
         resolve_pretrained(cfg)  # a diffusers folder's architecture into model.kwargs, before anything is sized
@@ -255,10 +254,10 @@ class Trainer:
             raise UserError(f"checkpoint '{self.resumed_from}' is {self.state.batch_in_epoch} batches into an epoch "
                             f"of {len(self.train_loader)}; expected a checkpoint of this data set")
         self.total_steps = self._last_step()
-        self.log = RunLog(acc, cfg, self.state.wandb_run_id)
+        self.log = RunLog(acc, cfg, self.state.wandb_run_id, self.state.mlflow_run_id)
         if self.resumed_from is not None:
             self.log.trim_after(self.state.step)
-        self.state.wandb_run_id = self.log.run_id
+        self.state.wandb_run_id, self.state.mlflow_run_id = self.log.run_id, self.log.mlflow_run_id
         self.guard = NonFiniteGuard(cfg.train.nonfinite, acc, self.out_dir)
         self.noise_seed = torch.tensor(cfg.seed, dtype=torch.int64, device=acc.device)
         self.last_saved_step = self.state.step if self.resumed_from is not None else -1
@@ -366,6 +365,8 @@ class Trainer:
     def close(self) -> None:
         """Release out_dir for another run (fit does this when it ends; a Trainer used without fit, e.g.
         in a notebook, holds out_dir until this is called or the process ends)."""
+        if getattr(self, "log", None) is not None:
+            self.log.close()
         if self.run_lock is not None:
             self.run_lock.release()
 

@@ -169,10 +169,9 @@ def build_submissions(args) -> list[Submission]:
 
             build_model(cfg)
         runs.append(Submission(tag, cfg))
-    if cfg.logger == "wandb":
-        from fastvae.tracking import check_wandb_ready
+    from fastvae.tracking import check_trackers_ready
 
-        check_wandb_ready()
+    check_trackers_ready(cfg)
     return runs
 
 

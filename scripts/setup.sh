@@ -28,7 +28,7 @@ if [ "${#missing[@]}" -gt 0 ]; then
 fi
 
 # Every extra where FFCV can be built, else all but [ffcv].
-if pkg-config --exists opencv4 libturbojpeg 2>/dev/null; then extras="all"; else extras="wandb,slurm,ldm,metrics,test"; fi
+if pkg-config --exists opencv4 libturbojpeg 2>/dev/null; then extras="all"; else extras="wandb,slurm,ldm,metrics,tensorboard,mlflow,test"; fi
 
 if [ ! -x "$VENV/bin/python" ]; then
     echo "setup: creating $VENV"

@@ -6,6 +6,8 @@ import os
 import subprocess
 import sys
 
+import warnings
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -94,12 +96,44 @@ def test_unconditional_checkpoint_refuses_a_condition(tmp_path, capsys):
     assert exc.value.code == 2 and "--condition 7: checkpoint" in err and "is of an unconditional model" in err
 
 
-def test_a_users_conditional_model_trains_and_samples(tmp_path):
+def test_a_users_conditional_model_trains_and_samples(tmp_path, tmp_path_factory):
     out = tmp_path / "user"
     train(tiny_config(out, "model.name=conditional_models:TinyConditionalVAE", "model.condition=labels",
                       "model.latent_dim=3", "train.max_steps=4"))
     vae = load(list_checkpoints(out)[-1], "cpu", trust_model="conditional_models")
     assert vae.model.condition_dim == 10 and sample(vae, 2, condition=torch.eye(10)[4]).shape == (2, 1, 28, 28)
+    # a user's (conditional) model gets FID of its samples and reconstructions like ours
+    from fastvae.evaluate import main as evaluate
+    from inception import inception_weights
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # FID from 6 images: the bias warning
+        report = evaluate(["--checkpoint", str(list_checkpoints(out)[-1]), "--trust-model", "conditional_models",
+                           "--max-images", "6", "--fid", "--rfid", "--inception-weights",
+                           inception_weights(tmp_path_factory)])
+    assert report["fid_images"] == report["rfid_images"] == 6 and report["fid"] > 0 and report["rfid"] > 0
+
+
+def test_fid_samples_have_the_test_images_conditions(mnist_cvae):
+    """--fid on a conditional model: sample i is drawn given test image i's class."""
+    from fastvae.evaluate import add_sample_features
+
+    vae = load(mnist_cvae, "cpu")
+    test_set = vae.split("test")
+
+    class Kept:
+        fid, num_samples, images = True, 60, []
+
+        def add(self, name, images):
+            self.images.append(images)
+
+    kept = Kept()
+    add_sample_features(vae.model, test_set, 30, kept, 0, 16, (0, 1), vae.conditioning_for("test"))
+    samples = torch.cat(kept.images).float()
+    train_set = vae.split("train")
+    classify = nearest_class_mean(train_set.images.float() / 255, train_set.labels, 10)
+    wanted = test_set.labels[torch.arange(60) % 30]  # 60 samples over 30 test images: their classes, twice
+    assert samples.shape == (60, 1, 28, 28) and (classify(samples) == wanted).float().mean() > 0.6
 
 
 @pytest.mark.parametrize("bad, message", [
