@@ -221,6 +221,22 @@ class TrainConfig:
                                                "(models that offer it, e.g. kl_autoencoder: diffusers' switch)")
 
 
+EVAL_METRICS = ("fid", "rfid", "kid", "ssim", "lpips")
+
+
+@dataclass
+class EvalConfig:
+    fid_every: int = knob(0, "image-quality metrics (eval.metrics, and PSNR) of eval.images test images every N "
+                             "epochs, into metrics.jsonl and the trackers; 0 = off (docs/generate_evaluate.md: "
+                             "their cost)", at_least=0)
+    metrics: list[str] = knob(doc="which: fid (prior samples), rfid (reconstructions), kid (beside each FID), ssim, "
+                                  "lpips (loss.lpips_net's backbone)", factory=lambda: ["fid", "ssim"])
+    images: int = knob(1000, "test images (and prior samples) they are computed on; FID is biased below 2048",
+                       above=1)
+    inception_weights: str = knob("", "torch-fidelity's weights-inception-2015-12-05-6726825d.pth; empty = the "
+                                      "torch hub cache's copy (never downloaded)")
+
+
 @dataclass
 class WandbConfig:
     project: str = knob("", "W&B project (logger=wandb); empty = $WANDB_PROJECT, else fastvae")
@@ -247,6 +263,7 @@ class Config:
     disc: DiscConfig = field(default_factory=DiscConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
 
 # What a checkpoint pins: resuming with another value of these keys is refused (the model or the
@@ -275,7 +292,8 @@ RESUME_MAY_DIFFER = (
     "train.compile_mode", "train.memory_format",
     "train.ops", "train.cpu", "train.collective_timeout_s", "train.sync_batchnorm", "train.checkpoint_every", "train.keep_checkpoints", "train.resume",
     "train.nonfinite", "train.log_every", "train.samples", "train.final_eval", "train.final_eval_iwae",
-    "train.final_eval_images", "train.ema_decay", "train.gradient_checkpointing")
+    "train.final_eval_images", "train.ema_decay", "train.gradient_checkpointing",
+    "eval.fid_every", "eval.metrics", "eval.images", "eval.inception_weights")
 
 
 # ---------------------------------------------------------------- conversion
@@ -470,6 +488,10 @@ def validate(cfg: Config) -> Config:
         raise UserError(f"config key 'loss.kl_cycle_ramp': expected a share of the cycle in (0, 1], got "
                         f"{cfg.loss.kl_cycle_ramp}")
     loggers(cfg)
+    unknown = [m for m in cfg.eval.metrics if m not in EVAL_METRICS]
+    if unknown or len(set(cfg.eval.metrics)) != len(cfg.eval.metrics):
+        raise UserError(f"config key 'eval.metrics': {cfg.eval.metrics}; expected each of "
+                        f"{', '.join(EVAL_METRICS)} at most once")
     _check_schedules(cfg)
     if cfg.loss.kl_cycle_steps and cfg.loss.kl_warmup_steps:
         raise UserError("config keys 'loss.kl_cycle_steps' and 'loss.kl_warmup_steps': both schedule beta; expected "

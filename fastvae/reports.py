@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -9,6 +11,7 @@ import torch
 from fastvae import generate, pictures
 from fastvae.conditions import conditioning_of
 from fastvae.config import Config
+from fastvae.errors import UserError
 from fastvae.evaluate import Likelihood, evaluate_model
 
 
@@ -67,3 +70,65 @@ def save_samples(model, test_set, cfg: Config, device, path: Path, conditioning)
         return pictures.save_sample_grid(generate.prior_samples(model, n, seed, device), path, model.latent_dim, seed)
     return generate.save_conditional_samples(model, conditioning, test_set, n, seed, device, path,
                                              f"latent dim {model.latent_dim}, seed {seed}")
+
+
+@dataclass(frozen=True)
+class QualityNetworks:
+    """The frozen networks behind eval.metrics, loaded once at set-up (a missing weights file is one line
+    before training starts, not after the first epoch)."""
+
+    inception: torch.nn.Module | None = None
+    inception_sha: str = ""
+    lpips: torch.nn.Module | None = None
+
+    @classmethod
+    def of(cls, cfg: Config, device) -> "QualityNetworks | None":
+        if not cfg.eval.fid_every:
+            return None
+        metrics = set(cfg.eval.metrics)
+        inception, sha, lpips = None, "", None
+        if metrics & {"fid", "rfid"}:
+            from fastvae.fid import load_inception
+
+            inception, sha = load_inception(cfg.eval.inception_weights, device)
+        elif "kid" in metrics:
+            raise UserError("config key 'eval.metrics': kid is computed beside fid or rfid; expected one of them too")
+        if "lpips" in metrics:
+            from fastvae.perceptual import load_lpips
+
+            lpips = load_lpips(cfg.loss.lpips_net, cfg.loss.lpips_weights).to(device)
+        if "ssim" in metrics:
+            try:
+                import torchmetrics  # noqa: F401
+            except ImportError:
+                raise UserError("eval.metrics has ssim but torchmetrics is not installed; expected "
+                                "`pip install 'fastvae[metrics]'`") from None
+        return cls(inception, sha, lpips)
+
+
+def quality_due(cfg: Config, epochs_done: int) -> bool:
+    return bool(cfg.eval.fid_every) and epochs_done % cfg.eval.fid_every == 0
+
+
+def image_quality(model, test_set, cfg: Config, networks: QualityNetworks, out_dir: Path, shard=(0, 1),
+                  all_reduce=None, all_gather=None) -> dict:
+    """eval.metrics of eval.images test images (and as many prior samples), every process its share:
+    PSNR always; FID / rFID / KID against the test images' features, cached in out_dir after the first."""
+    from fastvae.evaluate import ImageQuality
+    from fastvae.fid import FeatureSets, cache_file_for
+
+    metrics, total = set(cfg.eval.metrics), min(cfg.eval.images, len(test_set))
+    features = None
+    if networks.inception is not None:
+        cache = cache_file_for(out_dir, data=dataclasses.asdict(cfg.data), split="test", images=total,
+                               binarize=False, weights=networks.inception_sha)
+        features = FeatureSets(networks.inception, networks.inception_sha, "fid" in metrics, "rfid" in metrics,
+                               "kid" in metrics, cache_file=cache)
+    report = evaluate_model(model, test_set, Likelihood.of_run(cfg.loss), max_images=total, seed=cfg.seed + 2,
+                            shard=shard, all_reduce=all_reduce, conditioning=test_conditioning(cfg, test_set),
+                            quality=ImageQuality("ssim" in metrics, networks.lpips), features=features,
+                            all_gather=all_gather)
+    model.train()
+    keys = ("psnr_db", "ssim", "lpips", "fid", "fid_images", "rfid", "rfid_images", "kid_mean", "kid_std",
+            "rkid_mean", "rkid_std", "fid_real_images")
+    return {f"test_{k}": report[k] for k in keys if k in report}

@@ -32,6 +32,7 @@ from fastvae.critic import Critic
 from fastvae.data.memory import decoded_once
 from fastvae.ema import EMA
 from fastvae.errors import LostRank, OutputError, UserError
+from fastvae.evaluate import gather_rows
 from fastvae.losses import capacity_at, kl_weight
 from fastvae.models import build_model
 from fastvae.models.base import Objective
@@ -112,6 +113,7 @@ class Trainer:
         resolve_pretrained(cfg)  # a diffusers folder's architecture into model.kwargs, before anything is sized
         # before any data set or model is built: a run too big for this machine is one line
         check_fits(cfg, self.accelerator.device, training=True, copies=processes_sharing(self.accelerator.device))
+        self.quality_networks = reports.QualityNetworks.of(cfg, self.accelerator.device)  # eval.fid_every's
         self.watch_group = watch_group(self.accelerator)
         set_seed(cfg.seed)
         created = not Path(cfg.out_dir).exists()
@@ -444,6 +446,9 @@ class Trainer:
                       "step": state.step, **totals.means(), "images_per_sec": totals.images / elapsed,
                       "lr": self.scheduler.get_last_lr()[0], "skipped_batches": self.guard.skipped}
             record.update(reports.held_out_metrics(self.raw_model, self.test_set, self.cfg, **self._eval_shard()))
+            if complete and reports.quality_due(self.cfg, state.epoch + 1):
+                record.update(reports.image_quality(self.raw_model, self.test_set, self.cfg, self.quality_networks,
+                                                    self.out_dir, **self._eval_shard(), all_gather=gather_rows))
             self.log.log_epoch(record)
             if self.log.log_images and acc.is_main_process:  # kept on disk and shown in W&B
                 folder = self.out_dir / "pictures" / f"step_{state.step:08d}"

@@ -195,3 +195,35 @@ def test_fid_under_accelerate_launch_matches_one_process(tiny_run, tmp_path_fact
     assert torch.allclose(two["real"], one["real"], rtol=1e-5, atol=1e-4)
     for key in ("fid", "rfid", "kid_mean", "rkid_mean", "psnr_db"):
         assert two[key] == pytest.approx(one[key], rel=1e-5), key
+
+
+def test_training_logs_image_quality_every_n_epochs(tmp_path_factory, tmp_path, monkeypatch):
+    """eval.fid_every=2 of 3 epochs: FID, KID, SSIM and PSNR at epoch 2 only, in metrics.jsonl and the tracker."""
+    from fastvae.tracking import read_records
+    from fastvae.train import train
+    from test_trackers import tensorboard_steps
+
+    out = tmp_path / "run"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        train(tiny_config(out, "train.epochs=3", "train.max_steps=0", "data.limit=64", "eval.fid_every=2",
+                          "eval.metrics=[fid,kid,ssim]", "eval.images=8", "logger=tensorboard",
+                          f"eval.inception_weights={inception_weights(tmp_path_factory)}"))
+    records = read_records(out)
+    assert [("test_fid" in r) for r in records] == [False, True, False]
+    second = records[1]
+    assert second["test_fid"] > 0 and second["test_fid_images"] == second["test_fid_real_images"] == 8
+    assert 0 < second["test_ssim"] <= 1 and second["test_psnr_db"] > 0 and "test_kid_mean" in second
+    assert tensorboard_steps(out / "tensorboard", "epoch/test_fid") == [second["step"]]
+    assert len(list((out / "fid_features").glob("*.safetensors"))) == 1
+
+
+def test_training_metrics_need_their_weights_before_the_run_starts(tmp_path, monkeypatch):
+    from fastvae.train import train
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    with pytest.raises(UserError, match=fid.INCEPTION_FILE):
+        train(tiny_config(tmp_path / "run", "eval.fid_every=1", "train.max_steps=1"))
+    assert not (tmp_path / "run").exists()
+    with pytest.raises(UserError, match="eval.metrics"):
+        train(tiny_config(tmp_path / "run", "eval.fid_every=1", "eval.metrics=[kid]", "train.max_steps=1"))

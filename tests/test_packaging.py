@@ -50,7 +50,7 @@ def test_wheel_in_a_fresh_venv_trains_with_a_shipped_config_from_any_folder(tmp_
 
 
 # import name -> distribution name, where they differ
-DISTRIBUTIONS = {"PIL": "pillow", "yaml": "pyyaml"}
+DISTRIBUTIONS = {"PIL": "pillow", "yaml": "pyyaml", "torch_fidelity": "torch-fidelity", "mlflow": "mlflow-skinny"}
 
 
 def imported_packages() -> set[str]:
