@@ -9,7 +9,8 @@ reductions do not).
 
 Gradients flow through LPIPS into the decoder (diffusers' research script computed it under no_grad:
 tests/test_kl_autoencoder.py checks that they reach it). The adversarial term and its adaptive weight
-are the critic's (fastvae/critic.py).
+are the critic's (fastvae/critic.py); with it, LPIPS and the discriminator run their backward once per
+step (LDM: twice, for the adaptive weight and again in the total loss's backward).
 """
 
 from __future__ import annotations
@@ -34,14 +35,29 @@ class AutoencoderLoss:
         rec = losses.autoencoder_reconstruction(x_pm, x_hat, self.pixel, distance, self.perceptual_weight)
         nll = losses.autoencoder_nll(rec, model.nll_logvar.float())
         nll_loss = nll.mean()  # LDM: sum / batch size
-        loss = nll_loss + beta * kl.float().mean()
+        kl_term = beta * kl.float().mean()
+        loss = nll_loss + kl_term
         terms = {"nll": nll_loss.detach(), "logvar": model.nll_logvar.detach().float(),
                  "pixel": (x_pm - x_hat).abs().mean().detach() if self.pixel == "l1"
                  else (x_pm - x_hat).pow(2).mean().detach()}
         if distance is not None:
             terms["lpips"] = distance.mean().detach()
         if self.critic is not None and self.critic.active:
-            adversarial, critic_terms = self.critic.generator_term(x_pm, x_hat, nll_loss, model.last_layer())
-            loss = loss + adversarial
-            terms.update(critic_terms)
+            loss = self._with_critic(model, x_pm, x_hat, nll_loss, kl_term, terms)
         return loss, rec.flatten(1).sum(1), terms
+
+    def _with_critic(self, model, x_pm, x_hat, nll_loss, rest, terms):
+        """LDM's loss nll + rest + d_weight x factor x G, as a tensor whose backward runs LPIPS's and the
+        discriminator's backward once each: the gradients at x_hat (and at a learned logvar) are taken
+        here for the adaptive weight anyway, so the backward of the returned tensor starts from them
+        (value: the loss; gradient: the loss's, by the chain rule)."""
+        logvar = model.nll_logvar
+        learned = logvar.requires_grad
+        nll_grads = torch.autograd.grad(nll_loss, [x_hat, logvar] if learned else [x_hat])  # LPIPS's backward
+        adv_grad, adversarial, critic_terms = self.critic.generator_term(x_pm, x_hat, nll_grads[0],
+                                                                         model.last_layer())
+        terms.update(critic_terms)
+        surrogate = (x_hat * (nll_grads[0] + adv_grad)).sum() + rest
+        if learned:
+            surrogate = surrogate + (logvar * nll_grads[1]).sum()
+        return surrogate + (nll_loss.detach() + rest.detach() + adversarial - surrogate.detach())

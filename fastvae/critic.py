@@ -6,6 +6,7 @@ the plain ELBO step has no GAN code on its path.
   frozen discriminator, weighed by LDM's adaptive weight ||grad NLL|| / (||grad G|| + 1e-4) at the
   decoder's last layer. Those gradients are averaged over all processes before their norms are taken:
   LDM takes them per rank, so on 8 GPUs it does not train what one GPU trains; here N x B/N does.
+  LPIPS and the discriminator run their backward once per step, not twice (adversarial_gradient).
 - step (after the generator's optimizer step): the discriminator's loss on the same batch (the real
   images and the reconstructions the generator's step made, detached) and its optimizer step. LDM
   recomputes the reconstructions with the updated generator; reusing them saves a whole autoencoder
@@ -39,16 +40,23 @@ def mean_over_processes(t: torch.Tensor) -> torch.Tensor:
     return t / dist.get_world_size()
 
 
-def adversarial_term(disc, x_hat: torch.Tensor, nll_loss: torch.Tensor, last_layer: torch.Tensor, weight: float,
-                     factor: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(d_weight x factor x G, G, d_weight): G = -mean disc(x_hat), d_weight LDM's adaptive weight from
-    the gradients of the NLL and of G at the last layer, averaged over all processes first."""
+def adversarial_gradient(disc, x_hat: torch.Tensor, nll_grad: torch.Tensor, last_layer: torch.Tensor, weight: float,
+                         factor: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(d_weight x factor x dG/dx_hat, G, d_weight): G = -mean disc(x_hat), d_weight LDM's adaptive weight
+    ||grad NLL|| / (||grad G|| + 1e-4) at the last layer, from gradients averaged over all processes.
+
+    LDM asks autograd for both last-layer gradients from the losses (backward through LPIPS and through
+    the discriminator), then backpropagates the total loss through both again. Here each runs its
+    backward once: the NLL's gradient at x_hat comes in (`nll_grad`), G's is taken here, and the
+    last-layer gradients are those two pushed back through the last layer alone (the chain rule: the
+    same numbers). The caller backpropagates x_hat with the sum (fastvae/autoencoder_loss.py)."""
     g_loss = losses.generator_adversarial_loss(disc(x_hat.contiguous()).float())
-    nll_grad, = torch.autograd.grad(nll_loss, last_layer, retain_graph=True)
-    g_grad, = torch.autograd.grad(g_loss, last_layer, retain_graph=True)
-    both = mean_over_processes(torch.stack([nll_grad.float(), g_grad.float()]))
+    g_grad, = torch.autograd.grad(g_loss, x_hat)  # the discriminator's backward, once (its graph is freed)
+    nll_last, = torch.autograd.grad(x_hat, last_layer, nll_grad, retain_graph=True)
+    g_last, = torch.autograd.grad(x_hat, last_layer, g_grad, retain_graph=True)
+    both = mean_over_processes(torch.stack([nll_last.float(), g_last.float()]))
     d_weight = losses.adaptive_weight(both[0], both[1], weight)
-    return d_weight * factor * g_loss, g_loss, d_weight
+    return d_weight * factor * g_grad, g_loss.detach(), d_weight
 
 
 def check_image_size(module: torch.nn.Module, channels: int, height: int, width: int) -> None:
@@ -87,11 +95,12 @@ class Critic:
         """Whether this step has the adversarial terms (step >= loss.disc_start)."""
         self.active = step >= self.start
 
-    def generator_term(self, x: torch.Tensor, x_hat: torch.Tensor, nll_loss: torch.Tensor, last_layer):
-        """(d_weight x disc_factor x G, logged terms); keeps x and x_hat for this step's discriminator update."""
+    def generator_term(self, x: torch.Tensor, x_hat: torch.Tensor, nll_grad: torch.Tensor, last_layer):
+        """(the weighed adversarial term's gradient at x_hat, its value d_weight x disc_factor x G, logged
+        terms); keeps x and x_hat for this step's discriminator update."""
         self.real, self.fake = x.detach(), x_hat.detach()
-        term, g_loss, d_weight = adversarial_term(self.raw, x_hat, nll_loss, last_layer, self.weight, self.factor)
-        return term, {"g_loss": g_loss.detach(), "d_weight": d_weight}
+        grad, g_loss, d_weight = adversarial_gradient(self.raw, x_hat, nll_grad, last_layer, self.weight, self.factor)
+        return grad, d_weight * self.factor * g_loss, {"g_loss": g_loss, "d_weight": d_weight}
 
     def step(self) -> dict:
         """The discriminator's update on the batch the generator just trained on; its logged terms."""

@@ -17,7 +17,7 @@ from torch import nn
 from fastvae import losses
 from fastvae.checkpoint import list_checkpoints, load
 from fastvae.config import load_config
-from fastvae.critic import adversarial_term
+from fastvae.critic import adversarial_gradient
 from fastvae.discriminator import NLayerDiscriminator
 from fastvae.errors import UserError
 from fastvae.train import main as train_main, train
@@ -132,20 +132,32 @@ def test_the_autoencoder_loss_with_lpips_and_critic_is_ldms(tmp_path_factory):
     class Critic:
         active, raw, weight, factor = True, disc, 0.5, 1.0
 
-        def generator_term(self, x_pm, x_hat, nll_loss, last_layer):
-            term, g_loss, d_weight = adversarial_term(disc, x_hat, nll_loss, last_layer, self.weight, self.factor)
-            return term, {"g_loss": g_loss.detach(), "d_weight": d_weight}
+        def generator_term(self, x_pm, x_hat, nll_grad, last_layer):
+            grad, g_loss, d_weight = adversarial_gradient(disc, x_hat, nll_grad, last_layer, self.weight, self.factor)
+            return grad, d_weight * self.factor * g_loss, {"g_loss": g_loss, "d_weight": d_weight}
 
     lpips = load_lpips("vgg", lpips_weights(tmp_path_factory))
     model = ToyAutoencoder(W)
     output = torch.tanh(h @ W).permute(0, 3, 1, 2)
     kl = torch.rand(2, generator=g) * 10
+    backward_runs = {"lpips": 0, "disc": 0}
+    hooks = [net.register_full_backward_hook(lambda *_, name=name: backward_runs.__setitem__(
+        name, backward_runs[name] + 1)) for name, net in (("lpips", lpips), ("disc", disc))]
     loss, recon, terms = AutoencoderLoss("l1", lpips, 1.0, Critic())(model, x, output, kl, torch.tensor(1e-6))
+    ours = torch.autograd.grad(loss, [W, model.nll_logvar], retain_graph=True)
+    assert backward_runs == {"lpips": 1, "disc": 1}  # LDM: 2 and 2
+    for hook in hooks:
+        hook.remove()
     x_pm = x * 2 - 1
     expected = ldm_reference(x_pm, output, kl, model.nll_logvar, lpips(x_pm, output), disc(output), W, 1e-6, 1.0, 0.5,
                              1.0, 1, 0)
     torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-4)
     assert terms["lpips"] > 0 and set(terms) >= {"nll", "logvar", "pixel", "lpips", "g_loss", "d_weight"}
+    # and its gradients (the last layer's and the learned logvar's): LPIPS's and D's backward run once
+    # for the adaptive weight and once in the loss's backward there, once in all here
+    theirs = torch.autograd.grad(expected, [W, model.nll_logvar])
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
 def test_gradients_flow_through_lpips_into_the_decoder(tmp_path_factory):
@@ -381,20 +393,22 @@ def generator_gradient(rank, world, per_rank_weight=False):
     from fastvae.models.sync_batchnorm import convert_sync_batchnorm
 
     torch.manual_seed(0)
-    decoder = nn.Conv2d(4, 3, 3, padding=1)
-    disc = NLayerDiscriminator(3, 8, 2)
+    decoder = nn.Conv2d(4, 3, 3, padding=1).double()  # float64: what differs is the weighting, not rounding
+    disc = NLayerDiscriminator(3, 8, 2).double()
     if world > 1:
         disc = convert_sync_batchnorm(disc, torch.device("cpu"))
     disc.requires_grad_(False)
     g = torch.Generator().manual_seed(1)
-    h, x = torch.randn(8, 4, 16, 16, generator=g), torch.rand(8, 3, 16, 16, generator=g) * 2 - 1
+    h = torch.randn(8, 4, 16, 16, generator=g, dtype=torch.float64)
+    x = torch.rand(8, 3, 16, 16, generator=g, dtype=torch.float64) * 2 - 1
     share = slice(rank * 8 // world, (rank + 1) * 8 // world)
     x_hat = torch.tanh(decoder(h[share]))
     nll_loss = (x[share] - x_hat).abs().flatten(1).sum(1).mean()
     if per_rank_weight:
         critic.mean_over_processes = lambda t: t
-    term, _, _ = adversarial_term(disc, x_hat, nll_loss, decoder.weight, 0.5, 1.0)
-    (nll_loss + term).backward()
+    nll_grad, = torch.autograd.grad(nll_loss, x_hat, retain_graph=True)
+    adv_grad, _, _ = adversarial_gradient(disc, x_hat, nll_grad, decoder.weight, 0.5, 1.0)
+    x_hat.backward(nll_grad + adv_grad)
     grad = decoder.weight.grad.clone()
     if world > 1:
         dist.all_reduce(grad)
@@ -413,7 +427,7 @@ def test_two_processes_give_the_adversarial_gradient_of_one(tmp_path, per_rank_w
         if per_rank_weight:
             assert not torch.allclose(grad, one, rtol=1e-4, atol=1e-6)
         else:
-            torch.testing.assert_close(grad, one, rtol=1e-4, atol=1e-6)
+            torch.testing.assert_close(grad, one, rtol=1e-10, atol=1e-12)
 
 
 @pytest.mark.slow
