@@ -130,3 +130,24 @@ def test_objectives_benchmark_trains_and_evaluates_each_row(tmp_path):
     for r in rows:
         assert r["test_images"] == 500 and r["s_per_epoch"] > 0 and 0 <= r["active_units"] <= 16
         assert r["elbo_nats"] < 0 < r["iwae_nll_nats"] and r["kl_nats"] >= 0
+
+
+@pytest.mark.slow
+def test_kl_memory_and_profile_benchmarks_measure_each_case(tmp_path):
+    """kl_memory: every variant in its own process, a ratio to the plain step; profile_step's KL workload:
+    the operator groups and what LPIPS and the discriminator cost."""
+    proc = subprocess.run([sys.executable, "benchmarks/kl_memory.py", "--sizes", "32", "--batch", "1", "--json",
+                           str(tmp_path / "memory.json")], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    rows = json.loads((tmp_path / "memory.json").read_text())["results"]
+    assert [r["variant"] for r in rows] == ["plain PyTorch, the diffusers script's way", "fastvae train_step",
+                                            "fastvae train_step, gradient checkpointing"]
+    assert all(r["step_MB"] > 0 for r in rows) and rows[0]["x_peer"] == 1.0
+    proc = subprocess.run([sys.executable, "benchmarks/profile_step.py", "--workload",
+                           "kl_autoencoder 3x64x64, after disc_start", "--steps", "1", "--repeats", "1", "--json",
+                           str(tmp_path / "profile.json")], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    profile = json.loads((tmp_path / "profile.json").read_text())
+    groups = {r["group"] for r in profile["results"]}
+    assert "convolutions (fwd + bwd)" in groups and "group norm + SiLU (memory-bound at full resolution)" in groups
+    assert [r["part"] for r in profile["network_costs"]] == ["whole step", "LPIPS", "the discriminator"]
