@@ -1,6 +1,7 @@
-"""FID and KID (Heusel et al. 2017; Binkowski et al. 2018) from torch-fidelity: its Inception-v3 feature
-extractor (the TF-FID network and resize, as the published numbers use) and its metric code; fastvae owns
-the plumbing: which images, the weights file, features gathered over processes, cached real statistics.
+"""FID and KID (Heusel et al. 2017; Binkowski et al. 2018) with torch-fidelity: its Inception-v3 feature
+extractor (the TF-FID network and resize, as the published numbers use) and its KID; the Fréchet distance
+is computed here, 3x faster and always real (frechet_distance says how). fastvae owns the plumbing: which
+images, the weights file, features gathered over processes, cached real features.
 
 Why torch-fidelity and not torchmetrics' FID: torchmetrics wraps the same extractor but keeps its state
 inside a module (one process, no cache of the real set's features, and KID without a weights path);
@@ -85,36 +86,44 @@ def inception_features(model: torch.nn.Module, images: torch.Tensor) -> torch.Te
     return features.double().cpu()
 
 
-def statistics(features: torch.Tensor) -> dict:
-    """Mean and (unbiased) covariance of features [N, D], float64 numpy, torch-fidelity's way."""
-    from torch_fidelity.metric_fid import fid_features_to_statistics
-
-    return fid_features_to_statistics(features.double().cpu())
-
-
 def frechet_distance(real: torch.Tensor, fake: torch.Tensor) -> float:
-    """FID of two feature sets [N, D]: ||mu1 - mu2||^2 + Tr(S1 + S2 - 2 (S1 S2)^1/2), by torch-fidelity
-    (the trace of the square root from the eigenvalues of S1 S2). Where S1 S2 has eigenvalues that are
-    clearly complex or negative (near-singular covariances, usually too few images) it warns instead of
-    silently keeping the real part; fewer images than feature dimensions also warns (biased upwards)."""
-    import numpy as np
-    from torch_fidelity.metric_fid import fid_statistics_to_metric
+    """FID of two feature sets [N, D]: ||mu1 - mu2||^2 + Tr(S1) + Tr(S2) - 2 Tr((S1 S2)^1/2), float64.
 
+    Written here rather than torch-fidelity's fid_statistics_to_metric, which takes the eigenvalues of the
+    non-symmetric S1 S2 (np.linalg.eigvals: ~20 s for D = 2048 on 2 cores, and complex values it silently
+    drops). The same trace, real by construction: S1 S2 has the eigenvalues of the symmetric A S2 A with
+    A = S1^1/2 (two symmetric eigendecompositions, ~3x faster); with fewer images than dimensions, of
+    X1 S2 X1^T, so the trace is the nuclear norm of X1 X2^T / sqrt((N1 - 1)(N2 - 1)) (X: centered
+    features), an N1 x N2 matrix. Clearly negative eigenvalues (near-singular covariances) warn; fewer
+    images than feature dimensions warn too (biased upwards). Tested against scipy's sqrtm on the
+    papers' formula and against torch-fidelity on the same images."""
     for name, f in (("real", real), ("generated", fake)):
         if len(f) < 2:
             raise UserError(f"FID: {len(f)} {name} image(s); expected at least 2 (and >= {UNBIASED_FROM} for an "
                             f"unbiased value)")
-    s1, s2 = statistics(real), statistics(fake)
-    eig = np.linalg.eigvals(s1["sigma"] @ s2["sigma"])
-    scale = max(float(np.abs(eig).max()), 1e-300)
-    if np.abs(eig.imag).max() > 1e-6 * scale or eig.real.min() < -1e-6 * scale:
-        warnings.warn(f"FID: the covariances are near-singular ({len(real)} and {len(fake)} images for {real.shape[1]} "
-                      f"feature dimensions); the square root's trace keeps the real part, the value is unreliable",
-                      stacklevel=2)
-    elif min(len(real), len(fake)) < UNBIASED_FROM:
-        warnings.warn(f"FID from {min(len(real), len(fake))} images (< {UNBIASED_FROM}) is biased upwards: compare "
-                      f"FIDs of equal image counts only", stacklevel=2)
-    return fid_statistics_to_metric(s1, s2, verbose=False)["frechet_inception_distance"]
+    (n1, d), n2 = real.shape, len(fake)
+    x1, x2 = (f.double() - f.double().mean(0) for f in (real, fake))
+    mean_gap = (real.double().mean(0) - fake.double().mean(0)).pow(2).sum()
+    traces = x1.pow(2).sum() / (n1 - 1) + x2.pow(2).sum() / (n2 - 1)
+    if min(n1, n2) < UNBIASED_FROM:
+        warnings.warn(f"FID from {min(n1, n2)} images (< {UNBIASED_FROM}) is biased upwards: compare FIDs of equal "
+                      f"image counts only", stacklevel=2)
+    if min(n1, n2) <= d:
+        trace_root = torch.linalg.svdvals(x1 @ x2.T).sum() / ((n1 - 1) * (n2 - 1)) ** 0.5
+    else:
+        trace_root = trace_of_root_product(x1.T @ x1 / (n1 - 1), x2.T @ x2 / (n2 - 1), n1, n2)
+    return float(mean_gap + traces - 2 * trace_root)
+
+
+def trace_of_root_product(s1: torch.Tensor, s2: torch.Tensor, n1: int, n2: int) -> torch.Tensor:
+    """Tr((S1 S2)^1/2) from the symmetric A S2 A, A = S1^1/2; a warning where it is not positive."""
+    w1, v1 = torch.linalg.eigh(s1)
+    root1 = (v1 * w1.clamp(min=0).sqrt()) @ v1.T
+    eig = torch.linalg.eigvalsh(root1 @ s2 @ root1)
+    if float(eig.min()) < -1e-6 * float(eig.abs().max()) or float(w1.min()) < -1e-6 * float(w1.abs().max()):
+        warnings.warn(f"FID: the covariances are near-singular ({n1} and {n2} images for {len(s1)} feature "
+                      f"dimensions); negative eigenvalues were set to 0, the value is unreliable", stacklevel=3)
+    return eig.clamp(min=0).sqrt().sum()
 
 
 def kernel_inception_distance(real: torch.Tensor, fake: torch.Tensor, subsets: int = 100, subset_size: int = 1000,

@@ -50,6 +50,11 @@ def test_frechet_distance_is_the_papers_formula():
         warnings.simplefilter("ignore")  # fewer than 2,048 images: the bias warning
         assert fid.frechet_distance(a, b) == pytest.approx(reference_fid(a.numpy(), b.numpy()), rel=1e-9)
         assert abs(fid.frechet_distance(a, a)) < 1e-9  # a set against itself
+        # fewer images than dimensions (the nuclear-norm form): scipy's sqrtm of the singular product is the
+        # less exact of the two here
+        a, b = features(30, 64, 6), features(20, 64, 7, shift=0.3)
+        assert fid.frechet_distance(a, b) == pytest.approx(reference_fid(a.numpy(), b.numpy()), rel=1e-6)
+        assert abs(fid.frechet_distance(a, a)) < 1e-9
 
 
 def test_kid_is_the_unbiased_mmd_with_the_cubic_kernel():
@@ -86,7 +91,7 @@ def test_images_reach_inception_as_their_png_would(tmp_path):
         assert torch.equal(fid.inception_input(images), png)
 
 
-def test_fid_and_kid_equal_torch_fidelitys_on_the_same_png_folders(tmp_path_factory, tmp_path):
+def test_features_equal_torch_fidelitys_on_the_same_png_folders(tmp_path_factory, tmp_path):
     import torch_fidelity
     from torchvision.utils import save_image
 
@@ -97,16 +102,26 @@ def test_fid_and_kid_equal_torch_fidelitys_on_the_same_png_folders(tmp_path_fact
         (tmp_path / name).mkdir()
         for i, image in enumerate(images):
             save_image(image, tmp_path / name / f"{i:02d}.png")
-    theirs = torch_fidelity.calculate_metrics(input1=str(tmp_path / "fake"), input2=str(tmp_path / "real"), fid=True,
+    # KID only: it is computed from the features, so equal KIDs mean equal features (their FID takes the
+    # eigenvalues of a 2048 x 2048 product, ~30 s here; the formula is compared below on small features)
+    theirs = torch_fidelity.calculate_metrics(input1=str(tmp_path / "fake"), input2=str(tmp_path / "real"),
                                               kid=True, kid_subset_size=12, kid_subsets=3, cuda=False, verbose=False,
                                               feature_extractor_weights_path=weights, cache=False)
     model, _ = fid.load_inception(weights)
     real, fake = (fid.inception_features(model, sets[k]) for k in ("real", "fake"))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        assert fid.frechet_distance(real, fake) == pytest.approx(theirs["frechet_inception_distance"], rel=1e-4)
     kid_mean, _, _ = fid.kernel_inception_distance(fake, real, subsets=3, subset_size=12)
     assert kid_mean == pytest.approx(theirs["kernel_inception_distance_mean"], rel=1e-4)
+
+
+def test_frechet_distance_equals_torch_fidelitys():
+    from torch_fidelity.metric_fid import fid_features_to_statistics, fid_statistics_to_metric
+
+    for (n1, n2, d), rel in (((400, 300, 32), 1e-9), ((30, 20, 64), 1e-6)):  # (their eigvals: less exact when singular)
+        a, b = features(n1, d, 8), features(n2, d, 9, shift=0.1)
+        theirs = fid_statistics_to_metric(fid_features_to_statistics(a), fid_features_to_statistics(b), False)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            assert fid.frechet_distance(a, b) == pytest.approx(theirs["frechet_inception_distance"], rel=rel)
 
 
 def test_inception_weights_missing_or_holding_code_are_one_line(tmp_path, monkeypatch):
