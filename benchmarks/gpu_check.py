@@ -17,7 +17,8 @@
     2-GPU DDP run (NCCL, SyncBatchNorm, ranks_agree; smoke: 2 gloo processes)
 13. the latent-diffusion autoencoder (AutoencoderKL 64/128/128 at kl-f8's 256 px; smoke: 32 px):
     fastvae's step against the diffusers-script-style step before and after disc_start, fp32 vs bf16,
-    NCHW vs channels_last, FLOPs and peak memory (benchmarks/train_throughput.py --parts kl)
+    NCHW vs channels_last, FLOPs and peak memory (benchmarks/train_throughput.py --parts kl), and the
+    256 px step's memory with and without gradient checkpointing (benchmarks/kl_memory.py; GPU only)
 Every check has a time budget; the kit stays under BUDGET_S and the JSON names what did not run.
 
     bash benchmarks/gpu_check.sh OUT          # on a GPU machine: < 9 minutes on one H100
@@ -332,6 +333,11 @@ def subprocess_checks(out: Path, budget: Budget) -> dict:
             "train_throughput", [*throughput, "--json", str(out / "train_throughput.json")], out, timeout)),
         "kl_autoencoder": budget.run("kl_autoencoder", 150, lambda timeout: run(
             "kl_autoencoder", [*kl, "--json", str(out / "kl_autoencoder.json")], out, timeout)),
+        # max_memory_allocated of the 256 px step with and without gradient checkpointing, against the peer
+        "kl_memory": {"not_run": "smoke: tests/test_benchmarks.py runs kl_memory.py on the CPU", "ok": True} if SMOKE
+        else budget.run("kl_memory", 120, lambda timeout: run(
+            "kl_memory", [py, "benchmarks/kl_memory.py", "--sizes", "256", "--batch", "8", "--json",
+                          str(out / "kl_memory.json")], out, timeout)),
     }
 
 

@@ -2,12 +2,11 @@
 gradient checkpointing, against the plain step written the diffusers research script's way (the
 peer of train_throughput.py --parts kl) in the same run.
 
-Each case runs in a fresh process (a process's peak RSS never goes down, so cases cannot share one):
-set-up, one step (weights, gradients, optimizer state all exist after it), then the measured step.
-Reported: the step's peak over the resting process (CPU: peak RSS minus the RSS before the step;
-CUDA: max_memory_allocated minus memory_allocated before it), per image; what the activations kept for
-the backward cost, which checkpointing trades for recomputation. The discriminator is active (its
-forward and backward are in the step), fp32 unless --precision bf16.
+Each case runs in a fresh process: set-up, then two steps. Reported: the two steps' peak over the
+process as set up (CPU: the peak RSS, reset before the steps through /proc/self/clear_refs, minus the
+RSS then; CUDA: max_memory_allocated minus memory_allocated before them), per image: the activations
+kept for the backward (what checkpointing trades for recomputation), plus gradients and Adam's state.
+The discriminator is active (its forward and backward are in the step), fp32 unless --precision bf16.
 
     python benchmarks/kl_memory.py [--sizes 64 128 256] [--batch 4] [--precision fp32] [--json PATH]
 """
@@ -36,6 +35,13 @@ def current_rss() -> int:
         return int(fh.read().split()[1]) * resource.getpagesize()
 
 
+def peak_rss() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
+
+
 def one_case(variant: str, size: int, batch: int, precision: str, device: torch.device) -> dict:
     """Runs in its own process: the measured step's memory above the resting process, in bytes."""
     import train_throughput as tt
@@ -55,18 +61,17 @@ def one_case(variant: str, size: int, batch: int, precision: str, device: torch.
             step = tt.DiffusersScriptStep(trainer.raw_model, trainer.raw_model.objective.autoencoder.perceptual, x,
                                           True)
             del trainer
-        step()
         if device.type == "cuda":
             torch.cuda.synchronize(device)
             before = torch.cuda.memory_allocated(device)
             torch.cuda.reset_peak_memory_stats(device)
-            step()
+            step(), step()
             torch.cuda.synchronize(device)
             return {"step_bytes": torch.cuda.max_memory_allocated(device) - before, "resting_bytes": before}
         before = current_rss()
-        step()
-        return {"step_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before,
-                "resting_bytes": before}
+        Path("/proc/self/clear_refs").write_text("5")  # the peak RSS (VmHWM) starts again from now
+        step(), step()
+        return {"step_bytes": peak_rss() - before, "resting_bytes": before}
 
 
 def main(argv=None) -> None:
@@ -97,12 +102,12 @@ def main(argv=None) -> None:
     for row in rows:
         peer = next(r for r in rows if r["size"] == row["size"] and r["variant"].startswith("plain"))
         row["x_peer"] = row["step_MB"] / peer["step_MB"]
-    what = "peak RSS above the resting process" if device.type == "cpu" else "max allocated above the resting"
+    what = "peak RSS above the set-up" if device.type == "cpu" else "max allocated above the set-up"
     print(f"\nKL autoencoder step memory ({what}), AutoencoderKL 64/128/128, LPIPS VGG, PatchGAN active, "
           f"batch {args.batch}, {args.precision}, {device}")
     print_table(rows, [("size", "px", "d"), ("variant", "variant", ""), ("step_MB", "step MB", ".0f"),
                        ("per_image_MB", "MB / image", ".0f"), ("x_peer", "x plain", ".2f"),
-                       ("resting_MB", "resting MB", ".0f")])
+                       ("resting_MB", "set-up MB", ".0f")])
     write_json(args.json, {"benchmark": "kl_memory", "device": str(device), "results": rows})
 
 

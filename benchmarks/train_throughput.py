@@ -23,7 +23,8 @@ Every row is a ratio to its baseline, interleaved and repeated, with its peak me
 allocated, or the growth of the process's peak RSS while the case ran: a lower bound on CPU).
 
     python benchmarks/train_throughput.py [--parts step loop kl] [--repeats 5] [--steps 3] [--modes eager compiled]
-        [--precisions fp32 bf16] [--formats contiguous channels_last] [--kl-size 64] [--json PATH]
+        [--precisions fp32 bf16] [--formats contiguous channels_last] [--kl-size 64] [--kl-modes eager compiled]
+        [--json PATH]
 """
 
 from __future__ import annotations
@@ -260,6 +261,12 @@ def kl_cases(args, device, tmp: Path, disc_active: bool, lpips_path: str) -> dic
     if "contiguous" in args.formats:
         _, cases["fastvae train_step fp32 contiguous"] = kl_trainer_step(
             [*common, "train.mixed_precision=no", "train.memory_format=contiguous"], x, tmp / "kl_contiguous")
+    if "compiled" in args.kl_modes:  # the autoencoder's GroupNorm + SiLU fused (profile_step: ~27% of the step)
+        for precision in args.precisions:
+            trainer, step = kl_trainer_step([*common, f"train.mixed_precision={PRECISIONS[precision]}",
+                                             "train.compile=true"], x, tmp / f"kl_compiled_{precision}")
+            step()  # compiles here, not inside the timed repeats
+            cases[f"fastvae train_step {precision} channels_last compiled"] = step
     return cases
 
 
@@ -273,6 +280,7 @@ def run_kl(args, device, tmp: Path) -> list[dict]:
 
         lpips_path = str(write_random_backbone("vgg", tmp / "lpips"))
     rows = []
+    torch._dynamo.config.recompile_limit = 64  # every compiled row's model shares nn.Module's call (step_cases)
     for phase, active in KL_PHASES.items():
         print(f"kl autoencoder {args.kl_size} px, {phase}: building the steps...", flush=True)
         cases = kl_cases(args, device, tmp / phase.replace(" ", "_"), active, lpips_path)
@@ -378,6 +386,8 @@ def main(argv=None) -> None:
     parser = base_parser(__doc__.splitlines()[0])
     parser.add_argument("--parts", nargs="*", default=["step", "loop"], choices=["step", "loop", "kl"])
     parser.add_argument("--kl-size", type=int, default=64, help="image size of the kl rows (256: kl-f8's, a GPU's)")
+    parser.add_argument("--kl-modes", nargs="*", default=["eager"], choices=["eager", "compiled"],
+                        help="kl rows: eager, and train.compile=true (minutes of compilation on a CPU)")
     parser.add_argument("--lpips-weights", default="", help="LPIPS's VGG weights (default: the torch hub cache, "
                                                             "else random weights of the same shape)")
     parser.add_argument("--steps", type=int, default=3, help="training steps per timing sample")

@@ -10,7 +10,8 @@ reductions do not).
 Gradients flow through LPIPS into the decoder (diffusers' research script computed it under no_grad:
 tests/test_kl_autoencoder.py checks that they reach it). The adversarial term and its adaptive weight
 are the critic's (fastvae/critic.py); with it, LPIPS and the discriminator run their backward once per
-step (LDM: twice, for the adaptive weight and again in the total loss's backward).
+step (LDM: twice, for the adaptive weight and again in the total loss's backward), except under
+train.compile, where LDM's way is kept (the loss and x_hat may be one compiled graph).
 """
 
 from __future__ import annotations
@@ -24,8 +25,10 @@ from fastvae.perceptual import lpips_distance
 class AutoencoderLoss:
     """Called by the model's forward as (model, x, output, kl[B], beta) -> (loss, recon[B], terms)."""
 
-    def __init__(self, pixel: str = "l1", perceptual=None, perceptual_weight: float = 1.0, critic=None) -> None:
+    def __init__(self, pixel: str = "l1", perceptual=None, perceptual_weight: float = 1.0, critic=None,
+                 compiled: bool = False) -> None:
         self.pixel, self.perceptual, self.perceptual_weight, self.critic = pixel, perceptual, perceptual_weight, critic
+        self.compiled = compiled  # train.compile: x_hat may be inside one compiled graph with the loss
 
     def __call__(self, model, x: torch.Tensor, output: torch.Tensor, kl: torch.Tensor, beta: torch.Tensor):
         x_pm = (x * 2 - 1).float()
@@ -43,7 +46,12 @@ class AutoencoderLoss:
         if distance is not None:
             terms["lpips"] = distance.mean().detach()
         if self.critic is not None and self.critic.active:
-            loss = self._with_critic(model, x_pm, x_hat, nll_loss, kl_term, terms)
+            if self.compiled:
+                adversarial, critic_terms = self.critic.generator_loss_term(x_pm, x_hat, nll_loss, model.last_layer())
+                terms.update(critic_terms)
+                loss = loss + adversarial
+            else:
+                loss = self._with_critic(model, x_pm, x_hat, nll_loss, kl_term, terms)
         return loss, rec.flatten(1).sum(1), terms
 
     def _with_critic(self, model, x_pm, x_hat, nll_loss, rest, terms):

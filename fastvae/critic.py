@@ -40,6 +40,20 @@ def mean_over_processes(t: torch.Tensor) -> torch.Tensor:
     return t / dist.get_world_size()
 
 
+def adversarial_term(disc, x_hat: torch.Tensor, nll_loss: torch.Tensor, last_layer: torch.Tensor, weight: float,
+                     factor: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(d_weight x factor x G, G, d_weight), LDM's way: both last-layer gradients from the losses (each a
+    backward through LPIPS or the discriminator, kept for the total loss's backward). What a compiled
+    model (train.compile) takes: there x_hat and the loss can be one compiled graph, with no gradient at
+    x_hat to start from (adversarial_gradient); the gradients are averaged over all processes first."""
+    g_loss = losses.generator_adversarial_loss(disc(x_hat.contiguous()).float())
+    nll_grad, = torch.autograd.grad(nll_loss, last_layer, retain_graph=True)
+    g_grad, = torch.autograd.grad(g_loss, last_layer, retain_graph=True)
+    both = mean_over_processes(torch.stack([nll_grad.float(), g_grad.float()]))
+    d_weight = losses.adaptive_weight(both[0], both[1], weight)
+    return d_weight * factor * g_loss, g_loss.detach(), d_weight
+
+
 def adversarial_gradient(disc, x_hat: torch.Tensor, nll_grad: torch.Tensor, last_layer: torch.Tensor, weight: float,
                          factor: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(d_weight x factor x dG/dx_hat, G, d_weight): G = -mean disc(x_hat), d_weight LDM's adaptive weight
@@ -101,6 +115,12 @@ class Critic:
         self.real, self.fake = x.detach(), x_hat.detach()
         grad, g_loss, d_weight = adversarial_gradient(self.raw, x_hat, nll_grad, last_layer, self.weight, self.factor)
         return grad, d_weight * self.factor * g_loss, {"g_loss": g_loss, "d_weight": d_weight}
+
+    def generator_loss_term(self, x: torch.Tensor, x_hat: torch.Tensor, nll_loss: torch.Tensor, last_layer):
+        """(d_weight x disc_factor x G as a loss term, logged terms): LDM's way, for compiled models."""
+        self.real, self.fake = x.detach(), x_hat.detach()
+        term, g_loss, d_weight = adversarial_term(self.raw, x_hat, nll_loss, last_layer, self.weight, self.factor)
+        return term, {"g_loss": g_loss, "d_weight": d_weight}
 
     def step(self) -> dict:
         """The discriminator's update on the batch the generator just trained on; its logged terms."""

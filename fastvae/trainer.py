@@ -165,6 +165,13 @@ class Trainer:
             # graph from images to loss, DDP's own Python outside it (compiling through DDP broke the
             # graph in its _pre_forward logger)
             model.compile(mode=None if cfg.train.compile_mode == "default" else cfg.train.compile_mode)
+            if cfg.loss.disc_weight:  # LDM's adaptive weight backpropagates twice through compiled graphs,
+                import torch._functorch.config as functorch_config  # which donated buffers forbid
+
+                functorch_config.donated_buffer = False
+                acc.print(f"fastvae: train.compile pays before loss.disc_start ({cfg.loss.disc_start}); after it the "
+                          f"adaptive weight's gradients run the compiled backward again (measured 0.57x of eager "
+                          f"on a CPU, docs/latent_autoencoder.md): resume with train.compile=false there")
         optimizer = build_optimizer(cfg, model.parameters(), acc.device)
         self.model, self.optimizer = acc.prepare(model, optimizer)  # prepared first: model.safetensors
         self.raw_model = acc.unwrap_model(self.model)
@@ -241,7 +248,7 @@ class Trainer:
             perceptual = load_lpips(loss.lpips_net, loss.lpips_weights)
             check_image_size(perceptual, loss.lpips_net, self.cfg.data.channels, *image_hw(self.cfg.data))
             perceptual.to(self.accelerator.device)
-        return AutoencoderLoss(loss.pixel, perceptual, loss.perceptual_weight, self.critic)
+        return AutoencoderLoss(loss.pixel, perceptual, loss.perceptual_weight, self.critic, self.cfg.train.compile)
 
     def _set_up_state(self) -> None:
         """Where the run starts (a checkpoint's state when resuming), its log and its guard."""
