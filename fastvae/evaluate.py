@@ -434,3 +434,7 @@ def main(argv=None) -> dict:
 
 if __name__ == "__main__":
     main()
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # every process's report is written: leave cleanly
+        from fastvae.errors import leave_launched_process
+
+        leave_launched_process(0)

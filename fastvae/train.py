@@ -13,10 +13,9 @@ from __future__ import annotations
 import argparse
 import os
 import signal
-import sys
 
 from fastvae.config import Config, keys_help, load_config
-from fastvae.errors import exit_on_user_error
+from fastvae.errors import exit_on_user_error, leave_launched_process
 
 
 def train(cfg: Config, stop_signals=None, datasets: tuple | None = None) -> dict:
@@ -45,16 +44,7 @@ def main(argv=None) -> dict:
     result = train(load_config(args.config, args.overrides))
     code = 128 + signal.Signals[result["stopped_by"]].value if result["stopped_by"] else 0
     if code or int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        # Gloo can abort at interpreter exit after correct work (SIGABRT, "terminate called without
-        # an active exception", seen in 2-3 of 10 runs): tear the process group down ourselves and
-        # leave without running finalizers.
-        import torch.distributed as dist
-
-        if dist.is_initialized():
-            dist.destroy_process_group()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
+        leave_launched_process(code)
     return result
 
 
