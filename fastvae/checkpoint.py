@@ -25,7 +25,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from fastvae.config import RESUME_MAY_DIFFER, SPLITS, Config, flatten, from_dict, override_data, to_dict
-from fastvae.errors import OutputError, UserError
+from fastvae.errors import OutputError, UserError, read_json
 
 META_FILE = "fastvae.json"
 MODEL_FILE = "model.safetensors"
@@ -182,12 +182,8 @@ def read_meta(path: str | Path) -> dict:
                         f"(e.g. runs/mnist/checkpoints/step_00001000)")
     if not meta_path.is_file():
         raise UserError(f"checkpoint '{path}' has no {META_FILE}; expected a complete fastvae checkpoint")
-    try:
-        meta = json.loads(meta_path.read_text())
-    except (ValueError, UnicodeDecodeError, RecursionError) as err:  # ValueError: bad JSON, or an integer of
-        # more digits than Python converts; RecursionError: arrays nested thousands deep
-        raise UserError(f"checkpoint file '{meta_path}' is corrupt ({one_line(err)}); expected JSON as fastvae "
-                        f"writes it") from None
+    meta = read_json(meta_path, lambda err: f"checkpoint file '{meta_path}' is corrupt ({one_line(err)}); expected "
+                                            f"JSON as fastvae writes it")
     _check_meta(meta, meta_path)
     return meta
 

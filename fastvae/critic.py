@@ -6,7 +6,8 @@ the plain ELBO step has no GAN code on its path.
   frozen discriminator, weighed by LDM's adaptive weight ||grad NLL|| / (||grad G|| + 1e-4) at the
   decoder's last layer. Those gradients are averaged over all processes before their norms are taken:
   LDM takes them per rank, so on 8 GPUs it does not train what one GPU trains; here N x B/N does.
-  LPIPS and the discriminator run their backward once per step, not twice (adversarial_gradient).
+  LPIPS and the discriminator run their backward once per step, not twice (adversarial_gradient; a
+  compiled model keeps LDM's way, adversarial_term).
 - step (after the generator's optimizer step): the discriminator's loss on the same batch (the real
   images and the reconstructions the generator's step made, detached) and its optimizer step. LDM
   recomputes the reconstructions with the updated generator; reusing them saves a whole autoencoder
@@ -40,6 +41,13 @@ def mean_over_processes(t: torch.Tensor) -> torch.Tensor:
     return t / dist.get_world_size()
 
 
+def global_adaptive_weight(nll_grad: torch.Tensor, g_grad: torch.Tensor, weight: float) -> torch.Tensor:
+    """LDM's adaptive weight from the last layer's gradients of the NLL and of G, each averaged over all
+    processes first: the global batch's norms, whatever the split."""
+    both = mean_over_processes(torch.stack([nll_grad.float(), g_grad.float()]))
+    return losses.adaptive_weight(both[0], both[1], weight)
+
+
 def adversarial_term(disc, x_hat: torch.Tensor, nll_loss: torch.Tensor, last_layer: torch.Tensor, weight: float,
                      factor: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(d_weight x factor x G, G, d_weight), LDM's way: both last-layer gradients from the losses (each a
@@ -49,8 +57,7 @@ def adversarial_term(disc, x_hat: torch.Tensor, nll_loss: torch.Tensor, last_lay
     g_loss = losses.generator_adversarial_loss(disc(x_hat.contiguous()).float())
     nll_grad, = torch.autograd.grad(nll_loss, last_layer, retain_graph=True)
     g_grad, = torch.autograd.grad(g_loss, last_layer, retain_graph=True)
-    both = mean_over_processes(torch.stack([nll_grad.float(), g_grad.float()]))
-    d_weight = losses.adaptive_weight(both[0], both[1], weight)
+    d_weight = global_adaptive_weight(nll_grad, g_grad, weight)
     return d_weight * factor * g_loss, g_loss.detach(), d_weight
 
 
@@ -68,8 +75,7 @@ def adversarial_gradient(disc, x_hat: torch.Tensor, nll_grad: torch.Tensor, last
     g_grad, = torch.autograd.grad(g_loss, x_hat)  # the discriminator's backward, once (its graph is freed)
     nll_last, = torch.autograd.grad(x_hat, last_layer, nll_grad, retain_graph=True)
     g_last, = torch.autograd.grad(x_hat, last_layer, g_grad, retain_graph=True)
-    both = mean_over_processes(torch.stack([nll_last.float(), g_last.float()]))
-    d_weight = losses.adaptive_weight(both[0], both[1], weight)
+    d_weight = global_adaptive_weight(nll_last, g_last, weight)
     return d_weight * factor * g_grad, g_loss.detach(), d_weight
 
 

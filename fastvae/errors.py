@@ -1,8 +1,10 @@
 """Errors a user can cause, reported as one line and a non-zero exit."""
 
 import functools
+import json
 import os
 import sys
+from pathlib import Path
 
 USER_ERROR_EXIT_CODE = 2
 
@@ -78,6 +80,19 @@ def exit_on_user_error(main):
             sys.exit(err.exit_code)
 
     return wrapper
+
+
+# What json.loads of a hostile file raises: bad JSON, or an integer of more digits than Python converts
+# (ValueError); bytes that are not UTF-8; arrays nested thousands deep (RecursionError)
+JSON_ERRORS = (ValueError, UnicodeDecodeError, RecursionError)
+
+
+def read_json(path: str | Path, refused) -> object:
+    """The JSON value in the file `path`; one that cannot be read is UserError(refused(the error))."""
+    try:
+        return json.loads(Path(path).read_text())
+    except JSON_ERRORS as err:
+        raise UserError(refused(err)) from None
 
 
 def leave_launched_process(code: int = 0) -> None:

@@ -199,8 +199,9 @@ def add_sample_features(model, dataset, total: int, features, seed: int, batch_s
     z ~ N(0, I) keyed by (seed, SAMPLE_STREAM, i), so any split over processes draws the same images;
     a conditional model's sample i has the condition of test image i mod total."""
     device, dtype = next(model.parameters()).device, next(model.parameters()).dtype
-    positions = shard_of(features.num_samples or total, shard)
-    bar = tqdm(total=features.num_samples or total, desc="FID samples", unit="img",
+    samples = features.num_samples or total
+    positions = shard_of(samples, shard)
+    bar = tqdm(total=samples, desc="FID samples", unit="img",
                disable=not progress or shard[0] != 0)
     done = 0
     for _, labels, sample_ids in in_order_loader(Subset(dataset, [p % total for p in positions]), batch_size):
@@ -373,16 +374,13 @@ def fid_features(args, vae, split_size: int):
         if args.kid or args.num_samples:
             raise UserError("--kid and --num-samples go with --fid or --rfid; expected one of them too")
         return None
-    from fastvae.fid import FeatureSets, cache_file_for, load_inception
+    from fastvae.fid import FeatureSets, load_inception, real_features_file
 
     if args.num_samples is not None and args.num_samples < 2:
         raise UserError(f"--num-samples {args.num_samples}: expected at least 2")
     inception, sha = load_inception(args.inception_weights or "", vae.device)
-    d = vae.cfg.data
     total = min(split_size, args.max_images or split_size)
-    cache = cache_file_for(vae.run_dir, data=[d.name, d.root, d.image_size, d.channels, d.center_crop,
-                                              d.test_fraction, d.split_seed, d.label_attribute, d.test_split],
-                           split=args.split, images=total, binarize=args.binarize, weights=sha)
+    cache = real_features_file(vae.run_dir, vae.cfg.data, args.split, total, args.binarize, sha)
     return FeatureSets(inception, sha, args.fid, args.rfid, args.kid, args.num_samples, args.kid_subsets,
                        args.kid_subset_size, cache)
 

@@ -183,13 +183,17 @@ class FeatureSets:
         return out
 
 
-def cache_file_for(folder: Path, **key) -> Path:
-    """Where the real images' features are cached: one file per (data set, split, images, size,
-    weights' hash, ...) -- whatever `key` holds, hashed into the name."""
+def real_features_file(run_dir: Path, data, split: str, images: int, binarize: bool, weights_sha: str) -> Path:
+    """Where a split's features are cached in a run's folder (evaluate's and training's): one file per
+    everything that changes them (the data settings that pick and shape the images, the split, how many,
+    binarized or not, the weights), hashed into its name."""
     import json
 
+    key = {"data": [data.name, data.root, data.image_size, data.channels, data.center_crop, data.test_fraction,
+                    data.split_seed, data.label_attribute, data.test_split],
+           "split": split, "images": images, "binarize": binarize, "weights": weights_sha}
     digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
-    return Path(folder) / "fid_features" / f"real-{digest}.safetensors"
+    return Path(run_dir) / "fid_features" / f"real-{digest}.safetensors"
 
 
 def read_cached(path: Path | None) -> torch.Tensor | None:

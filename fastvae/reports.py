@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -115,13 +114,12 @@ def image_quality(model, test_set, cfg: Config, networks: QualityNetworks, out_d
     """eval.metrics of eval.images test images (and as many prior samples), every process its share:
     PSNR always; FID / rFID / KID against the test images' features, cached in out_dir after the first."""
     from fastvae.evaluate import ImageQuality
-    from fastvae.fid import FeatureSets, cache_file_for
+    from fastvae.fid import FeatureSets, real_features_file
 
     metrics, total = set(cfg.eval.metrics), min(cfg.eval.images, len(test_set))
     features = None
     if networks.inception is not None:
-        cache = cache_file_for(out_dir, data=dataclasses.asdict(cfg.data), split="test", images=total,
-                               binarize=False, weights=networks.inception_sha)
+        cache = real_features_file(out_dir, cfg.data, "test", total, False, networks.inception_sha)
         features = FeatureSets(networks.inception, networks.inception_sha, "fid" in metrics, "rfid" in metrics,
                                "kid" in metrics, cache_file=cache)
     report = evaluate_model(model, test_set, Likelihood.of_run(cfg.loss), max_images=total, seed=cfg.seed + 2,

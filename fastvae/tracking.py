@@ -21,7 +21,6 @@ LOGGED_FILE = "logged_steps.json"  # the last step sent to the trackers (LoggedS
 TENSORBOARD_DIR = "tensorboard"
 MLFLOW_DB = "mlflow.db"
 MLFLOW_ARTIFACTS = "mlartifacts"
-EXTRA_OF = {"wandb": "wandb", "tensorboard": "tensorboard", "mlflow": "mlflow"}
 DEFAULT_PROJECT = "fastvae"
 EVAL_FILE = "eval.json"
 OFFLINE_MODES = ("offline", "dryrun", "disabled")
@@ -61,14 +60,13 @@ def check_wandb_ready() -> None:
 
 def check_tracker_installed(name: str) -> None:
     """logger=tensorboard / mlflow without its package: one line now, not a traceback at the first log."""
-    module = {"tensorboard": "tensorboard", "mlflow": "mlflow", "wandb": "wandb"}[name]
-    try:
-        __import__(module)
+    try:  # each tracker's package, and its fastvae extra, has the tracker's name
+        __import__(name)
         if name == "mlflow":
             __import__("sqlalchemy"), __import__("alembic")  # its SQLite store
     except ImportError as err:
         raise UserError(f"logger={name} but {err.name} is not installed; expected "
-                        f"`pip install 'fastvae[{EXTRA_OF[name]}]'` or another logger") from None
+                        f"`pip install 'fastvae[{name}]'` or another logger") from None
 
 
 def check_trackers_ready(cfg: Config) -> None:
@@ -144,7 +142,7 @@ def mlflow_tracker(out_dir: Path, run_id: str | None):
     if not os.environ.get("MLFLOW_TRACKING_URI"):  # (set_tracking_uri sets it: RunLog.close unsets it)
         mlflow.set_tracking_uri(f"sqlite:///{(out_dir / MLFLOW_DB).absolute()}")
         artifacts = (out_dir / MLFLOW_ARTIFACTS).absolute().as_uri()
-    return artifacts is not None, MLflowTracker(os.environ.get("MLFLOW_EXPERIMENT_NAME") or DEFAULT_PROJECT, artifacts, run_id,
+    return MLflowTracker(os.environ.get("MLFLOW_EXPERIMENT_NAME") or DEFAULT_PROJECT, artifacts, run_id,
                          run_name=out_dir.name)
 
 
@@ -156,7 +154,7 @@ class RunLog:
         self.trackers = loggers(cfg)
         self.use_tracker = bool(self.trackers)
         self.log_images = self.use_tracker and cfg.wandb.log_images
-        self.run_id, self.mlflow_run_id, self.mlflow_uri_set = None, mlflow_run_id, False
+        self.run_id, self.mlflow_run_id, self.mlflow_uri_set, self.closed = None, mlflow_run_id, False, False
         if self.use_tracker and accelerator.is_main_process:
             self._start(cfg, run_id)
 
@@ -172,8 +170,10 @@ class RunLog:
         self.logged = LoggedSteps(out / LOGGED_FILE, self.run_id)
         from accelerate.tracking import TensorBoardTracker
 
+        # fastvae's store is the tracking URI (to unset at close) where the environment names none
+        self.mlflow_uri_set = "mlflow" in self.trackers and not os.environ.get("MLFLOW_TRACKING_URI")
         made = {"wandb": lambda: "wandb", "tensorboard": lambda: TensorBoardTracker(TENSORBOARD_DIR, out),
-                "mlflow": lambda: self._mlflow(out)}
+                "mlflow": lambda: mlflow_tracker(out, self.mlflow_run_id)}
         self.accelerator.log_with = [made[name]() for name in self.trackers]
         self.accelerator.init_trackers(project_name=project, init_kwargs={"wandb": init})
         for tracker in self.accelerator.trackers:
@@ -183,10 +183,6 @@ class RunLog:
                 tracker.store_init_configuration(scalar_config(cfg))
             if tracker.name == "mlflow":
                 self.mlflow_run_id = tracker.tracker.info.run_id
-
-    def _mlflow(self, out: Path):
-        self.mlflow_uri_set, tracker = mlflow_tracker(out, self.mlflow_run_id)
-        return tracker
 
     def trim_after(self, step: int) -> None:
         """On resume: drop the step and epoch records written after the checkpoint the run resumes from."""
@@ -268,7 +264,7 @@ class RunLog:
     def close(self) -> None:
         """The trackers' runs ended (also after an error: an MLflow run left active would refuse the next
         run in this process); again is a no-op."""
-        if self.use_tracker and not getattr(self, "closed", False):
+        if self.use_tracker and not self.closed:
             self.closed = True
             self.accelerator.end_training()
         if self.mlflow_uri_set:  # the next run in this process chooses its own store

@@ -374,8 +374,7 @@ class Trainer:
     def close(self) -> None:
         """Release out_dir for another run (fit does this when it ends; a Trainer used without fit, e.g.
         in a notebook, holds out_dir until this is called or the process ends)."""
-        if getattr(self, "log", None) is not None:
-            self.log.close()
+        self.log.close()
         if self.run_lock is not None:
             self.run_lock.release()
 

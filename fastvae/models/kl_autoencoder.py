@@ -13,14 +13,13 @@ fastvae's [0, 1] images and maps them; decode returns diffusers' output ([-1, 1]
 from __future__ import annotations
 
 import inspect
-import json
 import math
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from fastvae.errors import UserError
+from fastvae.errors import UserError, read_json
 from fastvae.models.base import VAE
 
 CONFIG_FILE = "config.json"
@@ -100,11 +99,8 @@ def read_folder_config(folder: str | Path) -> dict:
     if not path.is_file():
         raise UserError(f"model.pretrained '{folder}' has no {CONFIG_FILE}; expected a diffusers AutoencoderKL "
                         f"folder (config.json + {WEIGHTS_FILE}), e.g. a local copy of stabilityai/sd-vae-ft-mse")
-    try:
-        config = json.loads(path.read_text())
-    except (ValueError, UnicodeDecodeError, RecursionError) as err:
-        raise UserError(f"model.pretrained '{path}' is not JSON ({type(err).__name__}); expected diffusers' config") \
-            from None
+    config = read_json(path, lambda err: f"model.pretrained '{path}' is not JSON ({type(err).__name__}); expected "
+                                         f"diffusers' config")
     if not isinstance(config, dict) or config.get("_class_name") != "AutoencoderKL":
         found = config.get("_class_name") if isinstance(config, dict) else type(config).__name__
         raise UserError(f"model.pretrained '{folder}' holds a {found!r}; expected an AutoencoderKL folder")
