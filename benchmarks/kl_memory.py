@@ -58,7 +58,7 @@ def one_case(variant: str, size: int, batch: int, precision: str, device: torch.
                      f"train.mixed_precision={tt.PRECISIONS[precision]}", *VARIANTS[variant]]
         trainer, step = tt.kl_trainer_step(overrides, x, Path(tmp) / "run")
         if variant.startswith("plain"):
-            step = tt.DiffusersScriptStep(trainer.raw_model, trainer.raw_model.objective.autoencoder.perceptual, x,
+            step = tt.DiffusersScriptStep(trainer.raw_model, trainer.objective.perceptual, x,
                                           True)
             del trainer
         if device.type == "cuda":

@@ -26,7 +26,8 @@ from pathlib import Path
 import torch
 from harness import interleaved, print_table, write_json
 
-from fastvae.checkpoint import list_checkpoints, load
+from fastvae.checkpoint import list_checkpoints
+from fastvae.loading import load
 from fastvae.config import load_config
 from fastvae.data import build_datasets
 from fastvae.evaluate import Likelihood, evaluate_model

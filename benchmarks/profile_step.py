@@ -7,7 +7,7 @@ are counted where they mostly come from, so the shares of the small groups are a
     python benchmarks/profile_step.py --workload "kl_autoencoder 3x64x64, after disc_start" --steps 3
 
 The KL autoencoder's workloads also say what each network costs, by taking it out of the step:
-LPIPS (loss.perceptual_weight=0) and the discriminator (before loss.disc_start it is not run),
+LPIPS (loss.perceptual_weight=0) and the discriminator (before disc.start it is not run),
 timed interleaved against the whole step.
 """
 

@@ -10,7 +10,7 @@ kl: the latent-diffusion autoencoder's step (diffusers' AutoencoderKL, LDM's los
 PatchGAN with the adaptive weight), fastvae's `Trainer.train_step` against a plain PyTorch step written
 the way diffusers' research script (examples/research_projects/autoencoderkl) and LDM do it: eager,
 fp32, NCHW, the discriminator and both gradient norms computed every step (LDM, before disc_start with
-a zero weight), one optimizer step for each network. Both phases: before loss.disc_start and after.
+a zero weight), one optimizer step for each network. Both phases: before disc.start and after.
 Each row also gives the step's FLOPs (torch.utils.flop_counter) and the GFLOP/s it achieved.
 
 loop: whole epochs on the embedded MNIST (4,500 images, batch 128), data loading included:
@@ -186,7 +186,7 @@ def kl_overrides(size: int, lpips_path: str, disc_active: bool) -> list[str]:
     return ["model.name=kl_autoencoder", f"model.kwargs={{block_out_channels: {KL_CHANNELS}, layers_per_block: 1}}",
             "data.name=imagefolder", "data.root=unused", "data.channels=3", f"data.image_size={size}",
             f"data.batch_size={KL_BATCH}", "loss.objective=ldm", "loss.beta=1e-6", f"loss.lpips_weights={lpips_path}",
-            "loss.disc_weight=0.5", f"loss.disc_start={0 if disc_active else 10**9}", "optim.betas=[0.5, 0.9]"]
+            "disc.weight=0.5", f"disc.start={0 if disc_active else 10**9}", "optim.betas=[0.5, 0.9]"]
 
 
 class DiffusersScriptStep:
@@ -253,7 +253,7 @@ def kl_cases(args, device, tmp: Path, disc_active: bool, lpips_path: str) -> dic
     common = [*kl_overrides(args.kl_size, lpips_path, disc_active), f"train.cpu={device.type == 'cpu'}"]
     first, step = kl_trainer_step([*common, "train.mixed_precision=no"], x, tmp / "peer_source")
     cases = {"plain PyTorch, the diffusers script's way, fp32": DiffusersScriptStep(
-        first.raw_model, first.raw_model.objective.autoencoder.perceptual, x, disc_active)}
+        first.raw_model, first.objective.perceptual, x, disc_active)}
     cases["fastvae train_step fp32 channels_last"] = step
     for precision in [p for p in args.precisions if p != "fp32"]:
         _, cases[f"fastvae train_step {precision} channels_last"] = kl_trainer_step(

@@ -19,7 +19,7 @@ _PUBLIC = {
     "VAE": "fastvae.models.base",
     "Trainer": "fastvae.trainer",
     "load_config": "fastvae.config",
-    "load": "fastvae.checkpoint",
+    "load": "fastvae.loading",
     "sample": "fastvae.generate",
 }
 __all__ = sorted(_PUBLIC)

@@ -24,10 +24,17 @@ import yaml
 from fastvae.errors import UserError
 
 
-def knob(default=dataclasses.MISSING, doc: str = "", *, factory=None, above=None, at_least=None, below=None):
+RESUME = ("must_match", "may_differ")
+
+
+def knob(default=dataclasses.MISSING, doc: str = "", *, factory=None, above=None, at_least=None, below=None,
+         resume: str = "may_differ"):
     """A config field with its documentation and range next to it (`--help` prints both).
-    above: value > above; at_least: value >= at_least; below: value < below."""
-    metadata = {"doc": doc, "above": above, "at_least": at_least, "below": below}
+    above: value > above; at_least: value >= at_least; below: value < below. resume: must_match for
+    what a checkpoint pins (the model or the data would not be the same: resuming with another value
+    is refused), may_differ for the rest."""
+    assert resume in RESUME, resume
+    metadata = {"doc": doc, "above": above, "at_least": at_least, "below": below, "resume": resume}
     if factory is not None:
         return field(default_factory=factory, metadata=metadata)
     return field(default=default, metadata=metadata)
@@ -46,19 +53,19 @@ IMPORT_PATH = re.compile(r"^[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*:[A-Za-z_][\w]*$")
 
 @dataclass
 class DataConfig:
-    name: Literal["mnist", "fashion_mnist", "imagefolder", "celeba"] = knob("mnist", "dataset")
+    name: Literal["mnist", "fashion_mnist", "imagefolder", "celeba"] = knob("mnist", "dataset", resume="must_match")
     root: str = knob("", "dataset location; empty = the dataset's default")
     image_size: int | list[int] = knob(28, "image height and width: an int (square) or [height, width]; image "
-                                           "folders and CelebA are resized to cover it, then center-cropped")
+                                           "folders and CelebA are resized to cover it, then center-cropped", resume="must_match")
     channels: int = knob(1, "channels per image: 1 (greyscale), 3 (RGB), 4 (RGBA, image folders), ...",
-                         above=0)
-    center_crop: int = knob(0, "crop this square from the center before resizing; 0 = none", at_least=0)
-    test_fraction: float = knob(0.1, "held-out share for datasets without an official split", at_least=0, below=1)
-    split_seed: int = knob(0, "seed of that fixed split, independent of seed", at_least=0, below=2**32)
+                         above=0, resume="must_match")
+    center_crop: int = knob(0, "crop this square from the center before resizing; 0 = none", at_least=0, resume="must_match")
+    test_fraction: float = knob(0.1, "held-out share for datasets without an official split", at_least=0, below=1, resume="must_match")
+    split_seed: int = knob(0, "seed of that fixed split, independent of seed", at_least=0, below=2**32, resume="must_match")
     limit: int = knob(0, "use only the first `limit` training images; 0 = all", at_least=0)
     batch_size: int = knob(128, "images per step per process", above=0)
     num_workers: int = knob(0, "DataLoader worker processes", at_least=0)
-    drop_last: bool = knob(True, "drop the last partial batch (keeps DDP shards equal in size)")
+    drop_last: bool = knob(True, "drop the last partial batch (keeps DDP shards equal in size)", resume="must_match")
     loader: Literal["auto", "memory", "torch", "ffcv"] = knob(
         "auto", "memory (batches sliced from the uint8 data set held on the device), torch (DataLoader), ffcv "
                 "(a .beton from `fastvae ffcv`), or auto: memory for data sets held as tensors (mnist, "
@@ -78,17 +85,17 @@ class DataConfig:
 @dataclass
 class ModelConfig:
     name: str = knob("conv_vae", "conv_vae (the lecture's MNIST VAE), dfc_vae (the CelebA face VAE), or your "
-                                 "own fastvae.VAE subclass as package.module:ClassName (docs/custom_model.md)")
-    latent_dim: int = knob(2, "size of z", above=0)
-    dropout: float = knob(0.0, "dfc_vae: dropout after each hidden block", at_least=0, below=1)
+                                 "own fastvae.VAE subclass as package.module:ClassName (docs/custom_model.md)", resume="must_match")
+    latent_dim: int = knob(2, "size of z", above=0, resume="must_match")
+    dropout: float = knob(0.0, "dfc_vae: dropout after each hidden block", at_least=0, below=1, resume="must_match")
     kwargs: dict = knob(doc="keyword arguments of the model's constructor, a mapping of JSON values (recorded "
                             "in checkpoints); in_channels, image_size and latent_dim come from data.* and "
-                            "model.latent_dim", factory=dict)
+                            "model.latent_dim", factory=dict, resume="must_match")
     condition: Literal["none", "labels", "attributes"] = knob(
         "none", "a conditional VAE: encoder and decoder also get the image's class (labels: one-hot) or CelebA's "
-                "40 attributes (attributes: 0/1); generate sample --condition / --attributes then picks them")
+                "40 attributes (attributes: 0/1); generate sample --condition / --attributes then picks them", resume="must_match")
     condition_names: list[str] = knob(doc="the classes or attributes conditioned on, filled in from the data when "
-                                          "training starts (recorded in checkpoints); leave empty", factory=list)
+                                          "training starts (recorded in checkpoints); leave empty", factory=list, resume="must_match")
     pretrained: str = knob("", "kl_autoencoder: a local diffusers AutoencoderKL folder (config.json + "
                                "diffusion_pytorch_model.safetensors) to start from; its architecture goes into "
                                "model.kwargs, its weights are loaded when a fresh run starts")
@@ -107,7 +114,7 @@ class LossConfig:
                 "correlation and dimension-wise KL, q(z) estimated by minibatch-weighted sampling over the "
                 "global batch; ldm: the latent-diffusion autoencoder's (LDM's LPIPSWithDiscriminator): "
                 "loss.pixel + loss.perceptual_weight x LPIPS as a likelihood with one log-variance, loss.beta x "
-                "KL (LDM: 1e-6), and a PatchGAN from loss.disc_start (docs/latent_autoencoder.md)")
+                "KL (LDM: 1e-6), and a PatchGAN from disc.start (docs/latent_autoencoder.md)")
     samples: int = knob(1, "loss.objective=iwae: importance samples K per image (K = 1 is the ELBO)", at_least=1)
     dreg: bool = knob(False, "loss.objective=iwae: doubly-reparameterized gradients for the encoder (DReG, Tucker "
                              "et al. 2018): the same bound and expected gradient, lower variance")
@@ -146,22 +153,22 @@ class LossConfig:
     logvar_init: float = knob(0.0, "loss.objective=ldm: the output log-variance's start (LDM: 0)")
     learn_logvar: bool = knob(False, "loss.objective=ldm: train the log-variance (SD 2 / SGM) instead of keeping "
                                      "it fixed (LDM)")
-    disc_weight: float = knob(0.0, "loss.objective=ldm: weight of the adversarial term, times LDM's adaptive "
-                                   "weight ||grad NLL|| / ||grad G|| at the decoder's last layer (LDM: 0.5); "
-                                   "0 = no discriminator", at_least=0)
-    disc_start: int = knob(0, "the step from which the discriminator trains and its term counts (LDM: 50001); "
-                              "before it the discriminator is neither run nor trained", at_least=0)
-    disc_factor: float = knob(1.0, "LDM's disc_factor: scales the adversarial term and the discriminator's loss "
-                                   "once active", at_least=0)
-    disc_loss: Literal["hinge", "vanilla"] = knob("hinge", "the discriminator's loss (LDM: hinge)")
 
 
 @dataclass
 class DiscConfig:
-    channels: int = knob(64, "the PatchGAN's first width (pix2pix ndf)", above=0)
-    layers: int = knob(3, "the PatchGAN's downsampling layers (pix2pix n_layers)", above=0)
+    weight: float = knob(0.0, "loss.objective=ldm: weight of the adversarial term, times LDM's adaptive weight "
+                              "||grad NLL|| / ||grad G|| at the decoder's last layer (LDM: 0.5); 0 = no "
+                              "discriminator", at_least=0)
+    start: int = knob(0, "the step from which the discriminator trains and its term counts (LDM: 50001); before "
+                         "it the discriminator is neither run nor trained", at_least=0)
+    factor: float = knob(1.0, "LDM's disc_factor: scales the adversarial term and the discriminator's loss once "
+                              "active", at_least=0)
+    loss: Literal["hinge", "vanilla"] = knob("hinge", "the discriminator's loss (LDM: hinge)")
+    channels: int = knob(64, "the PatchGAN's first width (pix2pix ndf)", above=0, resume="must_match")
+    layers: int = knob(3, "the PatchGAN's downsampling layers (pix2pix n_layers)", above=0, resume="must_match")
     norm: Literal["batch", "none"] = knob("batch", "batch (LDM; synchronized over the global batch with several "
-                                                   "processes) or none (no batch statistics)")
+                                                   "processes) or none (no batch statistics)", resume="must_match")
     lr: float = knob(0.0, "the discriminator's learning rate; 0 = optim.lr", at_least=0)
     betas: list[float] = knob(doc="the discriminator's Adam betas (LDM: 0.5, 0.9)", factory=lambda: [0.5, 0.9])
 
@@ -266,34 +273,8 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
 
 
-# What a checkpoint pins: resuming with another value of these keys is refused (the model or the
-# data would not be the same). Every other key may differ on resume, as this explicit list says;
-# tests/test_config.py checks that the two lists name every key exactly once.
-RESUME_MUST_MATCH = ("model.name", "model.kwargs", "model.latent_dim", "model.dropout", "model.condition",
-                     "model.condition_names", "data.name", "data.image_size", "disc.channels", "disc.layers",
-                     "disc.norm",
-                     "data.channels", "data.center_crop", "data.test_fraction", "data.split_seed",
-                     "data.drop_last")
-RESUME_MAY_DIFFER = (
-    "out_dir", "seed", "logger",
-    "wandb.project", "wandb.entity", "wandb.name", "wandb.group", "wandb.tags", "wandb.log_images",
-    "wandb.log_checkpoint",
-    "data.root", "data.limit", "data.batch_size", "data.num_workers", "data.loader", "data.beton", "data.order",
-    "data.flip", "data.skip_corrupt", "data.label_attribute", "data.test_split",
-    "loss.recon", "loss.recon_weight", "loss.beta", "loss.objective", "loss.samples", "loss.dreg", "loss.tc_weight",
-    "loss.sigma", "loss.kl_warmup_steps", "loss.kl_cycle_steps",
-    "loss.kl_cycle_ramp", "loss.free_bits", "loss.capacity", "loss.capacity_steps", "loss.capacity_gamma",
-    "loss.pixel", "loss.perceptual_weight", "loss.lpips_net", "loss.lpips_weights", "loss.logvar_init",
-    "loss.learn_logvar", "loss.disc_weight", "loss.disc_start", "loss.disc_factor", "loss.disc_loss",
-    "disc.lr", "disc.betas", "model.pretrained", "model.train_decoder_only",
-    "optim.name", "optim.lr", "optim.weight_decay", "optim.betas", "optim.momentum", "optim.scheduler",
-    "optim.warmup_steps", "optim.grad_clip",
-    "train.epochs", "train.max_steps", "train.grad_accum_steps", "train.mixed_precision", "train.compile",
-    "train.compile_mode", "train.memory_format",
-    "train.ops", "train.cpu", "train.collective_timeout_s", "train.sync_batchnorm", "train.checkpoint_every", "train.keep_checkpoints", "train.resume",
-    "train.nonfinite", "train.log_every", "train.samples", "train.final_eval", "train.final_eval_iwae",
-    "train.final_eval_images", "train.ema_decay", "train.gradient_checkpointing",
-    "eval.fid_every", "eval.metrics", "eval.images", "eval.inception_weights")
+def _resume_keys(rule: str) -> tuple[str, ...]:
+    return tuple(key for key, k in _walk(Config()).items() if k.field.metadata.get("resume", "may_differ") == rule)
 
 
 # ---------------------------------------------------------------- conversion
@@ -561,18 +542,18 @@ def _check_schedules(cfg: Config) -> None:
 def _check_autoencoder(cfg: Config) -> None:
     """The latent-diffusion autoencoder's settings: what only it can use, and what it cannot."""
     loss, model = cfg.loss, cfg.model
-    if loss.objective != "ldm" and (loss.disc_weight or loss.disc_start):
-        raise UserError("config key 'loss.disc_weight': the discriminator is part of loss.objective=ldm; expected "
+    if loss.objective != "ldm" and (cfg.disc.weight or cfg.disc.start):
+        raise UserError("config key 'disc.weight': the discriminator is part of loss.objective=ldm; expected "
                         "loss.objective=ldm with it")
-    if loss.disc_start and not loss.disc_weight:
-        raise UserError(f"config key 'loss.disc_start': {loss.disc_start} starts a discriminator that does not exist "
-                        f"(loss.disc_weight=0); expected loss.disc_weight > 0 (LDM: 0.5) or no loss.disc_start")
+    if cfg.disc.start and not cfg.disc.weight:
+        raise UserError(f"config key 'disc.start': {cfg.disc.start} starts a discriminator that does not exist "
+                        f"(disc.weight=0); expected disc.weight > 0 (LDM: 0.5) or no disc.start")
     if loss.objective == "ldm" and (loss.free_bits or loss.capacity or loss.sigma != "none"):
         raise UserError("config key 'loss.objective': ldm has its own reconstruction likelihood and KL weight; "
                         "expected loss.free_bits=0, loss.capacity=0 and loss.sigma=none with it")
-    if loss.disc_weight and cfg.train.grad_accum_steps > 1:
+    if cfg.disc.weight and cfg.train.grad_accum_steps > 1:
         raise UserError("config key 'train.grad_accum_steps': the discriminator's step is not built for gradient "
-                        "accumulation; expected 1 with loss.disc_weight > 0 (a larger data.batch_size instead)")
+                        "accumulation; expected 1 with disc.weight > 0 (a larger data.batch_size instead)")
     if (model.pretrained or model.train_decoder_only) and model.name != "kl_autoencoder":
         raise UserError(f"config key 'model.pretrained': diffusers' AutoencoderKL weights are for "
                         f"model.name=kl_autoencoder; got {model.name}")
@@ -673,13 +654,23 @@ def to_dict(cfg: Config) -> dict:
 
 # Keys older checkpoints hold that no longer exist: dropped when such a config is read back.
 RETIRED_KEYS = ("train.record_sample_ids",)
+# Keys that moved (2026-12-07: every discriminator key under disc.): read back under their new names.
+MOVED_KEYS = {"loss.disc_weight": "disc.weight", "loss.disc_start": "disc.start", "loss.disc_factor": "disc.factor",
+              "loss.disc_loss": "disc.loss"}
 
 
 def from_dict(mapping: dict) -> Config:
+    """A config as to_dict wrote it, today's or an older checkpoint's (retired keys dropped, moved ones
+    renamed), validated."""
     mapping = copy.deepcopy(mapping)
     for key in RETIRED_KEYS:
         section, _, name = key.rpartition(".")
         mapping.get(section, {}).pop(name, None)
+    for old, new in MOVED_KEYS.items():
+        (old_section, old_name), (new_section, new_name) = old.split("."), new.split(".")
+        if isinstance(mapping.get(old_section), dict) and old_name in mapping[old_section]:
+            value = mapping[old_section].pop(old_name)
+            mapping.setdefault(new_section, {}).setdefault(new_name, value)
     cfg = Config()
     _apply(cfg, mapping)
     return validate(cfg)
@@ -705,6 +696,12 @@ def _walk(obj, prefix: str = "") -> dict[str, Key]:
         else:
             out[f"{prefix}{f.name}"] = Key(f, hints[f.name], value)
     return out
+
+
+# What a checkpoint pins (resuming with another value is refused) and what may differ on resume: from
+# each knob's `resume`, so every key is in exactly one of them.
+RESUME_MUST_MATCH = _resume_keys("must_match")
+RESUME_MAY_DIFFER = _resume_keys("may_differ")
 
 
 def flatten(cfg: Config) -> dict:

@@ -1,21 +1,22 @@
 """The critic: the PatchGAN discriminator a latent-diffusion autoencoder trains against, its optimizer,
-and its two parts of a training step. A component the Trainer drives only for loss.disc_weight > 0:
-the plain ELBO step has no GAN code on its path.
+and its two parts of a training step. A component built from its parts (no config needed) that the
+Trainer has only for disc.weight > 0: the plain ELBO step has no GAN code on its path.
 
-- generator_term (inside the model's forward, from loss.disc_start on): -mean D(x_hat) through the
+- The generator's side, called by the LDM objective (fastvae/objectives/ldm.py) where its loss is
+  made, on the steps train_step hands it the critic (step >= disc.start): -mean D(x_hat) through the
   frozen discriminator, weighed by LDM's adaptive weight ||grad NLL|| / (||grad G|| + 1e-4) at the
   decoder's last layer. Those gradients are averaged over all processes before their norms are taken:
   LDM takes them per rank, so on 8 GPUs it does not train what one GPU trains; here N x B/N does.
-  LPIPS and the discriminator run their backward once per step, not twice (adversarial_gradient; a
-  compiled model keeps LDM's way, adversarial_term).
-- step (after the generator's optimizer step): the discriminator's loss on the same batch (the real
-  images and the reconstructions the generator's step made, detached) and its optimizer step. LDM
-  recomputes the reconstructions with the updated generator; reusing them saves a whole autoencoder
-  forward and is the same loss on the images the step produced.
+  `adversarial_gradient` runs LPIPS's and the discriminator's backward once per step;
+  `adversarial_loss` is LDM's way (twice), what a compiled step takes.
+- `step(real, fake)`, called by train_step after the generator's optimizer step: the discriminator's
+  loss on the same batch (the real images and the reconstructions the generator's step made,
+  detached) and its optimizer step. LDM recomputes the reconstructions with the updated generator;
+  reusing them saves a whole autoencoder forward and is the same loss on the images the step produced.
 - Its BatchNorm is synchronized over the global batch with several processes (fastvae's
   GlooSyncBatchNorm / SyncBatchNorm): batch statistics of N shares equal one process's.
-- Before loss.disc_start it is neither run nor trained (LDM runs it and both gradient norms every
-  step with a zero weight, and updates its batch statistics): frozen, not just unweighted.
+- Before disc.start it is neither run nor trained (LDM runs it and both gradient norms every step
+  with a zero weight, and updates its batch statistics): frozen, not just unweighted.
 Its state (weights, optimizer) is prepared by accelerate and saved in every checkpoint.
 """
 
@@ -24,21 +25,9 @@ from __future__ import annotations
 import torch
 
 from fastvae import losses
-from fastvae.config import image_hw
 from fastvae.discriminator import NLayerDiscriminator
+from fastvae.distributed import mean_over_processes
 from fastvae.errors import UserError
-from fastvae.ops import several_processes
-
-
-def mean_over_processes(t: torch.Tensor) -> torch.Tensor:
-    """t averaged over all processes (no gradient): the global batch's gradient from each rank's."""
-    if not several_processes():
-        return t
-    import torch.distributed as dist
-
-    t = t.clone()
-    dist.all_reduce(t)
-    return t / dist.get_world_size()
 
 
 def global_adaptive_weight(nll_grad: torch.Tensor, g_grad: torch.Tensor, weight: float) -> torch.Tensor:
@@ -70,13 +59,21 @@ def adversarial_gradient(disc, x_hat: torch.Tensor, nll_grad: torch.Tensor, last
     the discriminator), then backpropagates the total loss through both again. Here each runs its
     backward once: the NLL's gradient at x_hat comes in (`nll_grad`), G's is taken here, and the
     last-layer gradients are those two pushed back through the last layer alone (the chain rule: the
-    same numbers). The caller backpropagates x_hat with the sum (fastvae/autoencoder_loss.py)."""
+    same numbers). The caller backpropagates x_hat with the sum (fastvae/objectives/ldm.py)."""
     g_loss = losses.generator_adversarial_loss(disc(x_hat.contiguous()).float())
     g_grad, = torch.autograd.grad(g_loss, x_hat)  # the discriminator's backward, once (its graph is freed)
     nll_last, = torch.autograd.grad(x_hat, last_layer, nll_grad, retain_graph=True)
     g_last, = torch.autograd.grad(x_hat, last_layer, g_grad, retain_graph=True)
     d_weight = global_adaptive_weight(nll_last, g_last, weight)
     return d_weight * factor * g_grad, g_loss.detach(), d_weight
+
+
+def allow_repeated_backward() -> None:
+    """A compiled step takes the adaptive weight LDM's way, backpropagating twice more through compiled
+    graphs, which torch's donated buffers (freed after one backward) forbid: they are switched off."""
+    import torch._functorch.config as functorch_config
+
+    functorch_config.donated_buffer = False
 
 
 def check_image_size(module: torch.nn.Module, channels: int, height: int, width: int) -> None:
@@ -92,54 +89,62 @@ def check_image_size(module: torch.nn.Module, channels: int, height: int, width:
         module.train()
 
 
+def build_discriminator(channels: int, height: int, width: int, disc, processes: int, device) -> torch.nn.Module:
+    """The PatchGAN disc.* describes, checked against the image size, its BatchNorm synchronized over
+    the global batch with several processes, on the device."""
+    from fastvae.models.sync_batchnorm import convert_sync_batchnorm
+
+    module = NLayerDiscriminator(channels, disc.channels, disc.layers, disc.norm)
+    check_image_size(module, channels, height, width)
+    if processes > 1 and disc.norm == "batch":
+        module = convert_sync_batchnorm(module, device)
+    return module.to(device)
+
+
 class Critic:
-    def __init__(self, cfg, accelerator, build_optimizer) -> None:
-        from fastvae.models.sync_batchnorm import convert_sync_batchnorm
+    """The discriminator (as prepared: DDP-wrapped with several processes), its optimizer, and the
+    weights of its term: `weight` (disc.weight, times LDM's adaptive weight), `factor`, `start` (the
+    first step with the adversarial terms), `loss` (hinge or vanilla). `backward`: how the
+    discriminator's loss is backpropagated (the accelerator's, for loss scaling); default autograd's."""
 
-        loss, disc = cfg.loss, cfg.disc
-        self.start, self.weight, self.factor = loss.disc_start, loss.disc_weight, loss.disc_factor
-        self.d_loss = losses.D_LOSSES[loss.disc_loss]
-        self.accelerator = accelerator
-        module = NLayerDiscriminator(cfg.data.channels, disc.channels, disc.layers, disc.norm)
-        check_image_size(module, cfg.data.channels, *image_hw(cfg.data))
-        if accelerator.num_processes > 1 and disc.norm == "batch":
-            module = convert_sync_batchnorm(module, accelerator.device)
-        module.to(accelerator.device)
-        optimizer = build_optimizer(module)
-        self.disc, self.optimizer = accelerator.prepare(module, optimizer)  # (DDP wants trainable parameters)
-        self.raw = accelerator.unwrap_model(self.disc).requires_grad_(False)  # trainable only in its own step
-        self.active = False
-        self.real = self.fake = None
+    def __init__(self, discriminator: torch.nn.Module, optimizer, weight: float, factor: float = 1.0, start: int = 0,
+                 loss: str = "hinge", backward=None) -> None:
+        self.disc, self.optimizer = discriminator, optimizer
+        self.weight, self.factor, self.start = weight, factor, start
+        self.d_loss = losses.D_LOSSES[loss]
+        self.backward = backward or torch.Tensor.backward
+        self.raw = getattr(discriminator, "module", discriminator).requires_grad_(False)  # trained only in step()
 
-    def begin_step(self, step: int) -> None:
-        """Whether this step has the adversarial terms (step >= loss.disc_start)."""
-        self.active = step >= self.start
+    def active_at(self, step: int) -> bool:
+        """Whether step `step` has the adversarial terms (step >= disc.start)."""
+        return step >= self.start
 
-    def generator_term(self, x: torch.Tensor, x_hat: torch.Tensor, nll_grad: torch.Tensor, last_layer):
-        """(the weighed adversarial term's gradient at x_hat, its value d_weight x disc_factor x G, logged
-        terms); keeps x and x_hat for this step's discriminator update."""
-        self.real, self.fake = x.detach(), x_hat.detach()
+    def adversarial_gradient(self, x_hat: torch.Tensor, nll_grad: torch.Tensor, last_layer):
+        """The generator's side with LPIPS's and the discriminator's backward once each: (the weighed
+        adversarial term's gradient at x_hat, its value d_weight x factor x G, logged terms)."""
         grad, g_loss, d_weight = adversarial_gradient(self.raw, x_hat, nll_grad, last_layer, self.weight, self.factor)
         return grad, d_weight * self.factor * g_loss, {"g_loss": g_loss, "d_weight": d_weight}
 
-    def generator_loss_term(self, x: torch.Tensor, x_hat: torch.Tensor, nll_loss: torch.Tensor, last_layer):
-        """(d_weight x disc_factor x G as a loss term, logged terms): LDM's way, for compiled models."""
-        self.real, self.fake = x.detach(), x_hat.detach()
+    def adversarial_loss(self, x_hat: torch.Tensor, nll_loss: torch.Tensor, last_layer):
+        """The generator's side LDM's way, as a loss term (d_weight x factor x G, logged terms): both
+        last-layer gradients taken from the losses, so LPIPS and the discriminator run their backward
+        twice; what a compiled graph from images to loss can take (no gradient at x_hat to start from)."""
         term, g_loss, d_weight = adversarial_term(self.raw, x_hat, nll_loss, last_layer, self.weight, self.factor)
         return term, {"g_loss": g_loss, "d_weight": d_weight}
 
-    def step(self) -> dict:
-        """The discriminator's update on the batch the generator just trained on; its logged terms."""
+    def step(self, real: torch.Tensor, fake: torch.Tensor) -> dict:
+        """The discriminator's update on real images and the generator's reconstructions of them (both
+        in [-1, 1], no gradient to the generator); its logged terms."""
+        real, fake = real.detach().float().contiguous(), fake.detach().float().contiguous()
         self.raw.requires_grad_(True)
         try:
-            logits_real = self.disc(self.real.contiguous()).float()
-            logits_fake = self.disc(self.fake.contiguous()).float()
+            logits_real = self.disc(real).float()
+            logits_fake = self.disc(fake).float()
             d_loss = self.factor * self.d_loss(logits_real, logits_fake)
-            self.accelerator.backward(d_loss)
+            self.backward(d_loss)
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
         finally:
             self.raw.requires_grad_(False)
-        self.real = self.fake = None
         return {"d_loss": d_loss.detach(), "logits_real": logits_real.mean().detach(),
                 "logits_fake": logits_fake.mean().detach()}

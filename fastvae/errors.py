@@ -93,17 +93,3 @@ def read_json(path: str | Path, refused) -> object:
         return json.loads(Path(path).read_text())
     except JSON_ERRORS as err:
         raise UserError(refused(err)) from None
-
-
-def leave_launched_process(code: int = 0) -> None:
-    """End a process that `accelerate launch` (or torchrun) started, after its work is done and written.
-    Gloo can abort at interpreter exit after correct work (SIGABRT, "terminate called without an
-    active exception": 2-3 of 10 training runs, and once in evaluate's 2-process test): the process
-    group is torn down here and the process leaves without running finalizers."""
-    import torch.distributed as dist
-
-    if dist.is_initialized():
-        dist.destroy_process_group()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)

@@ -42,6 +42,7 @@ from torch.utils.data import Subset
 from fastvae import losses, noise
 from fastvae.commands import evaluate_parser
 from fastvae.data import in_order_loader
+from fastvae.distributed import gather_rows, sum_over_processes
 from fastvae.errors import UserError, exit_on_user_error
 
 LOG_2PI = math.log(2 * math.pi)
@@ -63,8 +64,9 @@ class Likelihood:
         fitted = loss.recon == "mse" and loss.sigma == "optimal"
         if gaussian_var == "run":
             gaussian_var = None if fitted else 0.5
-        kind = "mse" if loss.objective == "ldm" else loss.recon  # its decoder gives pixels, not logits
-        return cls(kind, gaussian_var, normalized or fitted)
+        from fastvae.objectives import objective_class
+
+        return cls(objective_class(loss).likelihood_kind(loss), gaussian_var, normalized or fitted)
 
     def log_prob(self, output: torch.Tensor, x: torch.Tensor, images=torch.sigmoid) -> torch.Tensor:
         """log p(x|z) per image [N], float64, of the decoder's output (bce: logits; mse: `images`
@@ -348,25 +350,6 @@ def launched_processes(device: str | None):
     return PartialState(cpu=device == "cpu" or not torch.cuda.is_available())
 
 
-def sum_over_processes(t: torch.Tensor) -> torch.Tensor:
-    from accelerate.utils import reduce
-
-    return reduce(t, reduction="sum")
-
-
-def gather_rows(t: torch.Tensor) -> torch.Tensor:
-    """Every process's rows [N_rank, D], joined in rank order on each process (shares may differ in size)."""
-    from accelerate import PartialState
-    from accelerate.utils import gather, pad_across_processes
-
-    device = PartialState().device
-    counts = gather(torch.tensor([len(t)], device=device)).tolist()
-    padded = pad_across_processes(t.to(device), dim=0)
-    rows = gather(padded).cpu()
-    m = padded.shape[0]
-    return torch.cat([rows[i * m:i * m + c] for i, c in enumerate(counts)])
-
-
 def fid_features(args, vae, split_size: int):
     """--fid / --rfid: the Inception network and what to compare; the real images' features cached in the
     run's folder, keyed by everything that changes them (data set, split, count, weights)."""
@@ -396,7 +379,7 @@ def image_lpips(args, vae):
 
 @exit_on_user_error
 def main(argv=None) -> dict:
-    from fastvae.checkpoint import load
+    from fastvae.loading import load
     from fastvae.config import loggers
 
     args = parse_args(argv)
@@ -433,6 +416,6 @@ def main(argv=None) -> dict:
 if __name__ == "__main__":
     main()
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # every process's report is written: leave cleanly
-        from fastvae.errors import leave_launched_process
+        from fastvae.distributed import leave_launched_process
 
         leave_launched_process(0)

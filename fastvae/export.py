@@ -22,7 +22,8 @@ from fastvae.errors import UserError, exit_on_user_error
 @exit_on_user_error
 def main(argv=None) -> Path:
     args = export_parser().parse_args(argv)
-    from fastvae.checkpoint import EMA_FILE, load
+    from fastvae.checkpoint import EMA_FILE
+    from fastvae.loading import load
     from fastvae.models.kl_autoencoder import KLAutoencoder, export_diffusers
 
     out = Path(args.out)

@@ -26,7 +26,7 @@ import torch
 
 from fastvae import pictures
 from fastvae.atomic import replaced
-from fastvae.checkpoint import LoadedVAE, load
+from fastvae.loading import LoadedVAE, load
 from fastvae.commands import generate_parser
 from fastvae.conditions import base_dataset, class_index
 from fastvae.data import in_order_loader

@@ -18,39 +18,6 @@ def recon_loss_fp32(logits: torch.Tensor, target: torch.Tensor, kind: str) -> to
     return losses.reconstruction_loss(logits.float(), target.float(), kind)
 
 
-def global_batch_mean(values: torch.Tensor) -> torch.Tensor:
-    """values [B, ...] averaged over the global batch of all processes, differentiably: the ranks'
-    (sum, count) gathered (global_batch) and summed, whose backward sums the gradients over ranks,
-    so that DDP's average of the ranks' gradients is the gradient one process with the whole batch
-    gets (as GlooSyncBatchNorm does). One process: the plain mean."""
-    if not several_processes():
-        return values.mean(0)
-    local = torch.cat([values.sum(0).flatten(), values.new_full((1,), values.shape[0])])
-    total = global_batch(local.unsqueeze(0)).sum(0)
-    return (total[:-1] / total[-1]).view(values.shape[1:])
-
-
-def global_batch(values: torch.Tensor) -> torch.Tensor:
-    """values [B, ...] of every process concatenated in rank order [N * B, ...], differentiably: an
-    all-gather whose backward is a reduce-scatter (each rank gets the sum of every rank's gradient
-    of its rows). torch's functional collective, which torch.compile traces into the graph (the
-    torch.distributed.nn.functional ones are deprecated and break it). Every rank must hold B
-    rows (data.drop_last=true). One process: the values themselves."""
-    if not several_processes():
-        return values
-    import torch.distributed as dist
-    from torch.distributed._functional_collectives import all_gather_single_autograd
-
-    return all_gather_single_autograd(values.contiguous(), 0, dist.group.WORLD)
-
-
-def several_processes() -> bool:
-    """Whether this process is one of several in an initialized process group."""
-    import torch.distributed as dist
-
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
 def eager_reparam_kl(mu: torch.Tensor, logvar: torch.Tensor, key=None):
     """The reference reparameterization + KL, eps from fastvae.noise (keyed when `key` is given)."""
     return losses.reparam_kl(mu, logvar, noise.draw_eps(mu, key))

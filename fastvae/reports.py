@@ -12,6 +12,7 @@ from fastvae.conditions import conditioning_of
 from fastvae.config import Config
 from fastvae.errors import UserError
 from fastvae.evaluate import Likelihood, evaluate_model
+from fastvae.objectives import objective_class
 
 
 EPOCH_IMAGES = 2000  # test images behind each epoch's metrics and pictures
@@ -29,7 +30,8 @@ def held_out_metrics(model, test_set, cfg: Config, max_images: int = EPOCH_IMAGE
                             conditioning=test_conditioning(cfg, test_set))
     model.train()
     recon, kl = report["recon_nll_nats"], report["kl_nats"]
-    return {"test_recon": recon, "test_kl": kl, "test_loss": cfg.loss.recon_weight * recon + cfg.loss.beta * kl,
+    test_loss = objective_class(cfg.loss).held_out_loss(cfg.loss, recon, kl)
+    return {"test_recon": recon, "test_kl": kl, "test_loss": test_loss,
             "test_active_units": report["active_units"]}
 
 

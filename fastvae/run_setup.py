@@ -17,16 +17,6 @@ from fastvae.errors import UserError
 from fastvae.run_lock import RunLock
 
 
-def watch_group(accelerator):
-    """With several processes: a gloo group of all ranks kept aside, on which a survivor can ask who
-    stopped answering after a collective of the training group failed (any backend)."""
-    if accelerator.num_processes == 1:
-        return None
-    import torch.distributed as dist
-
-    return dist.new_group(backend="gloo")
-
-
 def reset_accelerate_state() -> None:
     """Forget accelerate's process-wide state (its singletons, which keep the first precision and
     device they saw), so that the next Trainer in this process starts clean: for several runs in

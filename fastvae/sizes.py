@@ -130,7 +130,9 @@ def step_images(cfg, training: bool) -> int:
     """Images whose activations one step holds at once."""
     if not training:
         return 1
-    return cfg.data.batch_size * (cfg.loss.samples if cfg.loss.objective == "iwae" else 1)
+    from fastvae.objectives import objective_class
+
+    return cfg.data.batch_size * objective_class(cfg.loss).samples_per_image(cfg.loss)
 
 
 # What each key is set to when asking which one makes a run too big (the first that fits wins).

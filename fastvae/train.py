@@ -15,7 +15,8 @@ import os
 import signal
 
 from fastvae.config import Config, keys_help, load_config
-from fastvae.errors import exit_on_user_error, leave_launched_process
+from fastvae.distributed import leave_launched_process
+from fastvae.errors import exit_on_user_error
 
 
 def train(cfg: Config, stop_signals=None, datasets: tuple | None = None) -> dict:

@@ -25,26 +25,26 @@ from tqdm.auto import tqdm
 from fastvae import checkpoint, noise, reports
 from fastvae.conditions import conditioning_of, names_from_data
 from fastvae.config import Config, image_hw, to_dict
+from fastvae.bottleneck import build_bottleneck
+from fastvae.critic import Critic, allow_repeated_backward, build_discriminator
 from fastvae.data import build_datasets
 from fastvae.data.loaders import build_train_loader, dropped_images_notice
-from fastvae.autoencoder_loss import AutoencoderLoss
-from fastvae.critic import Critic
 from fastvae.data.memory import decoded_once
+from fastvae.distributed import gather_rows, ranks_agree, watch_group
 from fastvae.ema import EMA
 from fastvae.errors import LostRank, OutputError, UserError
-from fastvae.evaluate import gather_rows
 from fastvae.losses import capacity_at, kl_weight
 from fastvae.models import build_model
-from fastvae.models.base import Objective
 from fastvae.models.kl_autoencoder import load_pretrained, resolve_pretrained
 from fastvae.models.sync_batchnorm import convert_sync_batchnorm
+from fastvae.objectives import build_objective
 from fastvae.optim import build_disc_optimizer, build_optimizer, build_scheduler
-from fastvae.perceptual import check_image_size, load_lpips
 from fastvae.ops import select_ops
-from fastvae.run_setup import make_accelerator, prepare_out_dir, removed_if_refused, watch_group
+from fastvae.run_setup import make_accelerator, prepare_out_dir, removed_if_refused
 from fastvae.sizes import check_fits, processes_sharing
 from fastvae.stopping import DEFAULT_STOP_SIGNALS, NonFiniteGuard, StopSignal
 from fastvae.tracking import RunLog, check_trackers_ready
+from fastvae.train_forward import TrainForward
 
 
 RESOLVED_CONFIG = "config.yaml"
@@ -114,7 +114,7 @@ class Trainer:
         # before any data set or model is built: a run too big for this machine is one line
         check_fits(cfg, self.accelerator.device, training=True, copies=processes_sharing(self.accelerator.device))
         self.quality_networks = reports.QualityNetworks.of(cfg, self.accelerator.device)  # eval.fid_every's
-        self.watch_group = watch_group(self.accelerator)
+        self.watch_group = watch_group(self.accelerator.num_processes)
         set_seed(cfg.seed)
         created = not Path(cfg.out_dir).exists()
         self.out_dir, self.run_lock = prepare_out_dir(cfg, self.accelerator)
@@ -151,33 +151,34 @@ class Trainer:
         return conditioning_of(cfg.model).for_dataset(self.train_set).to(self.accelerator.device)
 
     def _set_up_model(self) -> None:
-        """Model, ops, optimizer and LR schedule, prepared by accelerate; the compiled forward."""
+        """The model and the run's components (bottleneck, objective, critic) put together in one
+        TrainForward, its optimizer and LR schedule, prepared by accelerate; the compiled forward."""
         cfg, acc = self.cfg, self.accelerator
         self.ops = select_ops(cfg.train.ops, acc.device)
         self.memory_format = MEMORY_FORMATS[cfg.train.memory_format]
         model = build_model(cfg).to(memory_format=self.memory_format)
         self._adapt(model)
-        model.use_reparam_kl(self.ops.reparam_kl)
         if cfg.train.sync_batchnorm and acc.num_processes > 1:
             model = convert_sync_batchnorm(model, acc.device)
         model.to(acc.device)  # before the optimizer: fused Adam needs its parameters on the GPU
-        if cfg.train.compile:  # in place (same state_dict keys); DDP then wraps the compiled module: one
-            # graph from images to loss, DDP's own Python outside it (compiling through DDP broke the
-            # graph in its _pre_forward logger)
-            model.compile(mode=None if cfg.train.compile_mode == "default" else cfg.train.compile_mode)
-            if cfg.loss.disc_weight:  # LDM's adaptive weight backpropagates twice through compiled graphs,
-                import torch._functorch.config as functorch_config  # which donated buffers forbid
-
-                functorch_config.donated_buffer = False
-                acc.print(f"fastvae: train.compile pays before loss.disc_start ({cfg.loss.disc_start}); after it the "
-                          f"adaptive weight's gradients run the compiled backward again (measured 0.57x of eager "
-                          f"on a CPU, docs/latent_autoencoder.md): resume with train.compile=false there")
+        discriminator = self._discriminator(model)  # (drawn after the model and before LPIPS, as always)
+        self.objective = build_objective(cfg, self.ops.recon_loss, len(self.train_set), acc.num_processes,
+                                         acc.device, compiled=cfg.train.compile)
+        self.objective.prepare(model)  # before DDP: which parameters train is fixed when it wraps them
+        forward = TrainForward(model, build_bottleneck(self.ops), self.objective)
+        if cfg.train.compile:  # in place; DDP then wraps the compiled module: one graph from images to
+            # loss, DDP's own Python outside it (compiling through DDP broke the graph in its _pre_forward logger)
+            forward.compile(mode=None if cfg.train.compile_mode == "default" else cfg.train.compile_mode)
+            if discriminator is not None:
+                allow_repeated_backward()
         optimizer = build_optimizer(cfg, model.parameters(), acc.device)
-        self.model, self.optimizer = acc.prepare(model, optimizer)  # prepared first: model.safetensors
-        self.raw_model = acc.unwrap_model(self.model)
-        self.critic = Critic(cfg, acc, lambda m: build_disc_optimizer(cfg, m, acc.device)) if cfg.loss.disc_weight \
-            else None
-        self.raw_model.use_objective(self._objective())  # (before the first forward, so also when compiled)
+        self.model, self.optimizer = acc.prepare(forward, optimizer)  # prepared first: model.safetensors
+        self.raw_model = acc.unwrap_model(self.model).model
+        self.critic = None
+        if discriminator is not None:
+            disc, disc_optimizer = acc.prepare(discriminator, build_disc_optimizer(cfg, discriminator, acc.device))
+            self.critic = Critic(disc, disc_optimizer, cfg.disc.weight, cfg.disc.factor, cfg.disc.start, cfg.disc.loss,
+                                 backward=acc.backward)
         self.ema = EMA(self.raw_model, cfg.train.ema_decay) if cfg.train.ema_decay else None
         planned_steps = cfg.train.epochs * self._steps_per_epoch()
         # The schedule spans the planned epochs whatever max_steps says: stopping early and resuming
@@ -186,25 +187,33 @@ class Trainer:
         # its state goes into the checkpoint's fastvae.json (accelerate would pickle it: checkpoint.restore)
         self.scheduler = build_scheduler(cfg, self.optimizer, planned_steps)
 
+    def _discriminator(self, model):
+        """disc.weight > 0: the PatchGAN the critic trains (fastvae/critic.py), for a model that names the
+        decoder's last layer where the adaptive weight is measured; else None."""
+        cfg = self.cfg
+        if not cfg.disc.weight:
+            return None
+        if model.last_layer() is None:
+            raise UserError(f"config key 'disc.weight': model {cfg.model.name} names no decoder last layer for the "
+                            f"adaptive weight; expected a model whose last_layer() returns it (kl_autoencoder) or "
+                            f"disc.weight=0")
+        return build_discriminator(cfg.data.channels, *image_hw(cfg.data), cfg.disc, self.accelerator.num_processes,
+                                   self.accelerator.device)
+
     def _adapt(self, model) -> None:
-        """What the config asks of the model before its optimizer exists: diffusers weights to start
-        from, the encoder frozen, LDM's log-variance, gradient checkpointing."""
+        """What the config asks of the model itself: diffusers weights to start from, the encoder
+        frozen, gradient checkpointing."""
         cfg = self.cfg
         if cfg.model.pretrained:  # a resumed run then loads its checkpoint over them
             load_pretrained(model, cfg.model.pretrained)
         if cfg.model.train_decoder_only:
             model.trainable_for_decoder_only()
-        if hasattr(model, "nll_logvar"):  # trained only by loss.objective=ldm with loss.learn_logvar
-            model.nll_logvar.data.fill_(cfg.loss.logvar_init)
-            model.nll_logvar.requires_grad_(cfg.loss.objective == "ldm" and cfg.loss.learn_logvar)
-        elif cfg.loss.learn_logvar:
-            raise UserError(f"config key 'loss.learn_logvar': model {cfg.model.name} has no nll_logvar parameter to "
-                            f"learn; expected a model with one (kl_autoencoder) or loss.learn_logvar=false")
         if cfg.train.gradient_checkpointing:
-            if not hasattr(model, "enable_gradient_checkpointing"):
+            try:
+                model.enable_gradient_checkpointing()
+            except NotImplementedError:
                 raise UserError(f"config key 'train.gradient_checkpointing': model {cfg.model.name} offers none; "
-                                f"expected a model with enable_gradient_checkpointing() (kl_autoencoder)")
-            model.enable_gradient_checkpointing()
+                                f"expected a model with enable_gradient_checkpointing() (kl_autoencoder)") from None
 
     def _steps_per_epoch(self) -> int:
         return max(1, len(self.train_loader) // self.cfg.train.grad_accum_steps)
@@ -221,34 +230,6 @@ class Trainer:
             left = in_this_epoch + (cfg.train.epochs - state.epoch - 1) * self._steps_per_epoch()
         last = state.step + left
         return min(last, cfg.train.max_steps) if cfg.train.max_steps else last
-
-    def _objective(self) -> Objective:
-        loss = self.cfg.loss
-        if loss.objective == "ldm":
-            return Objective(autoencoder=self._autoencoder_loss())
-        tcvae = loss.objective == "tcvae"
-        if tcvae and self.accelerator.num_processes > 1 and not self.cfg.data.drop_last:
-            raise UserError("config key 'data.drop_last': loss.objective=tcvae gathers equal shares of the global "
-                            "batch from every process; expected data.drop_last=true")
-        return Objective(self.ops.recon_loss, loss.recon, loss.recon_weight, loss.free_bits,
-                         loss.capacity_gamma if loss.capacity else None,
-                         loss.samples if loss.objective == "iwae" else 1, loss.dreg, loss.sigma == "optimal",
-                         # N of beta-TCVAE's estimator: the training images (every loader here knows it)
-                         loss.tc_weight if tcvae else None, len(self.train_set) if tcvae else 0)
-
-    def _autoencoder_loss(self) -> AutoencoderLoss:
-        """LDM's loss: LPIPS loaded from its weights file (never downloaded), the critic when there is one."""
-        loss, raw = self.cfg.loss, self.raw_model
-        if loss.disc_weight and raw.last_layer() is None:
-            raise UserError(f"config key 'loss.disc_weight': model {self.cfg.model.name} names no decoder last layer "
-                            f"for the adaptive weight; expected a model whose last_layer() returns it "
-                            f"(kl_autoencoder) or loss.disc_weight=0")
-        perceptual = None
-        if loss.perceptual_weight > 0:
-            perceptual = load_lpips(loss.lpips_net, loss.lpips_weights)
-            check_image_size(perceptual, loss.lpips_net, self.cfg.data.channels, *image_hw(self.cfg.data))
-            perceptual.to(self.accelerator.device)
-        return AutoencoderLoss(loss.pixel, perceptual, loss.perceptual_weight, self.critic, self.cfg.train.compile)
 
     def _set_up_state(self) -> None:
         """Where the run starts (a checkpoint's state when resuming), its log and its guard."""
@@ -282,31 +263,31 @@ class Trainer:
         beta = kl_weight(cfg.loss.beta, self.state.step, cfg.loss.kl_warmup_steps, cfg.loss.kl_cycle_steps,
                          cfg.loss.kl_cycle_ramp)
         capacity = capacity_at(self.state.step, cfg.loss.capacity, cfg.loss.capacity_steps)
-        if self.critic is not None:  # its adversarial terms from loss.disc_start on
-            self.critic.begin_step(self.state.step)
+        critic = self.critic if self.critic is not None and self.critic.active_at(self.state.step) else None
         with acc.accumulate(self.model):
             # beta as a device tensor: a Python float would be baked into a compiled graph, which
             # KL warm-up would then recompile every step
-            loss, recon, kl, terms = self.model(x, self._noise_key(batch), torch.full((), beta, device=x.device),
-                                                torch.full((), capacity, device=x.device) if cfg.loss.capacity
-                                                else None, self._condition(batch), with_terms=True)
-            if self.guard.batch_is_bad(self.state.step, recon, kl):  # this batch updates nothing
+            out = self.model(x, self._noise_key(batch), torch.full((), beta, device=x.device),
+                             torch.full((), capacity, device=x.device) if cfg.loss.capacity else None,
+                             self._condition(batch), critic)
+            if self.guard.batch_is_bad(self.state.step, out.recon, out.regularizer):  # this batch updates nothing
                 self.optimizer.zero_grad(set_to_none=True)  # (nor does the rest of its accumulation window)
                 return None
-            acc.backward(loss)
+            acc.backward(out.loss)
             if acc.sync_gradients and cfg.optim.grad_clip:
                 acc.clip_grad_norm_(self.model.parameters(), cfg.optim.grad_clip)
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
+        terms = out.terms
         if acc.sync_gradients:
             self.state.step += 1
             self.scheduler.step()
             if self.ema is not None:
                 self.ema.update(self.raw_model)
-            if self.critic is not None and self.critic.active:  # the discriminator's step, on this batch
-                terms = {**terms, **self.critic.step()}
-        return {"loss": loss.detach(), "recon": recon.detach(), "kl": kl.detach(), "terms": terms, "beta": beta,
-                "images": x.shape[0], "stepped": acc.sync_gradients}
+            if critic is not None:  # the discriminator's step, on this batch and the generator's reconstructions
+                terms = {**terms, **critic.step(x * 2 - 1, self.raw_model.pixels(out.output))}
+        return {"loss": out.loss.detach(), "recon": out.recon.detach(), "kl": out.regularizer.detach(), "terms": terms,
+                "beta": beta, "images": x.shape[0], "stepped": acc.sync_gradients}
 
     def _condition(self, batch):
         """A conditional model's condition vectors of the batch's images; None for other models."""
@@ -561,17 +542,3 @@ def compile_counts() -> dict:
 
 def param_checksum(model) -> float:
     return float(sum(p.detach().double().sum().item() for p in model.parameters()))
-
-
-def ranks_agree(model) -> bool:
-    """Every rank holds the same parameters (what DDP promises), by one all-reduce of a checksum
-    (sum and sum of squares): max == min over ranks."""
-    import torch.distributed as dist
-
-    params = [p.detach().double() for p in model.parameters()]
-    local = torch.stack([sum(p.sum() for p in params), sum(p.square().sum() for p in params)])
-    both = torch.cat([local, -local])  # MAX of -x is -MIN of x: one all-reduce gives both
-    dist.all_reduce(both, op=dist.ReduceOp.MAX)
-    if not torch.equal(both[:2], -both[2:]):
-        raise RuntimeError("parameters differ across ranks after training")
-    return True

@@ -12,7 +12,8 @@ import torch
 
 from fastvae.checkpoint import TrainState, list_checkpoints, read_meta
 import fastvae.checkpoint as checkpoint_module
-from fastvae.checkpoint import load_model, problem
+from fastvae.checkpoint import problem
+from fastvae.loading import load_model
 from fastvae.config import RESUME_MAY_DIFFER, RESUME_MUST_MATCH, Config, flatten, from_dict, to_dict
 from fastvae.errors import UserError
 from fastvae.train import main, train
@@ -339,7 +340,7 @@ def test_a_checkpoint_naming_a_module_imports_nothing_without_consent(command, g
                                                                      capsys):
     import sys
 
-    from fastvae.checkpoint import load
+    from fastvae.loading import load
     from fastvae.errors import exit_on_user_error
     from fastvae.generate import main as generate_main
 

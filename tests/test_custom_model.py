@@ -197,7 +197,7 @@ def test_a_checkpoint_from_before_model_kwargs_loads_and_resumes(tmp_path):
     meta = json.loads(meta_path.read_text())
     del meta["config"]["model"]["kwargs"]
     meta_path.write_text(json.dumps(meta))
-    from fastvae.checkpoint import load
+    from fastvae.loading import load
 
     assert type(load(meta_path.parent, "cpu").model).__name__ == "ConvVAE"
     assert train(tiny_config(out, "train.max_steps=5", "train.resume=auto"))["step"] == 5

@@ -1,4 +1,4 @@
-"""The latent-diffusion KL autoencoder (fastvae/models/kl_autoencoder.py, fastvae/autoencoder_loss.py,
+"""The latent-diffusion KL autoencoder (fastvae/models/kl_autoencoder.py, fastvae/objectives/ldm.py,
 fastvae/critic.py, fastvae/ema.py, fastvae/perceptual.py): LDM's loss against a float64 transcription
 of LPIPSWithDiscriminator, diffusers' format in and out, the discriminator and EMA exact on resume and
 on 2 processes, bad input in one line."""
@@ -15,9 +15,10 @@ import torch
 from torch import nn
 
 from fastvae import losses
-from fastvae.checkpoint import list_checkpoints, load
+from fastvae.checkpoint import list_checkpoints
+from fastvae.loading import load
 from fastvae.config import load_config
-from fastvae.critic import adversarial_gradient, adversarial_term
+from fastvae.critic import adversarial_gradient
 from fastvae.discriminator import NLayerDiscriminator
 from fastvae.errors import UserError
 from fastvae.train import main as train_main, train
@@ -104,7 +105,7 @@ def test_the_nll_is_l2_when_asked_and_gradchecks():
 
 
 class ToyAutoencoder(nn.Module):
-    """What AutoencoderLoss asks of a model: pixels, nll_logvar, last_layer."""
+    """What the LDM objective asks of a model: pixels, output_logvar, last_layer."""
 
     def __init__(self, W):
         super().__init__()
@@ -113,16 +114,27 @@ class ToyAutoencoder(nn.Module):
     def pixels(self, output):
         return output
 
+    def output_logvar(self):
+        return self.nll_logvar
+
     def last_layer(self):
         return self.W
 
 
+def kl_latent(kl):
+    """The bottleneck's output as the LDM objective reads it: the KL per image."""
+    from fastvae.bottleneck import Latent
+
+    return Latent(None, kl, {}, None)
+
+
 @pytest.mark.parametrize("compiled", [False, True])
 def test_the_autoencoder_loss_with_lpips_and_critic_is_ldms(tmp_path_factory, compiled):
-    """fastvae's AutoencoderLoss (float32, real LPIPS with random VGG weights, a PatchGAN) against the
-    float64 transcription on the same numbers (the LPIPS distances and logits computed once, in float64);
-    both ways: each backward once (eager), LDM's (compiled models)."""
-    from fastvae.autoencoder_loss import AutoencoderLoss
+    """fastvae's LDM objective with the real Critic (float32, real LPIPS with random VGG weights, a
+    PatchGAN) against the float64 transcription on the same numbers (the LPIPS distances and logits
+    computed once, in float64); both ways: each backward once (eager), LDM's (compiled steps)."""
+    from fastvae.critic import Critic
+    from fastvae.objectives import LDMLoss
     from fastvae.perceptual import load_lpips
 
     g = torch.Generator().manual_seed(3)
@@ -130,18 +142,7 @@ def test_the_autoencoder_loss_with_lpips_and_critic_is_ldms(tmp_path_factory, co
     W = nn.Parameter(torch.randn(3, 3, generator=g) * 0.5)
     h = torch.randn(2, 32, 32, 3, generator=g)
     disc = NLayerDiscriminator(3, 8, 2).eval()  # eval: the same logits when the reference calls it again
-
-    class Critic:
-        active, raw, weight, factor = True, disc, 0.5, 1.0
-
-        def generator_term(self, x_pm, x_hat, nll_grad, last_layer):
-            grad, g_loss, d_weight = adversarial_gradient(disc, x_hat, nll_grad, last_layer, self.weight, self.factor)
-            return grad, d_weight * self.factor * g_loss, {"g_loss": g_loss, "d_weight": d_weight}
-
-        def generator_loss_term(self, x_pm, x_hat, nll_loss, last_layer):
-            term, g_loss, d_weight = adversarial_term(disc, x_hat, nll_loss, last_layer, self.weight, self.factor)
-            return term, {"g_loss": g_loss, "d_weight": d_weight}
-
+    critic = Critic(disc, None, weight=0.5, factor=1.0)
     lpips = load_lpips("vgg", lpips_weights(tmp_path_factory))
     model = ToyAutoencoder(W)
     output = torch.tanh(h @ W).permute(0, 3, 1, 2)
@@ -149,8 +150,8 @@ def test_the_autoencoder_loss_with_lpips_and_critic_is_ldms(tmp_path_factory, co
     backward_runs = {"lpips": 0, "disc": 0}
     hooks = [net.register_full_backward_hook(lambda *_, name=name: backward_runs.__setitem__(
         name, backward_runs[name] + 1)) for name, net in (("lpips", lpips), ("disc", disc))]
-    loss, recon, terms = AutoencoderLoss("l1", lpips, 1.0, Critic(), compiled)(model, x, output, kl,
-                                                                                torch.tensor(1e-6))
+    loss, recon, _, terms, _ = LDMLoss("l1", lpips, 1.0, learn_logvar=True, backward_once=not compiled)(
+        model, x, kl_latent(kl), output, torch.tensor(1e-6), None, critic)
     ours = torch.autograd.grad(loss, [W, model.nll_logvar], retain_graph=True)
     assert backward_runs == ({"lpips": 2, "disc": 2} if compiled else {"lpips": 1, "disc": 1})
     for hook in hooks:
@@ -170,7 +171,7 @@ def test_the_autoencoder_loss_with_lpips_and_critic_is_ldms(tmp_path_factory, co
 def test_gradients_flow_through_lpips_into_the_decoder(tmp_path_factory):
     """diffusers' research script computed LPIPS under torch.no_grad(): no perceptual gradient reached the
     VAE. Here the perceptual term changes the decoder's gradient (under no_grad it would not)."""
-    from fastvae.autoencoder_loss import AutoencoderLoss
+    from fastvae.objectives import LDMLoss
     from fastvae.perceptual import load_lpips
 
     lpips = load_lpips("vgg", lpips_weights(tmp_path_factory))
@@ -180,8 +181,8 @@ def test_gradients_flow_through_lpips_into_the_decoder(tmp_path_factory):
     for perceptual in (None, lpips):
         W = nn.Parameter(torch.randn(3, 3, generator=torch.Generator().manual_seed(5)))
         model = ToyAutoencoder(W)
-        loss, _, _ = AutoencoderLoss("l1", perceptual, 1.0)(model, x, torch.tanh(h @ W).permute(0, 3, 1, 2),
-                                                             torch.zeros(2), torch.tensor(0.0))
+        loss = LDMLoss("l1", perceptual, 1.0)(model, x, kl_latent(torch.zeros(2)), torch.tanh(h @ W).permute(0, 3, 1, 2),
+                                              torch.tensor(0.0)).loss
         grads.append(torch.autograd.grad(loss, W)[0])
     assert (grads[1] - grads[0]).abs().max() > 1e-3 * grads[0].abs().max()
 
@@ -291,7 +292,7 @@ def test_fine_tuning_from_a_diffusers_folder_then_exporting_round_trips(tmp_path
 
     start = diffusers_folder(tmp_path / "sd-vae", scaling_factor=0.5)
     overrides = [*kl_overrides(tmp_path_factory, "train.max_steps=3"), f"model.pretrained={tmp_path / 'sd-vae'}",
-                 "model.train_decoder_only=true", "model.kwargs={}", "loss.disc_weight=0", "loss.disc_start=0"]
+                 "model.train_decoder_only=true", "model.kwargs={}", "disc.weight=0", "disc.start=0"]
     trainer = Trainer(tiny_config(tmp_path / "ft", *overrides))
     assert trainer.cfg.model.kwargs["block_out_channels"] == [8, 16] and trainer.cfg.model.kwargs["scaling_factor"] == 0.5
     assert_same_weights(trainer.raw_model.vae.state_dict(), start.state_dict())  # the folder's weights to start
@@ -343,7 +344,7 @@ def bad_folder(tmp_path, case: str):
     ("", ["model.kwargs.block_out_channels=[8, 16, 16, 16]"], "data.image_size 28x28 is not divisible by the "
                                                                "autoencoder's factor 8"),
     ("", ["model.train_decoder_only=true"], "'model.train_decoder_only': fine-tuning the decoder alone keeps an"),
-    ("", ["loss.disc_weight=0"], "'loss.disc_start': 2 starts a discriminator that does not exist"),
+    ("", ["disc.weight=0"], "'disc.start': 2 starts a discriminator that does not exist"),
     ("", ["loss.lpips_weights={tmp}/pickled.pth"], "LPIPS backbone file '"),
     ("", ["disc.layers=5"], "'disc.layers': a 64-channel PatchGAN cannot take 28x28 images"),
 ])
@@ -455,7 +456,7 @@ def test_two_processes_train_the_autoencoder_one_trains_with_the_discriminator(t
 def test_gradient_checkpointing_trains_the_same_weights(tmp_path, tmp_path_factory):
     """diffusers' own switch (train.gradient_checkpointing): activations recomputed in the backward pass,
     the same step."""
-    common = [*kl_overrides(tmp_path_factory, "train.max_steps=3"), "loss.disc_weight=0", "loss.disc_start=0"]
+    common = [*kl_overrides(tmp_path_factory, "train.max_steps=3"), "disc.weight=0", "disc.start=0"]
     train(tiny_config(tmp_path / "plain", *common))
     train(tiny_config(tmp_path / "checkpointed", *common, "train.gradient_checkpointing=true"))
     for name, value in final_weights(tmp_path / "plain").items():
@@ -463,10 +464,10 @@ def test_gradient_checkpointing_trains_the_same_weights(tmp_path, tmp_path_facto
 
 
 def test_bf16_runs_the_networks_in_bf16_and_lpips_and_the_loss_in_float32(tmp_path, tmp_path_factory, monkeypatch):
-    import fastvae.autoencoder_loss as autoencoder_loss
+    import fastvae.objectives.ldm as ldm_objective
 
     seen = []
-    real = autoencoder_loss.lpips_distance
+    real = ldm_objective.lpips_distance
 
     def spy(model, a, b):
         seen.append((a.dtype, b.dtype))
@@ -474,7 +475,7 @@ def test_bf16_runs_the_networks_in_bf16_and_lpips_and_the_loss_in_float32(tmp_pa
         seen.append(out.dtype)
         return out
 
-    monkeypatch.setattr(autoencoder_loss, "lpips_distance", spy)
+    monkeypatch.setattr(ldm_objective, "lpips_distance", spy)
     result = train(tiny_config(tmp_path / "bf16", *kl_overrides(tmp_path_factory, "train.max_steps=3"),
                                "train.mixed_precision=bf16"))
     assert result["step"] == 3 and seen and all(s in ((torch.float32, torch.float32), torch.float32) for s in seen)

@@ -11,9 +11,18 @@ import torch
 from fastvae import losses
 from fastvae.config import load_config
 from fastvae.errors import UserError
-from fastvae.ops import global_batch_mean
+from fastvae.distributed import global_batch_mean
 from fastvae.train import train
 from helpers import ROOT, TINY, assert_same_weights, final_weights, tiny_config
+
+
+def forward_of(model, objective):
+    """The training step's forward (fastvae.train_forward) of `model` with `objective` and the eager
+    Gaussian bottleneck."""
+    from fastvae.bottleneck import GaussianBottleneck
+    from fastvae.train_forward import TrainForward
+
+    return TrainForward(model, GaussianBottleneck(), objective)
 
 
 @pytest.mark.parametrize("step, weight", [(0, 0.0), (25, 1.0), (50, 2.0), (99, 2.0), (100, 0.0), (125, 1.0),
@@ -106,16 +115,15 @@ def check_logged_terms(out, objective):
 def test_free_bits_changes_what_trains_and_the_elbo_does_not():
     """The objective reaches the model: the same start and batch give other gradients with a floor."""
     from fastvae.models import ConvVAE
-    from fastvae.models.base import Objective
+    from fastvae.objectives import BatchKL, Elbo
 
     x = torch.rand(8, 1, 28, 28, generator=torch.Generator().manual_seed(1))
     grads = []
-    for objective in (Objective(), Objective(free_bits=1.0)):
+    for objective in (Elbo(), BatchKL(free_bits=1.0)):
         torch.manual_seed(0)
         model = ConvVAE(latent_dim=4)
-        model.use_objective(objective)
         torch.manual_seed(2)
-        loss, _, _ = model(x, beta=torch.tensor(1.0))
+        loss = forward_of(model, objective)(x, beta=torch.tensor(1.0)).loss
         loss.backward()
         grads.append(model.to_logvar.weight.grad.clone())
     assert not torch.allclose(grads[0], grads[1])
@@ -170,14 +178,14 @@ def test_the_model_trains_the_reference_bound_with_keyed_samples():
     the virtual sample i * K + k: equal to the bound computed by hand from fastvae.noise's eps."""
     from fastvae import noise
     from fastvae.models import ConvVAE
-    from fastvae.models.base import Objective
+    from fastvae.objectives import IWAE
 
     torch.manual_seed(0)
     model = ConvVAE(latent_dim=3)
-    model.use_objective(Objective(iwae_samples=4))
     x = torch.rand(2, 1, 28, 28, generator=torch.Generator().manual_seed(1))
     ids, seed, step = torch.tensor([5, 9]), torch.tensor(7), 3
-    loss, recon, kl = model(x, (seed, noise.row_offsets(ids, 3, step)), beta=torch.tensor(1.0))
+    loss, recon, kl, _, _ = forward_of(model, IWAE(samples=4))(x, (seed, noise.row_offsets(ids, 3, step)),
+                                                               beta=torch.tensor(1.0))
     with torch.no_grad():
         mu, logvar = model.encode(x)
         eps = torch.stack([noise.keyed_normal(seed, noise.row_offsets(ids * 4 + k, 3, step), 3) for k in range(4)])
@@ -207,14 +215,14 @@ def test_bad_iwae_settings_are_one_line(bad, message):
 def test_a_capacity_gamma_of_zero_weighs_the_kl_term_by_zero():
     """loss.capacity_gamma=0 is a valid setting (>= 0): the KL term vanishes, it does not become gamma 1."""
     from fastvae.models import ConvVAE
-    from fastvae.models.base import Objective
+    from fastvae.objectives import BatchKL
 
     torch.manual_seed(0)
     model = ConvVAE(latent_dim=4)
-    model.use_objective(Objective(capacity_gamma=0.0))
     x = torch.rand(4, 1, 28, 28, generator=torch.Generator().manual_seed(1))
     torch.manual_seed(2)
-    loss, recon, _ = model(x, beta=torch.tensor(1.0), capacity=torch.tensor(5.0))
+    loss, recon, *_ = forward_of(model, BatchKL(capacity_gamma=0.0))(x, beta=torch.tensor(1.0),
+                                                                     capacity=torch.tensor(5.0))
     assert loss.item() == pytest.approx(recon.mean().item(), rel=1e-6)
 
 
@@ -294,19 +302,19 @@ def objective_gradients(rank, world, objective, compiled=False):
 
     from fastvae import noise
     from fastvae.models import ConvVAE
-    from fastvae.models.base import Objective
+    from fastvae.objectives import TCVAE, Elbo
     from fastvae.trainer import compile_counts
 
     torch.manual_seed(0)
     model = ConvVAE(latent_dim=4)
-    model.use_objective(Objective(**objective))
+    forward = forward_of(model, TCVAE(**objective) if "tc_weight" in objective else Elbo(**objective))
     if compiled:
-        model.compile()
+        forward.compile()
     x = torch.rand(8, 1, 28, 28, generator=torch.Generator().manual_seed(1))
     share, ids = x.chunk(world)[rank], torch.arange(8).chunk(world)[rank]
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        loss, _, _ = model(share, (torch.tensor(3), noise.row_offsets(ids, 4, 0)), beta=torch.tensor(0.5))
+        loss = forward(share, (torch.tensor(3), noise.row_offsets(ids, 4, 0)), beta=torch.tensor(0.5)).loss
         loss.backward()
     future = [str(w.message) for w in caught if issubclass(w.category, FutureWarning)]
     grads = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten() for p in model.parameters()])
@@ -321,8 +329,8 @@ def objective_gradients(rank, world, objective, compiled=False):
     {"kind": "mse", "optimal_sigma": True},
 ])
 def test_two_processes_give_the_gradient_of_one(tmp_path, objective):
-    """beta-TCVAE's q(z) over the global batch (ops.global_batch) and sigma-VAE's variance of the
-    global batch (ops.global_batch_mean): 2 x 4 images give one process's gradient of 8. (A
+    """beta-TCVAE's q(z) over the global batch (distributed.global_batch) and sigma-VAE's variance of the
+    global batch (distributed.global_batch_mean): 2 x 4 images give one process's gradient of 8. (A
     TCVAE estimating q(z) from each rank's own share, or a variance of each rank's own share, fails this.)
     And no rank warns: the global-batch gather is torch's current collective, not a deprecated one."""
     from ranks import on_ranks
@@ -428,7 +436,7 @@ def test_the_model_trains_dreg_on_the_samples_it_decodes():
     bound written out from fastvae.noise's eps (the hook sits upstream of the decoder)."""
     from fastvae import noise
     from fastvae.models import ConvVAE
-    from fastvae.models.base import Objective
+    from fastvae.objectives import IWAE
 
     x = torch.rand(2, 1, 28, 28, generator=torch.Generator().manual_seed(1))
     ids, seed = torch.tensor([5, 9]), torch.tensor(7)
@@ -436,9 +444,9 @@ def test_the_model_trains_dreg_on_the_samples_it_decodes():
     for by_model in (True, False):
         torch.manual_seed(0)
         model = ConvVAE(latent_dim=3)
-        model.use_objective(Objective(iwae_samples=4, dreg=True))
         if by_model:
-            loss, _, _ = model(x, (seed, noise.row_offsets(ids, 3, 2)), beta=torch.tensor(1.0))
+            loss = forward_of(model, IWAE(samples=4, dreg=True))(x, (seed, noise.row_offsets(ids, 3, 2)),
+                                                                beta=torch.tensor(1.0)).loss
         else:
             mu, logvar = model.encode(x)
             eps = torch.cat([noise.keyed_normal(seed, noise.row_offsets(ids * 4 + k, 3, 2), 3) for k in range(4)])
@@ -455,7 +463,7 @@ def test_dreg_survives_torch_compile():
     (A small MLP VAE: what is checked is the hook, not the layers; compiling it is quick.)"""
     from conditional_models import UnconditionalMLP
     from fastvae import noise
-    from fastvae.models.base import Objective
+    from fastvae.objectives import IWAE
 
     x = torch.rand(4, 1, 28, 28, generator=torch.Generator().manual_seed(1))
     key = (torch.tensor(7), noise.row_offsets(torch.arange(4), 3, 2))
@@ -464,10 +472,10 @@ def test_dreg_survives_torch_compile():
         torch.manual_seed(0)
         model = UnconditionalMLP(1, (28, 28), 3)
         model.latent_dim = 3
-        model.use_objective(Objective(iwae_samples=4, dreg=dreg))
+        forward = forward_of(model, IWAE(samples=4, dreg=dreg))
         if compiled:
-            model.compile()
-        model(x, key, beta=torch.tensor(1.0))[0].backward()
+            forward.compile()
+        forward(x, key, beta=torch.tensor(1.0)).loss.backward()
         grads[name] = model.encoder.weight.grad
     scale = grads["eager"].abs().max()  # float32 rounding of the fused graph: ~1e-5 of it
     assert (grads["compiled"] - grads["eager"]).abs().max() < 1e-4 * scale

@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from fastvae.checkpoint import list_checkpoints, load_model
+from fastvae.checkpoint import list_checkpoints
+from fastvae.loading import load_model
 from fastvae.errors import NonFiniteLoss, exit_on_user_error
 from fastvae.launch.processes import accelerate_launch
 from fastvae.stopping import NonFiniteGuard

@@ -5,7 +5,8 @@ import json
 import pytest
 import torch
 
-from fastvae.checkpoint import list_checkpoints, load_model, read_meta
+from fastvae.checkpoint import list_checkpoints, read_meta
+from fastvae.loading import load_model
 from fastvae.errors import UserError
 from fastvae.tracking import read_records
 from fastvae.train import train

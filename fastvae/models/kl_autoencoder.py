@@ -79,6 +79,9 @@ class KLAutoencoder(VAE):
     def last_layer(self) -> nn.Parameter:
         return self.vae.decoder.conv_out.weight
 
+    def output_logvar(self) -> nn.Parameter:
+        return self.nll_logvar
+
     def enable_gradient_checkpointing(self) -> None:
         self.vae.enable_gradient_checkpointing()
 

@@ -3,7 +3,7 @@
 Under DDP each process normalizes with the statistics of its own B/N images, so N processes train
 another model than one process with batch B. torch's nn.SyncBatchNorm fixes that on GPUs and is
 used there; it refuses CPU tensors, so on the CPU (gloo) GlooSyncBatchNorm does the same with one
-differentiable sum over ranks of (sum, sum of squares, count) per layer (ops.global_batch, summed):
+differentiable sum over ranks of (sum, sum of squares, count) per layer (distributed.global_batch, summed):
 its backward sums the gradients of those sums over ranks, as nn.SyncBatchNorm's does.
 """
 
@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from fastvae.ops import global_batch, several_processes
+from fastvae.distributed import global_batch, several_processes
 
 
 class GlooSyncBatchNorm(nn.BatchNorm2d):

@@ -18,4 +18,4 @@ def lpips_weights(tmp_path_factory) -> str:
 def kl_overrides(tmp_path_factory, *more: str) -> list[str]:
     """A tiny KL-autoencoder run's overrides of configs/mnist.yaml (TINY from helpers on top)."""
     return [*KL_MODEL, "loss.objective=ldm", "loss.beta=1e-6", f"loss.lpips_weights={lpips_weights(tmp_path_factory)}",
-            "loss.disc_weight=0.5", "loss.disc_start=2", "data.batch_size=16", "train.samples=4", *more]
+            "disc.weight=0.5", "disc.start=2", "data.batch_size=16", "train.samples=4", *more]
