@@ -30,7 +30,7 @@ from fastvae.checkpoint import list_checkpoints
 from fastvae.loading import load
 from fastvae.config import load_config
 from fastvae.data import build_datasets
-from fastvae.evaluate import Likelihood, evaluate_model
+from fastvae.evaluation import Likelihood, evaluate_model
 from fastvae.run_setup import reset_accelerate_state
 from fastvae.tracking import read_records
 from fastvae.train import train

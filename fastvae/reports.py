@@ -7,11 +7,11 @@ from pathlib import Path
 
 import torch
 
-from fastvae import generate, pictures
+from fastvae import pictures, sampling
 from fastvae.conditions import conditioning_of
 from fastvae.config import Config
 from fastvae.errors import UserError
-from fastvae.evaluate import Likelihood, evaluate_model
+from fastvae.evaluation import Likelihood, evaluate_model
 from fastvae.objectives import objective_class
 
 
@@ -42,7 +42,7 @@ def write_pictures(model, test_set, cfg: Config, device, folder: Path,
     model.eval()
     folder.mkdir(parents=True, exist_ok=True)
     conditioning = test_conditioning(cfg, test_set)
-    mu_all, label_all = generate.encode_dataset(model, test_set, device, max_images, conditioning)
+    mu_all, label_all = sampling.encode_dataset(model, test_set, device, max_images, conditioning)
     items = [test_set[i] for i in pictures.spread_indices(len(test_set), 40)]
     originals = torch.stack([item[0] for item in items])
     conditions = None if conditioning is None else conditioning.of_items(items)
@@ -50,7 +50,7 @@ def write_pictures(model, test_set, cfg: Config, device, folder: Path,
     written = {
         "samples": save_samples(model, test_set, cfg, device, folder / "samples.png", conditioning),
         "reconstructions": pictures.save_reconstruction_grid(
-            originals, generate.reconstruct_images(model, originals.to(device), conditions),
+            originals, sampling.reconstruct_images(model, originals.to(device), conditions),
             folder / "reconstructions.png"),
         "latent_scatter": pictures.save_latent_scatter(mu_all, label_all, folder / "latent_scatter.png", title),
     }
@@ -68,8 +68,8 @@ def save_samples(model, test_set, cfg: Config, device, path: Path, conditioning)
     """Prior samples; a conditional model's one row per class, or given the attributes of test images."""
     n, seed = cfg.train.samples, cfg.seed
     if conditioning is None:
-        return pictures.save_sample_grid(generate.prior_samples(model, n, seed, device), path, model.latent_dim, seed)
-    return generate.save_conditional_samples(model, conditioning, test_set, n, seed, device, path,
+        return pictures.save_sample_grid(sampling.prior_samples(model, n, seed, device), path, model.latent_dim, seed)
+    return sampling.save_conditional_samples(model, conditioning, test_set, n, seed, device, path,
                                              f"latent dim {model.latent_dim}, seed {seed}")
 
 
@@ -115,7 +115,7 @@ def image_quality(model, test_set, cfg: Config, networks: QualityNetworks, out_d
                   all_reduce=None, all_gather=None) -> dict:
     """eval.metrics of eval.images test images (and as many prior samples), every process its share:
     PSNR always; FID / rFID / KID against the test images' features, cached in out_dir after the first."""
-    from fastvae.evaluate import ImageQuality
+    from fastvae.evaluation import ImageQuality
     from fastvae.fid import FeatureSets, real_features_file
 
     metrics, total = set(cfg.eval.metrics), min(cfg.eval.images, len(test_set))

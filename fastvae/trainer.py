@@ -515,7 +515,7 @@ class Trainer:
                 self.log.log_checkpoint(newest, cfg.wandb.name or self.out_dir.name)
             print(f"fastvae: metrics in {self.log.path}, checkpoint {newest}", flush=True)
             if eval_report is not None:
-                from fastvae.evaluate import print_report
+                from fastvae.evaluation import print_report
 
                 self.log.log_eval({**eval_report, "checkpoint": str(newest), "step": step}, step)
                 print_report(eval_report)
@@ -525,7 +525,7 @@ class Trainer:
 
     def _final_eval(self) -> dict:
         """fastvae.evaluate on the test split, every process evaluating its share."""
-        from fastvae.evaluate import Likelihood, evaluate_model
+        from fastvae.evaluation import Likelihood, evaluate_model
 
         cfg = self.cfg
         return evaluate_model(self.raw_model, self.test_set, Likelihood.of_run(cfg.loss), cfg.train.final_eval_iwae,

@@ -75,7 +75,7 @@ def test_evaluate_gives_the_model_each_images_condition(mnist_cvae):
     report = evaluate(["--checkpoint", str(mnist_cvae), "--max-images", "100", "--iwae-samples", "5"])
     assert report["images"] == 100 and report["iwae_nll_nats"] < -report["elbo_nats"] + 1.0
     # the same images given the wrong classes explain them worse: the condition reaches the model
-    from fastvae.evaluate import Likelihood, evaluate_model
+    from fastvae.evaluation import Likelihood, evaluate_model
 
     vae = load(mnist_cvae, "cpu")
     test_set = vae.split("test")
@@ -116,7 +116,7 @@ def test_a_users_conditional_model_trains_and_samples(tmp_path, tmp_path_factory
 
 def test_fid_samples_have_the_test_images_conditions(mnist_cvae):
     """--fid on a conditional model: sample i is drawn given test image i's class."""
-    from fastvae.evaluate import add_sample_features
+    from fastvae.evaluation import add_sample_features
 
     vae = load(mnist_cvae, "cpu")
     test_set = vae.split("test")

@@ -6,7 +6,8 @@ import math
 import pytest
 import torch
 
-from fastvae.evaluate import Likelihood, evaluate_model, evaluate_sums, fitted_likelihood, iwae_bound, main
+from fastvae.evaluation import Likelihood, evaluate_model, evaluate_sums, fitted_likelihood, iwae_bound
+from fastvae.evaluate import main
 from fastvae.models.base import VAE
 
 SIGMA2 = 0.001  # a sharp Gaussian decoder: the latent matters, so the bounds are far from trivial
@@ -231,7 +232,7 @@ def test_cli_fits_the_variance_of_a_calibrated_decoder_run(tmp_path, capsys):
 
 def test_ssim_of_a_perfect_reconstruction_is_one_and_of_noise_is_low():
     """--ssim (torchmetrics, data_range 1): 1 for identical images, far below for unrelated ones."""
-    from fastvae.evaluate import ImageQuality
+    from fastvae.evaluation import ImageQuality
 
     x = torch.rand(3, 1, 28, 28, generator=torch.Generator().manual_seed(0))
     ssim, lpips = ImageQuality(ssim=True).measure(x.double(), x)

@@ -287,7 +287,7 @@ def test_fine_tuning_from_a_diffusers_folder_then_exporting_round_trips(tmp_path
     from diffusers import AutoencoderKL
 
     from fastvae.export import main as export_main
-    from fastvae.generate import reconstruct_images
+    from fastvae.sampling import reconstruct_images
     from fastvae.trainer import Trainer
 
     start = diffusers_folder(tmp_path / "sd-vae", scaling_factor=0.5)

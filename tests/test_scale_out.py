@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from fastvae.data.base import ImageTensorDataset
-from fastvae.evaluate import Likelihood, evaluate_model, evaluate_sums, report_of
+from fastvae.evaluation import Likelihood, evaluate_model, evaluate_sums, report_of
 from fastvae.launch.processes import accelerate_launch
 from fastvae.models import ConvVAE
 from helpers import ROOT, TINY
