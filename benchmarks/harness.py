@@ -43,6 +43,18 @@ def celeba_folder(root: Path, images: int) -> Path:
     return Path(out.stdout.strip().splitlines()[-1])
 
 
+def random_backbone(net: str, folder: Path) -> str:
+    """LPIPS's backbone file with random weights of the real shapes (where no real file is here): the
+    tests' writer, tools/random_weights.py, loaded from its file (the benchmarks run as scripts, with
+    the repository root not on sys.path, and edit no path)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("random_weights", ROOT / "tools" / "random_weights.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return str(module.write_random_backbone(net, folder))
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)

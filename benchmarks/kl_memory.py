@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from harness import base_parser, print_table, write_json  # noqa: E402
+from harness import base_parser, print_table, random_backbone, write_json  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 VARIANTS = {"plain PyTorch, the diffusers script's way": [],
@@ -48,10 +48,7 @@ def one_case(variant: str, size: int, batch: int, precision: str, device: torch.
 
     tt.KL_BATCH = batch
     with tempfile.TemporaryDirectory() as tmp:
-        sys.path.insert(0, str(HERE.parent))
-        from tools.random_weights import write_random_backbone
-
-        lpips_path = str(write_random_backbone("vgg", Path(tmp) / "lpips"))
+        lpips_path = random_backbone("vgg", Path(tmp) / "lpips")
         torch.manual_seed(0)
         x = torch.rand(batch, 3, size, size, device=device)
         overrides = [*tt.kl_overrides(size, lpips_path, True), f"train.cpu={device.type == 'cpu'}",

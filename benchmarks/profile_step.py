@@ -14,14 +14,13 @@ timed interleaved against the whole step.
 from __future__ import annotations
 
 import statistics
-import sys
 import tempfile
 from pathlib import Path
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from harness import base_parser, interleaved, print_table, write_json  # noqa: E402
+from harness import base_parser, interleaved, print_table, random_backbone, write_json  # noqa: E402
 from train_throughput import KL_CHANNELS, WORKLOADS, kl_overrides, kl_trainer_step, trainer_step  # noqa: E402
 
 # operator -> what it is for; by exact aten name, else by prefix, else "other"
@@ -66,10 +65,7 @@ KL_BATCH = 8
 
 def kl_steps(size: int, disc_active: bool, device, tmp: Path, overrides: list[str]) -> dict:
     """The KL autoencoder's whole step, and the step without LPIPS / without the discriminator."""
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from tools.random_weights import write_random_backbone
-
-    lpips_path = str(write_random_backbone("vgg", tmp / "lpips"))  # random weights: the same FLOPs
+    lpips_path = random_backbone("vgg", tmp / "lpips")  # random weights: the same FLOPs
     torch.manual_seed(0)
     x = torch.rand(KL_BATCH, 3, size, size, device=device)
     extra = [f"train.cpu={device.type == 'cpu'}", *overrides]

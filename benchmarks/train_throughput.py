@@ -33,7 +33,6 @@ import copy
 import os
 import resource
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -41,7 +40,7 @@ from pathlib import Path
 import torch
 
 
-from harness import base_parser, interleaved, print_table, summarize, write_json  # noqa: E402
+from harness import base_parser, interleaved, print_table, random_backbone, summarize, write_json  # noqa: E402
 
 from fastvae import losses, precision  # noqa: E402
 from fastvae.config import image_hw, load_config  # noqa: E402
@@ -275,10 +274,7 @@ def run_kl(args, device, tmp: Path) -> list[dict]:
 
     lpips_path = args.lpips_weights or str(hub_checkpoints() / BACKBONE_FILES["vgg"])
     if not Path(lpips_path).is_file():  # no real weights here: random ones of the same shape (same FLOPs)
-        sys.path.insert(0, str(ROOT))
-        from tools.random_weights import write_random_backbone
-
-        lpips_path = str(write_random_backbone("vgg", tmp / "lpips"))
+        lpips_path = random_backbone("vgg", tmp / "lpips")
     rows = []
     torch._dynamo.config.recompile_limit = 64  # every compiled row's model shares nn.Module's call (step_cases)
     for phase, active in KL_PHASES.items():

@@ -56,12 +56,16 @@ class DataConfig:
     name: Literal["mnist", "fashion_mnist", "imagefolder", "celeba"] = knob("mnist", "dataset", resume="must_match")
     root: str = knob("", "dataset location; empty = the dataset's default")
     image_size: int | list[int] = knob(28, "image height and width: an int (square) or [height, width]; image "
-                                           "folders and CelebA are resized to cover it, then center-cropped", resume="must_match")
+                                           "folders and CelebA are resized to cover it, then center-cropped",
+                                           resume="must_match")
     channels: int = knob(1, "channels per image: 1 (greyscale), 3 (RGB), 4 (RGBA, image folders), ...",
                          above=0, resume="must_match")
-    center_crop: int = knob(0, "crop this square from the center before resizing; 0 = none", at_least=0, resume="must_match")
-    test_fraction: float = knob(0.1, "held-out share for datasets without an official split", at_least=0, below=1, resume="must_match")
-    split_seed: int = knob(0, "seed of that fixed split, independent of seed", at_least=0, below=2**32, resume="must_match")
+    center_crop: int = knob(0, "crop this square from the center before resizing; 0 = none", at_least=0,
+                            resume="must_match")
+    test_fraction: float = knob(0.1, "held-out share for datasets without an official split", at_least=0, below=1,
+                                resume="must_match")
+    split_seed: int = knob(0, "seed of that fixed split, independent of seed", at_least=0, below=2**32,
+                           resume="must_match")
     limit: int = knob(0, "use only the first `limit` training images; 0 = all", at_least=0)
     batch_size: int = knob(128, "images per step per process", above=0)
     num_workers: int = knob(0, "DataLoader worker processes", at_least=0)
@@ -84,8 +88,10 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    name: str = knob("conv_vae", "conv_vae (the lecture's MNIST VAE), dfc_vae (the CelebA face VAE), or your "
-                                 "own fastvae.VAE subclass as package.module:ClassName (docs/custom_model.md)", resume="must_match")
+    name: str = knob("conv_vae", "conv_vae (the lecture's MNIST VAE), dfc_vae (the CelebA face VAE), kl_autoencoder "
+                                 "(the latent-diffusion autoencoder, diffusers' AutoencoderKL), or your own "
+                                 "fastvae.VAE subclass as package.module:ClassName (docs/custom_model.md)",
+                     resume="must_match")
     latent_dim: int = knob(2, "size of z", above=0, resume="must_match")
     dropout: float = knob(0.0, "dfc_vae: dropout after each hidden block", at_least=0, below=1, resume="must_match")
     kwargs: dict = knob(doc="keyword arguments of the model's constructor, a mapping of JSON values (recorded "
@@ -93,9 +99,11 @@ class ModelConfig:
                             "model.latent_dim", factory=dict, resume="must_match")
     condition: Literal["none", "labels", "attributes"] = knob(
         "none", "a conditional VAE: encoder and decoder also get the image's class (labels: one-hot) or CelebA's "
-                "40 attributes (attributes: 0/1); generate sample --condition / --attributes then picks them", resume="must_match")
+                "40 attributes (attributes: 0/1); generate sample --condition / --attributes then picks them",
+                resume="must_match")
     condition_names: list[str] = knob(doc="the classes or attributes conditioned on, filled in from the data when "
-                                          "training starts (recorded in checkpoints); leave empty", factory=list, resume="must_match")
+                                          "training starts (recorded in checkpoints); leave empty", factory=list,
+                                          resume="must_match")
     pretrained: str = knob("", "kl_autoencoder: a local diffusers AutoencoderKL folder (config.json + "
                                "diffusion_pytorch_model.safetensors) to start from; its architecture goes into "
                                "model.kwargs, its weights are loaded when a fresh run starts")

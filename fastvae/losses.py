@@ -1,7 +1,9 @@
-"""Eager PyTorch reference of every VAE op: the parity oracle.
+"""Eager PyTorch reference of every op the objectives are made of: the parity oracle.
 
-Exactly the lecture's math: log-var trick, closed-form KL, reconstruction from logits. The fused Triton kernels in
-`fastvae.kernels`, the tests and the benchmarks are all compared against these.
+The lecture's math (log-var trick, closed-form KL, reconstruction from logits), the objectives' terms
+(KL schedules and floors, the importance-weighted bound, beta-TCVAE's decomposition, the calibrated
+decoder), and LDM's autoencoder loss and GAN losses, each written once from its paper. The fused
+Triton kernels in `fastvae.kernels`, the tests and the benchmarks are all compared against these.
 """
 
 from __future__ import annotations

@@ -1,12 +1,10 @@
-"""The latent-diffusion KL autoencoder (fastvae/models/kl_autoencoder.py, fastvae/objectives/ldm.py,
-fastvae/critic.py, fastvae/ema.py, fastvae/perceptual.py): LDM's loss against a float64 transcription
-of LPIPSWithDiscriminator, diffusers' format in and out, the discriminator and EMA exact on resume and
-on 2 processes, bad input in one line."""
+"""The latent-diffusion KL autoencoder (fastvae/models/kl_autoencoder.py) trained end to end: diffusers'
+format in and out, the discriminator and EMA in checkpoints and exact on resume and on 2 processes, bad
+input in one line. (Its loss: tests/test_objectives_ldm.py; the critic, LPIPS: their own test files.)"""
 
 import json
 import os
 import pickle
-import shutil
 import subprocess
 import sys
 
@@ -18,9 +16,6 @@ from fastvae import losses
 from fastvae.checkpoint import list_checkpoints
 from fastvae.loading import load
 from fastvae.config import load_config
-from fastvae.critic import adversarial_gradient
-from fastvae.discriminator import NLayerDiscriminator
-from fastvae.errors import UserError
 from fastvae.train import main as train_main, train
 from fastvae.run_setup import reset_accelerate_state
 from helpers import ROOT, TINY, assert_same_weights, final_weights, tiny_config
@@ -31,160 +26,6 @@ pytest.importorskip("diffusers")
 
 
 # ---------------------------------------------------------------- the loss, against LDM's own arithmetic
-
-
-def ldm_reference(x, x_hat, kl, logvar, p_loss, logits_fake, last_layer, kl_weight, perceptual_weight, disc_weight,
-                  disc_factor, step, disc_start):
-    """LDM's LPIPSWithDiscriminator.forward, optimizer_idx 0 (ldm/modules/losses/contperceptual.py), as written
-    there: rec_loss, nll, kl_loss, g_loss, calculate_adaptive_weight, adopt_weight."""
-    rec_loss = torch.abs(x.contiguous() - x_hat.contiguous())
-    rec_loss = rec_loss + perceptual_weight * p_loss
-    nll_loss = rec_loss / torch.exp(logvar) + logvar
-    nll_loss = torch.sum(nll_loss) / nll_loss.shape[0]
-    kl_loss = torch.sum(kl) / kl.shape[0]
-    g_loss = -torch.mean(logits_fake)
-    nll_grads = torch.autograd.grad(nll_loss, last_layer, retain_graph=True)[0]
-    g_grads = torch.autograd.grad(g_loss, last_layer, retain_graph=True)[0]
-    d_weight = torch.norm(nll_grads) / (torch.norm(g_grads) + 1e-4)
-    d_weight = torch.clamp(d_weight, 0.0, 1e4).detach() * disc_weight
-    factor = disc_factor if step >= disc_start else 0.0
-    return nll_loss + kl_weight * kl_loss + d_weight * factor * g_loss
-
-
-def toy_problem():
-    """x, a last layer W and x_hat = tanh(h W) in float64, a patch critic's logits of x_hat, a KL per image."""
-    g = torch.Generator().manual_seed(0)
-    x = torch.rand(4, 3, 4, 4, generator=g, dtype=torch.float64) * 2 - 1
-    h = torch.randn(4 * 16, 5, generator=g, dtype=torch.float64)
-    W = torch.randn(5, 3, generator=g, dtype=torch.float64, requires_grad=True)
-    x_hat = torch.tanh(h @ W).view(4, 4, 4, 3).permute(0, 3, 1, 2)
-    critic = torch.randn(3, generator=g, dtype=torch.float64)
-    logits_fake = torch.einsum("bchw,c->bhw", x_hat, critic)
-    return x, x_hat, W, logits_fake, torch.rand(4, generator=g, dtype=torch.float64) * 30
-
-
-@pytest.mark.parametrize("step", [0, 5])
-def test_the_ldm_terms_assemble_ldms_loss_in_float64(step):
-    p_loss = torch.rand(4, 1, 1, 1, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
-    logvar = torch.tensor(0.3, dtype=torch.float64)
-    x, x_hat, W_ref, logits_fake, kl = toy_problem()  # the reference's own graph (it backpropagates through it)
-    expected = ldm_reference(x, x_hat, kl, logvar, p_loss, logits_fake, W_ref, 1e-6, 1.0, 0.5, 1.0, step, 5)
-    x, x_hat, W, logits_fake, kl = toy_problem()
-    rec = losses.autoencoder_reconstruction(x, x_hat, "l1", p_loss.flatten(), 1.0)
-    nll_loss = losses.autoencoder_nll(rec, logvar).mean()
-    loss = nll_loss + 1e-6 * kl.mean()
-    if step >= 5:
-        g_loss = losses.generator_adversarial_loss(logits_fake)
-        nll_grad, = torch.autograd.grad(nll_loss, W, retain_graph=True)
-        g_grad, = torch.autograd.grad(g_loss, W, retain_graph=True)
-        loss = loss + losses.adaptive_weight(nll_grad, g_grad, 0.5) * 1.0 * g_loss
-    torch.testing.assert_close(loss, expected, rtol=1e-12, atol=1e-12)
-    # and its gradient with the adaptive weight held, as LDM holds it
-    torch.testing.assert_close(torch.autograd.grad(loss, W)[0], torch.autograd.grad(expected, W_ref)[0], rtol=1e-12,
-                               atol=1e-12)
-
-
-def test_the_discriminator_losses_are_ldms():
-    g = torch.Generator().manual_seed(2)
-    real, fake = torch.randn(4, 1, 3, 3, generator=g, dtype=torch.float64), torch.randn(4, 1, 3, 3, generator=g,
-                                                                                        dtype=torch.float64)
-    hinge = 0.5 * (torch.mean(torch.relu(1.0 - real)) + torch.mean(torch.relu(1.0 + fake)))
-    vanilla = 0.5 * (torch.mean(nn.functional.softplus(-real)) + torch.mean(nn.functional.softplus(fake)))
-    assert losses.hinge_d_loss(real, fake).item() == pytest.approx(hinge.item(), abs=1e-15)
-    assert losses.vanilla_d_loss(real, fake).item() == pytest.approx(vanilla.item(), abs=1e-15)
-    assert losses.adaptive_weight(torch.ones(4), torch.zeros(4), 0.5).item() == pytest.approx(1e4 * 0.5)
-
-
-def test_the_nll_is_l2_when_asked_and_gradchecks():
-    x, x_hat, W, _, _ = toy_problem()
-    assert torch.equal(losses.autoencoder_reconstruction(x, x_hat, "l2"), (x - x_hat) ** 2)
-    logvar = torch.tensor(0.2, dtype=torch.float64, requires_grad=True)
-    torch.autograd.gradcheck(lambda w, lv: losses.autoencoder_nll(
-        losses.autoencoder_reconstruction(x, torch.tanh(w).expand_as(x), "l1"), lv), (W[:1, :1].detach().clone()
-                                                                                      .requires_grad_(), logvar))
-
-
-class ToyAutoencoder(nn.Module):
-    """What the LDM objective asks of a model: pixels, output_logvar, last_layer."""
-
-    def __init__(self, W):
-        super().__init__()
-        self.W, self.nll_logvar = W, nn.Parameter(torch.tensor(0.3))
-
-    def pixels(self, output):
-        return output
-
-    def output_logvar(self):
-        return self.nll_logvar
-
-    def last_layer(self):
-        return self.W
-
-
-def kl_latent(kl):
-    """The bottleneck's output as the LDM objective reads it: the KL per image."""
-    from fastvae.bottleneck import Latent
-
-    return Latent(None, kl, {}, None)
-
-
-@pytest.mark.parametrize("compiled", [False, True])
-def test_the_autoencoder_loss_with_lpips_and_critic_is_ldms(tmp_path_factory, compiled):
-    """fastvae's LDM objective with the real Critic (float32, real LPIPS with random VGG weights, a
-    PatchGAN) against the float64 transcription on the same numbers (the LPIPS distances and logits
-    computed once, in float64); both ways: each backward once (eager), LDM's (compiled steps)."""
-    from fastvae.critic import Critic
-    from fastvae.objectives import LDMLoss
-    from fastvae.perceptual import load_lpips
-
-    g = torch.Generator().manual_seed(3)
-    x = torch.rand(2, 3, 32, 32, generator=g)
-    W = nn.Parameter(torch.randn(3, 3, generator=g) * 0.5)
-    h = torch.randn(2, 32, 32, 3, generator=g)
-    disc = NLayerDiscriminator(3, 8, 2).eval()  # eval: the same logits when the reference calls it again
-    critic = Critic(disc, None, weight=0.5, factor=1.0)
-    lpips = load_lpips("vgg", lpips_weights(tmp_path_factory))
-    model = ToyAutoencoder(W)
-    output = torch.tanh(h @ W).permute(0, 3, 1, 2)
-    kl = torch.rand(2, generator=g) * 10
-    backward_runs = {"lpips": 0, "disc": 0}
-    hooks = [net.register_full_backward_hook(lambda *_, name=name: backward_runs.__setitem__(
-        name, backward_runs[name] + 1)) for name, net in (("lpips", lpips), ("disc", disc))]
-    loss, recon, _, terms, _ = LDMLoss("l1", lpips, 1.0, learn_logvar=True, backward_once=not compiled)(
-        model, x, kl_latent(kl), output, torch.tensor(1e-6), None, critic)
-    ours = torch.autograd.grad(loss, [W, model.nll_logvar], retain_graph=True)
-    assert backward_runs == ({"lpips": 2, "disc": 2} if compiled else {"lpips": 1, "disc": 1})
-    for hook in hooks:
-        hook.remove()
-    x_pm = x * 2 - 1
-    expected = ldm_reference(x_pm, output, kl, model.nll_logvar, lpips(x_pm, output), disc(output), W, 1e-6, 1.0, 0.5,
-                             1.0, 1, 0)
-    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-4)
-    assert terms["lpips"] > 0 and set(terms) >= {"nll", "logvar", "pixel", "lpips", "g_loss", "d_weight"}
-    # and its gradients (the last layer's and the learned logvar's): LPIPS's and D's backward run once
-    # for the adaptive weight and once in the loss's backward there, once in all here
-    theirs = torch.autograd.grad(expected, [W, model.nll_logvar])
-    for a, b in zip(ours, theirs):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
-
-
-def test_gradients_flow_through_lpips_into_the_decoder(tmp_path_factory):
-    """diffusers' research script computed LPIPS under torch.no_grad(): no perceptual gradient reached the
-    VAE. Here the perceptual term changes the decoder's gradient (under no_grad it would not)."""
-    from fastvae.objectives import LDMLoss
-    from fastvae.perceptual import load_lpips
-
-    lpips = load_lpips("vgg", lpips_weights(tmp_path_factory))
-    g = torch.Generator().manual_seed(4)
-    x, h = torch.rand(2, 3, 32, 32, generator=g), torch.randn(2, 32, 32, 3, generator=g)
-    grads = []
-    for perceptual in (None, lpips):
-        W = nn.Parameter(torch.randn(3, 3, generator=torch.Generator().manual_seed(5)))
-        model = ToyAutoencoder(W)
-        loss = LDMLoss("l1", perceptual, 1.0)(model, x, kl_latent(torch.zeros(2)), torch.tanh(h @ W).permute(0, 3, 1, 2),
-                                              torch.tensor(0.0)).loss
-        grads.append(torch.autograd.grad(loss, W)[0])
-    assert (grads[1] - grads[0]).abs().max() > 1e-3 * grads[0].abs().max()
 
 
 # ---------------------------------------------------------------- the model and diffusers' format
@@ -363,18 +204,6 @@ def test_bad_autoencoder_input_is_one_line_and_runs_nothing(case, overrides, mes
     assert not (tmp_path / "ran").exists() and not (tmp_path / "run" / "checkpoints").exists()
 
 
-def test_lpips_weights_come_from_the_torch_hub_cache(tmp_path, tmp_path_factory, monkeypatch):
-    from fastvae.perceptual import BACKBONE_FILES, backbone_path, hub_checkpoints
-
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
-    with pytest.raises(UserError, match=f"expected {BACKBONE_FILES['vgg']} in {hub_checkpoints()} .* fastvae never "
-                                        f"downloads: copy https://download.pytorch.org/models/vgg16-397923af.pth"):
-        backbone_path("vgg")
-    hub_checkpoints().mkdir(parents=True)
-    shutil.copy(lpips_weights(tmp_path_factory), hub_checkpoints())
-    assert backbone_path("vgg") == hub_checkpoints() / BACKBONE_FILES["vgg"]
-
-
 # ---------------------------------------------------------------- exact: resume, and N processes with the critic
 
 
@@ -389,53 +218,6 @@ def test_resume_with_both_optimizers_the_discriminator_and_the_ema_is_bit_identi
 
         a, b = (load_file(str(list_checkpoints(tmp_path / run)[-1] / name)) for run in ("stopped", "straight"))
         assert_same_weights(a, b)
-
-
-def generator_gradient(rank, world, per_rank_weight=False):
-    """The decoder's gradient of the adversarial term on 8 images (a share per rank, averaged as DDP
-    does), with the critic's BatchNorm synchronized over the global batch as fastvae.critic does;
-    per_rank_weight: LDM's adaptive weight from each rank's own gradients."""
-    import torch.distributed as dist
-
-    import fastvae.critic as critic
-    from fastvae.models.sync_batchnorm import convert_sync_batchnorm
-
-    torch.manual_seed(0)
-    decoder = nn.Conv2d(4, 3, 3, padding=1).double()  # float64: what differs is the weighting, not rounding
-    disc = NLayerDiscriminator(3, 8, 2).double()
-    if world > 1:
-        disc = convert_sync_batchnorm(disc, torch.device("cpu"))
-    disc.requires_grad_(False)
-    g = torch.Generator().manual_seed(1)
-    h = torch.randn(8, 4, 16, 16, generator=g, dtype=torch.float64)
-    x = torch.rand(8, 3, 16, 16, generator=g, dtype=torch.float64) * 2 - 1
-    share = slice(rank * 8 // world, (rank + 1) * 8 // world)
-    x_hat = torch.tanh(decoder(h[share]))
-    nll_loss = (x[share] - x_hat).abs().flatten(1).sum(1).mean()
-    if per_rank_weight:
-        critic.mean_over_processes = lambda t: t
-    nll_grad, = torch.autograd.grad(nll_loss, x_hat, retain_graph=True)
-    adv_grad, _, _ = adversarial_gradient(disc, x_hat, nll_grad, decoder.weight, 0.5, 1.0)
-    x_hat.backward(nll_grad + adv_grad)
-    grad = decoder.weight.grad.clone()
-    if world > 1:
-        dist.all_reduce(grad)
-    return grad / world
-
-
-@pytest.mark.parametrize("per_rank_weight", [False, True])
-def test_two_processes_give_the_adversarial_gradient_of_one(tmp_path, per_rank_weight):
-    """With the gradient norms of the global batch, 2 x 4 images give 1 x 8's gradient; LDM's per-rank
-    norms (each rank's own adaptive weight) do not."""
-    from ranks import on_ranks
-
-    one = generator_gradient(0, 1)
-    two = on_ranks(generator_gradient, 2, tmp_path, per_rank_weight)
-    for grad in two:
-        if per_rank_weight:
-            assert not torch.allclose(grad, one, rtol=1e-4, atol=1e-6)
-        else:
-            torch.testing.assert_close(grad, one, rtol=1e-10, atol=1e-12)
 
 
 @pytest.mark.slow
@@ -461,24 +243,6 @@ def test_gradient_checkpointing_trains_the_same_weights(tmp_path, tmp_path_facto
     train(tiny_config(tmp_path / "checkpointed", *common, "train.gradient_checkpointing=true"))
     for name, value in final_weights(tmp_path / "plain").items():
         torch.testing.assert_close(final_weights(tmp_path / "checkpointed")[name], value, rtol=1e-5, atol=1e-6)
-
-
-def test_bf16_runs_the_networks_in_bf16_and_lpips_and_the_loss_in_float32(tmp_path, tmp_path_factory, monkeypatch):
-    import fastvae.objectives.ldm as ldm_objective
-
-    seen = []
-    real = ldm_objective.lpips_distance
-
-    def spy(model, a, b):
-        seen.append((a.dtype, b.dtype))
-        out = real(model, a, b)
-        seen.append(out.dtype)
-        return out
-
-    monkeypatch.setattr(ldm_objective, "lpips_distance", spy)
-    result = train(tiny_config(tmp_path / "bf16", *kl_overrides(tmp_path_factory, "train.max_steps=3"),
-                               "train.mixed_precision=bf16"))
-    assert result["step"] == 3 and seen and all(s in ((torch.float32, torch.float32), torch.float32) for s in seen)
 
 
 def test_the_shipped_configs_build_their_models_and_the_cpu_one_trains(tmp_path, tmp_path_factory):

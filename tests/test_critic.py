@@ -1,0 +1,82 @@
+"""The critic (fastvae/critic.py): built from its parts, active from its start step, its update of the
+discriminator, and LDM's adaptive weight from the global batch's gradients (2 ranks = 1)."""
+
+import pytest
+import torch
+from torch import nn
+
+from fastvae import losses
+from fastvae.critic import Critic, adversarial_gradient
+from fastvae.discriminator import NLayerDiscriminator
+
+
+def test_a_critic_is_built_from_its_parts_and_steps_on_what_it_is_given():
+    """No config, no accelerator: a discriminator and its optimizer. active_at(step) from `start`;
+    step(real, fake) is one Adam step on LDM's discriminator loss of exactly those images, and leaves
+    the discriminator frozen for the generator's side."""
+    torch.manual_seed(0)
+    disc = NLayerDiscriminator(3, 8, 2, "none")
+    reference = NLayerDiscriminator(3, 8, 2, "none")
+    reference.load_state_dict(disc.state_dict())
+    critic = Critic(disc, torch.optim.Adam(disc.parameters(), lr=1e-3), weight=0.5, factor=2.0, start=3,
+                    loss="hinge")
+    assert [critic.active_at(s) for s in (0, 2, 3, 9)] == [False, False, True, True]
+    assert not any(p.requires_grad for p in disc.parameters())
+    g = torch.Generator().manual_seed(1)
+    real, fake = torch.rand(4, 3, 16, 16, generator=g) * 2 - 1, torch.rand(4, 3, 16, 16, generator=g) * 2 - 1
+    terms = critic.step(real, fake)
+    optimizer = torch.optim.Adam(reference.parameters(), lr=1e-3)
+    want = 2.0 * losses.hinge_d_loss(reference(real), reference(fake))
+    want.backward()
+    optimizer.step()
+    torch.testing.assert_close(terms["d_loss"], want.detach())
+    for a, b in zip(disc.parameters(), reference.parameters()):
+        torch.testing.assert_close(a, b)
+    assert not any(p.requires_grad for p in disc.parameters())
+
+
+def generator_gradient(rank, world, per_rank_weight=False):
+    """The decoder's gradient of the adversarial term on 8 images (a share per rank, averaged as DDP
+    does), with the critic's BatchNorm synchronized over the global batch as fastvae.critic does;
+    per_rank_weight: LDM's adaptive weight from each rank's own gradients."""
+    import torch.distributed as dist
+
+    import fastvae.critic as critic
+    from fastvae.models.sync_batchnorm import convert_sync_batchnorm
+
+    torch.manual_seed(0)
+    decoder = nn.Conv2d(4, 3, 3, padding=1).double()  # float64: what differs is the weighting, not rounding
+    disc = NLayerDiscriminator(3, 8, 2).double()
+    if world > 1:
+        disc = convert_sync_batchnorm(disc, torch.device("cpu"))
+    disc.requires_grad_(False)
+    g = torch.Generator().manual_seed(1)
+    h = torch.randn(8, 4, 16, 16, generator=g, dtype=torch.float64)
+    x = torch.rand(8, 3, 16, 16, generator=g, dtype=torch.float64) * 2 - 1
+    share = slice(rank * 8 // world, (rank + 1) * 8 // world)
+    x_hat = torch.tanh(decoder(h[share]))
+    nll_loss = (x[share] - x_hat).abs().flatten(1).sum(1).mean()
+    if per_rank_weight:
+        critic.mean_over_processes = lambda t: t
+    nll_grad, = torch.autograd.grad(nll_loss, x_hat, retain_graph=True)
+    adv_grad, _, _ = adversarial_gradient(disc, x_hat, nll_grad, decoder.weight, 0.5, 1.0)
+    x_hat.backward(nll_grad + adv_grad)
+    grad = decoder.weight.grad.clone()
+    if world > 1:
+        dist.all_reduce(grad)
+    return grad / world
+
+
+@pytest.mark.parametrize("per_rank_weight", [False, True])
+def test_two_processes_give_the_adversarial_gradient_of_one(tmp_path, per_rank_weight):
+    """With the gradient norms of the global batch, 2 x 4 images give 1 x 8's gradient; LDM's per-rank
+    norms (each rank's own adaptive weight) do not."""
+    from ranks import on_ranks
+
+    one = generator_gradient(0, 1)
+    two = on_ranks(generator_gradient, 2, tmp_path, per_rank_weight)
+    for grad in two:
+        if per_rank_weight:
+            assert not torch.allclose(grad, one, rtol=1e-4, atol=1e-6)
+        else:
+            torch.testing.assert_close(grad, one, rtol=1e-10, atol=1e-12)
