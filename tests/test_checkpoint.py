@@ -20,7 +20,7 @@ from fastvae.train import main, train
 from fastvae.trainer import Trainer
 from fastvae.evaluate import main as evaluate_main
 from fastvae.run_setup import reset_accelerate_state
-from helpers import TINY, assert_same_weights, final_weights, tiny_config, tree_snapshot
+from helpers import ROOT, TINY, assert_same_weights, final_weights, tiny_config, tree_snapshot
 from shared import built_once
 
 
@@ -442,3 +442,37 @@ def test_a_checkpoint_file_that_is_a_link_is_refused(good_run, tmp_path, capsys)
     assert "model.safetensors is a link (refused: a checkpoint loads only files of its own folder)" in line
     line = one_line_exit_2(capsys, lambda: evaluate_main(["--checkpoint", str(ckpt), "--max-images", "4"]))
     assert "has no model.safetensors of its own (missing, or a link)" in line
+
+
+# ---------------------------------------------------------------- checkpoints of earlier versions
+
+# Written by main at 5358976 (2026-12-06), whose discriminator keys were loss.disc_*, with
+#   python -m fastvae.train --config mnist model.name=kl_autoencoder "model.kwargs={block_out_channels: [4, 8],
+#     norm_num_groups: 4, latent_channels: 1}" loss.objective=ldm loss.beta=1e-6 loss.lpips_weights=VGG
+#     loss.disc_weight=0.5 loss.disc_start=1 disc.channels=4 disc.layers=2 disc.norm=none data.limit=32
+#     data.batch_size=16 train.max_steps=2 train.epochs=1 train.samples=4 train.ema_decay=0.9 train.mixed_precision=no
+FORMAT2_RUN = ROOT / "tests" / "fixtures" / "format2_ldm_run"
+FORMAT2_TODAY = ["model.name=kl_autoencoder", "model.kwargs={block_out_channels: [4, 8], norm_num_groups: 4, "
+                 "latent_channels: 1}", "loss.objective=ldm", "loss.beta=1e-6", "disc.weight=0.5", "disc.start=1",
+                 "disc.channels=4", "disc.layers=2", "disc.norm=none", "data.limit=32", "data.batch_size=16",
+                 "train.epochs=2", "train.samples=4", "train.ema_decay=0.9"]
+
+
+def test_a_checkpoint_of_the_previous_main_loads_resumes_and_evaluates(tmp_path, tmp_path_factory):
+    """Its loss.disc_* keys are read back as disc.*: it loads (with its EMA), evaluates, and a run with
+    today's keys resumes it (the discriminator's weights and optimizer included) and trains on."""
+    from kl_runs import lpips_weights
+
+    pytest.importorskip("diffusers")
+    run = tmp_path / "run"
+    shutil.copytree(FORMAT2_RUN, run)
+    checkpoint = list_checkpoints(run)[-1]
+    assert problem(checkpoint) is None and "disc_weight" in read_meta(checkpoint)["config"]["loss"]
+    model, cfg, _ = load_model(checkpoint)
+    assert (cfg.disc.weight, cfg.disc.start, cfg.disc.loss) == (0.5, 1, "hinge") and model.latent_dim == 14 * 14
+    report = evaluate_main(["--checkpoint", str(checkpoint), "--max-images", "8", "--json", str(tmp_path / "e.json")])
+    assert report["images"] == 8 and report["psnr_db"] > 0
+    result = train(tiny_config(run, *FORMAT2_TODAY, f"loss.lpips_weights={lpips_weights(tmp_path_factory)}",
+                               "train.resume=auto", "train.max_steps=3"))
+    assert result["step"] == 3
+    assert set(read_meta(list_checkpoints(run)[-1])["config"]["disc"]) >= {"weight", "start", "factor", "loss"}
