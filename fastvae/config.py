@@ -444,69 +444,93 @@ def check_printable(key: str, value: str) -> None:
 
 
 def validate(cfg: Config) -> Config:
-    """Each field's range (from its knob), then the rules that tie fields together."""
+    """Each field's range (from its knob), then the rules that tie fields together, section by section."""
     for key, k in _walk(cfg).items():
         _check_range(key, k.value, k.field.metadata)
         for text in (k.value if isinstance(k.value, list) else [k.value]):
             if isinstance(text, str):
                 check_printable(key, text)
+    _check_optim(cfg)
+    _check_data(cfg)
+    _check_model(cfg)
+    _check_loss(cfg)
+    loggers(cfg)
+    _check_eval(cfg)
+    _check_schedules(cfg)
+    _check_sigma(cfg.loss)
+    _check_autoencoder(cfg)
+    return cfg
+
+
+def _check_optim(cfg: Config) -> None:
     if len(cfg.optim.betas) != 2 or not all(0 <= b < 1 for b in cfg.optim.betas):
         raise UserError(f"config key 'optim.betas': expected two numbers in [0, 1), got {cfg.optim.betas}")
-    if cfg.data.loader == "ffcv" and not cfg.data.beton:
+
+
+def _check_data(cfg: Config) -> None:
+    """The data section's rules (and the image size in its one form)."""
+    data = cfg.data
+    if data.loader == "ffcv" and not data.beton:
         raise UserError("config key 'data.beton' is empty; expected the training .beton for data.loader=ffcv "
                         "(write one with `python -m fastvae.data.ffcv`)")
-    if cfg.data.beton and cfg.data.loader not in ("ffcv", "memory"):
+    if data.beton and data.loader not in ("ffcv", "memory"):
         raise UserError(f"config key 'data.beton': a .beton is read by data.loader=ffcv or memory, and "
-                        f"data.loader={cfg.data.loader} would not read it; expected one of those or no data.beton")
-    if cfg.data.flip and cfg.data.loader == "torch":
+                        f"data.loader={data.loader} would not read it; expected one of those or no data.beton")
+    if data.flip and data.loader == "torch":
         raise UserError("config key 'data.flip': random flips come with data.loader memory, ffcv or auto; "
                         "expected data.flip=false")
-    cfg.data.image_size = _normal_image_size(cfg.data.image_size)
+    data.image_size = _normal_image_size(data.image_size)
+    fixed = DATASET_CHANNELS_AND_SIZE.get(data.name)
+    if fixed and (data.channels, data.image_size) != fixed:
+        raise UserError(f"data.name={data.name} gives {fixed[0]}x{fixed[1]}x{fixed[1]} images; expected "
+                        f"data.image_size={fixed[1]} and data.channels={fixed[0]}, got {data.image_size} "
+                        f"and {data.channels}")
+    if (data.loader == "ffcv" or data.beton) and data.channels not in (1, 3):
+        raise UserError(f"config key 'data.channels': FFCV stores greyscale or RGB images; expected 1 or 3 with "
+                        f"data.beton, got {data.channels}")
+    if data.name == "celeba" and data.channels != 3:
+        raise UserError(f"data.name=celeba gives RGB images; expected data.channels=3, got {data.channels}")
+
+
+def _check_model(cfg: Config) -> None:
     if cfg.model.name not in BUILT_IN_MODELS and not IMPORT_PATH.match(cfg.model.name):
         raise UserError(f"config key 'model.name': expected {' or '.join(BUILT_IN_MODELS)} or an import path "
                         f"package.module:ClassName, got {cfg.model.name!r}")
-    fixed = DATASET_CHANNELS_AND_SIZE.get(cfg.data.name)
-    if fixed and (cfg.data.channels, cfg.data.image_size) != fixed:
-        raise UserError(f"data.name={cfg.data.name} gives {fixed[0]}x{fixed[1]}x{fixed[1]} images; expected "
-                        f"data.image_size={fixed[1]} and data.channels={fixed[0]}, got {cfg.data.image_size} "
-                        f"and {cfg.data.channels}")
-    if (cfg.data.loader == "ffcv" or cfg.data.beton) and cfg.data.channels not in (1, 3):
-        raise UserError(f"config key 'data.channels': FFCV stores greyscale or RGB images; expected 1 or 3 with "
-                        f"data.beton, got {cfg.data.channels}")
-    if cfg.loss.kl_cycle_ramp > 1:
+    if cfg.model.condition == "attributes" and cfg.data.name != "celeba":
+        raise UserError(f"config key 'model.condition': data.name={cfg.data.name} has no attributes; expected "
+                        f"model.condition=labels (or data.name=celeba for attributes)")
+
+
+def _check_loss(cfg: Config) -> None:
+    """Which loss.* settings go together (each objective's own rules: _check_sigma, _check_autoencoder)."""
+    loss = cfg.loss
+    if loss.kl_cycle_ramp > 1:
         raise UserError(f"config key 'loss.kl_cycle_ramp': expected a share of the cycle in (0, 1], got "
-                        f"{cfg.loss.kl_cycle_ramp}")
-    loggers(cfg)
+                        f"{loss.kl_cycle_ramp}")
+    if loss.kl_cycle_steps and loss.kl_warmup_steps:
+        raise UserError("config keys 'loss.kl_cycle_steps' and 'loss.kl_warmup_steps': both schedule beta; expected "
+                        "one of them (a cycle starts with its own warm-up)")
+    if loss.objective == "iwae" and (loss.free_bits or loss.capacity):
+        raise UserError("config key 'loss.objective': iwae weighs samples by p(z)/q(z|x), not by a KL term; "
+                        "expected loss.free_bits=0 and loss.capacity=0 with it")
+    if loss.dreg and (loss.objective != "iwae" or loss.samples < 2):
+        raise UserError("config key 'loss.dreg': DReG gradients are those of the importance-weighted bound with "
+                        "several samples; expected loss.objective=iwae and loss.samples >= 2 with it")
+    if loss.samples > 1 and loss.objective != "iwae":
+        raise UserError(f"config key 'loss.samples': {loss.samples} samples are for loss.objective=iwae; "
+                        f"expected loss.objective=iwae or loss.samples=1")
+    if loss.objective == "tcvae" and (loss.free_bits or loss.capacity):
+        raise UserError("config key 'loss.objective': tcvae replaces the KL term by its decomposition; expected "
+                        "loss.free_bits=0 and loss.capacity=0 with it")
+    if loss.free_bits and loss.capacity:
+        raise UserError("config keys 'loss.free_bits' and 'loss.capacity': both replace the KL term; expected one")
+
+
+def _check_eval(cfg: Config) -> None:
     unknown = [m for m in cfg.eval.metrics if m not in EVAL_METRICS]
     if unknown or len(set(cfg.eval.metrics)) != len(cfg.eval.metrics):
         raise UserError(f"config key 'eval.metrics': {cfg.eval.metrics}; expected each of "
                         f"{', '.join(EVAL_METRICS)} at most once")
-    _check_schedules(cfg)
-    if cfg.loss.kl_cycle_steps and cfg.loss.kl_warmup_steps:
-        raise UserError("config keys 'loss.kl_cycle_steps' and 'loss.kl_warmup_steps': both schedule beta; expected "
-                        "one of them (a cycle starts with its own warm-up)")
-    if cfg.loss.objective == "iwae" and (cfg.loss.free_bits or cfg.loss.capacity):
-        raise UserError("config key 'loss.objective': iwae weighs samples by p(z)/q(z|x), not by a KL term; "
-                        "expected loss.free_bits=0 and loss.capacity=0 with it")
-    if cfg.loss.dreg and (cfg.loss.objective != "iwae" or cfg.loss.samples < 2):
-        raise UserError("config key 'loss.dreg': DReG gradients are those of the importance-weighted bound with "
-                        "several samples; expected loss.objective=iwae and loss.samples >= 2 with it")
-    if cfg.loss.samples > 1 and cfg.loss.objective != "iwae":
-        raise UserError(f"config key 'loss.samples': {cfg.loss.samples} samples are for loss.objective=iwae; "
-                        f"expected loss.objective=iwae or loss.samples=1")
-    if cfg.loss.objective == "tcvae" and (cfg.loss.free_bits or cfg.loss.capacity):
-        raise UserError("config key 'loss.objective': tcvae replaces the KL term by its decomposition; expected "
-                        "loss.free_bits=0 and loss.capacity=0 with it")
-    _check_sigma(cfg.loss)
-    _check_autoencoder(cfg)
-    if cfg.loss.free_bits and cfg.loss.capacity:
-        raise UserError("config keys 'loss.free_bits' and 'loss.capacity': both replace the KL term; expected one")
-    if cfg.model.condition == "attributes" and cfg.data.name != "celeba":
-        raise UserError(f"config key 'model.condition': data.name={cfg.data.name} has no attributes; expected "
-                        f"model.condition=labels (or data.name=celeba for attributes)")
-    if cfg.data.name == "celeba" and cfg.data.channels != 3:
-        raise UserError(f"data.name=celeba gives RGB images; expected data.channels=3, got {cfg.data.channels}")
-    return cfg
 
 
 def loggers(cfg: Config) -> tuple[str, ...]:
