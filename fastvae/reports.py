@@ -6,12 +6,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch.utils.data import Subset
 
-from fastvae import pictures, sampling
+from fastvae import losses, pictures, sampling
+from fastvae.bottleneck import Latent
 from fastvae.conditions import conditioning_of
 from fastvae.config import Config
+from fastvae.data import in_order_loader
 from fastvae.errors import UserError
-from fastvae.evaluation import Likelihood, evaluate_model
+from fastvae.evaluation import Likelihood, eval_noise, evaluate_model, shard_of
 from fastvae.objectives import objective_class
 
 
@@ -20,19 +23,43 @@ FINAL_IMAGES = 5000  # test images in the final latent scatter: the most any rep
 
 
 def held_out_metrics(model, test_set, cfg: Config, max_images: int = EPOCH_IMAGES, shard=(0, 1),
-                 all_reduce=None) -> dict:
+                     all_reduce=None, objective=None) -> dict:
     """The test loss in training units (same weights, no Gaussian constant; the calibrated decoder's
-    normalized likelihood, its variance fitted to these images), from fastvae.evaluate,
-    each process evaluating its shard. Its eps are keyed (fastvae.noise): the global RNG, which
-    resume restores, is untouched."""
+    normalized likelihood, its variance fitted to these images), from fastvae.evaluation, each process
+    evaluating its shard. An objective that measures its own (LDM's: its nll with LPIPS and the
+    log-variance, + beta x KL, without the adversarial term) gives test_loss from a pass of its own.
+    Its eps are keyed (fastvae.noise): the global RNG, which resume restores, is untouched."""
     report = evaluate_model(model, test_set, Likelihood.of_run(cfg.loss, normalized=False), max_images=max_images,
                             seed=cfg.seed + 1, shard=shard, all_reduce=all_reduce,
                             conditioning=test_conditioning(cfg, test_set))
-    model.train()
     recon, kl = report["recon_nll_nats"], report["kl_nats"]
     test_loss = objective_class(cfg.loss).held_out_loss(cfg.loss, recon, kl)
+    if objective is not None and objective.measures_test_loss:
+        test_loss = objective_test_loss(model, objective, test_set, cfg, max_images, shard, all_reduce)
+    model.train()
     return {"test_recon": recon, "test_kl": kl, "test_loss": test_loss,
             "test_active_units": report["active_units"]}
+
+
+@torch.no_grad()
+def objective_test_loss(model, objective, test_set, cfg: Config, max_images: int, shard, all_reduce) -> float:
+    """The objective's own loss (no critic) per test image, averaged: each image's z drawn with
+    evaluation's keyed eps (seed + 1, draw 0), so any split over processes gives the same number."""
+    model.eval()
+    device = next(model.parameters()).device
+    total = min(len(test_set), max_images)
+    sums = torch.zeros(2, dtype=torch.float64, device=device)
+    beta = torch.tensor(cfg.loss.beta, device=device)
+    for x, _, ids in in_order_loader(Subset(test_set, shard_of(total, shard)), 100):
+        x, ids = x.to(device), torch.as_tensor(ids).to(device)
+        mu, logvar = (t.float() for t in model.encode_with(x))
+        z = losses.reparameterize(mu, logvar, eval_noise(cfg.seed + 1, ids, mu.shape[1], 0).float())
+        latent = Latent(z, losses.kl_divergence(mu, logvar), {}, (mu, logvar))
+        step = objective(model, x, latent, model.decode_with(z), beta)
+        sums += torch.stack([step.loss.double() * len(x), torch.tensor(float(len(x)), device=device)])
+    if all_reduce is not None:
+        sums = all_reduce(sums)
+    return (sums[0] / sums[1]).item()
 
 
 @torch.no_grad()

@@ -74,7 +74,7 @@ class LossSums:
     """loss x n, recon, kl and the objective's own terms (each x n) of some batches (an epoch's, or a
     log point's one) summed on the device, and image counts on the host: nothing crosses between them
     per step; read once, summed over all ranks. A term may start mid-way (the critic's, at
-    loss.disc_start): each is averaged over the batches that had it (every rank has the same terms)."""
+    disc.start): each is averaged over the batches that had it (every rank has the same terms)."""
 
     def __init__(self, device) -> None:
         self.sums, self.images = torch.zeros(3, device=device, dtype=torch.float64), 0
@@ -432,7 +432,8 @@ class Trainer:
             record = {"epoch": state.epoch + 1 if complete else round(state.epoch + state.batch_in_epoch / batches, 4),
                       "step": state.step, **totals.means(), "images_per_sec": totals.images / elapsed,
                       "lr": self.scheduler.get_last_lr()[0], "skipped_batches": self.guard.skipped}
-            record.update(reports.held_out_metrics(self.raw_model, self.test_set, self.cfg, **self._eval_shard()))
+            record.update(reports.held_out_metrics(self.raw_model, self.test_set, self.cfg, objective=self.objective,
+                                                   **self._eval_shard()))
             if complete and reports.quality_due(self.cfg, state.epoch + 1):
                 record.update(reports.image_quality(self.raw_model, self.test_set, self.cfg, self.quality_networks,
                                                     self.out_dir, **self._eval_shard(), all_gather=gather_rows))

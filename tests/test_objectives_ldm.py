@@ -145,3 +145,35 @@ def test_bf16_runs_the_networks_in_bf16_and_lpips_and_the_loss_in_float32(tmp_pa
     result = train(tiny_config(tmp_path / "bf16", *kl_overrides(tmp_path_factory, "train.max_steps=3"),
                                "train.mixed_precision=bf16"))
     assert result["step"] == 3 and seen and all(s in ((torch.float32, torch.float32), torch.float32) for s in seen)
+
+
+def test_the_held_out_loss_of_ldm_is_its_nll_plus_beta_kl_on_test_images():
+    """test_loss in metrics.jsonl for loss.objective=ldm: per image sum((|x - x_hat| + LPIPS) / exp(logvar) +
+    logvar) + beta x KL, z drawn with evaluation's keyed eps, averaged over the images: the same number
+    split over two shards as in one."""
+    from fastvae.config import load_config
+    from fastvae.data.base import ImageTensorDataset
+    from fastvae.evaluation import eval_noise
+    from fastvae.models import build_model
+    from fastvae.objectives import LDMLoss
+    from fastvae.reports import objective_test_loss
+
+    cfg = load_config("mnist", ["model.name=kl_autoencoder", "loss.objective=ldm", "loss.beta=0.1",
+                                "model.kwargs={block_out_channels: [4, 8], norm_num_groups: 4, latent_channels: 1}"])
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    model.nll_logvar.data.fill_(0.3)
+    images = torch.randint(0, 256, (6, 1, 28, 28), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    test_set = ImageTensorDataset(images, torch.zeros(6))
+    objective = LDMLoss("l1", None, 0.0)
+    got = objective_test_loss(model, objective, test_set, cfg, 6, (0, 1), None)
+    halves = [objective_test_loss(model, objective, test_set, cfg, 6, (r, 2), None) for r in range(2)]
+    with torch.no_grad():
+        x = images.float() / 255
+        mu, logvar = model.encode(x)
+        z = mu + (0.5 * logvar).exp() * eval_noise(cfg.seed + 1, torch.arange(6), mu.shape[1], 0).float()
+        x_hat = model.decode(z)
+        nll = ((x * 2 - 1 - x_hat).abs() / torch.tensor(0.3).exp() + 0.3).flatten(1).sum(1)
+        want = (nll + 0.1 * losses.kl_divergence(mu, logvar)).mean()
+    assert got == pytest.approx(want.item(), rel=1e-5)
+    assert (halves[0] + halves[1]) / 2 == pytest.approx(got, rel=1e-6)  # 3 + 3 images

@@ -31,6 +31,7 @@ class Objective:
     evaluation and the size estimate need of them."""
 
     samples = 1
+    measures_test_loss = False  # True: its held-out loss is its own, on test images (reports.held_out_metrics)
 
     def __init__(self, recon_loss: Callable = recon_loss_fp32, kind: str = "bce", recon_weight: float = 1.0,
                  optimal_sigma: bool = False, logvar_init: float = 0.0, learn_logvar: bool = False) -> None:

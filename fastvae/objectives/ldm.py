@@ -29,6 +29,7 @@ class LDMLoss(Objective):
     """perceptual: LPIPS (fastvae.perceptual.load_lpips) or None; backward_once: False in a compiled step."""
 
     trains_logvar = True
+    measures_test_loss = True  # nll + beta x KL on test images (LPIPS and the log-variance included)
 
     def __init__(self, pixel: str = "l1", perceptual=None, perceptual_weight: float = 1.0, logvar_init: float = 0.0,
                  learn_logvar: bool = False, backward_once: bool = True) -> None:
