@@ -70,22 +70,24 @@ def launched_processes(device: str | None):
     return PartialState(cpu=device == "cpu" or not torch.cuda.is_available())
 
 
-def fid_features(args, vae, split_size: int):
+def fid_features(args, vae, dataset, shard=(0, 1), all_gather=None):
     """--fid / --rfid: the Inception network and what to compare; the real images' features cached in the
-    run's folder, keyed by everything that changes them (data set, split, count, weights)."""
+    run's folder, keyed by everything that changes them (the images' pixels, data set, split, count,
+    weights)."""
     if not (args.fid or args.rfid):
         if args.kid or args.num_samples:
             raise UserError("--kid and --num-samples go with --fid or --rfid; expected one of them too")
         return None
-    from fastvae.fid import FeatureSets, load_inception, real_features_file
+    from fastvae.fid import FeatureSets, load_inception, pixels_digest, real_features_file
 
     if args.num_samples is not None and args.num_samples < 2:
         raise UserError(f"--num-samples {args.num_samples}: expected at least 2")
     inception, sha = load_inception(args.inception_weights or "", vae.device)
-    total = min(split_size, args.max_images or split_size)
-    cache = real_features_file(vae.run_dir, vae.cfg.data, args.split, total, args.binarize, sha)
+    total = min(len(dataset), args.max_images or len(dataset))
+    pixels = pixels_digest(dataset, total, args.binarize, shard, all_gather)
+    cache = real_features_file(vae.run_dir, vae.cfg.data, args.split, total, args.binarize, sha, pixels)
     return FeatureSets(inception, sha, args.fid, args.rfid, args.kid, args.num_samples, args.kid_subsets,
-                       args.kid_subset_size, cache)
+                       args.kid_subset_size, cache, total)
 
 
 def image_lpips(args, vae):
@@ -118,7 +120,8 @@ def main(argv=None) -> dict:
     report = evaluate_model(vae.model, dataset, likelihood, args.iwae_samples, args.chunk,
                             args.max_images, args.binarize, args.seed, progress=True, shard=shard,
                             all_reduce=all_reduce, conditioning=vae.conditioning_for(args.split), quality=quality,
-                            features=fid_features(args, vae, len(dataset)), all_gather=gather_rows if state else None)
+                            features=fid_features(args, vae, dataset, shard, gather_rows if state else None),
+                            all_gather=gather_rows if state else None)
     report.update({"checkpoint": str(vae.path), "split": args.split, "step": vae.meta["step"],
                    "processes": shard[1]})
     if shard[0] != 0:

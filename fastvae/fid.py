@@ -148,11 +148,11 @@ class FeatureSets:
 
     def __init__(self, inception: torch.nn.Module, weights_sha: str, fid: bool = False, rfid: bool = False,
                  kid: bool = False, num_samples: int | None = None, kid_subsets: int = 100,
-                 kid_subset_size: int = 1000, cache_file: Path | None = None) -> None:
+                 kid_subset_size: int = 1000, cache_file: Path | None = None, real_images: int | None = None) -> None:
         self.inception, self.weights_sha = inception, weights_sha
         self.fid, self.rfid, self.kid, self.num_samples = fid, rfid, kid, num_samples
         self.kid_subsets, self.kid_subset_size, self.cache_file = kid_subsets, kid_subset_size, cache_file
-        self.cached_real = read_cached(cache_file)
+        self.cached_real = read_cached(cache_file, real_images)
         self.parts: dict[str, list[torch.Tensor]] = {"real": [], "reconstructions": [], "samples": []}
 
     def add(self, name: str, images: torch.Tensor) -> None:
@@ -183,25 +183,58 @@ class FeatureSets:
         return out
 
 
-def real_features_file(run_dir: Path, data, split: str, images: int, binarize: bool, weights_sha: str) -> Path:
+def real_features_file(run_dir: Path, data, split: str, images: int, binarize: bool, weights_sha: str,
+                       pixels: str) -> Path:
     """Where a split's features are cached in a run's folder (evaluate's and training's): one file per
-    everything that changes them (the data settings that pick and shape the images, the split, how many,
-    binarized or not, the weights), hashed into its name."""
+    everything that changes them (the images themselves: `pixels`, their digest as read; the data
+    settings, the split, how many, binarized or not, the weights), hashed into its name. Images
+    overwritten in place change the digest, so stale features are never read."""
     import json
 
     key = {"data": [data.name, data.root, data.image_size, data.channels, data.center_crop, data.test_fraction,
                     data.split_seed, data.label_attribute, data.test_split],
-           "split": split, "images": images, "binarize": binarize, "weights": weights_sha}
+           "split": split, "images": images, "binarize": binarize, "weights": weights_sha, "pixels": pixels}
     digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
     return Path(run_dir) / "fid_features" / f"real-{digest}.safetensors"
 
 
-def read_cached(path: Path | None) -> torch.Tensor | None:
+@torch.no_grad()
+def pixels_digest(dataset, total: int, binarize: bool, shard=(0, 1), all_gather=None) -> str:
+    """sha256 of the first `total` images of a data set as evaluation reads them (8-bit values, in order),
+    each process digesting its share and the shares' digests joined in rank order."""
+    from torch.utils.data import Subset
+
+    from fastvae.data import in_order_loader
+    from fastvae.evaluation import shard_of
+
+    digest = hashlib.sha256()
+    for x, _, _ in in_order_loader(Subset(dataset, shard_of(total, shard)), 100):
+        x = (x > 0.5).to(x.dtype) if binarize else x
+        digest.update((x * 255).round().to(torch.uint8).contiguous().numpy().tobytes())
+    mine = torch.tensor([list(digest.digest())], dtype=torch.int64)
+    shares = mine if all_gather is None else all_gather(mine)
+    return hashlib.sha256(bytes(shares.flatten().tolist())).hexdigest()
+
+
+def read_cached(path: Path | None, images: int | None = None) -> torch.Tensor | None:
+    """The cached features, checked: a safetensors file holding `features` [images, 2048], finite. A
+    damaged one (cut, NaN, another file) is said in one line and computed again (it is only a cache)."""
     if path is None or not path.is_file():
         return None
     from safetensors.torch import load_file
 
-    return load_file(str(path))["features"].double()
+    try:
+        features = load_file(str(path))["features"]
+        problem = None if features.dim() == 2 and features.shape[1] == FEATURE_DIM and \
+            (images is None or features.shape[0] == images) and torch.isfinite(features).all() else \
+            f"shape {tuple(features.shape)}, expected [{images}, {FEATURE_DIM}] of finite numbers"
+    except Exception as err:  # safetensors' own errors for a file of another kind; KeyError for no features
+        problem = f"unreadable ({type(err).__name__})"
+    if problem is not None:
+        print(f"fastvae: the cached real-image features {path} are damaged ({problem}): computing them again",
+              flush=True)
+        return None
+    return features.double()
 
 
 def write_cached(path: Path, features: torch.Tensor) -> None:

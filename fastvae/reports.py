@@ -143,14 +143,15 @@ def image_quality(model, test_set, cfg: Config, networks: QualityNetworks, out_d
     """eval.metrics of eval.images test images (and as many prior samples), every process its share:
     PSNR always; FID / rFID / KID against the test images' features, cached in out_dir after the first."""
     from fastvae.evaluation import ImageQuality
-    from fastvae.fid import FeatureSets, real_features_file
+    from fastvae.fid import FeatureSets, pixels_digest, real_features_file
 
     metrics, total = set(cfg.eval.metrics), min(cfg.eval.images, len(test_set))
     features = None
     if networks.inception is not None:
-        cache = real_features_file(out_dir, cfg.data, "test", total, False, networks.inception_sha)
+        pixels = pixels_digest(test_set, total, False, shard, all_gather)
+        cache = real_features_file(out_dir, cfg.data, "test", total, False, networks.inception_sha, pixels)
         features = FeatureSets(networks.inception, networks.inception_sha, "fid" in metrics, "rfid" in metrics,
-                               "kid" in metrics, cache_file=cache)
+                               "kid" in metrics, cache_file=cache, real_images=total)
     report = evaluate_model(model, test_set, Likelihood.of_run(cfg.loss), max_images=total, seed=cfg.seed + 2,
                             shard=shard, all_reduce=all_reduce, conditioning=test_conditioning(cfg, test_set),
                             quality=ImageQuality("ssim" in metrics, networks.lpips), features=features,

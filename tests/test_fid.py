@@ -242,3 +242,53 @@ def test_training_metrics_need_their_weights_before_the_run_starts(tmp_path, mon
     assert not (tmp_path / "run").exists()
     with pytest.raises(UserError, match="eval.metrics"):
         train(tiny_config(tmp_path / "run", "eval.fid_every=1", "eval.metrics=[kid]", "train.max_steps=1"))
+
+
+def write_pngs(folder, seed: int) -> None:
+    """2 classes x 8 RGB images of 16 x 16, the same names whatever the seed."""
+    from PIL import Image
+
+    g = torch.Generator().manual_seed(seed)
+    for cls in ("a", "b"):
+        (folder / cls).mkdir(parents=True, exist_ok=True)
+        for i in range(8):
+            pixels = torch.randint(0, 256, (16, 16, 3), dtype=torch.uint8, generator=g)
+            Image.fromarray(pixels.numpy()).save(folder / cls / f"{i}.png")
+
+
+def test_the_real_feature_cache_follows_the_images_and_a_damaged_one_is_computed_again(tmp_path_factory, tmp_path,
+                                                                                       capsys):
+    """Every PNG overwritten (same names, same count): the features are computed again, not read from the
+    cache of the old images; a cache cut to 3 rows, or a file of another kind, is said in one line and
+    replaced, never compared."""
+    from safetensors.torch import load_file, save_file
+
+    from fastvae.checkpoint import list_checkpoints
+    from fastvae.config import load_config
+    from fastvae.evaluate import main
+    from fastvae.train import train
+
+    folder, run = tmp_path / "images", tmp_path / "run"
+    write_pngs(folder, 0)
+    train(load_config("imagefolder", [f"data.root={folder}", "data.image_size=16", "data.batch_size=4",
+                                      "data.test_fraction=0.5", "train.max_steps=1", "train.samples=4",
+                                      "train.mixed_precision=no", f"out_dir={run}"]))
+    ckpt = list_checkpoints(run)[-1]
+    args = ["--checkpoint", str(ckpt), "--fid", "--num-samples", "4", "--inception-weights",
+            inception_weights(tmp_path_factory)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        before = main(args)["fid"]
+        write_pngs(folder, 1)
+        after = main(args)["fid"]
+        caches = sorted((run / "fid_features").glob("real-*.safetensors"), key=lambda p: p.stat().st_mtime)
+        assert after != before and len(caches) == 2
+        newest = caches[-1]
+        save_file({"features": load_file(str(newest))["features"][:3].contiguous()}, str(newest))
+        capsys.readouterr()
+        again = main(args)["fid"]
+        assert f"the cached real-image features {newest} are damaged (shape (3, 2048)" in capsys.readouterr().out
+        newest.write_bytes(b"\x80\x04not a safetensors file")
+        assert main(args)["fid"] == pytest.approx(again, rel=1e-12) == pytest.approx(after, rel=1e-9)
+    assert "are damaged (unreadable" in capsys.readouterr().out
+    assert load_file(str(newest))["features"].shape == (8, 2048)
