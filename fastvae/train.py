@@ -15,7 +15,6 @@ import os
 import signal
 
 from fastvae.config import Config, keys_help, load_config
-from fastvae.distributed import leave_launched_process
 from fastvae.errors import exit_on_user_error
 
 
@@ -45,6 +44,8 @@ def main(argv=None) -> dict:
     result = train(load_config(args.config, args.overrides))
     code = 128 + signal.Signals[result["stopped_by"]].value if result["stopped_by"] else 0
     if code or int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        from fastvae.distributed import leave_launched_process  # (torch: not imported for --help)
+
         leave_launched_process(code)
     return result
 
