@@ -38,6 +38,7 @@ from fastvae.commands import evaluate_parser
 from fastvae.distributed import gather_rows, sum_over_processes
 from fastvae.errors import UserError, exit_on_user_error
 from fastvae.evaluation import ImageQuality, Likelihood, evaluate_model, print_report
+from fastvae.outputs import checked_output, is_evaluation_report
 
 def log_to_wandb(report: dict, vae) -> None:
     """The evaluation as its own W&B run (RUN-eval, job type eval) beside the training run: same
@@ -109,6 +110,8 @@ def main(argv=None) -> dict:
         raise UserError(f"--iwae-samples {args.iwae_samples}: expected 0 to 5000")
     if args.chunk < 1 or not (args.gaussian_var in (None, "fit") or args.gaussian_var > 0) or (args.max_images is not None and args.max_images < 1):
         raise UserError("--chunk, --gaussian-var and --max-images: expected positive values")
+    if args.json:  # before any work: never into a checkpoint, never over another file
+        checked_output(args.json, "--json", "file", is_evaluation_report)
     state = launched_processes(args.device)
     device = args.device if state is None else "cpu" if state.device.type == "cpu" else str(state.device)
     vae = load(args.checkpoint, device, args.overrides, args.trust_model, args.ema)

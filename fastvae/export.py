@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import tempfile
 from pathlib import Path
 
 from fastvae.commands import export_parser
 from fastvae.errors import UserError, exit_on_user_error
+from fastvae.outputs import checked_output
 
 
 @exit_on_user_error
@@ -26,7 +28,7 @@ def main(argv=None) -> Path:
     from fastvae.loading import load
     from fastvae.models.kl_autoencoder import KLAutoencoder, export_diffusers
 
-    out = Path(args.out)
+    out = checked_output(args.out, "--out", "folder")
     if out.exists() and any(out.iterdir()):
         raise UserError(f"--out '{out}' is not empty; expected a new folder (nothing is overwritten)")
     vae = load(args.checkpoint, "cpu", ema=args.ema)
@@ -35,16 +37,44 @@ def main(argv=None) -> Path:
                         f"checkpoint (only diffusers' AutoencoderKL has that format)")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
+    stopped = signal.signal(signal.SIGTERM, _stop)  # a SIGTERM mid-write leaves nothing behind, like Ctrl-C
     try:
         export_diffusers(vae.model, tmp)
-        if out.exists():
-            out.rmdir()
-        os.rename(tmp, out)
+        _share(tmp)
+        _move_into_place(tmp, out)
+    except KeyboardInterrupt:
+        raise SystemExit(f"fastvae: export stopped; {out} was not written") from None
     finally:
+        signal.signal(signal.SIGTERM, stopped)
         shutil.rmtree(tmp, ignore_errors=True)
     weights = "the moving average" if args.ema and (vae.path / EMA_FILE).is_file() else "the trained weights"
     print(f"fastvae: wrote {out} ({weights}; diffusers.AutoencoderKL.from_pretrained reads it)")
     return out
+
+
+def _stop(signum, frame):
+    raise KeyboardInterrupt
+
+
+def _share(folder: Path) -> None:
+    """The user's umask on the folder and its files, as every other output has (mkdtemp makes it 0700)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    folder.chmod(0o777 & ~mask)
+    for f in folder.rglob("*"):
+        f.chmod((0o777 if f.is_dir() else 0o666) & ~mask)
+
+
+def _move_into_place(tmp: Path, out: Path) -> None:
+    """The finished folder renamed to --out, which is absent or empty; another export that got there
+    first is one line."""
+    try:
+        if out.exists():
+            out.rmdir()
+        os.rename(tmp, out)
+    except OSError as err:
+        raise UserError(f"--out '{out}' was written by another export meanwhile ({err.strerror}); expected one "
+                        f"export per folder") from None
 
 
 if __name__ == "__main__":

@@ -30,6 +30,7 @@ from fastvae.loading import LoadedVAE, load
 from fastvae.commands import generate_parser
 from fastvae.conditions import base_dataset, class_index
 from fastvae.errors import UserError, exit_on_user_error
+from fastvae.outputs import checked_output
 from fastvae.sampling import (decode_images, encode_dataset, on_device, prior_samples, reconstruct_images,
                               save_conditional_samples)
 
@@ -312,6 +313,8 @@ def main(argv=None) -> list[Path]:
     args = parse_args(argv)
     if getattr(args, "n", 1) < 1:
         raise UserError(f"--n {args.n}: expected at least 1")
+    if args.out:  # before any work: never into a checkpoint folder
+        checked_output(args.out, "--out", "folder")
     vae = load(args.checkpoint, args.device, args.overrides, args.trust_model, args.ema)
     written = COMMANDS[args.command](vae, args)
     for path in written:

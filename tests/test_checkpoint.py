@@ -476,3 +476,41 @@ def test_a_checkpoint_of_the_previous_main_loads_resumes_and_evaluates(tmp_path,
                                "train.resume=auto", "train.max_steps=3"))
     assert result["step"] == 3
     assert set(read_meta(list_checkpoints(run)[-1])["config"]["disc"]) >= {"weight", "start", "factor", "loss"}
+
+
+# ---------------------------------------------------------------- outputs never go into checkpoints
+
+def test_no_output_goes_into_a_checkpoint_or_over_a_file_it_did_not_write(good_run, tmp_path, capsys):
+    """evaluate --json, generate --out and export --out pointing into a checkpoint (or over a file of
+    another kind, through a link, with a newline) stop before any work, in one line with exit 2; the
+    checkpoint is untouched and still resumes."""
+    from fastvae.evaluate import main as evaluate
+    from fastvae.export import main as export
+    from fastvae.generate import main as generate
+
+    shutil.copytree(good_run, tmp_path / "run")
+    ckpt = list_checkpoints(tmp_path / "run")[-1]
+    before = tree_snapshot(ckpt)
+    (tmp_path / "notes.txt").write_text("mine")
+    (tmp_path / "link").symlink_to(tmp_path / "nowhere")
+    cases = [
+        (evaluate, ["--checkpoint", str(ckpt), "--json", str(ckpt / "model.safetensors")], "is inside the checkpoint"),
+        (evaluate, ["--checkpoint", str(ckpt), "--json", str(ckpt / "eval.json")], "is inside the checkpoint"),
+        (evaluate, ["--checkpoint", str(ckpt), "--json", str(tmp_path / "notes.txt")], "was not written by this"),
+        (evaluate, ["--checkpoint", str(ckpt), "--json", str(tmp_path)], "is a folder; expected a file path"),
+        (generate, ["sample", "--checkpoint", str(ckpt), "--out", str(ckpt)], "is inside the checkpoint"),
+        (generate, ["sample", "--checkpoint", str(ckpt), "--out", str(tmp_path / "notes.txt")], "is a file"),
+        (export, ["--checkpoint", str(ckpt), "--out", str(ckpt / "exported")], "is inside the checkpoint"),
+        (export, ["--checkpoint", str(ckpt), "--out", str(tmp_path / "link")], "is a link"),
+        (export, ["--checkpoint", str(ckpt), "--out", str(tmp_path / "notes.txt" / "x")], "is a file; expected a folder"),
+        (export, ["--checkpoint", str(ckpt), "--out", str(tmp_path / "a\nb")], "without control characters"),
+    ]
+    for command, argv, message in cases:
+        with pytest.raises(SystemExit) as exc:
+            command(argv)
+        err = capsys.readouterr().err.strip()
+        assert exc.value.code == 2 and message in err and len(err.splitlines()) == 1, (argv, err)
+    assert tree_snapshot(ckpt) == before and problem(ckpt) is None
+    report = tmp_path / "eval.json"
+    evaluate(["--checkpoint", str(ckpt), "--max-images", "8", "--json", str(report)])
+    evaluate(["--checkpoint", str(ckpt), "--max-images", "8", "--json", str(report)])  # its own report: replaced

@@ -258,3 +258,26 @@ def test_the_shipped_configs_build_their_models_and_the_cpu_one_trains(tmp_path,
                                                   "data.name=mnist", "data.limit=64", "train.max_steps=2",
                                                   "train.samples=4", f"out_dir={tmp_path / 'run'}"]))
     assert result["step"] == 2
+
+
+def test_export_writes_with_the_users_umask_and_a_stopped_export_leaves_nothing(kl_run, tmp_path, monkeypatch,
+                                                                                  capsys):
+    import fastvae.models.kl_autoencoder as kl_module
+    from fastvae.export import main as export_main
+
+    ckpt = kl_run
+    old = os.umask(0o022)
+    try:
+        out = export_main(["--checkpoint", str(ckpt), "--out", str(tmp_path / "shared")])
+    finally:
+        os.umask(old)
+    assert out.stat().st_mode & 0o777 == 0o755 and (out / "config.json").stat().st_mode & 0o777 == 0o644
+
+    def interrupted(model, folder):  # SIGTERM and Ctrl-C arrive as KeyboardInterrupt mid-write
+        (folder / "config.json").write_text("{}")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(kl_module, "export_diffusers", interrupted)
+    with pytest.raises(SystemExit, match="export stopped"):
+        export_main(["--checkpoint", str(ckpt), "--out", str(tmp_path / "stopped")])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["shared"]  # no hidden temporary folder, no --out

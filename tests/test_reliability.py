@@ -320,3 +320,4 @@ def test_a_frozen_rank_is_named_by_the_survivor_within_the_collective_timeout(tm
     assert any("rank 1 stopped answering: a collective waited 8 s (train.collective_timeout_s)" in line
                for line in errors), output[-3000:]
     assert proc.returncode != 0
+
