@@ -47,6 +47,8 @@ class TrainState:
     global_batch: int | None = None
     ema_updates: int | None = None  # updates the weights' moving average has had (train.ema_decay)
     mlflow_run_id: str | None = None  # logger=mlflow: the MLflow run a resume continues
+    # a checkpoint taken mid-epoch: the epoch's loss sums so far, per rank (Trainer's LossSums.state)
+    epoch_sums: dict | None = None
 
     def rebatch(self, global_batch: int) -> str | None:
         """Continue with global batches of `global_batch` images (another data.batch_size or number
@@ -205,6 +207,8 @@ def _check_meta(meta, where: Path) -> None:
         raise bad("global_batch", "a positive integer or null")
     if meta.get("ema_updates") is not None and (type(meta["ema_updates"]) is not int or meta["ema_updates"] < 0):
         raise bad("ema_updates", "a count or null")
+    if meta.get("epoch_sums") is not None and not _sums_shape(meta["epoch_sums"]):
+        raise bad("epoch_sums", "the epoch's sums so far as fastvae writes them, or null")
     for key in ("wandb_run_id", "mlflow_run_id"):
         if meta.get(key) is not None and not isinstance(meta[key], str):
             raise bad(key, "a string or null")
@@ -225,6 +229,19 @@ def _check_meta(meta, where: Path) -> None:
     if meta.get("format", 1) == 1 and ("sha256" in meta or meta.get("scheduler") is not None):
         raise bad("format", "2 for a manifest with sha256 or the schedule's state (format 1 had neither: a "
                             "fastvae.json edited to skip the hashes is refused)")
+
+
+def _sums_shape(sums) -> bool:
+    """{"terms": [names], "ranks": [[numbers] per rank], "seconds": number}: rows of 4 + 2 x terms."""
+    def number(v):
+        return type(v) in (int, float) and v == v and abs(v) != float("inf")
+
+    if not isinstance(sums, dict) or not isinstance(sums.get("terms"), list) or not isinstance(sums.get("ranks"), list):
+        return False
+    width = 4 + 2 * len(sums["terms"])
+    return (all(isinstance(t, str) for t in sums["terms"]) and 0 < len(sums["ranks"]) <= 2**16
+            and all(isinstance(r, list) and len(r) == width and all(number(v) for v in r) for r in sums["ranks"])
+            and number(sums.get("seconds", 0.0)))
 
 
 def problem(path: str | Path) -> str | None:

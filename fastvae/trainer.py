@@ -80,6 +80,7 @@ class LossSums:
         self.sums, self.images = torch.zeros(3, device=device, dtype=torch.float64), 0
         self.terms: dict[str, torch.Tensor] = {}
         self.term_images: dict[str, int] = {}
+        self.seconds_before = 0.0  # the epoch's seconds before a resume
 
     def add(self, metrics: dict) -> None:
         n = metrics["images"]
@@ -89,13 +90,38 @@ class LossSums:
             self.terms[name] = self.terms.get(name, 0) + value.double() * n
             self.term_images[name] = self.term_images.get(name, 0) + n
 
-    def totals(self, accelerator) -> Totals:
-        """Summed over all ranks: one all-reduce, one host read."""
+    def _local(self) -> tuple[list[str], torch.Tensor]:
+        """This rank's sums as one float64 vector: loss, recon, kl, each term, then the image counts."""
         names = sorted(self.terms)
         device = self.sums.device
         counts = torch.tensor([float(self.images), *(float(self.term_images[k]) for k in names)], device=device,
                               dtype=torch.float64)
-        local = torch.cat([self.sums, torch.stack([self.terms[k] for k in names]) if names else counts[:0], counts])
+        return names, torch.cat([self.sums, torch.stack([self.terms[k] for k in names]) if names else counts[:0],
+                                 counts])
+
+    def state(self, accelerator, seconds: float) -> dict:
+        """Every rank's sums, in rank order (all ranks call this), and the epoch's seconds so far: what a
+        checkpoint taken mid-epoch keeps, so that the resumed epoch's row is the uninterrupted one's."""
+        names, local = self._local()
+        ranks = accelerator.gather(local.unsqueeze(0)).tolist()
+        return {"terms": names, "ranks": ranks, "seconds": seconds}
+
+    def restore(self, state: dict, rank: int, world: int) -> None:
+        """The sums a checkpoint kept: each rank its own when the process count is the same; else all
+        of them on rank 0 (the same totals, summed in another order)."""
+        names, ranks = state["terms"], state["ranks"]
+        mine = ranks[rank] if len(ranks) == world else \
+            [sum(column) for column in zip(*ranks)] if rank == 0 else [0.0] * len(ranks[0])
+        values = torch.tensor(mine, dtype=torch.float64, device=self.sums.device)
+        k = len(names)
+        self.sums, self.images = values[:3].clone(), int(values[3 + k].item())
+        self.terms = {name: values[3 + i].clone() for i, name in enumerate(names)}
+        self.term_images = {name: int(values[4 + k + i].item()) for i, name in enumerate(names)}
+        self.seconds_before = float(state.get("seconds", 0.0))
+
+    def totals(self, accelerator) -> Totals:
+        """Summed over all ranks: one all-reduce, one host read."""
+        names, local = self._local()
         values = accelerator.reduce(local, reduction="sum").tolist()
         sums, term_sums, images, term_images = values[:3], values[3:3 + len(names)], values[3 + len(names)], \
             values[4 + len(names):]
@@ -364,7 +390,8 @@ class Trainer:
         steps, a stop signal or an error."""
         cfg, state = self.cfg, self.state
         while state.epoch < cfg.train.epochs and state.step < self.total_steps:
-            sums, epoch_start = LossSums(self.accelerator.device), time.perf_counter()
+            sums, epoch_start = self._epoch_sums(), time.perf_counter()
+            self.epoch_started = epoch_start
             self.images_since_log, self.log_clock = 0, epoch_start
             self.model.train()
             for batch in self._remaining_batches():
@@ -387,6 +414,15 @@ class Trainer:
             self._end_epoch(sums, time.perf_counter() - epoch_start)
             if self.stop.requested():
                 break
+
+    def _epoch_sums(self) -> LossSums:
+        """The epoch's running sums: empty, or those a checkpoint taken mid-epoch kept."""
+        acc, state = self.accelerator, self.state
+        self.sums = LossSums(acc.device)
+        if state.epoch_sums is not None and state.batch_in_epoch > 0:
+            self.sums.restore(state.epoch_sums, acc.process_index, acc.num_processes)
+        state.epoch_sums = None
+        return self.sums
 
     def _remaining_batches(self):
         """This epoch's batches in its seeded order, without those a resumed run already trained."""
@@ -423,18 +459,20 @@ class Trainer:
         self.log.log_step(values, self.state.step)
 
     def _end_epoch(self, sums: LossSums, elapsed: float) -> None:
-        """Metrics of the epoch (or of its part this run trained), pictures, a checkpoint."""
+        """A complete epoch: its metrics (over all of it, also when a resume split it), pictures, a
+        checkpoint. A stop mid-epoch writes no row: its checkpoint keeps the epoch's sums instead."""
         state, acc = self.state, self.accelerator
-        totals = sums.totals(acc)
         batches = len(self.train_loader)
         complete = state.batch_in_epoch >= batches
-        if totals.images > 0:
-            record = {"epoch": state.epoch + 1 if complete else round(state.epoch + state.batch_in_epoch / batches, 4),
-                      "step": state.step, **totals.means(), "images_per_sec": totals.images / elapsed,
+        totals = sums.totals(acc) if complete else None
+        if complete and totals.images > 0:
+            elapsed += sums.seconds_before
+            record = {"epoch": state.epoch + 1, "step": state.step, **totals.means(),
+                      "images_per_sec": totals.images / elapsed,
                       "lr": self.scheduler.get_last_lr()[0], "skipped_batches": self.guard.skipped}
             record.update(reports.held_out_metrics(self.raw_model, self.test_set, self.cfg, objective=self.objective,
                                                    **self._eval_shard()))
-            if complete and reports.quality_due(self.cfg, state.epoch + 1):
+            if reports.quality_due(self.cfg, state.epoch + 1):
                 record.update(reports.image_quality(self.raw_model, self.test_set, self.cfg, self.quality_networks,
                                                     self.out_dir, **self._eval_shard(), all_gather=gather_rows))
             self.log.log_epoch(record)
@@ -461,6 +499,9 @@ class Trainer:
         saved = dataclasses.replace(self.state)
         if saved.batch_in_epoch >= len(self.train_loader):  # the end of an epoch is the start of the next
             saved.epoch, saved.batch_in_epoch = saved.epoch + 1, 0
+        elif saved.batch_in_epoch > 0 and getattr(self, "sums", None) is not None:  # mid-epoch: its sums so far
+            saved.epoch_sums = self.sums.state(self.accelerator, self.sums.seconds_before +
+                                               time.perf_counter() - self.epoch_started)
         self.last_saved_step = saved.step
         extra = None
         if self.ema is not None:

@@ -514,3 +514,23 @@ def test_no_output_goes_into_a_checkpoint_or_over_a_file_it_did_not_write(good_r
     report = tmp_path / "eval.json"
     evaluate(["--checkpoint", str(ckpt), "--max-images", "8", "--json", str(report)])
     evaluate(["--checkpoint", str(ckpt), "--max-images", "8", "--json", str(report)])  # its own report: replaced
+
+
+def test_a_stopped_and_resumed_run_writes_the_epoch_rows_of_an_uninterrupted_one(tmp_path):
+    """2 epochs of 8 steps, stopped at step 5 (train.max_steps) and resumed: no row for the part before
+    the stop, and epoch 1's row (its loss, recon, kl over all 8 steps, the held-out numbers) is the
+    uninterrupted run's, bit for bit; the checkpoint at the stop holds the epoch's sums so far."""
+    from fastvae.tracking import read_records
+
+    train(tiny_config(tmp_path / "straight", "train.epochs=2"))
+    train(tiny_config(tmp_path / "stopped", "train.epochs=2", "train.max_steps=5"))
+    assert not (tmp_path / "stopped" / "metrics.jsonl").exists()  # no row for a part of an epoch
+    sums = read_meta(list_checkpoints(tmp_path / "stopped")[-1])["epoch_sums"]
+    assert len(sums["ranks"]) == 1 and sums["ranks"][0][3] == 5 * 32  # images so far, one rank
+    train(tiny_config(tmp_path / "stopped", "train.epochs=2", "train.resume=auto"))
+    straight, resumed = read_records(tmp_path / "straight"), read_records(tmp_path / "stopped")
+    assert [r["epoch"] for r in resumed] == [1, 2]
+    for a, b in zip(straight, resumed):
+        for key in a:
+            if key != "images_per_sec":
+                assert a[key] == b[key], key
