@@ -158,7 +158,9 @@ class LossConfig:
     lpips_weights: str = knob("", "the backbone's torchvision weights file (vgg16-397923af.pth or "
                                   "alexnet-owt-7be5be79.pth); empty = the torch hub cache "
                                   "($TORCH_HOME/hub/checkpoints); never downloaded")
-    logvar_init: float = knob(0.0, "loss.objective=ldm: the output log-variance's start (LDM: 0)")
+    logvar_init: float = knob(0.0, "loss.objective=ldm: the output log-variance's start (LDM: 0); within (-30, 30): "
+                                   "beyond, exp(-logvar) under- or overflows the reconstruction term's weight",
+                              above=-30, below=30)
     learn_logvar: bool = knob(False, "loss.objective=ldm: train the log-variance (SD 2 / SGM) instead of keeping "
                                      "it fixed (LDM)")
 

@@ -71,6 +71,21 @@ def launched_processes(device: str | None):
     return PartialState(cpu=device == "cpu" or not torch.cuda.is_available())
 
 
+MAX_SAMPLES = 200_000  # FID's prior samples: 2,048 float64 features each (16 KB), 3.2 GB at this many
+MAX_KID_SUBSETS = 10_000
+
+
+def check_counts(args) -> None:
+    """The FID / KID counts, before any work: each flag named with the range it takes."""
+    if args.num_samples is not None and not 2 <= args.num_samples <= MAX_SAMPLES:
+        raise UserError(f"--num-samples {args.num_samples}: expected 2 to {MAX_SAMPLES:,}")
+    if not 1 <= args.kid_subsets <= MAX_KID_SUBSETS:
+        raise UserError(f"--kid-subsets {args.kid_subsets}: expected 1 to {MAX_KID_SUBSETS:,} (torch-fidelity: 100)")
+    if not 2 <= args.kid_subset_size <= MAX_SAMPLES:
+        raise UserError(f"--kid-subset-size {args.kid_subset_size}: expected 2 to {MAX_SAMPLES:,} (torch-fidelity: "
+                        f"1000)")
+
+
 def fid_features(args, vae, dataset, shard=(0, 1), all_gather=None):
     """--fid / --rfid: the Inception network and what to compare; the real images' features cached in the
     run's folder, keyed by everything that changes them (the images' pixels, data set, split, count,
@@ -81,8 +96,6 @@ def fid_features(args, vae, dataset, shard=(0, 1), all_gather=None):
         return None
     from fastvae.fid import FeatureSets, load_inception, pixels_digest, real_features_file
 
-    if args.num_samples is not None and args.num_samples < 2:
-        raise UserError(f"--num-samples {args.num_samples}: expected at least 2")
     inception, sha = load_inception(args.inception_weights or "", vae.device)
     total = min(len(dataset), args.max_images or len(dataset))
     pixels = pixels_digest(dataset, total, args.binarize, shard, all_gather)
@@ -110,6 +123,7 @@ def main(argv=None) -> dict:
         raise UserError(f"--iwae-samples {args.iwae_samples}: expected 0 to 5000")
     if args.chunk < 1 or not (args.gaussian_var in (None, "fit") or args.gaussian_var > 0) or (args.max_images is not None and args.max_images < 1):
         raise UserError("--chunk, --gaussian-var and --max-images: expected positive values")
+    check_counts(args)
     if args.json:  # before any work: never into a checkpoint, never over another file
         checked_output(args.json, "--json", "file", is_evaluation_report)
     state = launched_processes(args.device)

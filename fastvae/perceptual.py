@@ -58,15 +58,22 @@ def load_lpips(net: str = "vgg", path: str = "") -> torch.nn.Module:
     with warnings.catch_warnings():  # lpips asks torchvision for `pretrained=False`, deprecated there
         warnings.simplefilter("ignore")
         model = lpips.LPIPS(net=net, pretrained=True, pnet_rand=True, verbose=False)
+    if not isinstance(state, dict):
+        raise UserError(f"LPIPS backbone file '{weights}' holds a {type(state).__name__}; expected torchvision's "
+                        f"{BACKBONE_FILES[net]} (a mapping of tensors)")
     backbone = {}
     for key in model.state_dict():
         match = SLICE_KEY.match(key)
         if match:
             source = f"features.{match.group(1)}.{match.group(2)}"
-            if source not in state or state[source].shape != model.state_dict()[key].shape:
+            tensor = state.get(source)
+            if not torch.is_tensor(tensor) or tensor.shape != model.state_dict()[key].shape:
                 raise UserError(f"LPIPS backbone file '{weights}' has no {source} of the {net} backbone's shape; "
                                 f"expected torchvision's {BACKBONE_FILES[net]}")
-            backbone[key] = state[source]
+            if not (tensor.is_floating_point() and torch.isfinite(tensor).all()):
+                raise UserError(f"LPIPS backbone file '{weights}': {source} holds {tensor.dtype} values that are "
+                                f"not all finite floats; expected torchvision's {BACKBONE_FILES[net]}")
+            backbone[key] = tensor
     model.load_state_dict(backbone, strict=False)
     return model.eval().requires_grad_(False)
 

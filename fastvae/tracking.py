@@ -28,9 +28,13 @@ OFFLINE_MODES = ("offline", "dryrun", "disabled")
 
 def read_records(out_dir: str | Path, name: str = METRICS_FILE) -> list[dict]:
     """The records of a run's metrics.jsonl (one per epoch) or steps.jsonl (STEPS_FILE: one per log
-    point), oldest first; a last line cut short by a crash is left out."""
+    point), oldest first; a last line cut short by a crash is left out. A run that has written none
+    (stopped before its first epoch ended) has none."""
     records = []
-    for line in (Path(out_dir) / name).read_text().splitlines():
+    path = Path(out_dir) / name
+    if not path.is_file():
+        return records
+    for line in path.read_text().splitlines():
         try:
             records.append(json.loads(line))
         except json.JSONDecodeError:
@@ -70,9 +74,46 @@ def check_tracker_installed(name: str) -> None:
 
 
 def check_trackers_ready(cfg: Config) -> None:
-    """Every tracker `logger` names installed (and W&B logged in), before anything else runs."""
+    """Every tracker `logger` names installed (and W&B logged in; MLflow's store reachable), before
+    anything else runs."""
     for name in loggers(cfg):
         check_wandb_ready() if name == "wandb" else check_tracker_installed(name)
+        if name == "mlflow":
+            check_mlflow_store(os.environ.get("MLFLOW_TRACKING_URI", ""))
+
+
+MLFLOW_SCHEMES = ("http", "https", "sqlite", "postgresql", "mysql", "mssql", "databricks", "file")
+CONNECT_S = 5
+
+
+def check_mlflow_store(uri: str) -> None:
+    """$MLFLOW_TRACKING_URI as MLflow would use it, checked in seconds (MLflow itself retries an
+    unreachable server for minutes, then raises): a server that answers on its port, a SQLite file whose
+    folder exists, a scheme MLflow knows. Empty: the SQLite store in out_dir."""
+    import socket
+    from urllib.parse import urlparse
+
+    if not uri:
+        return
+    parsed = urlparse(uri)
+    hint = "expected http(s)://HOST:PORT of a running MLflow server, sqlite:///PATH, or unset for out_dir/mlflow.db"
+    if parsed.scheme not in MLFLOW_SCHEMES:
+        raise UserError(f"MLFLOW_TRACKING_URI '{uri}': scheme {parsed.scheme or 'none (a plain path)'!r} is not "
+                        f"one MLflow stores runs with; {hint}")
+    if parsed.scheme in ("http", "https"):
+        port = parsed.port or (443 if parsed.scheme == "https" else 80)
+        try:
+            socket.create_connection((parsed.hostname or "localhost", port), timeout=CONNECT_S).close()
+        except OSError as err:
+            raise UserError(f"MLFLOW_TRACKING_URI '{uri}' cannot be reached ({err.strerror or type(err).__name__} "
+                            f"within {CONNECT_S} s); {hint}") from None
+    if parsed.scheme == "sqlite":
+        folder = Path(parsed.path[1:]).parent  # sqlite:///rel/x.db, sqlite:////abs/x.db
+        if not folder.is_dir():
+            raise UserError(f"MLFLOW_TRACKING_URI '{uri}': the database's folder '{folder}' is not a folder; {hint}")
+    if parsed.scheme == "file" and not os.environ.get("MLFLOW_ALLOW_FILE_STORE"):
+        raise UserError(f"MLFLOW_TRACKING_URI '{uri}': MLflow refuses its file store unless "
+                        f"MLFLOW_ALLOW_FILE_STORE=true; {hint}")
 
 
 class LoggedSteps:

@@ -29,7 +29,8 @@ def test_checkpoints_hold_the_train_state(tmp_path):
     train(tiny_config(out, "train.max_steps=5"))
     meta = read_meta(list_checkpoints(out)[-1])
     assert TrainState.from_meta(meta) == TrainState(step=5, epoch=0, batch_in_epoch=5, wandb_run_id=None,
-                                                    global_batch=32)
+                                                    global_batch=32, epoch_sums=meta["epoch_sums"])
+    assert meta["epoch_sums"]["ranks"][0][3] == 5 * 32  # mid-epoch: the epoch's sums so far
     assert {f.name for f in dataclasses.fields(TrainState)} <= meta.keys()
 
 

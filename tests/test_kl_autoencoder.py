@@ -173,14 +173,30 @@ def bad_folder(tmp_path, case: str):
     elif case == "another class":
         config = json.loads((folder / "config.json").read_text())
         (folder / "config.json").write_text(json.dumps({**config, "_class_name": "UNet2DModel"}))
+    elif case == "a NaN scaling factor":
+        config = json.loads((folder / "config.json").read_text())
+        (folder / "config.json").write_text(json.dumps({**config, "scaling_factor": float("nan")}))
     return folder
+
+
+def bad_lpips(tmp_path, tmp_path_factory, case: str) -> None:
+    """tmp/CASE.pth: the backbone file with NaN weights, int64 weights, or an int where a tensor belongs."""
+    state = torch.load(lpips_weights(tmp_path_factory), weights_only=True)
+    first = "features.0.weight"
+    state[first] = {"nan": state[first] * float("nan"), "int64": state[first].long(), "intdict": 3}[case]
+    torch.save(state, tmp_path / f"{case}.pth")
 
 
 @pytest.mark.parametrize("case, overrides, message", [
     ("only a pickle", ["model.pretrained={folder}"],
      "has no diffusion_pytorch_model.safetensors (only the pickle diffusion_pytorch_model.bin, which is never read"),
     ("another class", ["model.pretrained={folder}"], "holds a 'UNet2DModel'; expected an AutoencoderKL folder"),
-    ("", ["model.pretrained={tmp}/nowhere"], "has no config.json; expected a diffusers AutoencoderKL folder"),
+    ("", ["model.pretrained={tmp}/nowhere"], "/nowhere' not found; expected a diffusers AutoencoderKL folder"),
+    ("a NaN scaling factor", ["model.pretrained={folder}"], "config.json': scaling_factor is not a finite number"),
+    ("", ["loss.logvar_init=1e30"], "config key 'loss.logvar_init': expected a value < 30"),
+    ("nan", ["loss.lpips_weights={tmp}/nan.pth"], "features.0.weight holds torch.float32 values that are not all"),
+    ("int64", ["loss.lpips_weights={tmp}/int64.pth"], "features.0.weight holds torch.int64 values"),
+    ("intdict", ["loss.lpips_weights={tmp}/intdict.pth"], "has no features.0.weight of the vgg backbone's shape"),
     ("", ["loss.lpips_weights={tmp}/none.pth"], "LPIPS's vgg backbone weights not found: expected '"),
     ("", ["model.kwargs.block_out_channels=[8, 16, 16, 16]"], "data.image_size 28x28 is not divisible by the "
                                                                "autoencoder's factor 8"),
@@ -191,7 +207,9 @@ def bad_folder(tmp_path, case: str):
 ])
 def test_bad_autoencoder_input_is_one_line_and_runs_nothing(case, overrides, message, tmp_path, tmp_path_factory,
                                                             capsys):
-    folder = bad_folder(tmp_path, case) if case else tmp_path
+    if case in ("nan", "int64", "intdict"):
+        bad_lpips(tmp_path, tmp_path_factory, case)
+    folder = bad_folder(tmp_path, case) if case and case not in ("nan", "int64", "intdict") else tmp_path
     (tmp_path / "pickled.pth").write_bytes(pickle.dumps(WritesAFileWhenUnpickled(tmp_path / "ran")))
     given = [o.format(folder=folder, tmp=tmp_path) for o in overrides]
     if "model.pretrained" in given[0]:

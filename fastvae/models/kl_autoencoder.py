@@ -99,11 +99,21 @@ def read_folder_config(folder: str | Path) -> dict:
     """A diffusers AutoencoderKL folder's config.json, checked: one line for anything else."""
     folder = Path(folder)
     path = folder / CONFIG_FILE
+    if not folder.is_dir():
+        raise UserError(f"model.pretrained '{folder}' not found; expected a diffusers AutoencoderKL folder "
+                        f"(config.json + {WEIGHTS_FILE})")
     if not path.is_file():
         raise UserError(f"model.pretrained '{folder}' has no {CONFIG_FILE}; expected a diffusers AutoencoderKL "
                         f"folder (config.json + {WEIGHTS_FILE}), e.g. a local copy of stabilityai/sd-vae-ft-mse")
+    if path.stat().st_size > MAX_CONFIG_BYTES:
+        raise UserError(f"model.pretrained '{path}' has {path.stat().st_size:,} bytes; expected diffusers' config "
+                        f"(a few KB, at most {MAX_CONFIG_BYTES:,})")
     config = read_json(path, lambda err: f"model.pretrained '{path}' is not JSON ({type(err).__name__}); expected "
                                          f"diffusers' config")
+    bad = non_finite_key(config)
+    if bad is not None:
+        raise UserError(f"model.pretrained '{path}': {bad} is not a finite number; expected diffusers' config "
+                        f"with finite values")
     if not isinstance(config, dict) or config.get("_class_name") != "AutoencoderKL":
         found = config.get("_class_name") if isinstance(config, dict) else type(config).__name__
         raise UserError(f"model.pretrained '{folder}' holds a {found!r}; expected an AutoencoderKL folder")
@@ -113,6 +123,21 @@ def read_folder_config(folder: str | Path) -> dict:
         raise UserError(f"model.pretrained '{folder}' has no {WEIGHTS_FILE}{why}; expected safetensors weights "
                         f"(diffusers' save_pretrained writes them)")
     return config
+
+
+MAX_CONFIG_BYTES = 1 << 20
+
+
+def non_finite_key(value, where: str = "") -> str | None:
+    """The first key (dotted) whose number is NaN or infinite, anywhere in a JSON value; else None."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return where or "the value"
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, inner in items:
+        found = non_finite_key(inner, f"{where}.{key}" if where else str(key))
+        if found is not None:
+            return found
+    return None
 
 
 def architecture_of(config: dict) -> dict:
