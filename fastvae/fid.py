@@ -51,10 +51,17 @@ def load_inception(path: str = "", device="cpu") -> tuple[torch.nn.Module, str]:
     weights = inception_path(path)
     data = weights.read_bytes()
     try:
-        torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as err:  # pickle's and torch's own types
         raise UserError(f"Inception weights file '{weights}' refused: it is not plain tensors ({type(err).__name__}); "
                         f"expected torch-fidelity's {INCEPTION_FILE}") from None
+    if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
+        raise UserError(f"Inception weights file '{weights}' holds a {type(state).__name__} that is not a mapping of "
+                        f"tensors; expected torch-fidelity's {INCEPTION_FILE}")
+    bad = next((k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()), None)
+    if bad is not None:
+        raise UserError(f"Inception weights file '{weights}': {bad} holds NaN or infinite values; expected "
+                        f"torch-fidelity's {INCEPTION_FILE}")
     try:
         from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
     except ImportError as err:
@@ -65,7 +72,7 @@ def load_inception(path: str = "", device="cpu") -> tuple[torch.nn.Module, str]:
         try:
             model = FeatureExtractorInceptionV3("inception-v3-compat", [str(FEATURE_DIM)],
                                                 feature_extractor_weights_path=str(copy))
-        except RuntimeError as err:  # load_state_dict: missing keys or other shapes
+        except (RuntimeError, KeyError, TypeError, AttributeError) as err:  # load_state_dict: keys, shapes
             raise UserError(f"Inception weights file '{weights}' does not fit Inception-v3 "
                             f"({str(err).splitlines()[0][:100]}); expected torch-fidelity's {INCEPTION_FILE}") from None
     return model.to(device), hashlib.sha256(data).hexdigest()

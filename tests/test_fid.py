@@ -138,6 +138,12 @@ def test_inception_weights_missing_or_holding_code_are_one_line(tmp_path, monkey
     torch.save({"x": torch.zeros(1)}, bad)
     with pytest.raises(UserError, match="does not fit Inception-v3"):
         fid.load_inception(str(bad))
+    torch.save([torch.zeros(1)], bad)
+    with pytest.raises(UserError, match="holds a list that is not a mapping of tensors"):
+        fid.load_inception(str(bad))
+    torch.save({"conv.weight": torch.full((2,), float("nan"))}, bad)
+    with pytest.raises(UserError, match="conv.weight holds NaN or infinite values"):
+        fid.load_inception(str(bad))
 
 
 @pytest.fixture(scope="module")

@@ -173,6 +173,16 @@ def bad_folder(tmp_path, case: str):
     elif case == "another class":
         config = json.loads((folder / "config.json").read_text())
         (folder / "config.json").write_text(json.dumps({**config, "_class_name": "UNet2DModel"}))
+    elif case == "in_channels as text":
+        config = json.loads((folder / "config.json").read_text())
+        (folder / "config.json").write_text(json.dumps({**config, "in_channels": "1"}))
+    elif case == "a tensor of another shape":
+        from safetensors.torch import load_file, save_file
+
+        weights = folder / "diffusion_pytorch_model.safetensors"
+        state = load_file(str(weights))
+        state["decoder.conv_out.weight"] = torch.zeros(1, 2, 3, 3)
+        save_file(state, str(weights))
     elif case == "a NaN scaling factor":
         config = json.loads((folder / "config.json").read_text())
         (folder / "config.json").write_text(json.dumps({**config, "scaling_factor": float("nan")}))
@@ -194,6 +204,11 @@ def bad_lpips(tmp_path, tmp_path_factory, case: str) -> None:
     ("", ["model.pretrained={tmp}/nowhere"], "/nowhere' not found; expected a diffusers AutoencoderKL folder"),
     ("a NaN scaling factor", ["model.pretrained={folder}"], "config.json': scaling_factor is not a finite number"),
     ("", ["loss.logvar_init=1e30"], "config key 'loss.logvar_init': expected a value < 30"),
+    ("", ["model.kwargs.norm_num_groups=0"], "norm_num_groups 0: expected a positive integer"),
+    ("", ["model.kwargs.block_out_channels='32,64'"], "block_out_channels '32,64': expected a list of 1 to 8"),
+    ("in_channels as text", ["model.pretrained={folder}"], "in_channels is '1' (str); expected an integer"),
+    ("a tensor of another shape", ["model.pretrained={folder}"], "decoder.conv_out.weight is [1, 2, 3, 3], the "
+                                                                  "configured AutoencoderKL has"),
     ("nan", ["loss.lpips_weights={tmp}/nan.pth"], "features.0.weight holds torch.float32 values that are not all"),
     ("int64", ["loss.lpips_weights={tmp}/int64.pth"], "features.0.weight holds torch.int64 values"),
     ("intdict", ["loss.lpips_weights={tmp}/intdict.pth"], "has no features.0.weight of the vgg backbone's shape"),

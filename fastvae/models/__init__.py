@@ -111,8 +111,11 @@ def build_model(cfg, trusted: tuple[str, ...] | None = None) -> VAE:
     try:
         model = cls(**kwargs)
     except (TypeError, ValueError) as err:  # unexpected arguments, or values (a size) it cannot take
-        raise UserError(f"model {cfg.model.name}: the constructor rejected {kwargs} ({err}); expected "
-                        f"model.kwargs, data.channels and data.image_size that {cls.__name__} accepts") from None
+        shown = repr(kwargs) if len(repr(kwargs)) <= 160 else repr(kwargs)[:157] + "..."
+        reason = str(err).splitlines()[0][:300] if str(err) else type(err).__name__
+        raise UserError(f"model {cfg.model.name}: the constructor rejected its arguments ({reason}); expected "
+                        f"model.kwargs, data.channels and data.image_size that {cls.__name__} accepts (given "
+                        f"{shown})") from None
     if not isinstance(model, VAE):
         raise UserError(f"model {cfg.model.name}: the constructor did not return a fastvae.VAE")
     condition_dim = len(cfg.model.condition_names) if cfg.model.condition != "none" else 0

@@ -46,6 +46,7 @@ class KLAutoencoder(VAE):
                  block_out_channels: tuple[int, ...] = (64, 128, 128), layers_per_block: int = 1,
                  latent_channels: int = 4, norm_num_groups: int = 32, **diffusers_kwargs) -> None:
         super().__init__()
+        check_architecture(in_channels, block_out_channels, layers_per_block, latent_channels, norm_num_groups)
         levels = len(block_out_channels)
         factor = 2 ** (levels - 1)
         height, width = image_size
@@ -92,6 +93,29 @@ class KLAutoencoder(VAE):
             self.vae.quant_conv.requires_grad_(False)
 
 
+def check_architecture(in_channels, block_out_channels, layers_per_block, latent_channels, norm_num_groups) -> None:
+    """The arguments diffusers would take and then fail on deep inside (a ZeroDivisionError, a message
+    about block types), each named with what it takes: ValueError, one line."""
+    def count(value) -> bool:
+        return type(value) is int and value > 0
+
+    if not (isinstance(block_out_channels, (list, tuple)) and 1 <= len(block_out_channels) <= MAX_LEVELS
+            and all(count(c) for c in block_out_channels)):
+        shown = repr(block_out_channels)
+        raise ValueError(f"block_out_channels {shown if len(shown) < 60 else shown[:57] + '...'}: expected a list of "
+                         f"1 to {MAX_LEVELS} positive channel counts, e.g. [64, 128, 128]")
+    for name, value in (("in_channels", in_channels), ("layers_per_block", layers_per_block),
+                        ("latent_channels", latent_channels), ("norm_num_groups", norm_num_groups)):
+        if not count(value):
+            raise ValueError(f"{name} {value!r}: expected a positive integer")
+    if any(c % norm_num_groups for c in block_out_channels):
+        raise ValueError(f"norm_num_groups {norm_num_groups}: expected a divisor of every block_out_channels "
+                         f"{list(block_out_channels)} (GroupNorm splits each into that many groups)")
+
+
+MAX_LEVELS = 8
+
+
 # ---------------------------------------------------------------- diffusers' folders
 
 
@@ -114,6 +138,10 @@ def read_folder_config(folder: str | Path) -> dict:
     if bad is not None:
         raise UserError(f"model.pretrained '{path}': {bad} is not a finite number; expected diffusers' config "
                         f"with finite values")
+    for key in INTEGER_KEYS:
+        if isinstance(config, dict) and key in config and type(config[key]) is not int:
+            raise UserError(f"model.pretrained '{path}': {key} is {config[key]!r} ({type(config[key]).__name__}); "
+                            f"expected an integer")
     if not isinstance(config, dict) or config.get("_class_name") != "AutoencoderKL":
         found = config.get("_class_name") if isinstance(config, dict) else type(config).__name__
         raise UserError(f"model.pretrained '{folder}' holds a {found!r}; expected an AutoencoderKL folder")
@@ -126,6 +154,7 @@ def read_folder_config(folder: str | Path) -> dict:
 
 
 MAX_CONFIG_BYTES = 1 << 20
+INTEGER_KEYS = ("in_channels", "out_channels", "latent_channels", "layers_per_block", "norm_num_groups", "sample_size")
 
 
 def non_finite_key(value, where: str = "") -> str | None:
@@ -156,14 +185,23 @@ def architecture_of(config: dict) -> dict:
 
 def load_pretrained(model: KLAutoencoder, folder: str | Path) -> None:
     """The folder's safetensors weights into the model's AutoencoderKL (never a pickle)."""
+    from safetensors import safe_open
     from safetensors.torch import load_file
 
     path = Path(folder) / WEIGHTS_FILE
-    try:
-        state = load_file(str(path))
+    expected = {k: tuple(v.shape) for k, v in model.vae.state_dict().items()}
+    try:  # the header first: shapes are checked before gigabytes are read
+        with safe_open(str(path), "pt") as f:
+            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
     except Exception as err:  # safetensors' own error types
         raise UserError(f"model.pretrained file '{path}' is unreadable ({type(err).__name__}); expected safetensors") \
             from None
+    wrong = [k for k in shapes if k in expected and shapes[k] != expected[k]]
+    if wrong:
+        raise UserError(f"model.pretrained file '{path}': {wrong[0]} is {list(shapes[wrong[0]])}, the configured "
+                        f"AutoencoderKL has {list(expected[wrong[0]])} ({len(wrong)} tensor(s) differ); expected the "
+                        f"weights of its own config.json's architecture")
+    state = load_file(str(path))
     missing, unexpected = model.vae.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise UserError(f"model.pretrained '{folder}' does not fit the configured AutoencoderKL (missing "
