@@ -120,3 +120,34 @@ def leave_launched_process(code: int = 0) -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
+
+
+def processes_the_launcher_asked_for() -> int | None:
+    """--num_processes of the `accelerate launch` (or torchrun --nproc_per_node) that started this
+    process, read from the parent's command line (Linux); None when not launched so or unreadable."""
+    try:
+        argv = open(f"/proc/{os.getppid()}/cmdline", "rb").read().decode(errors="replace").split("\0")
+    except OSError:
+        return None
+    if not any(a.endswith(("accelerate", "torchrun")) or a in ("launch",) for a in argv[:4]):
+        return None
+    for flag in ("--num_processes", "--num-processes", "--nproc_per_node", "--nproc-per-node"):
+        for i, arg in enumerate(argv):
+            value = arg.split("=", 1)[1] if arg.startswith(flag + "=") else argv[i + 1] if arg == flag and \
+                i + 1 < len(argv) else None
+            if value is not None and value.isdigit():
+                return int(value)
+    return None
+
+
+def check_launched_processes(num_processes: int) -> None:
+    """A launcher that was asked for N processes and started one (accelerate launch --num_processes 2 on a
+    CPU without --multi_gpu does, silently) is one line, not a run on one process."""
+    from fastvae.errors import UserError
+
+    asked = processes_the_launcher_asked_for()
+    if asked is not None and asked > 1 and num_processes == 1:
+        raise UserError(f"the launcher was asked for --num_processes {asked} and started 1 process (accelerate does "
+                        f"that without --multi_gpu, or with --cpu); expected `accelerate launch --multi_gpu "
+                        f"--num_processes {asked} --num_machines 1 ...` or --config_file "
+                        f"launch/accelerate/cpu_2proc.yaml (docs/scale_out.md)")

@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 
 from fastvae.commands import evaluate_parser
-from fastvae.distributed import gather_rows, sum_over_processes
+from fastvae.distributed import check_launched_processes, gather_rows, sum_over_processes
 from fastvae.errors import UserError, exit_on_user_error
 from fastvae.evaluation import ImageQuality, Likelihood, evaluate_model, print_report
 from fastvae.outputs import checked_output, is_evaluation_report
@@ -64,6 +64,7 @@ def parse_args(argv):
 def launched_processes(device: str | None):
     """accelerate's PartialState when `accelerate launch` started several processes (each then
     evaluates a share), else None. On the CPU (or --device cpu) the processes talk over gloo."""
+    check_launched_processes(int(os.environ.get("WORLD_SIZE", "1")))
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return None
     from accelerate import PartialState
@@ -110,7 +111,8 @@ def image_lpips(args, vae):
         return None
     from fastvae.perceptual import load_lpips
 
-    return load_lpips(vae.cfg.loss.lpips_net, args.lpips_weights or vae.cfg.loss.lpips_weights).to(vae.device)
+    return load_lpips(vae.cfg.loss.lpips_net, args.lpips_weights or vae.cfg.loss.lpips_weights,
+                      "--lpips-weights").to(vae.device)
 
 
 @exit_on_user_error

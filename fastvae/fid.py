@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from fastvae.errors import UserError
-from fastvae.perceptual import hub_checkpoints
+from fastvae.perceptual import hub_checkpoints, weights_file
 
 INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
 INCEPTION_URL = f"https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/{INCEPTION_FILE}"
@@ -33,22 +33,24 @@ FEATURE_DIM = 2048
 UNBIASED_FROM = 2048  # fewer images than feature dimensions: a rank-deficient covariance, FID biased upwards
 
 
-def inception_path(path: str = "") -> Path:
-    """The Inception weights: `path` when given, else the hub cache's copy; missing is one line."""
-    found = Path(path) if path else hub_checkpoints() / INCEPTION_FILE
+def inception_path(path: str = "", flag: str = "--inception-weights") -> Path:
+    """The Inception weights: `path` when given (a file, or a folder holding it), else the hub cache's
+    copy; missing is one line naming the flag (or config key) that gives it."""
+    found = weights_file(path, INCEPTION_FILE, flag) if path else hub_checkpoints() / INCEPTION_FILE
     if not found.is_file():
         where = f"'{found}'" if path else f"{INCEPTION_FILE} in {hub_checkpoints()} (torch's hub cache, $TORCH_HOME)"
         raise UserError(f"FID/KID need torch-fidelity's Inception weights: expected {where}; fastvae never downloads: "
-                        f"copy {INCEPTION_URL} there from a machine with internet, or give --inception-weights PATH")
+                        f"copy {INCEPTION_URL} there from a machine with internet, or give {flag}"
+                        f"{'=' if '.' in flag else ' '}PATH")
     return found
 
 
-def load_inception(path: str = "", device="cpu") -> tuple[torch.nn.Module, str]:
+def load_inception(path: str = "", device="cpu", flag: str = "--inception-weights") -> tuple[torch.nn.Module, str]:
     """(torch-fidelity's frozen Inception-v3 giving 2048 pool features, the weights file's sha256).
 
     The file is read once into memory and checked to hold plain tensors (weights_only); torch-fidelity
     is then given a private copy of those same bytes, so what it unpickles is what was checked."""
-    weights = inception_path(path)
+    weights = inception_path(path, flag)
     data = weights.read_bytes()
     try:
         state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)

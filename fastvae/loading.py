@@ -94,6 +94,17 @@ class LoadedVAE:
         return None if self.conditioning is None else self.conditioning.for_dataset(self.split(split))
 
 
+def newest_if_run_folder(path: Path) -> Path:
+    """A run's folder (out_dir) stands for its newest complete checkpoint, said in one line."""
+    from fastvae.checkpoint import list_checkpoints
+
+    if path.is_dir() and not (path / META_FILE).exists() and list_checkpoints(path):
+        newest = list_checkpoints(path)[-1]
+        print(f"fastvae: {path} is a run's folder: using its newest checkpoint {newest}", flush=True)
+        return newest
+    return path
+
+
 def load(checkpoint: str | Path, device: str | torch.device | None = None, data_overrides=(),
          trust_model: str | tuple[str, ...] = (), ema: bool = True) -> LoadedVAE:
     """Rebuild the model from a checkpoint's stored config, on CUDA when there is one.
@@ -104,5 +115,6 @@ def load(checkpoint: str | Path, device: str | torch.device | None = None, data_
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError(f"device {device}: no CUDA device here; expected --device cpu")
+    checkpoint = newest_if_run_folder(Path(checkpoint))
     model, cfg, meta = load_model(checkpoint, device, trust_model, ema)
     return LoadedVAE(model, override_data(cfg, data_overrides), meta, Path(checkpoint), device)

@@ -29,25 +29,38 @@ def hub_checkpoints() -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints"
 
 
-def backbone_path(net: str, path: str = "") -> Path:
-    """The backbone's weights file: `path` when given, else the torch hub cache's copy; missing is one
-    line naming the file, where it goes and where it comes from."""
+def weights_file(path: str, name: str, flag: str) -> Path:
+    """`path` as a weights file: the file itself, or a folder holding `name` (a folder without it is
+    one line saying a file is expected)."""
+    found = Path(path)
+    if found.is_dir():
+        if not (found / name).is_file():
+            raise UserError(f"{flag} '{path}' is a folder without {name}; expected the file itself or a folder "
+                            f"holding it")
+        return found / name
+    return found
+
+
+def backbone_path(net: str, path: str = "", flag: str = "loss.lpips_weights") -> Path:
+    """The backbone's weights file: `path` when given (a file, or a folder holding it), else the torch hub
+    cache's copy; missing is one line naming the file, where it goes, where it comes from, and the flag
+    (or config key) that gives its path."""
     if net not in BACKBONE_FILES:
         raise UserError(f"config key 'loss.lpips_net': {net!r}; expected one of {', '.join(BACKBONE_FILES)}")
     name = BACKBONE_FILES[net]
-    found = Path(path) if path else hub_checkpoints() / name
+    found = weights_file(path, name, flag) if path else hub_checkpoints() / name
     if not found.is_file():
         where = f"'{found}'" if path else f"{name} in {hub_checkpoints()} (torch's hub cache, $TORCH_HOME)"
         raise UserError(f"LPIPS's {net} backbone weights not found: expected {where}; fastvae never downloads: "
                         f"copy {DOWNLOAD_FROM}{name} there from a machine with internet, or give its path as "
-                        f"loss.lpips_weights")
+                        f"{flag}")
     return found
 
 
-def load_lpips(net: str = "vgg", path: str = "") -> torch.nn.Module:
+def load_lpips(net: str = "vgg", path: str = "", flag: str = "loss.lpips_weights") -> torch.nn.Module:
     """A frozen LPIPS in eval mode (float32): lpips's linear heads, the backbone from `path` or the hub
     cache. Call it on images in [-1, 1]: [B, 3, H, W] -> [B, 1, 1, 1]."""
-    weights = backbone_path(net, path)
+    weights = backbone_path(net, path, flag)
     try:
         state = torch.load(weights, map_location="cpu", weights_only=True)
     except Exception as err:  # pickle's and torch's own types

@@ -118,7 +118,7 @@ class QualityNetworks:
         if metrics & {"fid", "rfid"}:
             from fastvae.fid import load_inception
 
-            inception, sha = load_inception(cfg.eval.inception_weights, device)
+            inception, sha = load_inception(cfg.eval.inception_weights, device, "eval.inception_weights")
         elif "kid" in metrics:
             raise UserError("config key 'eval.metrics': kid is computed beside fid or rfid; expected one of them too")
         if "lpips" in metrics:

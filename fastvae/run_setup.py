@@ -4,6 +4,7 @@ what several runs in one process need. The Trainer (fastvae/trainer.py) calls th
 from __future__ import annotations
 
 import contextlib
+import os
 from datetime import timedelta
 from pathlib import Path
 
@@ -13,6 +14,7 @@ from accelerate.utils import InitProcessGroupKwargs, broadcast_object_list
 
 from fastvae import checkpoint, precision
 from fastvae.config import Config
+from fastvae.distributed import check_launched_processes
 from fastvae.errors import UserError
 from fastvae.run_lock import RunLock
 
@@ -28,11 +30,24 @@ def reset_accelerate_state() -> None:
     PartialState._reset_state()
 
 
+PATH_KEYS = (("loss", "lpips_weights"), ("eval", "inception_weights"), ("model", "pretrained"))
+
+
+def absolute_paths(cfg: Config) -> None:
+    """The files a run reads, as absolute paths: the run's config (and its checkpoints) then work from any
+    folder evaluate or generate is started in."""
+    for section, key in PATH_KEYS:
+        value = getattr(getattr(cfg, section), key)
+        if value:
+            setattr(getattr(cfg, section), key, str(Path(value).expanduser().absolute()))
+
+
 def make_accelerator(cfg: Config) -> tuple[Accelerator, str]:
     """The accelerator, and where its mixed precision came from (fastvae.precision)."""
     # No GPU: the CPU, and gloo when several processes were launched (accelerate would
     # otherwise leave each launched process training alone, each thinking it is rank 0 of 1).
     cpu = cfg.train.cpu or not torch.cuda.is_available()
+    check_launched_processes(int(os.environ.get("WORLD_SIZE", "1")))
     mixed_precision, why = precision.choose(cfg.train.mixed_precision, "cpu" if cpu else "cuda")
     return Accelerator(
         mixed_precision=mixed_precision,  # None: `accelerate launch --mixed_precision` decides

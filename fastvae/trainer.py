@@ -40,7 +40,7 @@ from fastvae.models.sync_batchnorm import convert_sync_batchnorm
 from fastvae.objectives import build_objective
 from fastvae.optim import build_disc_optimizer, build_optimizer, build_scheduler
 from fastvae.ops import select_ops
-from fastvae.run_setup import make_accelerator, prepare_out_dir, removed_if_refused
+from fastvae.run_setup import absolute_paths, make_accelerator, prepare_out_dir, removed_if_refused
 from fastvae.sizes import check_fits, processes_sharing
 from fastvae.stopping import DEFAULT_STOP_SIGNALS, NonFiniteGuard, StopSignal
 from fastvae.tracking import RunLog, check_trackers_ready
@@ -134,6 +134,7 @@ class Trainer:
         (train, test) to train on instead of the ones cfg.data names; any of `stop_signals`
         checkpoints and stops fit() at the next step boundary."""
         check_trackers_ready(cfg)
+        absolute_paths(cfg)  # weights files found from wherever the run's checkpoints are used
         self.cfg, self.stop_signals = cfg, stop_signals or DEFAULT_STOP_SIGNALS
         self.accelerator, self.precision_source = make_accelerator(cfg)
         resolve_pretrained(cfg)  # a diffusers folder's architecture into model.kwargs, before anything is sized

@@ -1,6 +1,7 @@
 """Evaluation against a model whose log-likelihood is known in closed form."""
 
 import json
+import subprocess
 import math
 
 import pytest
@@ -145,6 +146,16 @@ def test_cli_on_a_trained_checkpoint_writes_json(tmp_path, capsys):
         main(["--checkpoint", str(ckpt), "--iwae-samples", "9000"])
     assert exc.value.code == 2
     assert "--iwae-samples 9000: expected 0 to 5000" in capsys.readouterr().err
+    # the run's folder stands for its newest checkpoint, said in one line
+    assert main(["--checkpoint", str(out), "--max-images", "8"])["checkpoint"] == str(ckpt)
+    assert f"{out} is a run's folder: using its newest checkpoint {ckpt}" in capsys.readouterr().out
+    # accelerate launch asked for 2 processes that on a CPU start 1: one line, not a 1-process evaluation
+    from fastvae.launch.processes import accelerate_binary
+
+    proc = subprocess.run([accelerate_binary(), "launch", "--num_processes", "2", "-m", "fastvae.evaluate",
+                           "--checkpoint", str(ckpt), "--max-images", "8"], capture_output=True, text=True,
+                          timeout=120, cwd=tmp_path)
+    assert proc.returncode != 0 and "the launcher was asked for --num_processes 2 and started 1 process" in proc.stderr
 
 
 def test_train_runs_the_final_evaluation(tmp_path):

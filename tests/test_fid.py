@@ -243,8 +243,9 @@ def test_training_metrics_need_their_weights_before_the_run_starts(tmp_path, mon
     from fastvae.train import train
 
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
-    with pytest.raises(UserError, match=fid.INCEPTION_FILE):
+    with pytest.raises(UserError, match=fid.INCEPTION_FILE) as err:
         train(tiny_config(tmp_path / "run", "eval.fid_every=1", "train.max_steps=1"))
+    assert "give eval.inception_weights=PATH" in str(err.value)  # the key, not evaluate's flag
     assert not (tmp_path / "run").exists()
     with pytest.raises(UserError, match="eval.metrics"):
         train(tiny_config(tmp_path / "run", "eval.fid_every=1", "eval.metrics=[kid]", "train.max_steps=1"))

@@ -42,3 +42,28 @@ def test_lpips_weights_come_from_the_torch_hub_cache(tmp_path, tmp_path_factory,
     hub_checkpoints().mkdir(parents=True)
     shutil.copy(lpips_weights(tmp_path_factory), hub_checkpoints())
     assert backbone_path("vgg") == hub_checkpoints() / BACKBONE_FILES["vgg"]
+
+
+def test_a_weights_folder_stands_for_the_file_it_holds_and_a_run_keeps_absolute_paths(tmp_path, tmp_path_factory,
+                                                                                        monkeypatch):
+    """loss.lpips_weights=FOLDER reads FOLDER/vgg16-397923af.pth (a folder without it is one line saying a
+    file is expected); a relative path is kept absolute in the run's config, so evaluating from another
+    folder finds it."""
+    from fastvae.checkpoint import list_checkpoints, read_meta
+    from fastvae.perceptual import load_lpips
+    from fastvae.train import train
+    from helpers import tiny_config
+    from kl_runs import kl_overrides
+
+    folder = tmp_path / "weights"
+    folder.mkdir()
+    shutil.copy(lpips_weights(tmp_path_factory), folder)
+    assert load_lpips("vgg", str(folder)) is not None
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="'.*empty' is a folder without vgg16-397923af.pth; expected the file itself"):
+        load_lpips("vgg", str(tmp_path / "empty"))
+    monkeypatch.chdir(tmp_path)
+    train(tiny_config("run", *kl_overrides(tmp_path_factory, "train.max_steps=1", "disc.weight=0", "disc.start=0"),
+                      "loss.lpips_weights=weights"))
+    saved = read_meta(list_checkpoints(tmp_path / "run")[-1])["config"]["loss"]["lpips_weights"]
+    assert saved == str(folder)
