@@ -663,10 +663,14 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tu
             problem = getattr(err, "problem", None) or "invalid YAML"
             raise UserError(f"config file '{path}'{where}: {problem}; expected valid YAML") from None
         _apply(cfg, mapping)
+    typed = set()
     for text in overrides:
         key, value = parse_override(text)
         _apply(cfg, _nest(key, value))
-    return validate(cfg)
+        typed |= {key, *(f"{key}.{k}" for k in (value if isinstance(value, dict) else {}))}
+    cfg = validate(cfg)
+    cfg.command_line_keys = typed  # (not a field: what the user typed wins over a file, e.g. model.pretrained's)
+    return cfg
 
 
 def override_data(cfg: Config, overrides: list[str] | tuple) -> Config:

@@ -173,6 +173,17 @@ def scalar_config(cfg: Config) -> dict:
     return {k: v if isinstance(v, (int, float, str, bool)) else json.dumps(v) for k, v in flatten(cfg).items()}
 
 
+def tensorboard_hparams(writer, values: dict) -> None:
+    """The config as TensorBoard's hparams, in the run's own event files. SummaryWriter.add_hparams (what
+    accelerate's tracker calls) writes them into a new timestamped subfolder, which TensorBoard lists as
+    one more run, again after every resume."""
+    from torch.utils.tensorboard.summary import hparams
+
+    for summary in hparams(values, {}):
+        writer._get_file_writer().add_summary(summary)
+    writer.flush()
+
+
 def mlflow_tracker(out_dir: Path, run_id: str | None):
     """accelerate's MLflowTracker: $MLFLOW_TRACKING_URI, else a SQLite store in out_dir (MLflow's default
     kind of local store since its file store went into maintenance), artifacts beside it."""
@@ -220,6 +231,8 @@ class RunLog:
         for tracker in self.accelerator.trackers:
             if tracker.name == "wandb":
                 tracker.store_init_configuration(flatten(cfg))
+            elif tracker.name == "tensorboard":
+                tensorboard_hparams(tracker.writer, scalar_config(cfg))
             elif not (tracker.name == "mlflow" and self.mlflow_run_id):  # MLflow's params cannot change on resume
                 tracker.store_init_configuration(scalar_config(cfg))
             if tracker.name == "mlflow":

@@ -412,7 +412,9 @@ class Trainer:
                     self.save()
                 if state.step >= self.total_steps or self.stop.requested(sync=log_point):
                     break
+            bar.set_description("test metrics and pictures")  # (the bar sits at its step meanwhile)
             self._end_epoch(sums, time.perf_counter() - epoch_start)
+            bar.set_description("train")
             if self.stop.requested():
                 break
 
@@ -537,7 +539,10 @@ class Trainer:
         if self.cfg.train.compile:  # what dynamo built in this process: 1 graph and 0 breaks is the goal
             result.update(compile_counts())
         # stop.requested() agrees across ranks (a signal may reach one rank only): all or none evaluate
-        report = self._final_eval() if self.cfg.train.final_eval and not self.stop.requested() else None
+        final_eval = self.cfg.train.final_eval and not self.stop.requested()
+        if final_eval:
+            self.accelerator.print("fastvae: the final evaluation on the test split...", flush=True)
+        report = self._final_eval() if final_eval else None
         if self.accelerator.is_main_process:
             self._final_outputs(result, report)
         self.log.close()
@@ -552,6 +557,8 @@ class Trainer:
             print(f"fastvae: stopped by {self.stop.name} at step {step}; checkpoint {newest}; "
                   f"continue with train.resume=auto", flush=True)
         else:
+            print(f"fastvae: drawing the final pictures (latent means of up to {reports.FINAL_IMAGES:,} test images)...",
+                  flush=True)
             written = reports.write_pictures(self.raw_model, self.test_set, cfg, self.accelerator.device, self.out_dir)
             print(f"fastvae: wrote {', '.join(str(p) for p in written.values())}", flush=True)
             if cfg.wandb.log_checkpoint:

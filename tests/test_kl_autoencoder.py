@@ -16,6 +16,7 @@ from fastvae import losses
 from fastvae.checkpoint import list_checkpoints
 from fastvae.loading import load
 from fastvae.config import load_config
+from fastvae.errors import UserError
 from fastvae.train import main as train_main, train
 from fastvae.run_setup import reset_accelerate_state
 from helpers import ROOT, TINY, assert_same_weights, final_weights, tiny_config
@@ -314,3 +315,22 @@ def test_export_writes_with_the_users_umask_and_a_stopped_export_leaves_nothing(
     with pytest.raises(SystemExit, match="export stopped"):
         export_main(["--checkpoint", str(ckpt), "--out", str(tmp_path / "stopped")])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["shared"]  # no hidden temporary folder, no --out
+
+
+def test_a_pretrained_folders_architecture_wins_over_a_config_file_but_not_over_the_command_line(tmp_path, capsys):
+    """`--config kl_f8`-style: the file's model.kwargs give way to the folder's (said in one line); a
+    key typed on the command line that differs from the folder is refused, naming it."""
+    from fastvae.models.kl_autoencoder import resolve_pretrained
+
+    folder = tmp_path / "folder"
+    diffusers_folder(folder)  # 8 / 16 channels, 4 groups, 2 latent channels
+    config = tmp_path / "big.yaml"
+    config.write_text("model:\n  name: kl_autoencoder\n  kwargs: {block_out_channels: [32, 64], norm_num_groups: 32}\n")
+    cfg = load_config(config, [f"model.pretrained={folder}"])
+    resolve_pretrained(cfg)
+    assert (cfg.model.kwargs["block_out_channels"], cfg.model.kwargs["norm_num_groups"]) == ([8, 16], 4)
+    assert "model.pretrained's architecture replaces the config file's model.kwargs: block_out_channels=[8, 16]" \
+        in capsys.readouterr().out
+    typed = load_config(config, [f"model.pretrained={folder}", "model.kwargs.block_out_channels=[32, 64]"])
+    with pytest.raises(UserError, match="config key 'model.kwargs.block_out_channels': \\[32, 64\\], but"):
+        resolve_pretrained(typed)

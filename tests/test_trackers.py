@@ -23,6 +23,13 @@ def tensorboard_steps(folder, tag: str) -> list[int]:
                   for e in runs.Scalars(run, tag))
 
 
+def tensorboard_runs(folder) -> list[str]:
+    from tensorboard.backend.event_processing.event_multiplexer import EventMultiplexer
+
+    runs = EventMultiplexer().AddRunsFromDirectory(str(folder))
+    return sorted(runs.Runs())
+
+
 def tensorboard_tags(folder) -> dict:
     from tensorboard.backend.event_processing.event_multiplexer import EventMultiplexer
 
@@ -57,6 +64,7 @@ def test_tensorboard_and_mlflow_hold_each_step_once_after_a_resume(tmp_path, mon
     tags = tensorboard_tags(out / "tensorboard")
     assert {"pictures/samples", "pictures/reconstructions", "pictures/latent_scatter"} <= tags["images"]
     assert "hparams" in tags["plugins"]  # the config
+    assert tensorboard_runs(out / "tensorboard") == ["."]  # one run in TensorBoard's list, resumed or not
     client, run = mlflow_run(out)
     assert [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")] == [2, 4, 6, 8, 10, 12, 14, 16]
     assert run.data.params["data.batch_size"] == "32" and run.data.params["model.name"] == "conv_vae"

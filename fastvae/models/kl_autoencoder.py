@@ -218,12 +218,19 @@ def resolve_pretrained(cfg) -> None:
     if config.get("in_channels", 3) != cfg.data.channels:
         raise UserError(f"model.pretrained '{cfg.model.pretrained}' takes {config.get('in_channels', 3)}-channel "
                         f"images; expected data.channels={config.get('in_channels', 3)}")
+    typed = getattr(cfg, "command_line_keys", set())
+    replaced = []
     for key, value in architecture_of(config).items():
         given = cfg.model.kwargs.get(key)
         if given is not None and given != value:
-            raise UserError(f"config key 'model.kwargs.{key}': {given!r}, but model.pretrained's config.json says "
-                            f"{value!r}; expected them equal (or leave it out)")
+            if f"model.kwargs.{key}" in typed:
+                raise UserError(f"config key 'model.kwargs.{key}': {given!r}, but model.pretrained's config.json "
+                                f"says {value!r}; expected them equal (or leave it out)")
+            replaced.append(f"{key}={value!r}")
         cfg.model.kwargs[key] = value
+    if replaced:
+        print(f"fastvae: model.pretrained's architecture replaces the config file's model.kwargs: "
+              f"{', '.join(replaced)[:300]}", flush=True)
 
 
 def export_diffusers(model: KLAutoencoder, out: str | Path) -> Path:
