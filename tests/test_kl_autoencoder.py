@@ -5,6 +5,7 @@ input in one line. (Its loss: tests/test_objectives_ldm.py; the critic, LPIPS: t
 import json
 import os
 import pickle
+import shutil
 import subprocess
 import sys
 
@@ -155,6 +156,10 @@ def test_fine_tuning_from_a_diffusers_folder_then_exporting_round_trips(tmp_path
         by_diffusers = (theirs.decode(theirs.encode(x * 2 - 1).latent_dist.mode()).sample.clamp(-1, 1) + 1) / 2
     assert (by_fastvae - by_diffusers).abs().max() < 1e-5  # measured: ~1e-6 (float32 rounding)
     assert json.loads((tmp_path / "exported" / "config.json").read_text())["scaling_factor"] == 0.5
+    # resuming needs no folder: the checkpoint records the architecture and holds the weights
+    shutil.rmtree(tmp_path / "sd-vae")
+    resumed = train(tiny_config(tmp_path / "ft", *overrides, "train.resume=auto", "train.max_steps=4"))
+    assert resumed["step"] == 4
 
 
 class WritesAFileWhenUnpickled:

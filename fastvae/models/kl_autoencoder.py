@@ -214,6 +214,8 @@ def resolve_pretrained(cfg) -> None:
     without the folder); a key the user set to another value, or another channel count, is one line."""
     if not cfg.model.pretrained:
         return
+    if not Path(cfg.model.pretrained).exists() and from_resumed_checkpoint(cfg):
+        return
     config = read_folder_config(cfg.model.pretrained)
     if config.get("in_channels", 3) != cfg.data.channels:
         raise UserError(f"model.pretrained '{cfg.model.pretrained}' takes {config.get('in_channels', 3)}-channel "
@@ -231,6 +233,29 @@ def resolve_pretrained(cfg) -> None:
     if replaced:
         print(f"fastvae: model.pretrained's architecture replaces the config file's model.kwargs: "
               f"{', '.join(replaced)[:300]}", flush=True)
+
+
+def from_resumed_checkpoint(cfg) -> bool:
+    """Resuming a run whose model.pretrained folder is gone: the checkpoint recorded the architecture
+    (and holds the weights), so it is taken from there and the folder is not needed (said in one line)."""
+    from fastvae.checkpoint import read_meta, resolve_resume
+    from fastvae.config import from_dict
+
+    if not cfg.train.resume:
+        return False
+    try:
+        found = resolve_resume(cfg.train.resume, cfg.out_dir, announce=lambda *_: None)
+    except UserError:
+        return False
+    if found is None:
+        return False
+    saved = from_dict(read_meta(found)["config"]).model.kwargs
+    typed = getattr(cfg, "command_line_keys", set())
+    cfg.model.kwargs = {**saved, **{k: v for k, v in cfg.model.kwargs.items() if f"model.kwargs.{k}" in typed}}
+    print(f"fastvae: model.pretrained '{cfg.model.pretrained}' is not here; resuming {found}, whose config records "
+          f"the architecture and whose weights replace the folder's", flush=True)
+    cfg.model.pretrained = ""  # (the checkpoint's weights are loaded over the model anyway)
+    return True
 
 
 def export_diffusers(model: KLAutoencoder, out: str | Path) -> Path:
