@@ -46,7 +46,7 @@ TRACKERS = ("wandb", "tensorboard", "mlflow")  # logger=...: accelerate's tracke
 # Image shapes fixed by a dataset's files: the one place these rules live. (The models take any
 # size; what a size cannot do is the model's dry forward at set-up: fastvae.models.check_model.)
 DATASET_CHANNELS_AND_SIZE = {"mnist": (1, 28), "fashion_mnist": (1, 28)}
-BUILT_IN_MODELS = ("conv_vae", "dfc_vae", "kl_autoencoder")
+BUILT_IN_MODELS = ("conv_vae", "dfc_vae", "kl_autoencoder", "vq_autoencoder")
 # A user's model: `package.module:ClassName`, importable from where training runs.
 IMPORT_PATH = re.compile(r"^[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*:[A-Za-z_][\w]*$")
 
@@ -166,6 +166,30 @@ class LossConfig:
 
 
 @dataclass
+class QuantizerConfig:
+    kind: Literal["none", "vq", "fsq", "lfq"] = knob(
+        "none", "a tokenizer's quantizer (model.name=vq_autoencoder, or your model taking `quantizer`): vq (nearest "
+                "code, VQ-VAE), fsq (finite scalar quantization), lfq (lookup-free, MAGVIT-v2); none: the Gaussian "
+                "latent (docs/tokenizers.md)", resume="must_match")
+    codebook_size: int = knob(1024, "vq: codes K", resume="must_match")
+    code_dim: int = knob(0, "vq: the lookup's dimension (a low-dimensional projection, e.g. 8); 0 = the latent's "
+                            "channels", at_least=0, resume="must_match")
+    l2: bool = knob(False, "vq: l2-normalized codes and inputs (cosine lookup, ViT-VQGAN / LlamaGen)",
+                    resume="must_match")
+    commitment: float = knob(0.25, "vq / lfq: weight of the commitment term ||z - sg(e)||^2", at_least=0)
+    ema_decay: float = knob(0.0, "vq: the codebook as an exponential moving average of its vectors (VQ-VAE-2: 0.99); "
+                                 "0 = a learned codebook", at_least=0, below=1, resume="must_match")
+    restart_after: int = knob(0, "vq: a code unused for this many steps takes a vector of the global batch; 0 = off",
+                              at_least=0)
+    levels: list[int] = knob(doc="fsq: levels per latent channel, e.g. [8, 5, 5, 5] (1,000 codes)", factory=list,
+                             resume="must_match")
+    entropy_weight: float = knob(0.1, "lfq: weight of the entropy penalty (per-code entropy minus the global "
+                                      "batch's)", at_least=0)
+    temperature: float = knob(0.01, "lfq: the code distribution's temperature in the entropy penalty", above=0)
+    allow_large: bool = knob(False, "lfq: allow more than 30 bits (2^30 codes)")
+
+
+@dataclass
 class DiscConfig:
     weight: float = knob(0.0, "loss.objective=ldm: weight of the adversarial term, times LDM's adaptive weight "
                               "||grad NLL|| / ||grad G|| at the decoder's last layer (LDM: 0.5); 0 = no "
@@ -277,6 +301,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
+    quantizer: QuantizerConfig = field(default_factory=QuantizerConfig)
     disc: DiscConfig = field(default_factory=DiscConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -498,6 +523,12 @@ def _check_model(cfg: Config) -> None:
     if cfg.model.name not in BUILT_IN_MODELS and not IMPORT_PATH.match(cfg.model.name):
         raise UserError(f"config key 'model.name': expected {' or '.join(BUILT_IN_MODELS)} or an import path "
                         f"package.module:ClassName, got {cfg.model.name!r}")
+    if cfg.model.name == "vq_autoencoder" and cfg.quantizer.kind == "none":
+        raise UserError("config key 'quantizer.kind': model.name=vq_autoencoder is a tokenizer; expected vq, fsq or "
+                        "lfq")
+    if cfg.quantizer.kind != "none" and cfg.model.name in ("conv_vae", "dfc_vae", "kl_autoencoder"):
+        raise UserError(f"config key 'quantizer.kind': {cfg.model.name} has a Gaussian latent; expected "
+                        f"quantizer.kind=none, or model.name=vq_autoencoder (or your model taking `quantizer`)")
     if cfg.model.condition == "attributes" and cfg.data.name != "celeba":
         raise UserError(f"config key 'model.condition': data.name={cfg.data.name} has no attributes; expected "
                         f"model.condition=labels (or data.name=celeba for attributes)")

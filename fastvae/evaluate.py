@@ -131,6 +131,9 @@ def main(argv=None) -> dict:
     state = launched_processes(args.device)
     device = args.device if state is None else "cpu" if state.device.type == "cpu" else str(state.device)
     vae = load(args.checkpoint, device, args.overrides, args.trust_model, args.ema)
+    if args.iwae_samples and vae.model.bottleneck() is not None:
+        raise UserError(f"--iwae-samples {args.iwae_samples}: {vae.cfg.model.name} is a tokenizer (a discrete latent), "
+                        f"which has no importance-weighted bound; expected 0")
     variance = {None: "run", "fit": None}.get(args.gaussian_var, args.gaussian_var)  # not given; fitted; a number
     likelihood = Likelihood.of_run(vae.cfg.loss, variance)
     shard, all_reduce = ((state.process_index, state.num_processes), sum_over_processes) if state else ((0, 1), None)

@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 from fastvae import losses, noise
 from fastvae.data import in_order_loader
 from fastvae.errors import UserError
+from fastvae.sampling import latent_posterior, random_latents
 
 ACTIVE_UNIT_THRESHOLD = 0.01  # Burda et al.: Cov_x(E_q[z_u]) > 0.01
 SAMPLE_STREAM = 2**31 - 1  # the noise stream of FID's prior samples (IWAE's draws use streams 0..K)
@@ -182,7 +183,9 @@ def add_sample_features(model, dataset, total: int, features, seed: int, batch_s
         ids = torch.tensor(positions[done:done + len(sample_ids)], device=device)
         c = None if conditioning is None else conditioning.of_batch(torch.as_tensor(labels).to(device),
                                                                       torch.as_tensor(sample_ids).to(device))
-        z = eval_noise(seed, ids, model.latent_dim, SAMPLE_STREAM)
+        z = eval_noise(seed, ids, model.latent_dim, SAMPLE_STREAM) if model.bottleneck() is None else \
+            torch.cat([random_latents(model, 1, torch.Generator().manual_seed(seed * 1_000_003 + int(i)))
+                       for i in ids]).to(device)  # sample i's codes keyed by i: any split draws the same
         features.add("samples", model.images(model.decode_with(z.to(dtype), c).double()))
         done += len(ids)
         bar.update(len(ids) * shard[1])
@@ -218,14 +221,20 @@ def evaluate_sums(model, dataset, likelihood: Likelihood, iwae_samples: int, chu
         if binarize:
             x = (x > 0.5).to(x.dtype)
         c = None if conditioning is None else conditioning.of_batch(torch.as_tensor(labels).to(device), sample_ids)
-        mu, logvar = (t.double() for t in model.encode_with(x, c))
-        z = losses.reparameterize(mu, logvar, eval_noise(seed, sample_ids, mu.shape[1], 0))
+        mu, logvar = latent_posterior(model, x, c)
+        mu = mu.double()
+        if logvar is None:  # a tokenizer: its quantized latent, no KL
+            z, kl_per_dim = mu, torch.zeros_like(mu)
+        else:
+            logvar = logvar.double()
+            z = losses.reparameterize(mu, logvar, eval_noise(seed, sample_ids, mu.shape[1], 0))
+            kl_per_dim = losses.kl_divergence_per_dim(mu, logvar)
         recon = -likelihood.log_prob(model.decode_with(z.to(dtype), c), x, model.images)
         images = model.images(model.decode_with(mu.to(dtype), c).double())
         sq_err = (images - x.double()).pow(2).flatten(1).sum(1)
         iwae = (iwae_bound(model, x, likelihood, iwae_samples, chunk, seed, sample_ids, c) if iwae_samples
                 else torch.zeros(len(x), dtype=torch.float64, device=device))
-        sums.add(recon, losses.kl_divergence_per_dim(mu, logvar), iwae, sq_err, mu, *quality.measure(images, x))
+        sums.add(recon, kl_per_dim, iwae, sq_err, mu, *quality.measure(images, x))
         if features is not None:
             features.add("real", x)
             features.add("reconstructions", images)

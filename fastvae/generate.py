@@ -31,7 +31,7 @@ from fastvae.commands import generate_parser
 from fastvae.conditions import base_dataset, class_index
 from fastvae.errors import UserError, exit_on_user_error
 from fastvae.outputs import checked_output
-from fastvae.sampling import (decode_images, encode_dataset, on_device, prior_samples, reconstruct_images,
+from fastvae.sampling import (decode_images, encode_dataset, latent_posterior, prior_samples, reconstruct_images,
                               save_conditional_samples)
 
 __all__ = ["LoadedVAE", "load", "sample", "images_at", "reconstruct", "encode", "encode_split", "interpolate",
@@ -78,7 +78,7 @@ def reconstruct(vae: LoadedVAE, images: torch.Tensor, condition: torch.Tensor | 
 @torch.no_grad()
 def encode(vae: LoadedVAE, images: torch.Tensor, condition: torch.Tensor | None = None) -> torch.Tensor:
     images = images.to(vae.device)
-    mu, _ = vae.model.encode_with(images, on_device(condition, images))
+    mu, _ = latent_posterior(vae.model, images, condition)
     return mu.float()
 
 

@@ -52,9 +52,14 @@ def objective_test_loss(model, objective, test_set, cfg: Config, max_images: int
     beta = torch.tensor(cfg.loss.beta, device=device)
     for x, _, ids in in_order_loader(Subset(test_set, shard_of(total, shard)), 100):
         x, ids = x.to(device), torch.as_tensor(ids).to(device)
-        mu, logvar = (t.float() for t in model.encode_with(x))
-        z = losses.reparameterize(mu, logvar, eval_noise(cfg.seed + 1, ids, mu.shape[1], 0).float())
-        latent = Latent(z, losses.kl_divergence(mu, logvar), {}, (mu, logvar))
+        encoded = model.encode_with(x)
+        if model.bottleneck() is not None:  # a tokenizer: its quantizer (in eval mode: no state changes)
+            latent = model.bottleneck()(encoded)
+            z = latent.z
+        else:
+            mu, logvar = (t.float() for t in encoded)
+            z = losses.reparameterize(mu, logvar, eval_noise(cfg.seed + 1, ids, mu.shape[1], 0).float())
+            latent = Latent(z, losses.kl_divergence(mu, logvar), {}, (mu, logvar))
         step = objective(model, x, latent, model.decode_with(z), beta)
         sums += torch.stack([step.loss.double() * len(x), torch.tensor(float(len(x)), device=device)])
     if all_reduce is not None:

@@ -25,11 +25,29 @@ def on_device(condition: torch.Tensor | None, like: torch.Tensor) -> torch.Tenso
     return None if condition is None else condition.to(like.device)
 
 
+def latent_posterior(model, x: torch.Tensor, condition: torch.Tensor | None = None):
+    """(mean, logvar) of each image's latent [B, latent_dim]: the Gaussian posterior; for a tokenizer
+    (a model that owns its quantizer) its quantized latent and None (a point: no variance, no KL)."""
+    encoded = model.encode_with(x, on_device(condition, x))
+    if model.bottleneck() is not None:
+        return model.bottleneck()(encoded).z.flatten(1), None
+    return encoded
+
+
+def random_latents(model, n: int, generator: torch.Generator) -> torch.Tensor:
+    """n latents [n, latent_dim] from the prior: z ~ N(0, I); a tokenizer's uniformly random codes."""
+    quantizer = model.bottleneck()
+    if quantizer is None:
+        return torch.randn(n, model.latent_dim, generator=generator)
+    indices = torch.randint(quantizer.codebook_size, (n, *model.latent_shape[1:]), generator=generator)
+    return quantizer.decode_indices(indices.to(next(model.parameters()).device)).flatten(1).cpu()
+
+
 @torch.no_grad()
 def prior_samples(model, n: int, seed: int = 0, device="cpu", condition: torch.Tensor | None = None) -> torch.Tensor:
     """n images decoded from z ~ N(0, I), drawn from a seeded generator (the same for any device);
     a conditional model's condition [n, C] (or [C] for all of them)."""
-    z = torch.randn(n, model.latent_dim, generator=torch.Generator().manual_seed(seed)).to(device)
+    z = random_latents(model, n, torch.Generator().manual_seed(seed)).to(device)
     if condition is not None and condition.dim() == 1:
         condition = condition.expand(n, -1)
     return decode_images(model, z, condition)
@@ -38,7 +56,7 @@ def prior_samples(model, n: int, seed: int = 0, device="cpu", condition: torch.T
 @torch.no_grad()
 def reconstruct_images(model, images: torch.Tensor, condition: torch.Tensor | None = None) -> torch.Tensor:
     """Decoded from the posterior mean (z = mu): the deterministic reconstruction."""
-    mu, _ = model.encode_with(images, on_device(condition, images))
+    mu, _ = latent_posterior(model, images, condition)
     return decode_images(model, mu, condition)
 
 
@@ -53,7 +71,7 @@ def encode_dataset(model, dataset, device="cpu", max_images: int | None = None,
             x, y, ids = x[: max_images - seen], y[: max_images - seen], ids[: max_images - seen]
         x = x.to(device)
         c = None if conditioning is None else conditioning.of_batch(torch.as_tensor(y), torch.as_tensor(ids))
-        mu, _ = model.encode_with(x, on_device(c, x))
+        mu, _ = latent_posterior(model, x, c)
         mus.append(mu.float().cpu())
         labels.append(y)
         seen += len(x)

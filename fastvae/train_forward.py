@@ -34,8 +34,10 @@ class TrainForward(nn.Module):
         encoded = self.model.encode_with(x, condition)
         latent = self.bottleneck(encoded, noise_key, samples)
         repeated = condition if condition is None or samples == 1 else condition.repeat(samples, 1)
-        output = self.model.decode_with(latent.z.to(encoded[0].dtype), repeated)
-        return self.objective(self.model, x, latent, output, beta, capacity, critic)
+        dtype = encoded[0].dtype if isinstance(encoded, (tuple, list)) else encoded.dtype
+        output = self.model.decode_with(latent.z.to(dtype), repeated)
+        step = self.objective(self.model, x, latent, output, beta, capacity, critic)
+        return step._replace(terms={**latent.terms, **step.terms}) if latent.terms else step  # (usage, perplexity)
 
     # the state is the model's, under its own names (checkpoints of fastvae.VAE models load as they are)
     def state_dict(self, *args, **kwargs):

@@ -192,7 +192,8 @@ class Trainer:
         self.objective = build_objective(cfg, self.ops.recon_loss, len(self.train_set), acc.num_processes,
                                          acc.device, compiled=cfg.train.compile)
         self.objective.prepare(model)  # before DDP: which parameters train is fixed when it wraps them
-        forward = TrainForward(model, build_bottleneck(self.ops), self.objective)
+        bottleneck = model.bottleneck() or build_bottleneck(self.ops)  # a tokenizer's quantizer, or the Gaussian
+        forward = TrainForward(model, bottleneck, self.objective)
         if cfg.train.compile:  # in place; DDP then wraps the compiled module: one graph from images to
             # loss, DDP's own Python outside it (compiling through DDP broke the graph in its _pre_forward logger)
             forward.compile(mode=None if cfg.train.compile_mode == "default" else cfg.train.compile_mode)

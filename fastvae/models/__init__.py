@@ -6,6 +6,7 @@ no pickled code is ever read to make one.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import inspect
 import os
@@ -21,10 +22,11 @@ from fastvae.models.base import VAE
 from fastvae.models.conv_vae import ConvVAE
 from fastvae.models.dfc_vae import DFCVAE
 from fastvae.models.kl_autoencoder import KLAutoencoder
+from fastvae.models.vq_autoencoder import VQAutoencoder
 
-__all__ = ["VAE", "ConvVAE", "DFCVAE", "KLAutoencoder", "build_model", "model_class", "check_model"]
+__all__ = ["VAE", "ConvVAE", "DFCVAE", "KLAutoencoder", "VQAutoencoder", "build_model", "model_class", "check_model"]
 
-BUILT_IN = {"conv_vae": ConvVAE, "dfc_vae": DFCVAE, "kl_autoencoder": KLAutoencoder}
+BUILT_IN = {"conv_vae": ConvVAE, "dfc_vae": DFCVAE, "kl_autoencoder": KLAutoencoder, "vq_autoencoder": VQAutoencoder}
 DRY_RUN_IMAGES = 2
 
 
@@ -83,8 +85,10 @@ def _data_kwargs(cls: type, cfg) -> dict:
     offered = {"in_channels": cfg.data.channels, "image_size": image_hw(cfg.data), "latent_dim": cfg.model.latent_dim}
     if cls is DFCVAE:
         offered["dropout"] = cfg.model.dropout
-    if cls is KLAutoencoder:  # its latent is latent_channels x h x w (model.kwargs), not model.latent_dim
+    if cls in (KLAutoencoder, VQAutoencoder):  # latent_channels x h x w (model.kwargs), not model.latent_dim
         del offered["latent_dim"]
+    if cfg.quantizer.kind != "none":  # a tokenizer's quantizer, which the model owns (its codebook is model state)
+        offered["quantizer"] = {**dataclasses.asdict(cfg.quantizer), "seed": cfg.seed}
     params = inspect.signature(cls.__init__).parameters
     takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
     if cfg.model.condition != "none":
@@ -135,7 +139,11 @@ def check_model(model: VAE, name: str, channels: int, height: int, width: int, c
             x = torch.rand(DRY_RUN_IMAGES, *shape, generator=torch.Generator().manual_seed(0))
             condition = torch.zeros(DRY_RUN_IMAGES, condition_dim) if condition_dim else None
             encoded = model.encode_with(x, condition)
-            mu, logvar = _pair(encoded, name)
+            if model.bottleneck() is not None:  # a tokenizer: encode gives z_e, its quantizer snaps it
+                mu = model.bottleneck()(encoded).z.flatten(1)
+                logvar = mu
+            else:
+                mu, logvar = _pair(encoded, name)
             logits = model.decode_with(mu, condition)
     except UserError:
         raise

@@ -70,6 +70,11 @@ class VAE(nn.Module):
         (disc.weight > 0); None: this model cannot be trained against a discriminator."""
         return None
 
+    def bottleneck(self) -> nn.Module | None:
+        """The latent bottleneck the model owns (a tokenizer's quantizer, fastvae/quantizers.py: its codebook
+        is part of the model); None: encode gives (mu, logvar) and the run's Gaussian bottleneck samples."""
+        return None
+
     def output_logvar(self) -> torch.nn.Parameter | None:
         """The decoder's one output log-variance that LDM's loss learns or holds (loss.objective=ldm);
         None: the model has none."""

@@ -1,0 +1,76 @@
+"""The tokenizer model (fastvae/models/vq_autoencoder.py) trained end to end: its quantizer's state
+(codebook, EMA sums, usage window, restart generator) resumes exactly and is what one process holds on
+2 processes; evaluation and pictures work on its discrete latent; bad settings are one line."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from fastvae.config import load_config
+from fastvae.errors import UserError
+from fastvae.tracking import read_records
+from fastvae.train import train
+from helpers import ROOT, TINY, assert_same_weights, final_weights, tiny_config
+
+pytest.importorskip("diffusers")
+
+TOKENIZER = ["model.name=vq_autoencoder", "loss.recon=mse",
+             "model.kwargs={block_out_channels: [8, 16], norm_num_groups: 4, latent_channels: 4, "
+             "mid_block_add_attention: false}"]
+QUANTIZERS = {
+    "vq_l2_lowdim_ema_restart": ["quantizer.kind=vq", "quantizer.codebook_size=64", "quantizer.code_dim=2",
+                                 "quantizer.l2=true", "quantizer.ema_decay=0.9", "quantizer.restart_after=2"],
+    "fsq": ["quantizer.kind=fsq", "quantizer.levels=[5, 5, 3, 3]"],
+    "lfq": ["quantizer.kind=lfq", "quantizer.entropy_weight=0.1", "quantizer.temperature=0.5"],
+}
+
+
+@pytest.mark.parametrize("name", list(QUANTIZERS))
+def test_a_tokenizer_trains_logs_its_codes_and_resumes_exactly(tmp_path, name):
+    """2 epochs straight vs stopped at step 5 and resumed: the same weights and codebook state, bit for bit
+    (the state is the model's: model.safetensors); the epoch rows carry usage and perplexity."""
+    common = [*TOKENIZER, *QUANTIZERS[name], "train.epochs=2"]
+    train(tiny_config(tmp_path / "straight", *common))
+    train(tiny_config(tmp_path / "stopped", *common, "train.max_steps=5"))
+    train(tiny_config(tmp_path / "stopped", *common, "train.resume=auto"))
+    straight = final_weights(tmp_path / "straight")
+    assert_same_weights(final_weights(tmp_path / "stopped"), straight)
+    assert any(key.startswith("quantizer.") for key in straight) or name in ("fsq", "lfq")  # (no state)
+    record = read_records(tmp_path / "straight")[-1]
+    assert 0 < record["usage"] <= 1 and record["perplexity"] >= 1 and record["test_kl"] == 0.0
+    assert (tmp_path / "straight" / "samples.png").is_file() and (tmp_path / "straight" / "reconstructions.png").is_file()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name, steps", [("vq_l2_lowdim_ema_restart", 2), ("lfq", 6)])
+def test_two_processes_train_the_tokenizer_one_process_trains(tmp_path, name, steps):
+    """EMA + restart (candidates from the gathered global batch, a restart at step 2) and LFQ's batch
+    entropy through the whole training path: 2 x 16 equals 1 x 32 (losses, final weights, codebook and
+    EMA sums, loss_compare). The VQ run stops at 2 steps: after that, float32 rounding that Adam has
+    amplified in the weights flips a nearest code now and then (a whole vector moves between two EMA
+    sums); the exact check of every state update is tests/test_quantizers.py's, in float64."""
+    out = tmp_path / "lc"
+    cmd = [sys.executable, str(ROOT / "tools" / "loss_compare.py"), "--config", "mnist", "--nproc", "2", "--steps",
+           str(steps),
+           "--assert-equal", "--out", str(out), "--timeout", "300", *TINY, *TOKENIZER, *QUANTIZERS[name]]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    summary = json.loads((out / "2x16" / "summary.json").read_text())
+    assert summary["ranks_agree"] is True
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["model.name=vq_autoencoder"], "'quantizer.kind': model.name=vq_autoencoder is a tokenizer"),
+    (["quantizer.kind=vq"], "'quantizer.kind': conv_vae has a Gaussian latent"),
+    ([*TOKENIZER, "quantizer.kind=vq", "quantizer.codebook_size=1"], "codebook_size 1: expected at least 2 codes"),
+    ([*TOKENIZER, "quantizer.kind=fsq", "quantizer.levels=[8, 1, 5, 5]"], "each at least 2"),
+    ([*TOKENIZER, "quantizer.kind=vq", "quantizer.code_dim=9"], "code_dim 9: expected 1 to the latent's 4"),
+    ([*TOKENIZER, "quantizer.kind=lfq", "quantizer.entropy_weight=-1"], "'quantizer.entropy_weight': expected a "
+                                                                         "value >= 0"),
+])
+def test_bad_tokenizer_settings_are_one_line(tmp_path, overrides, message):
+    with pytest.raises(UserError, match=message):
+        train(load_config("mnist", [*TINY, *overrides, "train.max_steps=1", f"out_dir={tmp_path / 'run'}"]))
+    assert not (tmp_path / "run" / "checkpoints").exists()
