@@ -17,7 +17,9 @@ from tqdm.auto import tqdm
 from fastvae import losses, noise
 from fastvae.data import in_order_loader
 from fastvae.errors import UserError
-from fastvae.sampling import latent_posterior, random_latents
+from fastvae.sampling import random_latents
+
+MAX_COUNTED_CODES = 1 << 20  # a tokenizer's code counts over an evaluation, when the codebook is at most this big
 
 ACTIVE_UNIT_THRESHOLD = 0.01  # Burda et al.: Cov_x(E_q[z_u]) > 0.01
 SAMPLE_STREAM = 2**31 - 1  # the noise stream of FID's prior samples (IWAE's draws use streams 0..K)
@@ -117,15 +119,21 @@ class EvalSums:
 
     SCALARS = ("recon", "kl", "iwae", "sq_err", "images", "ssim", "lpips")
 
-    def __init__(self, latent_dim: int, device) -> None:
-        self.d = latent_dim
-        self.values = torch.zeros(len(self.SCALARS) + 3 * latent_dim, dtype=torch.float64, device=device)
+    def __init__(self, latent_dim: int, device, codes: int = 0) -> None:
+        self.d, self.codes = latent_dim, codes  # codes: a tokenizer's codebook size (its usage counted)
+        self.values = torch.zeros(len(self.SCALARS) + 3 * latent_dim + codes, dtype=torch.float64, device=device)
+
+    def add_codes(self, indices: torch.Tensor) -> None:
+        self.values[-self.codes:] += torch.bincount(indices.flatten(), minlength=self.codes).double()
+
+    def code_counts(self) -> torch.Tensor:
+        return self.values[-self.codes:].cpu()
 
     def add(self, recon, kl_per_dim, iwae, sq_err, mu, ssim, lpips) -> None:
-        self.values += torch.cat([torch.stack([recon.sum(), kl_per_dim.sum(), iwae.sum(), sq_err.sum(),
-                                               torch.tensor(float(len(mu)), dtype=torch.float64, device=mu.device),
-                                               ssim.sum(), lpips.sum()]),
-                                  kl_per_dim.sum(0), mu.sum(0), (mu * mu).sum(0)])
+        block = torch.cat([torch.stack([recon.sum(), kl_per_dim.sum(), iwae.sum(), sq_err.sum(),
+                                        torch.tensor(float(len(mu)), dtype=torch.float64, device=mu.device),
+                                        ssim.sum(), lpips.sum()]), kl_per_dim.sum(0), mu.sum(0), (mu * mu).sum(0)])
+        self.values[:len(block)] += block
 
     def scalar(self, name: str) -> float:
         return self.values[self.SCALARS.index(name)].item()
@@ -214,19 +222,23 @@ def evaluate_sums(model, dataset, likelihood: Likelihood, iwae_samples: int, chu
     device = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
     total = min(len(dataset), max_images or len(dataset))
-    sums, pixels = EvalSums(model.latent_dim, device), None
+    quantizer = model.bottleneck()
+    codes = quantizer.codebook_size if quantizer is not None and quantizer.codebook_size <= MAX_COUNTED_CODES else 0
+    sums, pixels = EvalSums(model.latent_dim, device, codes), None
     bar = tqdm(total=total, desc="evaluate", unit="img", disable=not progress or shard[0] != 0)
     for x, labels, sample_ids in in_order_loader(Subset(dataset, shard_of(total, shard)), batch_size):
         x, sample_ids, pixels = x.to(device), torch.as_tensor(sample_ids).to(device), x[0].numel()
         if binarize:
             x = (x > 0.5).to(x.dtype)
         c = None if conditioning is None else conditioning.of_batch(torch.as_tensor(labels).to(device), sample_ids)
-        mu, logvar = latent_posterior(model, x, c)
-        mu = mu.double()
-        if logvar is None:  # a tokenizer: its quantized latent, no KL
-            z, kl_per_dim = mu, torch.zeros_like(mu)
+        if quantizer is not None:  # a tokenizer: its quantized latent, no KL; its codes counted
+            latent = quantizer(model.encode_with(x, c))
+            mu = z = latent.z.flatten(1).double()
+            kl_per_dim = torch.zeros_like(mu)
+            if codes:
+                sums.add_codes(latent.posterior)
         else:
-            logvar = logvar.double()
+            mu, logvar = (t.double() for t in model.encode_with(x, c))
             z = losses.reparameterize(mu, logvar, eval_noise(seed, sample_ids, mu.shape[1], 0))
             kl_per_dim = losses.kl_divergence_per_dim(mu, logvar)
         recon = -likelihood.log_prob(model.decode_with(z.to(dtype), c), x, model.images)
@@ -261,6 +273,11 @@ def report_of(sums: EvalSums, pixels: int, likelihood: Likelihood, binarize: boo
         "unit_activity": activity.tolist(), "kl_per_dim_nats": (sums.per_dim(0) / n).tolist(),
         "recon_mse": mse, "psnr_db": 10 * math.log10(1.0 / mse) if mse > 0 else math.inf,
     }
+    if sums.codes:  # a tokenizer: its codebook's usage over these images
+        counts = sums.code_counts()
+        p = counts / counts.sum().clamp_min(1)
+        out.update({"codebook_size": sums.codes, "codebook_usage": float((counts > 0).double().mean()),
+                    "codebook_perplexity": float((-(p * p.clamp_min(1e-30).log()).sum()).exp())})
     if quality.ssim:
         out["ssim"] = sums.scalar("ssim") / n
     if quality.lpips is not None:
@@ -288,6 +305,9 @@ def print_report(report: dict) -> None:
              ("reconstruction MSE", f"{report['recon_mse']:.5f}"),
              ("PSNR (dB)", f"{report['psnr_db']:.2f}")]
     rows += [(name, f"{report[key]:.4f}") for key, name in (("ssim", "SSIM"), ("lpips", "LPIPS")) if key in report]
+    if "codebook_usage" in report:
+        rows += [(f"codebook usage (of {report['codebook_size']:,} codes)", f"{report['codebook_usage']:.1%}"),
+                 ("codebook perplexity", f"{report['codebook_perplexity']:.1f}")]
     for key, what in (("fid", "samples"), ("rfid", "reconstructions")):
         if key in report:
             counts = f"{report[key + '_images']} {what} vs {report['fid_real_images']} images"

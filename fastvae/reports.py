@@ -37,8 +37,9 @@ def held_out_metrics(model, test_set, cfg: Config, max_images: int = EPOCH_IMAGE
     if objective is not None and objective.measures_test_loss:
         test_loss = objective_test_loss(model, objective, test_set, cfg, max_images, shard, all_reduce)
     model.train()
+    codes = {f"test_{k}": report[k] for k in ("codebook_usage", "codebook_perplexity") if k in report}
     return {"test_recon": recon, "test_kl": kl, "test_loss": test_loss,
-            "test_active_units": report["active_units"]}
+            "test_active_units": report["active_units"], **codes}
 
 
 @torch.no_grad()
