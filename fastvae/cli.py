@@ -22,6 +22,7 @@ COMMANDS = {
     "generate": ("fastvae.generate", "samples, reconstructions, interpolation, latent plots, attribute sweeps"),
     "evaluate": ("fastvae.evaluate", "test ELBO, IWAE bound, active units, PSNR of a checkpoint"),
     "export": ("fastvae.export", "a kl_autoencoder checkpoint as a diffusers AutoencoderKL folder"),
+    "tokenize": ("fastvae.tokenize", "a tokenizer's token indices of every image, in safetensors shards"),
     "ffcv": ("fastvae.data.ffcv", "write a dataset as FFCV .beton files"),
     "slurm": ("fastvae.launch.slurm", "submit training to SLURM (submitit)"),
 }

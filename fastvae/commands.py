@@ -67,6 +67,9 @@ def generate_parser() -> argparse.ArgumentParser:
     p.add_argument("--apply-split", default="test", choices=SPLITS, help="split of the edited images")
     p.add_argument("--indices", type=int, nargs="*", help="images to edit (default: 6 spread over the split)")
     p.add_argument("--alphas", type=float, nargs="+", default=[-2.0, -1.0, 0.0, 1.0, 2.0])
+    p = command("decode", "a tokenizer's token indices (a file of fastvae tokenize) drawn back as images")
+    p.add_argument("--tokens", required=True, help="a tokens-NNNNN.safetensors shard written by fastvae tokenize")
+    p.add_argument("--n", type=int, default=64, help="its first n images")
     return parser
 
 
@@ -142,4 +145,23 @@ def export_parser() -> argparse.ArgumentParser:
     return parser
 
 
-PARSERS = {"generate": generate_parser, "evaluate": evaluate_parser, "export": export_parser, "ffcv": ffcv_parser}
+def tokenize_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m fastvae.tokenize",
+                                     description="Every image's token indices from a tokenizer checkpoint, in "
+                                                 "safetensors shards (what an autoregressive or masked model "
+                                                 "trains on).")
+    parser.add_argument("--checkpoint", required=True, help="a tokenizer checkpoint (model.name=vq_autoencoder)")
+    parser.add_argument("--split", default="train", choices=SPLITS)
+    parser.add_argument("--out", required=True, help="the folder for tokens-NNNNN.safetensors and tokens.json")
+    parser.add_argument("--shard-size", type=int, default=10000, help="images per shard file")
+    parser.add_argument("--batch-size", type=int, default=100)
+    parser.add_argument("--max-images", type=int, help="only the split's first N images")
+    parser.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    parser.add_argument("--trust-model", action="append", default=[], metavar="MODULE", help=TRUST_MODEL_HELP)
+    parser.add_argument("--no-ema", dest="ema", action="store_false", help=NO_EMA_HELP)
+    parser.add_argument("overrides", nargs="*", metavar="data.key=value", help="where the run's data is now")
+    return parser
+
+
+PARSERS = {"generate": generate_parser, "evaluate": evaluate_parser, "export": export_parser, "ffcv": ffcv_parser,
+           "tokenize": tokenize_parser}

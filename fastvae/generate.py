@@ -300,8 +300,22 @@ def cmd_attribute(vae, args) -> list[Path]:
     return written
 
 
+def cmd_decode(vae, args) -> list[Path]:
+    """A tokens shard's first n images, decoded from their token indices (fastvae tokenize)."""
+    from fastvae.tokenize import read_tokens
+
+    if vae.model.bottleneck() is None:
+        raise UserError(f"--tokens: {vae.cfg.model.name} has a Gaussian latent; expected a tokenizer checkpoint")
+    indices = read_tokens(args.tokens, vae.model)[:args.n]
+    z = vae.model.bottleneck().decode_indices(indices.to(vae.device)).flatten(1)
+    images = decode_images(vae.model, z).cpu()
+    return [pictures.save_grid(images, _out_dir(vae, args.out) / "decoded_tokens.png",
+                               nrow=math.ceil(math.sqrt(len(images))),
+                               title=f"{len(images)} images decoded from {Path(args.tokens).name}")]
+
+
 COMMANDS = {"sample": cmd_sample, "reconstruct": cmd_reconstruct, "interpolate": cmd_interpolate,
-            "latent-plot": cmd_latent_plot, "attribute": cmd_attribute}
+            "latent-plot": cmd_latent_plot, "attribute": cmd_attribute, "decode": cmd_decode}
 
 
 def parse_args(argv):

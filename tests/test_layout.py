@@ -9,7 +9,7 @@ from helpers import ROOT
 
 PACKAGES = {ROOT / "fastvae": "fastvae", ROOT / "kernels": "fastvae.kernels", ROOT / "launch": "fastvae.launch"}
 COMMAND_LINE = {"fastvae.train", "fastvae.evaluate", "fastvae.generate"}
-ENTRY_POINTS = {"fastvae.train", "fastvae.evaluate", "fastvae.generate", "fastvae.export", "fastvae.cli",
+ENTRY_POINTS = {"fastvae.train", "fastvae.evaluate", "fastvae.generate", "fastvae.export", "fastvae.tokenize", "fastvae.cli",
                 "fastvae.commands", "fastvae"}
 
 

@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from fastvae.config import load_config
 from fastvae.errors import UserError
@@ -74,3 +75,51 @@ def test_bad_tokenizer_settings_are_one_line(tmp_path, overrides, message):
     with pytest.raises(UserError, match=message):
         train(load_config("mnist", [*TINY, *overrides, "train.max_steps=1", f"out_dir={tmp_path / 'run'}"]))
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+@pytest.fixture(scope="module")
+def vq_run(tmp_path_factory):
+    """A tiny VQ tokenizer, trained once per session."""
+    from fastvae.checkpoint import list_checkpoints
+    from fastvae.run_setup import reset_accelerate_state
+    from shared import built_once
+
+    def build(folder):
+        train(tiny_config(folder / "run", *TOKENIZER, *QUANTIZERS["vq_l2_lowdim_ema_restart"], "train.max_steps=3"))
+        reset_accelerate_state()
+
+    return list_checkpoints(built_once(tmp_path_factory, "vq_tiny_run", build) / "run")[-1]
+
+
+def test_tokenize_writes_shards_two_processes_write_the_same_and_decode_draws_them(vq_run, tmp_path, capsys):
+    """fastvae tokenize: indices in the smallest type (64 codes: uint8) with each image's index, in
+    shards; under accelerate launch on 2 processes the files are byte for byte one process's; `generate
+    decode --tokens` draws them back as the reconstructions; a file that does not fit is one line."""
+    from safetensors.torch import load_file, save_file
+
+    from fastvae.generate import main as generate
+    from fastvae.launch.processes import accelerate_launch
+
+    args = ["--checkpoint", str(vq_run), "--split", "test", "--max-images", "25", "--shard-size", "10"]
+    env = {**__import__("os").environ, "OMP_NUM_THREADS": "1"}  # one thread each: the same float rounding
+    one = subprocess.run([sys.executable, "-m", "fastvae.tokenize", *args, "--out", str(tmp_path / "one")], cwd=ROOT,
+                         capture_output=True, text=True, timeout=300, env=env)
+    assert one.returncode == 0, one.stderr[-2000:]
+    manifest = json.loads((tmp_path / "one" / "tokens.json").read_text())
+    assert manifest["files"] == [f"tokens-0000{k}.safetensors" for k in range(3)] and manifest["codebook_size"] == 64
+    shard = load_file(str(tmp_path / "one" / "tokens-00002.safetensors"))
+    assert shard["indices"].dtype == torch.uint8 and shard["indices"].shape == (5, 14, 14)
+    assert shard["image_index"].tolist() == list(range(20, 25))
+    proc = subprocess.run(accelerate_launch(["-m", "fastvae.tokenize", *args, "--out", str(tmp_path / "two")], 2),
+                          cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    for name in manifest["files"]:
+        assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "two" / name).read_bytes(), name
+    written = generate(["decode", "--checkpoint", str(vq_run), "--tokens", str(tmp_path / "one" / "tokens-00000.safetensors"),
+                        "--n", "4", "--out", str(tmp_path / "pictures")])
+    assert written[0].name == "decoded_tokens.png" and written[0].is_file()
+    bad = tmp_path / "bad.safetensors"
+    save_file({"indices": torch.full((2, 14, 14), 64, dtype=torch.int32)}, str(bad))
+    with pytest.raises(SystemExit) as exc:
+        generate(["decode", "--checkpoint", str(vq_run), "--tokens", str(bad), "--out", str(tmp_path / "p2")])
+    assert exc.value.code == 2 and "holds index 64; expected 0 to 63" in capsys.readouterr().err
