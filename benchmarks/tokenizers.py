@@ -36,7 +36,8 @@ def row(name: str, args, out: Path) -> dict:
                              "train.samples=16"]))
     seconds = time.perf_counter() - started
     reset_accelerate_state()
-    report = evaluate(["--checkpoint", str(list_checkpoints(out / name)[-1]), "--ssim"])
+    report = evaluate(["--checkpoint", str(list_checkpoints(out / name)[-1]), "--ssim",
+                       *(["--max-images", str(args.eval_images)] if args.eval_images else [])])
     return {"config": name, "codes": report["codebook_size"], "usage": report["codebook_usage"],
             "perplexity": report["codebook_perplexity"], "psnr_db": report["psnr_db"], "ssim": report["ssim"],
             "train_s": seconds, "images": report["images"]}
@@ -47,6 +48,7 @@ def main(argv=None) -> None:
     p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--limit", type=int, default=6000, help="training images (Fashion-MNIST has 60,000)")
     p.add_argument("--configs", nargs="+", default=CONFIGS)
+    p.add_argument("--eval-images", type=int, default=0, help="test images evaluated; 0 = all 10,000")
     p.add_argument("--out", help="folder for the runs (default: a temporary one)")
     args = p.parse_args(argv)
     out = Path(args.out or tempfile.mkdtemp(prefix="tokenizers-"))
