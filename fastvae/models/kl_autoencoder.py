@@ -46,19 +46,15 @@ class KLAutoencoder(VAE):
                  block_out_channels: tuple[int, ...] = (64, 128, 128), layers_per_block: int = 1,
                  latent_channels: int = 4, norm_num_groups: int = 32, **diffusers_kwargs) -> None:
         super().__init__()
-        check_architecture(in_channels, block_out_channels, layers_per_block, latent_channels, norm_num_groups)
-        levels = len(block_out_channels)
-        factor = 2 ** (levels - 1)
-        height, width = image_size
-        if height % factor or width % factor:
-            raise ValueError(f"data.image_size {height}x{width} is not divisible by the autoencoder's factor "
-                             f"{factor} (2^(levels - 1), {levels} levels of block_out_channels)")
+        levels, grid = latent_grid(in_channels, image_size, block_out_channels, layers_per_block, latent_channels,
+                                   norm_num_groups, "autoencoder")
+        height = image_size[0]
         self.vae = autoencoder_kl_class()(
             in_channels=in_channels, out_channels=in_channels, down_block_types=("DownEncoderBlock2D",) * levels,
             up_block_types=("UpDecoderBlock2D",) * levels, block_out_channels=tuple(block_out_channels),
             layers_per_block=layers_per_block, latent_channels=latent_channels, norm_num_groups=norm_num_groups,
             sample_size=height, **diffusers_kwargs)
-        self.latent_shape = (latent_channels, height // factor, width // factor)
+        self.latent_shape = (latent_channels, *grid)
         self.latent_dim = math.prod(self.latent_shape)
         # LDM's one output log-variance (loss.objective=ldm); fixed unless loss.learn_logvar. Not part of
         # diffusers' model: export leaves it out.
@@ -91,6 +87,20 @@ class KLAutoencoder(VAE):
         self.vae.encoder.requires_grad_(False)
         if self.vae.quant_conv is not None:
             self.vae.quant_conv.requires_grad_(False)
+
+
+def latent_grid(in_channels, image_size, block_out_channels, layers_per_block, latent_channels, norm_num_groups,
+                what: str) -> tuple[int, tuple[int, int]]:
+    """(levels, the latent's h x w) of diffusers' Encoder / Decoder blocks for images of image_size, the
+    arguments checked (check_architecture) and the size divisible by the factor f = 2^(levels - 1)."""
+    check_architecture(in_channels, block_out_channels, layers_per_block, latent_channels, norm_num_groups)
+    levels = len(block_out_channels)
+    factor = 2 ** (levels - 1)
+    height, width = image_size
+    if height % factor or width % factor:
+        raise ValueError(f"data.image_size {height}x{width} is not divisible by the {what}'s factor {factor} "
+                         f"(2^(levels - 1), {levels} levels of block_out_channels)")
+    return levels, (height // factor, width // factor)
 
 
 def check_architecture(in_channels, block_out_channels, layers_per_block, latent_channels, norm_num_groups) -> None:

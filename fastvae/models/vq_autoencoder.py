@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from fastvae.models.base import VAE
-from fastvae.models.kl_autoencoder import check_architecture
+from fastvae.models.kl_autoencoder import latent_grid
 from fastvae.quantizers import build_quantizer
 
 
@@ -30,13 +30,8 @@ class VQAutoencoder(VAE):
         super().__init__()
         from diffusers.models.autoencoders.vae import Decoder, Encoder
 
-        check_architecture(in_channels, block_out_channels, layers_per_block, latent_channels, norm_num_groups)
-        levels = len(block_out_channels)
-        factor = 2 ** (levels - 1)
-        height, width = image_size
-        if height % factor or width % factor:
-            raise ValueError(f"data.image_size {height}x{width} is not divisible by the tokenizer's factor {factor} "
-                             f"(2^(levels - 1), {levels} levels of block_out_channels)")
+        levels, grid = latent_grid(in_channels, image_size, block_out_channels, layers_per_block, latent_channels,
+                                   norm_num_groups, "tokenizer")
         blocks = {"block_out_channels": tuple(block_out_channels), "layers_per_block": layers_per_block,
                   "norm_num_groups": norm_num_groups, "mid_block_add_attention": mid_block_add_attention}
         self.encoder = Encoder(in_channels, latent_channels, ("DownEncoderBlock2D",) * levels, double_z=False, **blocks)
@@ -45,7 +40,7 @@ class VQAutoencoder(VAE):
         self.decoder = Decoder(latent_channels, in_channels, ("UpDecoderBlock2D",) * levels, **blocks)
         spec = dict(quantizer or {"kind": "vq"})
         self.quantizer = build_quantizer(latent_channels, spec, spec.pop("seed", 0))
-        self.latent_shape = (latent_channels, height // factor, width // factor)
+        self.latent_shape = (latent_channels, *grid)
         self.latent_dim = math.prod(self.latent_shape)
         self.nll_logvar = nn.Parameter(torch.zeros(()))  # LDM's output log-variance (loss.objective=ldm)
 
