@@ -158,13 +158,12 @@ def test_tokenizers_benchmark_trains_and_evaluates_each_config(tmp_path):
     """The command behind docs/tokenizers.md's table, at a toy size: each row's usage, perplexity, PSNR."""
     pytest.importorskip("diffusers")
     out = tmp_path / "tokenizers.json"
-    proc = subprocess.run([sys.executable, "benchmarks/tokenizers.py", "--epochs", "1", "--limit", "64",
-                           "--eval-images", "50", "--configs", "vq_fashion_mnist", "fsq_fashion_mnist",
+    proc = subprocess.run([sys.executable, "benchmarks/tokenizers.py", "--epochs", "1", "--limit", "32",
+                           "--eval-images", "20", "--configs", "vq_fashion_mnist",
                            "--out", str(tmp_path / "runs"), "--json", str(out)],
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = json.loads(out.read_text())["rows"]
-    assert [(r["config"], r["codes"], r["images"]) for r in rows] == [("vq_fashion_mnist", 1024, 50),
-                                                                       ("fsq_fashion_mnist", 1000, 50)]
+    assert [(r["config"], r["codes"], r["images"]) for r in rows] == [("vq_fashion_mnist", 1024, 20)]
     assert all(0 < r["usage"] <= 1 and r["perplexity"] >= 1 and r["psnr_db"] > 0 for r in rows)
     assert "usage" in proc.stdout and "PSNR dB" in proc.stdout

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from fastvae.config import Config, from_dict, load_config, parse_override, to_dict
+from fastvae.config import Config, from_dict, load_config, parse_override, shipped_configs, to_dict
 from fastvae.errors import UserError
 from fastvae.train import main
 from helpers import CONFIGS, ROOT
@@ -102,7 +102,8 @@ def test_cli_missing_config_subprocess(tmp_path):
     lines = proc.stderr.strip().splitlines()
     assert lines == [f"fastvae: error: config file '{tmp_path / 'x.yaml'}' not found; "
                      f"expected a YAML file such as configs/mnist.yaml or a shipped config: "
-                     f"celeba, fashion_mnist, imagefolder, kl_autoencoder, kl_f8, kl_f8_16ch, mnist"]
+                     f"{', '.join(sorted(shipped_configs()))}"]
+    assert {"mnist", "celeba", "kl_f8", "vq_l2_ema_fashion_mnist", "llamagen_vq_f16"} <= set(shipped_configs())
 
 
 def test_yaml_12_booleans_keep_no_a_string(tmp_path):
