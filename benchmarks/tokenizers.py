@@ -32,8 +32,9 @@ def row(name: str, args, out: Path) -> dict:
     from fastvae.train import train
 
     started = time.perf_counter()
+    data = [] if args.data == "fashion_mnist" else [f"data.name={args.data}"]
     train(load_config(name, [f"train.epochs={args.epochs}", f"data.limit={args.limit}", f"out_dir={out / name}",
-                             "train.samples=16"]))
+                             "train.samples=16", *data]))
     seconds = time.perf_counter() - started
     reset_accelerate_state()
     report = evaluate(["--checkpoint", str(list_checkpoints(out / name)[-1]), "--ssim",
@@ -49,6 +50,8 @@ def main(argv=None) -> None:
     p.add_argument("--limit", type=int, default=6000, help="training images (Fashion-MNIST has 60,000)")
     p.add_argument("--configs", nargs="+", default=CONFIGS)
     p.add_argument("--eval-images", type=int, default=0, help="test images evaluated; 0 = all 10,000")
+    p.add_argument("--data", default="fashion_mnist", choices=["fashion_mnist", "mnist"],
+                   help="mnist: the 5,000 embedded digits (500 test images; a quick check of the plumbing)")
     p.add_argument("--out", help="folder for the runs (default: a temporary one)")
     args = p.parse_args(argv)
     out = Path(args.out or tempfile.mkdtemp(prefix="tokenizers-"))

@@ -159,7 +159,7 @@ def test_tokenizers_benchmark_trains_and_evaluates_each_config(tmp_path):
     pytest.importorskip("diffusers")
     out = tmp_path / "tokenizers.json"
     proc = subprocess.run([sys.executable, "benchmarks/tokenizers.py", "--epochs", "1", "--limit", "32",
-                           "--eval-images", "20", "--configs", "vq_fashion_mnist",
+                           "--eval-images", "20", "--configs", "vq_fashion_mnist", "--data", "mnist",
                            "--out", str(tmp_path / "runs"), "--json", str(out)],
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
