@@ -50,22 +50,25 @@ def global_batch_mean(values: torch.Tensor) -> torch.Tensor:
 # ---------------------------------------------------------------- without gradients
 
 
-def mean_over_processes(t: torch.Tensor) -> torch.Tensor:
-    """t averaged over all processes (no gradient): the global batch's gradient from each rank's."""
+def sum_over_processes(t: torch.Tensor) -> torch.Tensor:
+    """t summed over all processes (no gradient), a new tensor: global counts and sums (evaluation's,
+    a quantizer's). One process: t itself."""
     if not several_processes():
         return t
     import torch.distributed as dist
 
     t = t.clone()
     dist.all_reduce(t)
-    return t / dist.get_world_size()
+    return t
 
 
-def sum_over_processes(t: torch.Tensor) -> torch.Tensor:
-    """t summed over all processes (accelerate's reduce: any backend, one process included)."""
-    from accelerate.utils import reduce
+def mean_over_processes(t: torch.Tensor) -> torch.Tensor:
+    """t averaged over all processes (no gradient): the global batch's gradient from each rank's."""
+    if not several_processes():
+        return t
+    import torch.distributed as dist
 
-    return reduce(t, reduction="sum")
+    return sum_over_processes(t) / dist.get_world_size()
 
 
 def gather_rows(t: torch.Tensor) -> torch.Tensor:
@@ -129,7 +132,7 @@ def processes_the_launcher_asked_for() -> int | None:
         argv = open(f"/proc/{os.getppid()}/cmdline", "rb").read().decode(errors="replace").split("\0")
     except OSError:
         return None
-    if not any(a.endswith(("accelerate", "torchrun")) or a in ("launch",) for a in argv[:4]):
+    if not any(a.endswith(("accelerate", "torchrun")) for a in argv[:4]):
         return None
     for flag in ("--num_processes", "--num-processes", "--nproc_per_node", "--nproc-per-node"):
         for i, arg in enumerate(argv):

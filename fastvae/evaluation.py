@@ -17,6 +17,8 @@ from tqdm.auto import tqdm
 from fastvae import losses, noise
 from fastvae.data import in_order_loader
 from fastvae.errors import UserError
+from fastvae.bottleneck import Latent
+from fastvae.quantizers import code_statistics
 from fastvae.sampling import random_latents
 
 MAX_COUNTED_CODES = 1 << 20  # a tokenizer's code counts over an evaluation, when the codebook is at most this big
@@ -117,7 +119,7 @@ class ImageQuality:
 class EvalSums:
     """What the report is made of, as one float64 vector: summed over batches, then over processes."""
 
-    SCALARS = ("recon", "kl", "iwae", "sq_err", "images", "ssim", "lpips")
+    SCALARS = ("recon", "kl", "iwae", "sq_err", "images", "ssim", "lpips", "objective")
 
     def __init__(self, latent_dim: int, device, codes: int = 0) -> None:
         self.d, self.codes = latent_dim, codes  # codes: a tokenizer's codebook size (its usage counted)
@@ -129,10 +131,12 @@ class EvalSums:
     def code_counts(self) -> torch.Tensor:
         return self.values[-self.codes:].cpu()
 
-    def add(self, recon, kl_per_dim, iwae, sq_err, mu, ssim, lpips) -> None:
+    def add(self, recon, kl_per_dim, iwae, sq_err, mu, ssim, lpips, objective) -> None:
+        """objective: the batch's sum of the objective's own loss (evaluate_model's objective_loss; else 0)."""
         block = torch.cat([torch.stack([recon.sum(), kl_per_dim.sum(), iwae.sum(), sq_err.sum(),
                                         torch.tensor(float(len(mu)), dtype=torch.float64, device=mu.device),
-                                        ssim.sum(), lpips.sum()]), kl_per_dim.sum(0), mu.sum(0), (mu * mu).sum(0)])
+                                        ssim.sum(), lpips.sum(), objective]), kl_per_dim.sum(0), mu.sum(0),
+                           (mu * mu).sum(0)])
         self.values[:len(block)] += block
 
     def scalar(self, name: str) -> float:
@@ -153,20 +157,24 @@ def evaluate_model(model, dataset, likelihood: Likelihood, iwae_samples: int = 0
                    max_images: int | None = None, binarize: bool = False, seed: int = 0,
                    batch_size: int = 100, progress: bool = False, shard: tuple[int, int] = (0, 1),
                    all_reduce=None, conditioning=None, quality: ImageQuality = ImageQuality(),
-                   features=None, all_gather=None) -> dict:
+                   features=None, all_gather=None, objective_loss=None) -> dict:
     """All metrics over (up to max_images of) a dataset; see the module docstring for definitions.
     With several processes each evaluates its `shard` (rank, world size) and `all_reduce` (a sum
     over processes) makes every process's report that of the whole split. conditioning: a
     conditional model's (fastvae.conditions, bound to this dataset). features: a
-    fastvae.fid.FeatureSets for FID/KID, whose features `all_gather` joins over processes."""
+    fastvae.fid.FeatureSets for FID/KID, whose features `all_gather` joins over processes.
+    objective_loss: (model, x, latent, decoder output) -> a batch's mean loss, taken on the same
+    samples as the ELBO's (reported as `objective_loss`, per image)."""
     if likelihood.kind == "mse" and likelihood.gaussian_var is None:
         likelihood = fitted_likelihood(model, dataset, max_images, binarize, seed, batch_size, shard, all_reduce,
                                        conditioning)
     sums, pixels = evaluate_sums(model, dataset, likelihood, iwae_samples, chunk, max_images, binarize, seed,
-                                 batch_size, progress, shard, conditioning, quality, features)
+                                 batch_size, progress, shard, conditioning, quality, features, objective_loss)
     if all_reduce is not None:
         sums.values = all_reduce(sums.values)
     report = report_of(sums, pixels, likelihood, binarize, iwae_samples, quality)
+    if objective_loss is not None:
+        report["objective_loss"] = sums.scalar("objective") / sums.scalar("images")
     if features is not None:
         total = min(len(dataset), max_images or len(dataset))
         if features.fid:
@@ -216,7 +224,8 @@ def fitted_likelihood(model, dataset, max_images, binarize, seed, batch_size, sh
 def evaluate_sums(model, dataset, likelihood: Likelihood, iwae_samples: int, chunk: int, max_images: int | None,
                   binarize: bool, seed: int, batch_size: int, progress: bool,
                   shard: tuple[int, int], conditioning=None,
-                  quality: ImageQuality = ImageQuality(), features=None) -> tuple[EvalSums, int]:
+                  quality: ImageQuality = ImageQuality(), features=None,
+                  objective_loss=None) -> tuple[EvalSums, int]:
     """(the sums of this process's share of the images, pixels per image)."""
     model.eval()
     device = next(model.parameters()).device
@@ -241,12 +250,17 @@ def evaluate_sums(model, dataset, likelihood: Likelihood, iwae_samples: int, chu
             mu, logvar = (t.double() for t in model.encode_with(x, c))
             z = losses.reparameterize(mu, logvar, eval_noise(seed, sample_ids, mu.shape[1], 0))
             kl_per_dim = losses.kl_divergence_per_dim(mu, logvar)
-        recon = -likelihood.log_prob(model.decode_with(z.to(dtype), c), x, model.images)
-        images = model.images(model.decode_with(mu.to(dtype), c).double())
+            latent = Latent(z.to(dtype), kl_per_dim.sum(1).to(dtype), {}, (mu.to(dtype), logvar.to(dtype)))
+        output = model.decode_with(z.to(dtype), c)
+        recon = -likelihood.log_prob(output, x, model.images)
+        mean_output = output if quantizer is not None else model.decode_with(mu.to(dtype), c)  # (a tokenizer's z is mu)
+        images = model.images(mean_output.double())
         sq_err = (images - x.double()).pow(2).flatten(1).sum(1)
         iwae = (iwae_bound(model, x, likelihood, iwae_samples, chunk, seed, sample_ids, c) if iwae_samples
                 else torch.zeros(len(x), dtype=torch.float64, device=device))
-        sums.add(recon, kl_per_dim, iwae, sq_err, mu, *quality.measure(images, x))
+        own = objective_loss(model, x, latent, output).double() * len(x) if objective_loss is not None else \
+            torch.zeros((), dtype=torch.float64, device=device)
+        sums.add(recon, kl_per_dim, iwae, sq_err, mu, *quality.measure(images, x), own)
         if features is not None:
             features.add("real", x)
             features.add("reconstructions", images)
@@ -274,10 +288,9 @@ def report_of(sums: EvalSums, pixels: int, likelihood: Likelihood, binarize: boo
         "recon_mse": mse, "psnr_db": 10 * math.log10(1.0 / mse) if mse > 0 else math.inf,
     }
     if sums.codes:  # a tokenizer: its codebook's usage over these images
-        counts = sums.code_counts()
-        p = counts / counts.sum().clamp_min(1)
-        out.update({"codebook_size": sums.codes, "codebook_usage": float((counts > 0).double().mean()),
-                    "codebook_perplexity": float((-(p * p.clamp_min(1e-30).log()).sum()).exp())})
+        stats = code_statistics(sums.code_counts())
+        out.update({"codebook_size": sums.codes, "codebook_usage": float(stats["usage"]),
+                    "codebook_perplexity": float(stats["perplexity"])})
     if quality.ssim:
         out["ssim"] = sums.scalar("ssim") / n
     if quality.lpips is not None:

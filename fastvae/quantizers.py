@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastvae.bottleneck import Latent
-from fastvae.distributed import global_batch, global_batch_mean, several_processes
+from fastvae.distributed import global_batch, global_batch_mean, sum_over_processes
 
 DISTANCE_BUDGET = 64 << 20  # bytes of the [vectors, codes] distance block computed at once (issue 40: bounded)
 MAX_LFQ_BITS = 30  # 2^30 codes: more only with allow_large=True (its index needs int64 and its usage a huge table)
@@ -51,15 +51,6 @@ def from_vectors(vectors: torch.Tensor, moved_shape: tuple) -> torch.Tensor:
 def per_image(values: torch.Tensor, images: int) -> torch.Tensor:
     """Per-vector values [B * V] averaged per image -> [B]."""
     return values.view(images, -1).mean(1)
-
-
-def sum_over_processes_(t: torch.Tensor) -> torch.Tensor:
-    """t summed over all processes, in place (no gradient): global counts and sums."""
-    if several_processes():
-        import torch.distributed as dist
-
-        dist.all_reduce(t)
-    return t
 
 
 def code_statistics(counts: torch.Tensor) -> dict:
@@ -136,11 +127,11 @@ class VectorQuantizer(nn.Module):
         """One training step's state changes, from the global batch: code counts, the EMA codebook, dead-code
         restarts. Returns the global counts."""
         onehot = F.one_hot(indices, self.codebook_size).to(v.dtype)
-        counts = sum_over_processes_(onehot.sum(0))
+        counts = sum_over_processes(onehot.sum(0))
         self.updates += 1
         self.last_used[counts > 0] = self.updates
         if self.ema_decay:
-            sums = sum_over_processes_(onehot.t() @ v)
+            sums = sum_over_processes(onehot.t() @ v)
             self.cluster_size.mul_(self.ema_decay).add_(counts.to(self.cluster_size.dtype), alpha=1 - self.ema_decay)
             self.embed_sum.mul_(self.ema_decay).add_(sums.to(self.embed_sum.dtype), alpha=1 - self.ema_decay)
             n = self.cluster_size.sum()
@@ -226,7 +217,7 @@ class FSQ(nn.Module):
         indices = self.indices_of(rounded.detach())
         terms = {}
         if self.training:
-            counts = sum_over_processes_(torch.bincount(indices, minlength=self.codebook_size).to(v.dtype))
+            counts = sum_over_processes(torch.bincount(indices, minlength=self.codebook_size).to(v.dtype))
             terms = {k: t.detach() for k, t in code_statistics(counts).items()}
         regularizer = v.new_zeros(z.shape[0])
         return Latent(from_vectors(q, shape).to(z.dtype), regularizer, terms, indices.view(z.shape[0], *shape[1:-1]))
@@ -300,7 +291,7 @@ class LFQ(nn.Module):
     def code_counts(self, indices: torch.Tensor, dtype) -> torch.Tensor | None:
         if self.codebook_size > 1 << 20:  # a table of every code is too large: no usage statistics
             return None
-        return sum_over_processes_(torch.bincount(indices, minlength=self.codebook_size).to(dtype))
+        return sum_over_processes(torch.bincount(indices, minlength=self.codebook_size).to(dtype))
 
     def decode_indices(self, indices: torch.Tensor) -> torch.Tensor:
         q = ((indices.flatten()[:, None] & self.bits) > 0).float() * 2 - 1

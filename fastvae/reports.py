@@ -6,15 +6,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch.utils.data import Subset
 
-from fastvae import losses, pictures, sampling
-from fastvae.bottleneck import Latent
+from fastvae import pictures, sampling
 from fastvae.conditions import conditioning_of
 from fastvae.config import Config
-from fastvae.data import in_order_loader
 from fastvae.errors import UserError
-from fastvae.evaluation import Likelihood, eval_noise, evaluate_model, shard_of
+from fastvae.evaluation import Likelihood, evaluate_model
 from fastvae.objectives import objective_class
 
 
@@ -27,45 +24,28 @@ def held_out_metrics(model, test_set, cfg: Config, max_images: int = EPOCH_IMAGE
     """The test loss in training units (same weights, no Gaussian constant; the calibrated decoder's
     normalized likelihood, its variance fitted to these images), from fastvae.evaluation, each process
     evaluating its shard. An objective that measures its own (LDM's: its nll with LPIPS and the
-    log-variance, + beta x KL, without the adversarial term) gives test_loss from a pass of its own.
-    Its eps are keyed (fastvae.noise): the global RNG, which resume restores, is untouched."""
+    log-variance, + beta x KL, without the adversarial term) gives test_loss, taken in the same pass
+    on the same samples. Its eps are keyed (fastvae.noise): the global RNG, which resume restores, is
+    untouched."""
+    own = own_test_loss(objective, cfg, next(model.parameters()).device)
     report = evaluate_model(model, test_set, Likelihood.of_run(cfg.loss, normalized=False), max_images=max_images,
                             seed=cfg.seed + 1, shard=shard, all_reduce=all_reduce,
-                            conditioning=test_conditioning(cfg, test_set))
+                            conditioning=test_conditioning(cfg, test_set), objective_loss=own)
     recon, kl = report["recon_nll_nats"], report["kl_nats"]
-    test_loss = objective_class(cfg.loss).held_out_loss(cfg.loss, recon, kl)
-    if objective is not None and objective.measures_test_loss:
-        test_loss = objective_test_loss(model, objective, test_set, cfg, max_images, shard, all_reduce)
+    test_loss = report["objective_loss"] if own else objective_class(cfg.loss).held_out_loss(cfg.loss, recon, kl)
     model.train()
     codes = {f"test_{k}": report[k] for k in ("codebook_usage", "codebook_perplexity") if k in report}
     return {"test_recon": recon, "test_kl": kl, "test_loss": test_loss,
             "test_active_units": report["active_units"], **codes}
 
 
-@torch.no_grad()
-def objective_test_loss(model, objective, test_set, cfg: Config, max_images: int, shard, all_reduce) -> float:
-    """The objective's own loss (no critic) per test image, averaged: each image's z drawn with
-    evaluation's keyed eps (seed + 1, draw 0), so any split over processes gives the same number."""
-    model.eval()
-    device = next(model.parameters()).device
-    total = min(len(test_set), max_images)
-    sums = torch.zeros(2, dtype=torch.float64, device=device)
+def own_test_loss(objective, cfg: Config, device):
+    """evaluate_model's objective_loss for an objective that measures its own test loss (no critic: the
+    adversarial term is not a loss on test images); else None."""
+    if objective is None or not objective.measures_test_loss:
+        return None
     beta = torch.tensor(cfg.loss.beta, device=device)
-    for x, _, ids in in_order_loader(Subset(test_set, shard_of(total, shard)), 100):
-        x, ids = x.to(device), torch.as_tensor(ids).to(device)
-        encoded = model.encode_with(x)
-        if model.bottleneck() is not None:  # a tokenizer: its quantizer (in eval mode: no state changes)
-            latent = model.bottleneck()(encoded)
-            z = latent.z
-        else:
-            mu, logvar = (t.float() for t in encoded)
-            z = losses.reparameterize(mu, logvar, eval_noise(cfg.seed + 1, ids, mu.shape[1], 0).float())
-            latent = Latent(z, losses.kl_divergence(mu, logvar), {}, (mu, logvar))
-        step = objective(model, x, latent, model.decode_with(z), beta)
-        sums += torch.stack([step.loss.double() * len(x), torch.tensor(float(len(x)), device=device)])
-    if all_reduce is not None:
-        sums = all_reduce(sums)
-    return (sums[0] / sums[1]).item()
+    return lambda model, x, latent, output: objective(model, x, latent, output, beta).loss
 
 
 @torch.no_grad()

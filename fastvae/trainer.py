@@ -279,6 +279,7 @@ class Trainer:
         self.guard = NonFiniteGuard(cfg.train.nonfinite, acc, self.out_dir)
         self.noise_seed = torch.tensor(cfg.seed, dtype=torch.int64, device=acc.device)
         self.last_saved_step = self.state.step if self.resumed_from is not None else -1
+        self.sums = None  # the running epoch's LossSums (_epoch_sums), kept by a checkpoint taken mid-epoch
 
     # ---------------------------------------------------------------- the step
 
@@ -392,9 +393,9 @@ class Trainer:
         steps, a stop signal or an error."""
         cfg, state = self.cfg, self.state
         while state.epoch < cfg.train.epochs and state.step < self.total_steps:
-            sums, epoch_start = self._epoch_sums(), time.perf_counter()
-            self.epoch_started = epoch_start
-            self.images_since_log, self.log_clock = 0, epoch_start
+            sums = self._epoch_sums()
+            self.epoch_started = time.perf_counter()
+            self.images_since_log, self.log_clock = 0, self.epoch_started
             self.model.train()
             for batch in self._remaining_batches():
                 metrics = self.train_step(batch)
@@ -414,7 +415,7 @@ class Trainer:
                 if state.step >= self.total_steps or self.stop.requested(sync=log_point):
                     break
             bar.set_description("test metrics and pictures")  # (the bar sits at its step meanwhile)
-            self._end_epoch(sums, time.perf_counter() - epoch_start)
+            self._end_epoch(sums, time.perf_counter() - self.epoch_started)
             bar.set_description("train")
             if self.stop.requested():
                 break
@@ -503,7 +504,7 @@ class Trainer:
         saved = dataclasses.replace(self.state)
         if saved.batch_in_epoch >= len(self.train_loader):  # the end of an epoch is the start of the next
             saved.epoch, saved.batch_in_epoch = saved.epoch + 1, 0
-        elif saved.batch_in_epoch > 0 and getattr(self, "sums", None) is not None:  # mid-epoch: its sums so far
+        elif saved.batch_in_epoch > 0 and self.sums is not None:  # mid-epoch: its sums so far
             saved.epoch_sums = self.sums.state(self.accelerator, self.sums.seconds_before +
                                                time.perf_counter() - self.epoch_started)
         self.last_saved_step = saved.step

@@ -156,7 +156,7 @@ def test_the_held_out_loss_of_ldm_is_its_nll_plus_beta_kl_on_test_images():
     from fastvae.evaluation import eval_noise
     from fastvae.models import build_model
     from fastvae.objectives import LDMLoss
-    from fastvae.reports import objective_test_loss
+    from fastvae.reports import held_out_metrics
 
     cfg = load_config("mnist", ["model.name=kl_autoencoder", "loss.objective=ldm", "loss.beta=0.1",
                                 "model.kwargs={block_out_channels: [4, 8], norm_num_groups: 4, latent_channels: 1}"])
@@ -166,8 +166,8 @@ def test_the_held_out_loss_of_ldm_is_its_nll_plus_beta_kl_on_test_images():
     images = torch.randint(0, 256, (6, 1, 28, 28), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
     test_set = ImageTensorDataset(images, torch.zeros(6))
     objective = LDMLoss("l1", None, 0.0)
-    got = objective_test_loss(model, objective, test_set, cfg, 6, (0, 1), None)
-    halves = [objective_test_loss(model, objective, test_set, cfg, 6, (r, 2), None) for r in range(2)]
+    got = held_out_metrics(model, test_set, cfg, 6, objective=objective)["test_loss"]
+    halves = [held_out_metrics(model, test_set, cfg, 6, (r, 2), objective=objective)["test_loss"] for r in range(2)]
     with torch.no_grad():
         x = images.float() / 255
         mu, logvar = model.encode(x)
