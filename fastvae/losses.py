@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 RECON_KINDS = ("bce", "mse")
+DISTANCE_BUDGET = 64 << 20  # bytes of the [vectors, codes] distance block nearest_codes computes at once
 LOG_2PI = math.log(2 * math.pi)
 
 
@@ -219,3 +220,32 @@ def adaptive_weight(nll_grad: torch.Tensor, g_grad: torch.Tensor, disc_weight: f
     [0, 1e4], times disc_weight, L the decoder's last layer; held fixed (no gradient). The gradients
     must be those of the global batch for N processes to train what one does (fastvae.critic)."""
     return (nll_grad.norm() / (g_grad.norm() + 1e-4)).clamp(0.0, 1e4).detach() * disc_weight
+
+
+# ---------------------------------------------------------------- a vector quantizer's lookup
+
+
+def nearest_codes(vectors: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
+    """argmin_k ||v - e_k||^2 per vector (the first code on ties), as ||v||^2 - 2 v.e + ||e||^2, in chunks of
+    vectors so the distance block stays within DISTANCE_BUDGET whatever N x K is."""
+    k = codebook.shape[0]
+    rows = max(1, DISTANCE_BUDGET // (k * vectors.element_size()))
+    code_norms = codebook.pow(2).sum(1)
+    out = []
+    for chunk in vectors.split(rows):
+        distances = chunk.pow(2).sum(1, keepdim=True) - 2 * chunk @ codebook.t() + code_norms
+        out.append(distances.argmin(1))
+    return torch.cat(out) if out else vectors.new_zeros(0, dtype=torch.long)
+
+
+def vector_quantize(v: torch.Tensor, codes: torch.Tensor, commitment: float, codebook_weight: float):
+    """The eager reference of the nearest-code op (fastvae/kernels/vector_quantize.py fuses it): (z_q
+    straight-through [N, D], indices [N], loss per vector [N] = codebook_weight x ||sg(v) - e||^2 / D +
+    commitment x ||v - sg(e)||^2 / D; codebook_weight 0: an EMA codebook, no gradient reaches it)."""
+    with torch.no_grad():
+        indices = nearest_codes(v.detach(), codes.detach())
+    q = codes[indices]
+    loss = commitment * (v - q.detach()).pow(2).mean(1)
+    if codebook_weight:
+        loss = codebook_weight * (v.detach() - q).pow(2).mean(1) + loss
+    return v + (q - v).detach(), indices, loss

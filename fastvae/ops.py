@@ -10,6 +10,7 @@ from typing import Callable
 import torch
 
 from fastvae import losses, noise
+from fastvae.losses import vector_quantize
 from fastvae.errors import UserError
 
 
@@ -28,6 +29,8 @@ class Ops:
     name: str
     reparam_kl: Callable  # (mu, logvar, noise_key=None) -> (z, kl[B]); noise_key: see fastvae.noise
     recon_loss: Callable  # (logits, target, kind) -> recon[B]
+    # a tokenizer's nearest-code lookup: (v, codes, commitment, codebook_weight) -> (z_q, indices, loss[N])
+    vector_quantize: Callable = vector_quantize
 
 
 def select_ops(name: str, device: torch.device) -> Ops:
@@ -47,7 +50,7 @@ def select_ops(name: str, device: torch.device) -> Ops:
         return Ops("compiled", reparam_kl, torch.compile(recon_loss_fp32))
     if name == "triton":
         try:
-            from fastvae.kernels import fused_recon_loss, fused_reparam_kl
+            from fastvae.kernels import fused_recon_loss, fused_reparam_kl, fused_vector_quantize
         except ImportError as err:  # e.g. macOS, where torch comes without triton
             raise UserError(f"train.ops=triton needs the triton package ({err}); expected train.ops=eager "
                             f"or auto on this machine") from None
@@ -56,5 +59,5 @@ def select_ops(name: str, device: torch.device) -> Ops:
             return fused_reparam_kl(mu, logvar) if key is None else fused_reparam_kl(mu, logvar, seed=key[0],
                                                                                      row_offsets=key[1])
 
-        return Ops("triton", fused, fused_recon_loss)
+        return Ops("triton", fused, fused_recon_loss, fused_vector_quantize)
     raise ValueError(f"ops {name!r}: expected eager, compiled, triton or auto")

@@ -32,8 +32,8 @@ from torch import nn
 
 from fastvae.bottleneck import Latent
 from fastvae.distributed import global_batch, global_batch_mean, sum_over_processes
+from fastvae.losses import vector_quantize
 
-DISTANCE_BUDGET = 64 << 20  # bytes of the [vectors, codes] distance block computed at once (issue 40: bounded)
 MAX_LFQ_BITS = 30  # 2^30 codes: more only with allow_large=True (its index needs int64 and its usage a huge table)
 EXACT_ENTROPY_BITS = 12  # LFQ: the batch entropy over all 2^C codes up to this; factorized per channel beyond
 
@@ -61,19 +61,6 @@ def code_statistics(counts: torch.Tensor) -> dict:
     return {"usage": (counts > 0).float().mean(), "perplexity": entropy.exp()}
 
 
-def nearest_codes(vectors: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
-    """argmin_k ||v - e_k||^2 per vector (the first code on ties), as ||v||^2 - 2 v.e + ||e||^2, in chunks of
-    vectors so the distance block stays within DISTANCE_BUDGET whatever N x K is."""
-    k = codebook.shape[0]
-    rows = max(1, DISTANCE_BUDGET // (k * vectors.element_size()))
-    code_norms = codebook.pow(2).sum(1)
-    out = []
-    for chunk in vectors.split(rows):
-        distances = chunk.pow(2).sum(1, keepdim=True) - 2 * chunk @ codebook.t() + code_norms
-        out.append(distances.argmin(1))
-    return torch.cat(out) if out else vectors.new_zeros(0, dtype=torch.long)
-
-
 class VectorQuantizer(nn.Module):
     """dim: the encoder's channels C; codebook_size K; code_dim: the lookup's dimension (default C)."""
 
@@ -98,6 +85,12 @@ class VectorQuantizer(nn.Module):
         self.register_buffer("updates", torch.zeros((), dtype=torch.long))  # training forwards so far
         self.register_buffer("last_used", torch.zeros(codebook_size, dtype=torch.long))
         self.register_buffer("seed", torch.tensor(seed, dtype=torch.long))
+        self.lookup = vector_quantize
+
+    def use_lookup(self, lookup) -> None:
+        """The nearest-code op: vector_quantize (eager, the default) or fastvae.kernels' fused_vector_quantize
+        (train.ops=triton), both (v, codes, commitment, codebook_weight) -> (z_q, indices, loss per vector)."""
+        self.lookup = lookup
 
     def codes(self) -> torch.Tensor:
         return F.normalize(self.codebook, dim=1) if self.l2 else self.codebook
@@ -107,15 +100,11 @@ class VectorQuantizer(nn.Module):
         v = self.project_in(vectors.float() if vectors.dtype in (torch.float16, torch.bfloat16) else vectors)
         if self.l2:
             v = F.normalize(v, dim=1)
-        with torch.no_grad():
-            indices = nearest_codes(v.detach(), self.codes().detach().to(v.dtype))
-        q = self.codes().to(v.dtype)[indices]  # this step's codes: the update below is for the next step
+        # this step's codes and loss; the update below is for the next step
+        q_st, indices, loss = self.lookup(v, self.codes().to(v.dtype), self.commitment, 0.0 if self.ema_decay else 1.0)
         counts = None
         if self.training:
             counts = self._update(v.detach(), indices)
-        commit = (v - q.detach()).pow(2).mean(1)
-        loss = self.commitment * commit if self.ema_decay else (v.detach() - q).pow(2).mean(1) + self.commitment * commit
-        q_st = v + (q - v).detach()
         z_q = from_vectors(self.project_out(q_st), shape).to(z.dtype)
         terms = {} if counts is None else {k: t.detach() for k, t in code_statistics(counts).items()}
         if counts is not None and self.restart_after:
@@ -126,12 +115,12 @@ class VectorQuantizer(nn.Module):
     def _update(self, v: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         """One training step's state changes, from the global batch: code counts, the EMA codebook, dead-code
         restarts. Returns the global counts."""
-        onehot = F.one_hot(indices, self.codebook_size).to(v.dtype)
-        counts = sum_over_processes(onehot.sum(0))
+        # counts and sums by index, no [N, K] one-hot: the step's memory stays O(N + K x D)
+        counts = sum_over_processes(torch.bincount(indices, minlength=self.codebook_size).to(v.dtype))
         self.updates += 1
         self.last_used[counts > 0] = self.updates
         if self.ema_decay:
-            sums = sum_over_processes(onehot.t() @ v)
+            sums = sum_over_processes(v.new_zeros(self.codebook_size, v.shape[1]).index_add_(0, indices, v))
             self.cluster_size.mul_(self.ema_decay).add_(counts.to(self.cluster_size.dtype), alpha=1 - self.ema_decay)
             self.embed_sum.mul_(self.ema_decay).add_(sums.to(self.embed_sum.dtype), alpha=1 - self.ema_decay)
             n = self.cluster_size.sum()

@@ -193,6 +193,8 @@ class Trainer:
                                          acc.device, compiled=cfg.train.compile)
         self.objective.prepare(model)  # before DDP: which parameters train is fixed when it wraps them
         bottleneck = model.bottleneck() or build_bottleneck(self.ops)  # a tokenizer's quantizer, or the Gaussian
+        if hasattr(bottleneck, "use_lookup"):  # a VQ: the fused nearest-code op under train.ops=triton
+            bottleneck.use_lookup(self.ops.vector_quantize)
         forward = TrainForward(model, bottleneck, self.objective)
         if cfg.train.compile:  # in place; DDP then wraps the compiled module: one graph from images to
             # loss, DDP's own Python outside it (compiling through DDP broke the graph in its _pre_forward logger)

@@ -8,8 +8,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import fastvae.quantizers as quantizers
-from fastvae.quantizers import FSQ, LFQ, VectorQuantizer, build_quantizer, nearest_codes
+import fastvae.losses as losses
+from fastvae.losses import nearest_codes
+from fastvae.quantizers import FSQ, LFQ, VectorQuantizer, build_quantizer
 
 
 def latents(seed=0, shape=(4, 6, 3, 3)):
@@ -80,7 +81,7 @@ def test_the_search_in_chunks_equals_one_block(monkeypatch):
     g = torch.Generator().manual_seed(4)
     vectors, codebook = torch.randn(1000, 8, generator=g), torch.randn(300, 8, generator=g)
     whole = nearest_codes(vectors, codebook)
-    monkeypatch.setattr(quantizers, "DISTANCE_BUDGET", 300 * 4 * 7)  # 7 vectors at a time
+    monkeypatch.setattr(losses, "DISTANCE_BUDGET", 300 * 4 * 7)  # 7 vectors at a time
     assert torch.equal(nearest_codes(vectors, codebook), whole)
 
 
