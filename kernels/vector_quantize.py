@@ -72,11 +72,12 @@ def _nearest_code_kernel(v_ptr, codes_ptr, code_norms_ptr, index_ptr, q_ptr, dis
 
 def tile_settings(n_vectors: int, code_dim: int, on_gpu: bool) -> dict:
     """BLOCK_N vectors x BLOCK_K codes per step, the dot product in BLOCK_D slices (tl.dot needs >= 16 on
-    each side). GPU: 64 x 64 tiles, 4 warps (tools/compile_kernels.py checks they do not spill on sm_80 /
-    sm_90). Interpreter: each program costs milliseconds, so 128-vector programs."""
-    block_d = min(64, max(16, triton.next_power_of_2(code_dim)))
+    each side). GPU: 64 x 64 tiles in 16- or 32-wide slices, 8 warps: about 200 registers and no spill on
+    sm_80 / sm_90, where 4 warps or 64-wide slices spill (tools/compile_kernels.py checks it; the tile is
+    not tuned on a GPU yet). Interpreter: each program costs milliseconds, so 128-vector programs."""
+    block_d = min(32, max(16, triton.next_power_of_2(code_dim)))
     block_n = 64 if on_gpu else 128
-    return {"BLOCK_N": block_n, "BLOCK_K": 64, "BLOCK_D": block_d, "num_warps": 4}
+    return {"BLOCK_N": block_n, "BLOCK_K": 64, "BLOCK_D": block_d, "num_warps": 8}
 
 
 def _nearest_codes_triton(v: torch.Tensor, codes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

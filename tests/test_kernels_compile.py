@@ -22,7 +22,8 @@ def test_every_kernel_variant_compiles_for_sm80_and_sm90_without_spills(tmp_path
         mine = [r for r in rows if r["arch"] == arch]
         assert {(r["kernel"], r["shape"]) for r in mine} >= {
             ("reparam fwd", "256x200"), ("reparam bwd", "256x200"), ("reparam fwd", "128x2"), ("reparam bwd", "128x2"),
-            ("recon bce", "256x1x28x28"), ("recon mse", "256x3x64x64"), ("recon bce", "256x3x128x128")}
+            ("recon bce", "256x1x28x28"), ("recon mse", "256x3x64x64"), ("recon bce", "256x3x128x128"),
+            ("vq lookup", "32768x16384x8"), ("vq lookup", "8192x1024x256")}
         assert {r["dtype"] for r in mine} == {"fp32", "bf16", "fp16"}
         assert {r["variant"] for r in mine if r["kernel"].startswith("reparam")} == {
             "eps given", "in-kernel", "in-kernel keyed"}

@@ -4,7 +4,7 @@
 
 Each variant the launchers pick at the real shapes (reparam+KL B=256 D=200 and B=128 D=2; recon
 256x1x28x28, 256x3x64x64, 256x3x128x128; fp32/bf16/fp16; eps given, drawn in-kernel, keyed per
-row) is compiled by triton.compile for an explicit GPUTarget (no driver, no GPU needed), and the
+row; the nearest-code lookup at LlamaGen's 32768 vectors x 16384 codes x 8 and at 1024 x 256) is compiled by triton.compile for an explicit GPUTarget (no driver, no GPU needed), and the
 PTX goes through the ptxas Triton ships (`-v`): registers, spills and shared memory per variant.
 A table is printed; exit 1 if any variant fails to compile or spills. Tiles are the launchers'
 own (fastvae.kernels.utils.tile_settings) for an A100 (108 SMs, sm_80) and an H100 (132, sm_90).
@@ -29,7 +29,7 @@ import triton.language as tl  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from fastvae.kernels import recon_loss, reparam_kl  # noqa: E402
+from fastvae.kernels import recon_loss, reparam_kl, vector_quantize  # noqa: E402
 from fastvae.kernels.utils import per_sample_dtype, tile_settings  # noqa: E402
 
 SMS = {80: 108, 90: 132}  # A100, H100
@@ -72,6 +72,25 @@ def recon_variants():
                     "variant": f"target {TL_NAME[target]}"}, recon_loss._forward_kernel, sig, consts, (shape[0], n))
 
 
+VQ_SHAPES = [(32768, 16384, 8), (8192, 1024, 256), (4096, 1024, 4)]  # (N vectors, K codes, D): LlamaGen's, VQGAN's
+
+
+def vq_variants():
+    for n, k, d in VQ_SHAPES:
+        sig = {"v_ptr": "*fp32", "codes_ptr": "*fp32", "code_norms_ptr": "*fp32", "index_ptr": "*i64", "q_ptr": "*fp32",
+               "distance_ptr": "*fp32", "N": "i32", "K": "i32", "D": "i32"}
+        yield ({"kernel": "vq lookup", "shape": f"{n}x{k}x{d}", "dtype": "fp32", "variant": "codes x vectors"},
+               vector_quantize._nearest_code_kernel, sig, {"ACC": tl.float32},
+               lambda sms, d=d, n=n: vector_quantize.tile_settings(n, d, on_gpu=True), (n, k, d))
+
+
+def fused_op_variants():
+    """Every variant with its tile (for a GPU of `sms` SMs) and its integer arguments."""
+    for row, kernel, sig, consts, (n_rows, n_cols) in [*reparam_variants(), *recon_variants()]:
+        yield row, kernel, sig, consts, lambda sms, r=n_rows, c=n_cols: tile_settings(r, c, sms), (n_rows, n_cols)
+    yield from vq_variants()
+
+
 def widest_load_bytes(ptx: str) -> int:
     """Bytes of the widest global load in the PTX (ld.global.v4.b32 = 16: fully vectorized)."""
     widths = [int(v or 1) * int(bits) // 8 for v, bits in
@@ -97,13 +116,14 @@ def ptxas_report(ptx: str, arch: int) -> dict:
 def compile_all(archs: list[int]) -> list[dict]:
     rows, done = [], {}
     for arch in archs:
-        for row, kernel, sig, consts, (n_rows, n_cols) in [*reparam_variants(), *recon_variants()]:
-            settings = tile_settings(n_rows, n_cols, SMS[arch])
-            signature = {**sig, **{k: "constexpr" for k in (*consts, "BLOCK_B", "BLOCK_N")}}
-            constexprs = {**consts, "BLOCK_B": settings["BLOCK_B"], "BLOCK_N": settings["BLOCK_N"]}
+        for row, kernel, sig, consts, tile, int_args in fused_op_variants():
+            settings = tile(SMS[arch])
+            blocks = {k: v for k, v in settings.items() if k.startswith("BLOCK_")}
+            signature = {**sig, **{k: "constexpr" for k in (*consts, *blocks)}}
+            constexprs = {**consts, **blocks}
             # what the JIT specializes at launch: torch's allocations are 16-byte aligned, and an int
             # argument divisible by 16 is marked so (B=256, N=784 are; D=200 is not)
-            ints = iter((n_rows, n_cols))
+            ints = iter(int_args)
             attrs = {(i,): [["tt.divisibility", 16]] for i, kind in enumerate(sig.values())
                      if kind.startswith("*") or (kind == "i32" and next(ints) % 16 == 0)}
             key = (arch, kernel.fn.__qualname__, kernel.fn.__module__, tuple(sorted(sig.items())),
@@ -113,7 +133,7 @@ def compile_all(archs: list[int]) -> list[dict]:
                                           options={"num_warps": settings["num_warps"]})
                 done[key] = {**ptxas_report(compiled.asm["ptx"], arch),
                              "load_bytes": widest_load_bytes(compiled.asm["ptx"])}
-            rows.append({"arch": f"sm_{arch}", **row, "tile": f"{settings['BLOCK_B']}x{settings['BLOCK_N']}",
+            rows.append({"arch": f"sm_{arch}", **row, "tile": "x".join(str(v) for v in blocks.values()),
                          "num_warps": settings["num_warps"], **done[key]})
     return rows
 
