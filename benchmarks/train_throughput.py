@@ -13,6 +13,10 @@ fp32, NCHW, the discriminator and both gradient norms computed every step (LDM, 
 a zero weight), one optimizer step for each network. Both phases: before disc.start and after.
 Each row also gives the step's FLOPs (torch.utils.flop_counter) and the GFLOP/s it achieved.
 
+vq: the same for a tokenizer (diffusers' Encoder/Decoder blocks around a VQ of 16,384 codes looked up
+in 8 l2-normalized dimensions, LlamaGen's), against the plain step with vector-quantize-pytorch's
+VectorQuantize in place of fastvae's quantizer, written the taming-transformers way (as the kl peer).
+
 loop: whole epochs on the embedded MNIST (4,500 images, batch 128), data loading included:
 `Trainer.fit()` with the torch DataLoader or the in-memory loader, against the plain loop over
 shuffled batches of the in-memory tensor. images/s is what fastvae writes to metrics.jsonl (the
@@ -22,7 +26,7 @@ reported beside it.
 Every row is a ratio to its baseline, interleaved and repeated, with its peak memory (CUDA max
 allocated, or the growth of the process's peak RSS while the case ran: a lower bound on CPU).
 
-    python benchmarks/train_throughput.py [--parts step loop kl] [--repeats 5] [--steps 3] [--modes eager compiled]
+    python benchmarks/train_throughput.py [--parts step loop kl vq] [--repeats 5] [--steps 3] [--modes eager compiled]
         [--precisions fp32 bf16] [--formats contiguous channels_last] [--kl-size 64] [--kl-modes eager compiled]
         [--json PATH]
 """
@@ -198,7 +202,7 @@ class DiffusersScriptStep:
     def __init__(self, model, lpips, x, disc_active: bool) -> None:
         from fastvae.discriminator import NLayerDiscriminator
 
-        self.vae = copy.deepcopy(model.vae).train().to(memory_format=torch.contiguous_format)
+        self.vae = self.copy_model(model)
         self.lpips, self.x, self.factor = lpips, x.contiguous() * 2 - 1, 1.0 if disc_active else 0.0
         torch.manual_seed(0)
         self.disc = NLayerDiscriminator(x.shape[1])
@@ -206,25 +210,69 @@ class DiffusersScriptStep:
         self.opt_d = torch.optim.Adam(self.disc.parameters(), lr=1e-4, betas=(0.5, 0.9))
         self.logvar = torch.zeros(())
 
+    def copy_model(self, model):
+        return copy.deepcopy(model.vae).train().to(memory_format=torch.contiguous_format)
+
+    def autoencode(self, x):
+        """(x_hat, the bottleneck's weighted loss)."""
+        posterior = self.vae.encode(x).latent_dist
+        return self.vae.decode(posterior.sample()).sample, 1e-6 * torch.sum(posterior.kl()) / len(x)
+
     def __call__(self) -> None:
         x = self.x
-        posterior = self.vae.encode(x).latent_dist
-        x_hat = self.vae.decode(posterior.sample()).sample
+        x_hat, regularizer = self.autoencode(x)
         rec = (x - x_hat).abs() + self.lpips(x, x_hat)
         nll = torch.sum(rec / torch.exp(self.logvar) + self.logvar) / len(x)
-        kl = torch.sum(posterior.kl()) / len(x)
         g_loss = -torch.mean(self.disc(x_hat))
         last = self.vae.decoder.conv_out.weight
         nll_grad = torch.autograd.grad(nll, last, retain_graph=True)[0]
         g_grad = torch.autograd.grad(g_loss, last, retain_graph=True)[0]
         d_weight = torch.clamp(nll_grad.norm() / (g_grad.norm() + 1e-4), 0.0, 1e4).detach() * 0.5
-        (nll + 1e-6 * kl + d_weight * self.factor * g_loss).backward()
+        (nll + regularizer + d_weight * self.factor * g_loss).backward()
         self.opt_g.step()
         self.opt_g.zero_grad(set_to_none=True)
         d_loss = self.factor * losses.hinge_d_loss(self.disc(x.detach()), self.disc(x_hat.detach()))
         d_loss.backward()
         self.opt_d.step()
         self.opt_d.zero_grad(set_to_none=True)
+
+
+# LlamaGen's lookup (16,384 codes in 8 l2-normalized dimensions; 64 px: 256 tokens per image) with an EMA codebook:
+# vector-quantize-pytorch has no learned cosine codebook ("not compatible with learnable codebook yet")
+VQ_QUANTIZER = {"codebook_size": 16384, "code_dim": 8, "l2": True, "ema_decay": 0.99}
+
+
+def vq_overrides(size: int, lpips_path: str, disc_active: bool) -> list[str]:
+    """The kl rows' workload with the KL bottleneck replaced by a VQ (the quantizer's loss x 1, as taming)."""
+    kl = [o for o in kl_overrides(size, lpips_path, disc_active) if not o.startswith(("model.name", "loss.beta"))]
+    return [*kl, "model.name=vq_autoencoder", "loss.beta=1.0", "quantizer.kind=vq",
+            *(f"quantizer.{k}={str(v).lower()}" for k, v in VQ_QUANTIZER.items())]
+
+
+class VQScriptStep(DiffusersScriptStep):
+    """The same step for a tokenizer, its quantizer vector-quantize-pytorch's VectorQuantize (what tokenizer
+    code imports; an EMA cosine codebook in 8 dimensions, straight-through): the taming-transformers /
+    LlamaGen way, which computes the adaptive weight and D(x_hat) every step as LDM does. The encoder and
+    decoder are fastvae's model's, copied."""
+
+    def __init__(self, model, lpips, x, disc_active: bool) -> None:
+        from vector_quantize_pytorch import VectorQuantize
+
+        super().__init__(model, lpips, x, disc_active)
+        torch.manual_seed(0)
+        self.vq = VectorQuantize(dim=model.latent_shape[0], codebook_size=VQ_QUANTIZER["codebook_size"],
+                                 codebook_dim=VQ_QUANTIZER["code_dim"], use_cosine_sim=VQ_QUANTIZER["l2"],
+                                 decay=VQ_QUANTIZER["ema_decay"], accept_image_fmap=True, commitment_weight=0.25,
+                                 rotation_trick=False).to(x.device)
+        self.vae.quantizer = None  # fastvae's own: not in this step
+        self.opt_g = torch.optim.Adam([*self.vae.parameters(), *self.vq.parameters()], lr=1e-4, betas=(0.5, 0.9))
+
+    def copy_model(self, model):
+        return copy.deepcopy(model).train().to(memory_format=torch.contiguous_format)
+
+    def autoencode(self, x):  # x in [-1, 1]: the blocks themselves, not fastvae's encode/decode of [0, 1] images
+        quantized, _, loss = self.vq(self.vae.quant_conv(self.vae.encoder(x)))
+        return self.vae.decoder(self.vae.post_quant_conv(quantized)), loss
 
 
 def kl_trainer_step(overrides: list[str], x, out_dir: Path):
@@ -246,13 +294,19 @@ def step_flops(fn) -> float:
     return counter.get_total_flops()
 
 
-def kl_cases(args, device, tmp: Path, disc_active: bool, lpips_path: str) -> dict:
+AUTOENCODERS = {  # part: (its overrides, the plain step, the plain step's name)
+    "kl": (kl_overrides, DiffusersScriptStep, "plain PyTorch, the diffusers script's way, fp32"),
+    "vq": (vq_overrides, VQScriptStep, "plain PyTorch + vector-quantize-pytorch, the taming way, fp32"),
+}
+
+
+def kl_cases(args, device, tmp: Path, disc_active: bool, lpips_path: str, part: str = "kl") -> dict:
     torch.manual_seed(0)
     x = torch.rand(KL_BATCH, 3, args.kl_size, args.kl_size, device=device)
-    common = [*kl_overrides(args.kl_size, lpips_path, disc_active), f"train.cpu={device.type == 'cpu'}"]
+    overrides, plain_step, plain_name = AUTOENCODERS[part]
+    common = [*overrides(args.kl_size, lpips_path, disc_active), f"train.cpu={device.type == 'cpu'}"]
     first, step = kl_trainer_step([*common, "train.mixed_precision=no"], x, tmp / "peer_source")
-    cases = {"plain PyTorch, the diffusers script's way, fp32": DiffusersScriptStep(
-        first.raw_model, first.objective.perceptual, x, disc_active)}
+    cases = {plain_name: plain_step(first.raw_model, first.objective.perceptual, x, disc_active)}
     cases["fastvae train_step fp32 channels_last"] = step
     for precision in [p for p in args.precisions if p != "fp32"]:
         _, cases[f"fastvae train_step {precision} channels_last"] = kl_trainer_step(
@@ -269,7 +323,7 @@ def kl_cases(args, device, tmp: Path, disc_active: bool, lpips_path: str) -> dic
     return cases
 
 
-def run_kl(args, device, tmp: Path) -> list[dict]:
+def run_kl(args, device, tmp: Path, part: str = "kl") -> list[dict]:
     from fastvae.perceptual import BACKBONE_FILES, hub_checkpoints
 
     lpips_path = args.lpips_weights or str(hub_checkpoints() / BACKBONE_FILES["vgg"])
@@ -278,8 +332,8 @@ def run_kl(args, device, tmp: Path) -> list[dict]:
     rows = []
     torch._dynamo.config.recompile_limit = 64  # every compiled row's model shares nn.Module's call (step_cases)
     for phase, active in KL_PHASES.items():
-        print(f"kl autoencoder {args.kl_size} px, {phase}: building the steps...", flush=True)
-        cases = kl_cases(args, device, tmp / phase.replace(" ", "_"), active, lpips_path)
+        print(f"{part} autoencoder {args.kl_size} px, {phase}: building the steps...", flush=True)
+        cases = kl_cases(args, device, tmp / f"{part}_{phase.replace(' ', '_')}", active, lpips_path, part)
         flops = {name: step_flops(fn) for name, fn in cases.items()}
         meters = {name: PeakMemory(device) for name in cases}
         samples = interleaved({n: measured(fn, meters[n]) for n, fn in cases.items()}, device,
@@ -287,7 +341,8 @@ def run_kl(args, device, tmp: Path) -> list[dict]:
         peer = summarize(samples[next(iter(cases))])["median_s"]
         for name, times in samples.items():
             s = summarize(times)
-            rows.append({"part": "kl", "workload": f"AutoencoderKL {KL_CHANNELS} {args.kl_size}px, {phase}",
+            model = "AutoencoderKL" if part == "kl" else f"VQ {VQ_QUANTIZER['codebook_size']}x{VQ_QUANTIZER['code_dim']} l2"
+            rows.append({"part": part, "workload": f"{model} {KL_CHANNELS} {args.kl_size}px, {phase}",
                          "variant": name, "batch": KL_BATCH, **s, "ms": s["median_s"] * 1e3,
                          "images_per_s": KL_BATCH / s["median_s"], "x_baseline": peer / s["median_s"],
                          "peak_MB": meters[name].peak / 2**20, "gflop": flops[name] / 1e9,
@@ -380,7 +435,7 @@ def run_loop(args, device, tmp: Path) -> list[dict]:
 
 def main(argv=None) -> None:
     parser = base_parser(__doc__.splitlines()[0])
-    parser.add_argument("--parts", nargs="*", default=["step", "loop"], choices=["step", "loop", "kl"])
+    parser.add_argument("--parts", nargs="*", default=["step", "loop"], choices=["step", "loop", "kl", "vq"])
     parser.add_argument("--kl-size", type=int, default=64, help="image size of the kl rows (256: kl-f8's, a GPU's)")
     parser.add_argument("--kl-modes", nargs="*", default=["eager"], choices=["eager", "compiled"],
                         help="kl rows: eager, and train.compile=true (minutes of compilation on a CPU)")
@@ -405,8 +460,8 @@ def main(argv=None) -> None:
             rows += run_steps(args, device, Path(tmp))
         if "loop" in args.parts:
             rows += run_loop(args, device, Path(tmp))
-        if "kl" in args.parts:
-            rows += run_kl(args, device, Path(tmp))
+        for part in [p for p in ("kl", "vq") if p in args.parts]:
+            rows += run_kl(args, device, Path(tmp), part)
     print()
     steps = [r for r in rows if r["part"] == "step"]
     if steps:
@@ -414,9 +469,9 @@ def main(argv=None) -> None:
         print_table(steps, [("workload", "workload", ""), ("variant", "variant", ""), ("batch", "batch", "d"),
                             ("ms", "step ms", ".1f"), ("images_per_s", "images/s", ".0f"),
                             ("x_baseline", "x plain", ".2f"), ("peak_MB", "peak MB", ".0f")])
-    kls = [r for r in rows if r["part"] == "kl"]
+    kls = [r for r in rows if r["part"] in ("kl", "vq")]
     if kls:
-        print(f"\nkl autoencoder step, device {device}: {args.repeats} interleaved repeats, median; x plain: the "
+        print(f"\nautoencoder steps (kl, vq), device {device}: {args.repeats} interleaved repeats, median; x plain: the "
               f"plain step of the same phase")
         print_table(kls, [("workload", "workload", ""), ("variant", "variant", ""), ("ms", "step ms", ".0f"),
                           ("images_per_s", "images/s", ".1f"), ("x_baseline", "x plain", ".2f"),
