@@ -10,6 +10,9 @@ GPU the Triton kernels run under the interpreter (TRITON_INTERPRET=1), which
 checks parity but says nothing about speed: the table then times eager vs
 compiled on the CPU and leaves the Triton timing empty.
 
+The vector quantizer's lookup (forward + backward, fp32) is also timed against vector-quantize-pytorch's
+VectorQuantize layer, with each implementation's peak memory measured in a process of its own.
+
     python benchmarks/kernels.py [--quick] [--repeats 7] [--json results.json]
 """
 
@@ -123,6 +126,103 @@ def recon_cases(shape, kind: str, device, dtype) -> list[Case]:
     ]
 
 
+VQ_SIZES = [(8192, 1024, 256, False), (8192, 16384, 8, True), (32768, 16384, 8, False)]  # (N, K, D, l2 inputs)
+QUICK_VQ = [(2048, 1024, 256, False), (2048, 4096, 8, True)]
+VQ_PEER = "vector-quantize-pytorch"
+
+
+def vq_inputs(n: int, k: int, d: int, l2: bool, device):
+    g = torch.Generator(device="cpu").manual_seed(0)
+    v, codes = torch.randn(n, d, generator=g), torch.randn(k, d, generator=g)
+    if l2:  # l2-normalized vectors and codes (LlamaGen's lookup): the nearest code is the most similar one
+        v, codes = torch.nn.functional.normalize(v, dim=1), torch.nn.functional.normalize(codes, dim=1)
+    dq = torch.randn(n, d, generator=g)
+    return v.to(device).requires_grad_(True), codes.to(device).requires_grad_(True), dq.to(device)
+
+
+def vq_impls(v, codes, dq, on_gpu: bool) -> dict:
+    """name -> () -> (z_q, its loss's mean): fastvae's eager lookup, its kernel (timed on a GPU only: the
+    interpreter is no timing, tests/test_kernel_vector_quantize.py checks its parity), and the peer's
+    VectorQuantize layer (a learned codebook, straight-through, 0.25 x mse(z, e)): the same gradients as
+    fastvae's op with codebook and commitment weights 0.25 (docs/tokenizers.md)."""
+    from fastvae.kernels import fused_vector_quantize
+
+    impls = {"eager": lambda: losses.vector_quantize(v, codes, 0.25, 0.25)[::2]}
+    if on_gpu:
+        impls["triton"] = lambda: fused_vector_quantize(v, codes, 0.25, 0.25)[::2]
+    try:
+        from vector_quantize_pytorch import VectorQuantize
+    except ImportError:
+        return impls
+    peer = VectorQuantize(dim=v.shape[1], codebook_size=codes.shape[0], learnable_codebook=True, ema_update=False,
+                          rotation_trick=False, commitment_weight=0.25).to(v.device)
+    peer._codebook.embed = codes[None]  # the same codebook tensor, so the gradient lands on `codes`
+
+    def run_peer():
+        quantized, _, loss = peer(v[None])
+        return quantized[0], loss * 2  # its loss is 0.25 x mean ||z - e||^2 / D; fastvae's op counts both terms
+
+    impls[VQ_PEER] = run_peer
+    return impls
+
+
+def vq_cases(n: int, k: int, d: int, l2: bool, device, dtype) -> list[Case]:
+    v, codes, dq = vq_inputs(n, k, d, l2, device)
+    impls = vq_impls(v, codes, dq, device.type == "cuda")
+
+    def fwd_bwd(fn):
+        def run():
+            q, loss = fn()
+            return [q, *_grads((q * dq).sum() + loss.mean() / 2, (v, codes), None)]  # /2: one term's gradient each
+        return run
+
+    def ref():
+        v64, codes64 = v.detach().double().requires_grad_(True), codes.detach().double().requires_grad_(True)
+        q, _, loss = losses.vector_quantize(v64, codes64, 0.25, 0.25)
+        return [q, *_grads((q * dq.double()).sum() + loss.mean() / 2, (v64, codes64), None)]
+
+    size = f"N={n} K={k} D={d}{' l2' if l2 else ''}"
+    s = v.element_size()
+    # read the vectors and the codebook, write the codes (and indices): the lookup's minimum
+    fwd_bytes = 2 * n * d * s + k * d * s + 8 * n
+    return [Case("vector_quantize", size, "fwd+bwd", {name: fwd_bwd(f) for name, f in impls.items()}, ref,
+                 fwd_bytes + 3 * n * d * s + k * d * s)]
+
+
+def vq_peak_bytes(n: int, k: int, d: int, l2: bool, impl: str, device: str) -> int:
+    """Peak memory of one forward + backward of `impl`, above what its inputs hold; run in a fresh
+    process (CUDA: max allocated; CPU: the peak RSS, reset through /proc/self/clear_refs)."""
+    from harness import current_rss, peak_rss
+
+    case = vq_cases(n, k, d, l2, torch.device(device), torch.float32)[0]
+    fn = case.impls[impl]
+    if device == "cuda":
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        fn()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - before
+    before = current_rss()
+    open("/proc/self/clear_refs", "w").write("5")
+    fn()
+    return peak_rss() - before
+
+
+def vq_memory(sizes, device: torch.device) -> dict:
+    """(size, impl) -> peak bytes, each in its own process."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    peaks = {}
+    for n, k, d, l2 in sizes:
+        v, codes, dq = vq_inputs(2, 2, d, False, "cpu")
+        for impl in vq_impls(v, codes, dq, device.type == "cuda"):
+            with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+                peaks[(n, k, d, l2, impl)] = pool.submit(vq_peak_bytes, n, k, d, l2, impl, device.type).result()
+    return peaks
+
+
 def max_error(results: list[torch.Tensor], reference: list[torch.Tensor]) -> float:
     """Largest max_relative_error over the compared tensors."""
     return max(max_relative_error(a, r) for a, r in zip(results, reference))
@@ -165,6 +265,10 @@ def main(argv=None) -> None:
     for kind in ("bce", "mse"):
         for shape in QUICK_IMAGES if args.quick else IMAGE_SIZES:
             cases += recon_cases(shape, kind, device, dtype)
+    vq_sizes = (QUICK_VQ if args.quick else VQ_SIZES) if args.dtype == "float32" else []  # the lookup is fp32
+    for n, k, d, l2 in vq_sizes:
+        cases += vq_cases(n, k, d, l2, device, dtype)
+    peaks = vq_memory(vq_sizes, device)
 
     bandwidth = copy_bandwidth(device)
     on_gpu = device.type == "cuda"
@@ -184,7 +288,10 @@ def main(argv=None) -> None:
                          "time_us": t * 1e6 if t else None, "GB_per_s": gbps,
                          "frac_copy_bw": gbps / bandwidth if gbps else None,
                          "speedup_vs_eager": times["eager"] / t if t else None,
-                         "max_rel_error_vs_fp64": error, "min_bytes": case.min_bytes})
+                         "max_rel_error_vs_fp64": error, "min_bytes": case.min_bytes,
+                         "peak_MB": next((b / 2**20 for (n, k, d, l2, impl), b in peaks.items()
+                                          if impl == name and case.op == "vector_quantize"
+                                          and case.size == f"N={n} K={k} D={d}{' l2' if l2 else ''}"), None)})
     print()
 
     def show(value, fmt):
@@ -192,10 +299,12 @@ def main(argv=None) -> None:
 
     table = [{**r, **{k: show(r[k], f) for k, f in (("time_us", ".1f"), ("GB_per_s", ".2f"),
                                                       ("frac_copy_bw", ".3f"), ("speedup_vs_eager", ".2f"),
-                                                      ("max_rel_error_vs_fp64", ".1e"))}} for r in rows]
+                                                      ("max_rel_error_vs_fp64", ".1e"), ("peak_MB", ".0f"))}}
+             for r in rows]
     print_table(table, [("op", "op", ""), ("size", "size", ""), ("mode", "mode", ""), ("impl", "impl", ""),
                         ("time_us", "time us", ""), ("GB_per_s", "GB/s", ""), ("frac_copy_bw", "of copy bw", ""),
-                        ("speedup_vs_eager", "x eager", ""), ("max_rel_error_vs_fp64", "max err", "")])
+                        ("speedup_vs_eager", "x eager", ""), ("max_rel_error_vs_fp64", "max err", ""),
+                        ("peak_MB", "peak MB", "")])
     write_json(args.json, {"benchmark": "kernels", "device": str(device), "dtype": args.dtype,
                            "triton_timed": on_gpu, "copy_bandwidth_GB_per_s": bandwidth, "results": rows})
 

@@ -14,7 +14,6 @@ The discriminator is active (its forward and backward are in the step), fp32 unl
 from __future__ import annotations
 
 import json
-import resource
 import subprocess
 import sys
 import tempfile
@@ -22,24 +21,12 @@ from pathlib import Path
 
 import torch
 
-from harness import base_parser, print_table, random_backbone, write_json  # noqa: E402
+from harness import base_parser, current_rss, peak_rss, print_table, random_backbone, write_json  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 VARIANTS = {"plain PyTorch, the diffusers script's way": [],
             "fastvae train_step": [],
             "fastvae train_step, gradient checkpointing": ["train.gradient_checkpointing=true"]}
-
-
-def current_rss() -> int:
-    with open("/proc/self/statm") as fh:
-        return int(fh.read().split()[1]) * resource.getpagesize()
-
-
-def peak_rss() -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmHWM in /proc/self/status")
 
 
 def one_case(variant: str, size: int, batch: int, precision: str, device: torch.device) -> dict:
