@@ -7,8 +7,8 @@ Trainer has only for disc.weight > 0: the plain ELBO step has no GAN code on its
   frozen discriminator, weighed by LDM's adaptive weight ||grad NLL|| / (||grad G|| + 1e-4) at the
   decoder's last layer. Those gradients are averaged over all processes before their norms are taken:
   LDM takes them per rank, so on 8 GPUs it does not train what one GPU trains; here N x B/N does.
-  `adversarial_gradient` runs LPIPS's and the discriminator's backward once per step;
-  `adversarial_loss` is LDM's way (twice), what a compiled step takes.
+  `adversarial_gradient` runs LPIPS's and the discriminator's backward once per step, eager or
+  compiled; `adversarial_loss` is LDM's way (twice), the tested reference of the same numbers.
 - `step(real, fake)`, called by train_step after the generator's optimizer step: the discriminator's
   loss on the same batch (the real images and the reconstructions the generator's step made,
   detached) and its optimizer step. LDM recomputes the reconstructions with the updated generator;
@@ -40,9 +40,8 @@ def global_adaptive_weight(nll_grad: torch.Tensor, g_grad: torch.Tensor, weight:
 def adversarial_term(disc, x_hat: torch.Tensor, nll_loss: torch.Tensor, last_layer: torch.Tensor, weight: float,
                      factor: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(d_weight x factor x G, G, d_weight), LDM's way: both last-layer gradients from the losses (each a
-    backward through LPIPS or the discriminator, kept for the total loss's backward). What a compiled
-    model (train.compile) takes: there x_hat and the loss can be one compiled graph, with no gradient at
-    x_hat to start from (adversarial_gradient); the gradients are averaged over all processes first."""
+    backward through LPIPS or the discriminator, kept for the total loss's backward): the reference
+    adversarial_gradient is tested against; the gradients are averaged over all processes first."""
     g_loss = losses.generator_adversarial_loss(disc(x_hat.contiguous()).float())
     nll_grad, = torch.autograd.grad(nll_loss, last_layer, retain_graph=True)
     g_grad, = torch.autograd.grad(g_loss, last_layer, retain_graph=True)
@@ -68,9 +67,26 @@ def adversarial_gradient(disc, x_hat: torch.Tensor, nll_grad: torch.Tensor, last
     return d_weight * factor * g_grad, g_loss.detach(), d_weight
 
 
+def graph_break(module, args) -> None:
+    torch._dynamo.graph_break()  # (nothing outside torch.compile)
+
+
+def last_layer_in_a_graph_of_its_own(model: torch.nn.Module) -> None:
+    """In a compiled step, the model's last layer (whose gradients the adaptive weight takes twice)
+    is a compiled graph of its own: torch.compile breaks the graph before it (a forward pre-hook), so
+    asking autograd for its weight's gradient runs that layer's backward alone, not the whole
+    decoder's compiled backward (measured on the KL autoencoder, fp32, a CPU: the compiled adversarial
+    step 1.3x slower without it, benchmarks/train_throughput.py --parts kl --kl-modes compiled)."""
+    last = model.last_layer()
+    owner = next((m for m in model.modules() if any(p is last for p in m.parameters(recurse=False))), None)
+    if owner is not None:
+        owner.register_forward_pre_hook(graph_break)
+
+
 def allow_repeated_backward() -> None:
-    """A compiled step takes the adaptive weight LDM's way, backpropagating twice more through compiled
-    graphs, which torch's donated buffers (freed after one backward) forbid: they are switched off."""
+    """The last layer's compiled graph runs its backward three times in an adversarial step (the two
+    gradients of the adaptive weight, then the loss's), which torch's donated buffers (freed after one
+    backward) forbid: they are switched off."""
     import torch._functorch.config as functorch_config
 
     functorch_config.donated_buffer = False
@@ -128,7 +144,7 @@ class Critic:
     def adversarial_loss(self, x_hat: torch.Tensor, nll_loss: torch.Tensor, last_layer):
         """The generator's side LDM's way, as a loss term (d_weight x factor x G, logged terms): both
         last-layer gradients taken from the losses, so LPIPS and the discriminator run their backward
-        twice; what a compiled graph from images to loss can take (no gradient at x_hat to start from)."""
+        twice (LDMLoss(backward_once=False): the reference the one-backward way is tested against)."""
         term, g_loss, d_weight = adversarial_term(self.raw, x_hat, nll_loss, last_layer, self.weight, self.factor)
         return term, {"g_loss": g_loss, "d_weight": d_weight}
 

@@ -26,7 +26,7 @@ from fastvae import checkpoint, noise, reports
 from fastvae.conditions import conditioning_of, names_from_data
 from fastvae.config import Config, image_hw, to_dict
 from fastvae.bottleneck import build_bottleneck
-from fastvae.critic import Critic, allow_repeated_backward, build_discriminator
+from fastvae.critic import Critic, allow_repeated_backward, build_discriminator, last_layer_in_a_graph_of_its_own
 from fastvae.data import build_datasets
 from fastvae.data.loaders import build_train_loader, dropped_images_notice
 from fastvae.data.memory import decoded_once
@@ -190,7 +190,7 @@ class Trainer:
         model.to(acc.device)  # before the optimizer: fused Adam needs its parameters on the GPU
         discriminator = self._discriminator(model)  # (drawn after the model and before LPIPS, as always)
         self.objective = build_objective(cfg, self.ops.recon_loss, len(self.train_set), acc.num_processes,
-                                         acc.device, compiled=cfg.train.compile)
+                                         acc.device)
         self.objective.prepare(model)  # before DDP: which parameters train is fixed when it wraps them
         bottleneck = model.bottleneck() or build_bottleneck(self.ops)  # a tokenizer's quantizer, or the Gaussian
         if hasattr(bottleneck, "use_lookup"):  # a VQ: the fused nearest-code op under train.ops=triton
@@ -200,6 +200,7 @@ class Trainer:
             # loss, DDP's own Python outside it (compiling through DDP broke the graph in its _pre_forward logger)
             forward.compile(mode=None if cfg.train.compile_mode == "default" else cfg.train.compile_mode)
             if discriminator is not None:
+                last_layer_in_a_graph_of_its_own(model)
                 allow_repeated_backward()
         optimizer = build_optimizer(cfg, model.parameters(), acc.device)
         self.model, self.optimizer = acc.prepare(forward, optimizer)  # prepared first: model.safetensors

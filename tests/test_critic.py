@@ -80,3 +80,30 @@ def test_two_processes_give_the_adversarial_gradient_of_one(tmp_path, per_rank_w
             assert not torch.allclose(grad, one, rtol=1e-4, atol=1e-6)
         else:
             torch.testing.assert_close(grad, one, rtol=1e-10, atol=1e-12)
+
+
+def test_the_last_layer_is_a_compiled_graph_of_its_own():
+    """torch.compile breaks the graph before the model's last layer (a pre-hook), so the adaptive weight's
+    two gradients of its weight run that layer's backward alone; outside torch.compile nothing changes."""
+    from fastvae.critic import last_layer_in_a_graph_of_its_own
+
+    class Model(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body, self.head = torch.nn.Linear(4, 4), torch.nn.Linear(4, 2)
+
+        def last_layer(self):
+            return self.head.weight
+
+        def forward(self, x):
+            return self.head(torch.relu(self.body(x)))
+
+    model, x = Model(), torch.randn(3, 4)
+    before = model(x)
+    torch._dynamo.reset()
+    assert torch._dynamo.explain(model)(x).graph_break_count == 0
+    last_layer_in_a_graph_of_its_own(model)
+    torch.testing.assert_close(model(x), before)
+    torch._dynamo.reset()
+    explanation = torch._dynamo.explain(model)(x)
+    assert explanation.graph_break_count == 1 and explanation.graph_count == 2

@@ -89,11 +89,11 @@ def test_the_nll_is_l2_when_asked_and_gradchecks():
                                                                                       .requires_grad_(), logvar))
 
 
-@pytest.mark.parametrize("compiled", [False, True])
-def test_the_autoencoder_loss_with_lpips_and_critic_is_ldms(tmp_path_factory, compiled):
+@pytest.mark.parametrize("ldm_way", [False, True])
+def test_the_autoencoder_loss_with_lpips_and_critic_is_ldms(tmp_path_factory, ldm_way):
     """fastvae's LDM objective with the real Critic (float32, real LPIPS with random VGG weights, a
     PatchGAN) against the float64 transcription on the same numbers (the LPIPS distances and logits
-    computed once, in float64); both ways: each backward once (eager), LDM's (compiled steps)."""
+    computed once, in float64); both ways: each backward once (fastvae's), LDM's (the reference)."""
     from fastvae.critic import Critic
     from fastvae.objectives import LDMLoss
     from fastvae.perceptual import load_lpips
@@ -111,10 +111,10 @@ def test_the_autoencoder_loss_with_lpips_and_critic_is_ldms(tmp_path_factory, co
     backward_runs = {"lpips": 0, "disc": 0}
     hooks = [net.register_full_backward_hook(lambda *_, name=name: backward_runs.__setitem__(
         name, backward_runs[name] + 1)) for name, net in (("lpips", lpips), ("disc", disc))]
-    loss, recon, _, terms, _ = LDMLoss("l1", lpips, 1.0, learn_logvar=True, backward_once=not compiled)(
+    loss, recon, _, terms, _ = LDMLoss("l1", lpips, 1.0, learn_logvar=True, backward_once=not ldm_way)(
         model, x, kl_latent(kl), output, torch.tensor(1e-6), None, critic)
     ours = torch.autograd.grad(loss, [W, model.nll_logvar], retain_graph=True)
-    assert backward_runs == ({"lpips": 2, "disc": 2} if compiled else {"lpips": 1, "disc": 1})
+    assert backward_runs == ({"lpips": 2, "disc": 2} if ldm_way else {"lpips": 1, "disc": 1})
     for hook in hooks:
         hook.remove()
     x_pm = x * 2 - 1

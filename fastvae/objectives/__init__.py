@@ -34,13 +34,12 @@ def objective_class(loss) -> type[Objective]:
     return Elbo
 
 
-def build_objective(cfg, recon_loss, dataset_size: int, processes: int = 1, device=None,
-                    compiled: bool = False) -> Objective:
+def build_objective(cfg, recon_loss, dataset_size: int, processes: int = 1, device=None) -> Objective:
     """The objective of cfg.loss. recon_loss: the reconstruction op of train.ops; dataset_size: the
-    training images (beta-TCVAE's N); compiled: the step is compiled (train.compile)."""
+    training images (beta-TCVAE's N)."""
     loss, cls = cfg.loss, objective_class(cfg.loss)
     if cls is LDMLoss:
-        return _ldm(cfg, device, compiled)
+        return _ldm(cfg, device)
     common = {"recon_loss": recon_loss, "kind": loss.recon, "recon_weight": loss.recon_weight,
               "optimal_sigma": loss.sigma == "optimal", "logvar_init": loss.logvar_init,
               "learn_logvar": loss.learn_logvar}
@@ -56,7 +55,7 @@ def build_objective(cfg, recon_loss, dataset_size: int, processes: int = 1, devi
     return Elbo(**common)
 
 
-def _ldm(cfg, device, compiled: bool) -> LDMLoss:
+def _ldm(cfg, device) -> LDMLoss:
     """LDM's loss: LPIPS loaded from its weights file (never downloaded)."""
     from fastvae.config import image_hw
     from fastvae.perceptual import check_image_size, load_lpips
@@ -68,5 +67,4 @@ def _ldm(cfg, device, compiled: bool) -> LDMLoss:
         check_image_size(perceptual, loss.lpips_net, cfg.data.channels, *image_hw(cfg.data))
         if device is not None:
             perceptual.to(device)
-    return LDMLoss(loss.pixel, perceptual, loss.perceptual_weight, loss.logvar_init, loss.learn_logvar,
-                   backward_once=not compiled)
+    return LDMLoss(loss.pixel, perceptual, loss.perceptual_weight, loss.logvar_init, loss.learn_logvar)

@@ -11,8 +11,8 @@ Gradients flow through LPIPS into the decoder (diffusers' research script comput
 tests/test_kl_autoencoder.py checks that they reach it). The adversarial term and its adaptive weight
 are the critic's (fastvae/critic.py), called here when train_step hands this step the critic; with it,
 LPIPS and the discriminator run their backward once per step (LDM: twice, for the adaptive weight and
-again in the total loss's backward), except in a compiled step, which keeps LDM's way (the loss and
-x_hat are one compiled graph there, with no gradient at x_hat to start from).
+again in the total loss's backward), in a compiled step too (each autograd.grad call is a graph break
+there, and the last layer a graph of its own: fastvae.critic.last_layer_in_a_graph_of_its_own).
 """
 
 from __future__ import annotations
@@ -26,7 +26,8 @@ from fastvae.perceptual import lpips_distance
 
 
 class LDMLoss(Objective):
-    """perceptual: LPIPS (fastvae.perceptual.load_lpips) or None; backward_once: False in a compiled step."""
+    """perceptual: LPIPS (fastvae.perceptual.load_lpips) or None; backward_once=False: LDM's way (each
+    backward twice), the reference the default is tested against."""
 
     trains_logvar = True
     measures_test_loss = True  # nll + beta x KL on test images (LPIPS and the log-variance included)
@@ -53,8 +54,6 @@ class LDMLoss(Objective):
         rec = losses.autoencoder_reconstruction(x_pm, x_hat, self.pixel, distance, self.perceptual_weight)
         nll = losses.autoencoder_nll(rec, logvar.float())
         nll_loss = nll.mean()  # LDM: sum / batch size
-        kl_term = beta * latent.regularizer.float().mean()
-        loss = nll_loss + kl_term
         terms = {"nll": nll_loss.detach(), "logvar": logvar.detach().float(),
                  "pixel": (x_pm - x_hat).abs().mean().detach() if self.pixel == "l1"
                  else (x_pm - x_hat).pow(2).mean().detach()}
@@ -63,19 +62,25 @@ class LDMLoss(Objective):
         if critic is not None and not self.backward_once:
             adversarial, critic_terms = critic.adversarial_loss(x_hat, nll_loss, model.last_layer())
             terms.update(critic_terms)
-            loss = loss + adversarial
+            loss = nll_loss + beta * latent.regularizer.float().mean() + adversarial
         elif critic is not None:
-            loss = self._with_critic(critic, model, x_hat, nll_loss, kl_term, terms)
+            loss = self._with_critic(critic, model, x_hat, nll_loss, lambda: beta * latent.regularizer.float().mean(),
+                                     terms)
+        else:
+            loss = nll_loss + beta * latent.regularizer.float().mean()
         return StepLoss(loss, rec.flatten(1).sum(1), latent.regularizer, terms, output)
 
-    def _with_critic(self, critic, model, x_hat, nll_loss, rest, terms):
-        """LDM's loss nll + rest + d_weight x factor x G, as a tensor whose backward runs LPIPS's and the
-        discriminator's backward once each: the gradients at x_hat (and at a learned logvar) are taken
-        here for the adaptive weight anyway, so the backward of the returned tensor starts from them
-        (value: the loss; gradient: the loss's, by the chain rule)."""
+    def _with_critic(self, critic, model, x_hat, nll_loss, regularizer_term, terms):
+        """LDM's loss nll + beta x regularizer + d_weight x factor x G, as a tensor whose backward runs LPIPS's
+        and the discriminator's backward once each: the gradients at x_hat (and at a learned logvar) are
+        taken here for the adaptive weight anyway, so the backward of the returned tensor starts from them
+        (value: the loss; gradient: the loss's, by the chain rule). The regularizer's term is made after
+        that gradient (`regularizer_term()`): in a compiled step each autograd.grad call is a graph break,
+        and a term made before it would share the NLL's compiled graph, whose backward the call frees."""
         logvar = model.output_logvar()
         learned = logvar.requires_grad
         nll_grads = torch.autograd.grad(nll_loss, [x_hat, logvar] if learned else [x_hat])  # LPIPS's backward
+        rest = regularizer_term()
         adv_grad, adversarial, critic_terms = critic.adversarial_gradient(x_hat, nll_grads[0], model.last_layer())
         terms.update(critic_terms)
         surrogate = (x_hat * (nll_grads[0] + adv_grad)).sum() + rest
