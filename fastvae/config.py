@@ -181,6 +181,8 @@ class QuantizerConfig:
                                  "0 = a learned codebook", at_least=0, below=1, resume="must_match")
     restart_after: int = knob(0, "vq: a code unused for this many steps takes a vector of the global batch; 0 = off",
                               at_least=0)
+    kmeans_iters: int = knob(0, "vq: the codebook starts as k-means (this many Lloyd steps) of the first global "
+                                "batch's vectors; 0 = random codes", at_least=0, resume="must_match")
     levels: list[int] = knob(doc="fsq: levels per latent channel, e.g. [8, 5, 5, 5] (1,000 codes)", factory=list,
                              resume="must_match")
     entropy_weight: float = knob(0.1, "lfq: weight of the entropy penalty (per-code entropy minus the global "

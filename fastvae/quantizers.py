@@ -15,7 +15,8 @@ codebook one process x B holds, step by step (tests/test_quantizers.py, float64,
   (a low-dimensional lookup through a linear projection in and out), `ema_decay` (the codebook as an
   exponential moving average of its assigned vectors with Laplace-smoothed cluster sizes, VQ-VAE-2
   appendix), `restart_after` (a code unused for that many updates takes a vector of the global batch,
-  drawn with a generator every rank seeds the same way).
+  drawn with a generator every rank seeds the same way), `kmeans_iters` (the codebook starts as k-means of
+  the first global batch).
 - FSQ (Mentzer et al. 2023): each channel bounded by tanh to its number of levels and rounded; the
   codebook is the grid (prod levels codes); no loss.
 - LFQ (Yu et al. 2023, MAGVIT-v2): the sign of each channel (2^C codes); commitment loss and the
@@ -32,7 +33,7 @@ from torch import nn
 
 from fastvae.bottleneck import Latent
 from fastvae.distributed import global_batch, global_batch_mean, sum_over_processes
-from fastvae.losses import vector_quantize
+from fastvae.losses import nearest_codes, vector_quantize
 
 MAX_LFQ_BITS = 30  # 2^30 codes: more only with allow_large=True (its index needs int64 and its usage a huge table)
 EXACT_ENTROPY_BITS = 12  # LFQ: the batch entropy over all 2^C codes up to this; factorized per channel beyond
@@ -66,9 +67,9 @@ class VectorQuantizer(nn.Module):
 
     def __init__(self, dim: int, codebook_size: int, code_dim: int | None = None, l2: bool = False,
                  commitment: float = 0.25, ema_decay: float = 0.0, ema_eps: float = 1e-5, restart_after: int = 0,
-                 seed: int = 0) -> None:
+                 seed: int = 0, kmeans_iters: int = 0) -> None:
         super().__init__()
-        check_vq(dim, codebook_size, code_dim, commitment, ema_decay, restart_after)
+        check_vq(dim, codebook_size, code_dim, commitment, ema_decay, restart_after, kmeans_iters)
         code_dim = code_dim or dim
         self.dim, self.codebook_size, self.code_dim, self.l2 = dim, codebook_size, code_dim, l2
         self.commitment, self.ema_decay, self.ema_eps, self.restart_after = commitment, ema_decay, ema_eps, restart_after
@@ -85,6 +86,9 @@ class VectorQuantizer(nn.Module):
         self.register_buffer("updates", torch.zeros((), dtype=torch.long))  # training forwards so far
         self.register_buffer("last_used", torch.zeros(codebook_size, dtype=torch.long))
         self.register_buffer("seed", torch.tensor(seed, dtype=torch.long))
+        self.kmeans_iters = kmeans_iters  # > 0: the codebook starts as k-means of the first global batch
+        self.register_buffer("initialized", torch.tensor(kmeans_iters == 0))
+        self._initialized = kmeans_iters == 0  # the buffer read once (no host sync per step)
         self.lookup = vector_quantize
 
     def use_lookup(self, lookup) -> None:
@@ -100,6 +104,8 @@ class VectorQuantizer(nn.Module):
         v = self.project_in(vectors.float() if vectors.dtype in (torch.float16, torch.bfloat16) else vectors)
         if self.l2:
             v = F.normalize(v, dim=1)
+        if self.training and not self._initialized:
+            self._kmeans_init(v.detach())
         # this step's codes and loss; the update below is for the next step
         q_st, indices, loss = self.lookup(v, self.codes().to(v.dtype), self.commitment, 0.0 if self.ema_decay else 1.0)
         counts = None
@@ -131,6 +137,28 @@ class VectorQuantizer(nn.Module):
         return counts
 
     @torch.no_grad()
+    def _kmeans_init(self, v: torch.Tensor) -> None:
+        """The codebook as k-means (kmeans_iters Lloyd steps) of the first training batch, gathered from all
+        processes in rank order (the one-process batch), its first centres drawn by a generator seeded by
+        the seed: every rank computes the same codebook, and it is one process's."""
+        if not bool(self.initialized):
+            candidates = global_batch(v)
+            generator = torch.Generator().manual_seed(int(self.seed) * 1_000_003 - 1)
+            centres, counts = kmeans(candidates, self.codebook_size, self.kmeans_iters, generator, self.l2)
+            self.codebook.data.copy_(centres.to(self.codebook.dtype))
+            if self.ema_decay:  # the moving averages start from the clusters: sizes and sums that give the centres
+                self.cluster_size.copy_(counts.to(self.cluster_size.dtype))
+                self.embed_sum.copy_(centres.to(self.embed_sum.dtype) * self.cluster_size[:, None])
+            self.initialized.fill_(True)
+        self._initialized = True
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        if prefix + "updates" in state_dict:  # a checkpoint from before k-means init had none to do
+            state_dict.setdefault(prefix + "initialized", torch.tensor(True))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._initialized = self.kmeans_iters == 0  # read the loaded buffer again at the next training step
+
+    @torch.no_grad()
     def _restart(self, v: torch.Tensor) -> None:
         """Codes unused for restart_after updates take vectors of the global batch (gathered in rank order:
         the one-process batch), drawn without replacement by a generator seeded by (seed, update)."""
@@ -155,7 +183,24 @@ class VectorQuantizer(nn.Module):
         return from_vectors(self.project_out(q), (*indices.shape, q.shape[1]))
 
 
-def check_vq(dim, codebook_size, code_dim, commitment, ema_decay, restart_after) -> None:
+def kmeans(vectors: torch.Tensor, k: int, iters: int, generator: torch.Generator, l2: bool = False):
+    """(k centres, their cluster sizes) after `iters` Lloyd steps from k vectors drawn without replacement
+    (cycled when there are fewer); spherical (centres re-normalized) when l2. An empty cluster keeps its
+    centre. The same on every rank given the same vectors and generator."""
+    picks = torch.randperm(vectors.shape[0], generator=generator)
+    picks = picks.repeat(math.ceil(k / max(1, picks.numel())))[:k].to(vectors.device)
+    centres, counts = vectors[picks].clone(), torch.ones(k, dtype=vectors.dtype, device=vectors.device)
+    for _ in range(iters):
+        assigned = nearest_codes(vectors, centres)
+        counts = torch.bincount(assigned, minlength=k).to(vectors.dtype)
+        means = vectors.new_zeros(k, vectors.shape[1]).index_add_(0, assigned, vectors) / counts.clamp_min(1)[:, None]
+        if l2:
+            means = F.normalize(means, dim=1)
+        centres = torch.where(counts[:, None] > 0, means, centres)
+    return centres, counts
+
+
+def check_vq(dim, codebook_size, code_dim, commitment, ema_decay, restart_after, kmeans_iters=0) -> None:
     """The arguments a VQ can take, each named: ValueError, one line."""
     if type(codebook_size) is not int or codebook_size < 2:
         raise ValueError(f"codebook_size {codebook_size!r}: expected at least 2 codes")
@@ -168,6 +213,8 @@ def check_vq(dim, codebook_size, code_dim, commitment, ema_decay, restart_after)
         raise ValueError(f"ema_decay {ema_decay!r}: expected 0 (a learned codebook) or a decay in (0, 1), e.g. 0.99")
     if type(restart_after) is not int or restart_after < 0:
         raise ValueError(f"restart_after {restart_after!r}: expected 0 (off) or a number of updates >= 1")
+    if type(kmeans_iters) is not int or kmeans_iters < 0:
+        raise ValueError(f"kmeans_iters {kmeans_iters!r}: expected 0 (off) or a number of Lloyd steps >= 1, e.g. 10")
 
 
 class FSQ(nn.Module):
@@ -297,7 +344,8 @@ def build_quantizer(dim: int, spec: dict, seed: int = 0) -> nn.Module:
     if kind == "vq":
         return VectorQuantizer(dim, spec.get("codebook_size", 1024), spec.get("code_dim") or None,
                                spec.get("l2", False), spec.get("commitment", 0.25), spec.get("ema_decay", 0.0),
-                               restart_after=spec.get("restart_after", 0), seed=seed)
+                               restart_after=spec.get("restart_after", 0), seed=seed,
+                               kmeans_iters=spec.get("kmeans_iters", 0))
     if kind == "fsq":
         return FSQ(dim, list(spec.get("levels", [])))
     if kind == "lfq":

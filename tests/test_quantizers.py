@@ -77,6 +77,39 @@ def test_l2_and_low_dimensional_lookups_search_normalized_projected_vectors():
     torch.testing.assert_close(vq.decode_indices(latent.posterior), vq(z).z)
 
 
+def test_kmeans_init_starts_the_codebook_at_the_first_batchs_cluster_means():
+    """After the first training forward the codes are Lloyd's fixed point on that batch: each is the mean of
+    the vectors nearest to it (l2: their normalized mean); the initialization happens once, and a loaded
+    state is not initialized again (the same next step, bit for bit)."""
+    z = torch.cat([latents(20, (6, 3, 4, 4)) + 4.0, latents(21, (6, 3, 4, 4)) - 4.0])  # two blobs
+    for l2, ema in ((False, 0.0), (True, 0.9)):
+        vq = VectorQuantizer(3, 5, l2=l2, ema_decay=ema, kmeans_iters=30).double()
+        vq(z)
+        vectors = z.movedim(1, -1).reshape(-1, 3)
+        vectors = F.normalize(vectors, dim=1) if l2 else vectors
+        assigned = nearest_codes(vectors, vq.codes().detach())
+        if not ema:  # (an EMA codebook has moved on by the step's update)
+            for k in assigned.unique():
+                mean = vectors[assigned == k].mean(0)
+                torch.testing.assert_close(vq.codes()[k].detach(), F.normalize(mean, dim=0) if l2 else mean)
+        assert bool(vq.initialized)
+        state = {k: v.clone() for k, v in vq.state_dict().items()}
+        vq(z + 1)  # no second init: only the step's update moves the codebook
+        fresh = VectorQuantizer(3, 5, l2=l2, ema_decay=ema, kmeans_iters=30).double()
+        fresh.load_state_dict(state)
+        fresh(z + 1)
+        for name, value in vq.state_dict().items():
+            torch.testing.assert_close(fresh.state_dict()[name], value, rtol=0, atol=0, msg=name)
+
+
+def test_a_codebook_saved_before_kmeans_init_existed_loads():
+    state = VectorQuantizer(3, 5).state_dict()
+    del state["initialized"]
+    vq = VectorQuantizer(3, 5, kmeans_iters=4)
+    vq.load_state_dict(state)
+    assert bool(vq.initialized)
+
+
 def test_the_search_in_chunks_equals_one_block(monkeypatch):
     g = torch.Generator().manual_seed(4)
     vectors, codebook = torch.randn(1000, 8, generator=g), torch.randn(300, 8, generator=g)
@@ -127,6 +160,7 @@ def from_sign(q, shape):
     ({"kind": "vq", "codebook_size": 1}, "codebook_size 1: expected at least 2 codes"),
     ({"kind": "vq", "code_dim": 9}, "code_dim 9: expected 1 to the latent's 6 channels"),
     ({"kind": "vq", "restart_after": -1}, "restart_after -1: expected 0 (off)"),
+    ({"kind": "vq", "kmeans_iters": -2}, "kmeans_iters -2: expected 0 (off)"),
     ({"kind": "fsq", "levels": [8, 1, 5, 5, 5, 5]}, "each at least 2"),
     ({"kind": "fsq", "levels": [8, 5]}, "2 channels, the latent has 6"),
     ({"kind": "lfq", "entropy_weight": -1}, "expected weights >= 0"),
@@ -169,11 +203,12 @@ def quantizer_steps(rank, world, spec):
 @pytest.mark.parametrize("spec", [
     {"kind": "vq", "codebook_size": 32, "code_dim": 3, "l2": True, "ema_decay": 0.9, "restart_after": 1},
     {"kind": "vq", "codebook_size": 32, "restart_after": 2},
+    {"kind": "vq", "codebook_size": 16, "code_dim": 3, "l2": True, "ema_decay": 0.9, "kmeans_iters": 5},
     {"kind": "lfq", "entropy_weight": 0.1, "temperature": 0.5},
 ])
 def test_two_processes_keep_the_state_one_process_keeps(tmp_path, spec):
-    """EMA sums and codebook, the usage window, restarts drawn from the gathered global batch, the LFQ
-    batch entropy: after 3 steps every rank's state is one process's, and so is the gradient."""
+    """EMA sums and codebook, the usage window, restarts drawn from the gathered global batch, k-means init
+    of the gathered first batch, the LFQ batch entropy: after 3 steps every rank's state is one process's, and so is the gradient."""
     from ranks import on_ranks
 
     one_state, one_grad = quantizer_steps(0, 1, spec)
