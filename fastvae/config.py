@@ -207,6 +207,11 @@ class DiscConfig:
                                                    "processes) or none (no batch statistics)", resume="must_match")
     lr: float = knob(0.0, "the discriminator's learning rate; 0 = optim.lr", at_least=0)
     betas: list[float] = knob(doc="the discriminator's Adam betas (LDM: 0.5, 0.9)", factory=lambda: [0.5, 0.9])
+    lecam_weight: float = knob(0.0, "LeCam regularization of the discriminator (Tseng et al. 2021; MAGVIT-v2, "
+                                    "MaskBit: 0.001): relu(mean D(x) - ema fake)^2 + relu(ema real - mean D(x_hat))^2 "
+                                    "over the global batch; 0 = off", at_least=0, resume="must_match")
+    lecam_decay: float = knob(0.999, "the decay of LeCam's moving averages of the mean real and fake logits",
+                              at_least=0, below=1)
 
 
 @dataclass

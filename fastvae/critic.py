@@ -13,6 +13,8 @@ Trainer has only for disc.weight > 0: the plain ELBO step has no GAN code on its
   loss on the same batch (the real images and the reconstructions the generator's step made,
   detached) and its optimizer step. LDM recomputes the reconstructions with the updated generator;
   reusing them saves a whole autoencoder forward and is the same loss on the images the step produced.
+- LeCam regularization (disc.lecam_weight; MAGVIT-v2, MaskBit) of the discriminator's loss, on the
+  global batch's mean logits, its moving averages a buffer of the discriminator (checkpointed).
 - Its BatchNorm is synchronized over the global batch with several processes (fastvae's
   GlooSyncBatchNorm / SyncBatchNorm): batch statistics of N shares equal one process's.
 - Before disc.start it is neither run nor trained (LDM runs it and both gradient norms every step
@@ -26,7 +28,7 @@ import torch
 
 from fastvae import losses
 from fastvae.discriminator import NLayerDiscriminator
-from fastvae.distributed import mean_over_processes
+from fastvae.distributed import global_batch_mean, mean_over_processes
 from fastvae.errors import UserError
 
 
@@ -112,6 +114,8 @@ def build_discriminator(channels: int, height: int, width: int, disc, processes:
 
     module = NLayerDiscriminator(channels, disc.channels, disc.layers, disc.norm)
     check_image_size(module, channels, height, width)
+    if disc.lecam_weight:  # LeCam's moving averages of the mean (real, fake) logits: its state, checkpointed
+        module.register_buffer("lecam_ema", torch.zeros(2))
     if processes > 1 and disc.norm == "batch":
         module = convert_sync_batchnorm(module, device)
     return module.to(device)
@@ -124,9 +128,10 @@ class Critic:
     discriminator's loss is backpropagated (the accelerator's, for loss scaling); default autograd's."""
 
     def __init__(self, discriminator: torch.nn.Module, optimizer, weight: float, factor: float = 1.0, start: int = 0,
-                 loss: str = "hinge", backward=None) -> None:
+                 loss: str = "hinge", backward=None, lecam_weight: float = 0.0, lecam_decay: float = 0.999) -> None:
         self.disc, self.optimizer = discriminator, optimizer
         self.weight, self.factor, self.start = weight, factor, start
+        self.lecam_weight, self.lecam_decay = lecam_weight, lecam_decay
         self.d_loss = losses.D_LOSSES[loss]
         self.backward = backward or torch.Tensor.backward
         self.raw = getattr(discriminator, "module", discriminator).requires_grad_(False)  # trained only in step()
@@ -151,16 +156,34 @@ class Critic:
     def step(self, real: torch.Tensor, fake: torch.Tensor) -> dict:
         """The discriminator's update on real images and the generator's reconstructions of them (both
         in [-1, 1], no gradient to the generator); its logged terms."""
-        real, fake = real.detach().float().contiguous(), fake.detach().float().contiguous()
+        dtype = next(self.raw.parameters()).dtype  # float32 (bf16 reconstructions are not the critic's dtype)
+        real, fake = real.detach().to(dtype).contiguous(), fake.detach().to(dtype).contiguous()
         self.raw.requires_grad_(True)
         try:
-            logits_real = self.disc(real).float()
-            logits_fake = self.disc(fake).float()
+            logits_real = self.disc(real).to(dtype)  # (float32 from an autocast region)
+            logits_fake = self.disc(fake).to(dtype)
             d_loss = self.factor * self.d_loss(logits_real, logits_fake)
+            if self.lecam_weight:
+                lecam = self._lecam(logits_real, logits_fake)
+                d_loss = d_loss + self.lecam_weight * lecam
             self.backward(d_loss)
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
         finally:
             self.raw.requires_grad_(False)
-        return {"d_loss": d_loss.detach(), "logits_real": logits_real.mean().detach(),
-                "logits_fake": logits_fake.mean().detach()}
+        terms = {"d_loss": d_loss.detach(), "logits_real": logits_real.mean().detach(),
+                 "logits_fake": logits_fake.mean().detach()}
+        if self.lecam_weight:
+            terms["lecam"] = lecam.detach()
+        return terms
+
+    def _lecam(self, logits_real: torch.Tensor, logits_fake: torch.Tensor) -> torch.Tensor:
+        """LeCam's regularizer as MaskBit writes it, on the global batch's mean logits (differentiable,
+        so DDP's average of the ranks' gradients is one process's): relu(real - ema_fake)^2 +
+        relu(ema_real - fake)^2, then the moving averages take this step's means."""
+        means = torch.stack([global_batch_mean(logits.flatten(1).mean(1)) for logits in (logits_real, logits_fake)])
+        ema = self.raw.lecam_ema
+        lecam = torch.relu(means[0] - ema[1]).pow(2) + torch.relu(ema[0] - means[1]).pow(2)
+        with torch.no_grad():
+            ema.mul_(self.lecam_decay).add_(means.detach().to(ema.dtype), alpha=1 - self.lecam_decay)
+        return lecam

@@ -209,7 +209,8 @@ class Trainer:
         if discriminator is not None:
             disc, disc_optimizer = acc.prepare(discriminator, build_disc_optimizer(cfg, discriminator, acc.device))
             self.critic = Critic(disc, disc_optimizer, cfg.disc.weight, cfg.disc.factor, cfg.disc.start, cfg.disc.loss,
-                                 backward=acc.backward)
+                                 backward=acc.backward, lecam_weight=cfg.disc.lecam_weight,
+                                 lecam_decay=cfg.disc.lecam_decay)
         self.ema = EMA(self.raw_model, cfg.train.ema_decay) if cfg.train.ema_decay else None
         planned_steps = cfg.train.epochs * self._steps_per_epoch()
         # The schedule spans the planned epochs whatever max_steps says: stopping early and resuming

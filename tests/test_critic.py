@@ -35,6 +35,67 @@ def test_a_critic_is_built_from_its_parts_and_steps_on_what_it_is_given():
     assert not any(p.requires_grad for p in disc.parameters())
 
 
+def lecam_transcription(real_logits, fake_logits, ema_real, ema_fake):
+    """Tseng et al. 2021's regularizer on mean logits, as MaskBit's compute_lecam_loss writes it."""
+    return (torch.relu(real_logits.mean() - ema_fake) ** 2 + torch.relu(ema_real - fake_logits.mean()) ** 2)
+
+
+def lecam_steps(rank, world):
+    """3 discriminator steps with LeCam on 8 images (a share per rank, DDP's averaged gradient), float64:
+    its weights and moving averages."""
+    import torch.distributed as dist
+
+    from fastvae.critic import build_discriminator
+    from fastvae.config import DiscConfig
+
+    torch.manual_seed(0)
+    disc = build_discriminator(3, 16, 16, DiscConfig(weight=0.5, channels=8, layers=2, norm="none",
+                                                     lecam_weight=0.3, lecam_decay=0.9), world, "cpu").double()
+    optimizer = torch.optim.SGD(disc.parameters(), lr=0.1)
+
+    def backward(loss):
+        loss.backward()
+        for p in disc.parameters():
+            if world > 1:
+                dist.all_reduce(p.grad)
+                p.grad /= world
+
+    critic = Critic(disc, optimizer, weight=0.5, loss="hinge", backward=backward, lecam_weight=0.3, lecam_decay=0.9)
+    for step in range(3):
+        g = torch.Generator().manual_seed(step)
+        real, fake = (torch.rand(8, 3, 16, 16, generator=g, dtype=torch.float64) * 2 - 1 for _ in range(2))
+        share = slice(rank * 8 // world, (rank + 1) * 8 // world)
+        critic.step(real[share], fake[share])
+    return {k: v.clone() for k, v in disc.state_dict().items()}
+
+
+def test_lecam_regularizes_the_discriminator_as_maskbit_and_2_processes_as_1(tmp_path):
+    """One step against the transcription (the loss, the averages' update), then 3 steps on 2 gloo ranks:
+    the weights and moving averages one process has (means over the global batch)."""
+    from ranks import on_ranks
+
+    torch.manual_seed(0)
+    disc = NLayerDiscriminator(3, 8, 2, "none")
+    disc.register_buffer("lecam_ema", torch.tensor([0.4, -0.2]))
+    reference = NLayerDiscriminator(3, 8, 2, "none")
+    reference.load_state_dict({k: v for k, v in disc.state_dict().items() if k != "lecam_ema"})
+    critic = Critic(disc, torch.optim.SGD(disc.parameters(), lr=0.1), weight=0.5, lecam_weight=0.3, lecam_decay=0.9)
+    g = torch.Generator().manual_seed(1)
+    real, fake = torch.rand(4, 3, 16, 16, generator=g) * 2 - 1, torch.rand(4, 3, 16, 16, generator=g) * 2 - 1
+    terms = critic.step(real, fake)
+    r, f = reference(real), reference(fake)
+    want = losses.hinge_d_loss(r, f) + 0.3 * lecam_transcription(r, f, torch.tensor(0.4), torch.tensor(-0.2))
+    torch.testing.assert_close(terms["d_loss"], want.detach())
+    assert terms["lecam"] > 0
+    torch.testing.assert_close(disc.lecam_ema, torch.stack([0.9 * 0.4 + 0.1 * r.mean(), 0.9 * -0.2 + 0.1 * f.mean()])
+                               .detach())
+    one = lecam_steps(0, 1)
+    for state in on_ranks(lecam_steps, 2, tmp_path):
+        for name, value in one.items():
+            torch.testing.assert_close(state[name], value, rtol=1e-12, atol=1e-12, msg=name)
+    assert one["lecam_ema"].abs().sum() > 0
+
+
 def generator_gradient(rank, world, per_rank_weight=False):
     """The decoder's gradient of the adversarial term on 8 images (a share per rank, averaged as DDP
     does), with the critic's BatchNorm synchronized over the global batch as fastvae.critic does;
