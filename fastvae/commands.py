@@ -137,8 +137,9 @@ def ffcv_parser() -> argparse.ArgumentParser:
 
 def export_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m fastvae.export",
-                                     description="A kl_autoencoder checkpoint as a diffusers AutoencoderKL folder "
-                                                 "(config.json + diffusion_pytorch_model.safetensors).")
+                                     description="A kl_autoencoder checkpoint as a diffusers AutoencoderKL folder, a "
+                                                 "vq_autoencoder's (plain VQ) as a VQModel folder (config.json + "
+                                                 "diffusion_pytorch_model.safetensors).")
     parser.add_argument("--checkpoint", required=True, help="a checkpoint directory written by fastvae.train")
     parser.add_argument("--out", required=True, help="the folder to write (diffusers' from_pretrained reads it)")
     parser.add_argument("--no-ema", dest="ema", action="store_false", help=NO_EMA_HELP)

@@ -104,9 +104,10 @@ class ModelConfig:
     condition_names: list[str] = knob(doc="the classes or attributes conditioned on, filled in from the data when "
                                           "training starts (recorded in checkpoints); leave empty", factory=list,
                                           resume="must_match")
-    pretrained: str = knob("", "kl_autoencoder: a local diffusers AutoencoderKL folder (config.json + "
-                               "diffusion_pytorch_model.safetensors) to start from; its architecture goes into "
-                               "model.kwargs, its weights are loaded when a fresh run starts")
+    pretrained: str = knob("", "kl_autoencoder / vq_autoencoder: a local diffusers AutoencoderKL / VQModel folder "
+                               "(config.json + diffusion_pytorch_model.safetensors) to start from; its architecture "
+                               "goes into model.kwargs (and a VQModel's codebook size into quantizer.*), its weights "
+                               "are loaded when a fresh run starts")
     train_decoder_only: bool = knob(False, "kl_autoencoder with model.pretrained: train the decoder only, the "
                                            "encoder frozen (Stable Diffusion's ft-EMA / ft-MSE recipe)")
 
@@ -626,9 +627,11 @@ def _check_autoencoder(cfg: Config) -> None:
     if cfg.disc.weight and cfg.train.grad_accum_steps > 1:
         raise UserError("config key 'train.grad_accum_steps': the discriminator's step is not built for gradient "
                         "accumulation; expected 1 with disc.weight > 0 (a larger data.batch_size instead)")
-    if (model.pretrained or model.train_decoder_only) and model.name != "kl_autoencoder":
-        raise UserError(f"config key 'model.pretrained': diffusers' AutoencoderKL weights are for "
-                        f"model.name=kl_autoencoder; got {model.name}")
+    if model.pretrained and model.name not in ("kl_autoencoder", "vq_autoencoder"):
+        raise UserError(f"config key 'model.pretrained': diffusers' AutoencoderKL / VQModel weights are for "
+                        f"model.name=kl_autoencoder / vq_autoencoder; got {model.name}")
+    if model.train_decoder_only and model.name != "kl_autoencoder":
+        raise UserError(f"config key 'model.train_decoder_only': for model.name=kl_autoencoder; got {model.name}")
     if model.train_decoder_only and not model.pretrained:
         raise UserError("config key 'model.train_decoder_only': fine-tuning the decoder alone keeps an encoder that "
                         "was never trained; expected model.pretrained=FOLDER (the weights to start from)")

@@ -1,5 +1,6 @@
 """A trained latent-diffusion autoencoder (model.name=kl_autoencoder) as the folder diffusers and
-every Stable Diffusion pipeline read: `AutoencoderKL.from_pretrained(OUT)`.
+every Stable Diffusion pipeline read: `AutoencoderKL.from_pretrained(OUT)`; a tokenizer
+(model.name=vq_autoencoder with a plain VQ codebook) as `VQModel.from_pretrained(OUT)`.
 
     python -m fastvae.export --checkpoint runs/kl/checkpoints/step_N --out my-vae [--no-ema]
 
@@ -27,19 +28,24 @@ def main(argv=None) -> Path:
     from fastvae.checkpoint import EMA_FILE
     from fastvae.loading import load
     from fastvae.models.kl_autoencoder import KLAutoencoder, export_diffusers
+    from fastvae.models.vq_autoencoder import VQAutoencoder, export_vqmodel, plain_codebook
 
     out = checked_output(args.out, "--out", "folder")
     if out.exists() and any(out.iterdir()):
         raise UserError(f"--out '{out}' is not empty; expected a new folder (nothing is overwritten)")
     vae = load(args.checkpoint, "cpu", ema=args.ema)
-    if not isinstance(vae.model, KLAutoencoder):
-        raise UserError(f"checkpoint '{args.checkpoint}' is a {vae.cfg.model.name}; expected a kl_autoencoder "
-                        f"checkpoint (only diffusers' AutoencoderKL has that format)")
+    if isinstance(vae.model, VQAutoencoder):
+        plain_codebook(vae.model)  # one line before any work for a quantizer VQModel cannot hold
+    elif not isinstance(vae.model, KLAutoencoder):
+        raise UserError(f"checkpoint '{args.checkpoint}' is a {vae.cfg.model.name}; expected a kl_autoencoder or "
+                        f"vq_autoencoder checkpoint (diffusers' AutoencoderKL and VQModel have that format)")
+    write, cls = (export_vqmodel, "VQModel") if isinstance(vae.model, VQAutoencoder) else (export_diffusers,
+                                                                                          "AutoencoderKL")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
     stopped = signal.signal(signal.SIGTERM, _stop)  # a SIGTERM mid-write leaves nothing behind, like Ctrl-C
     try:
-        export_diffusers(vae.model, tmp)
+        write(vae.model, tmp)
         _share(tmp)
         _move_into_place(tmp, out)
     except KeyboardInterrupt:
@@ -48,7 +54,7 @@ def main(argv=None) -> Path:
         signal.signal(signal.SIGTERM, stopped)
         shutil.rmtree(tmp, ignore_errors=True)
     weights = "the moving average" if args.ema and (vae.path / EMA_FILE).is_file() else "the trained weights"
-    print(f"fastvae: wrote {out} ({weights}; diffusers.AutoencoderKL.from_pretrained reads it)")
+    print(f"fastvae: wrote {out} ({weights}; diffusers.{cls}.from_pretrained reads it)")
     return out
 
 

@@ -134,3 +134,51 @@ def test_the_fused_lookup_trains_what_the_eager_lookup_trains(tmp_path):
     eager, fused = read_records(tmp_path / "eager")[-1], read_records(tmp_path / "triton")[-1]
     for key in ("loss", "recon", "test_loss", "usage", "perplexity"):
         assert fused[key] == pytest.approx(eager[key], rel=1e-4), key
+
+
+def test_a_plain_vq_tokenizer_exports_to_diffusers_vqmodel_and_starts_a_run_from_one(tmp_path, capsys):
+    """fastvae export writes a VQModel folder (safetensors) whose from_pretrained model reconstructs as the
+    checkpoint does (eval: the same codes and pixels); model.pretrained=that folder rebuilds the
+    architecture (an embed_dim other than latent_channels too) and its weights and codebook; FSQ / l2 VQ
+    tokenizers are one line."""
+    from diffusers import VQModel
+
+    from fastvae.checkpoint import list_checkpoints
+    from fastvae.export import main as export
+    from fastvae.loading import load
+    from fastvae.models import build_model
+    from fastvae.models.kl_autoencoder import resolve_pretrained
+
+    common = [*TOKENIZER, "quantizer.kind=vq", "quantizer.codebook_size=32", "model.kwargs.embed_dim=3",
+              "train.max_steps=2"]
+    train(tiny_config(tmp_path / "run", *common))
+    checkpoint = list_checkpoints(tmp_path / "run")[-1]
+    export(["--checkpoint", str(checkpoint), "--out", str(tmp_path / "vqmodel"), "--no-ema"])
+    assert "VQModel.from_pretrained" in capsys.readouterr().out
+    theirs = VQModel.from_pretrained(str(tmp_path / "vqmodel")).eval()
+    ours = load(checkpoint, "cpu", ema=False).model.eval()
+    x = torch.rand(3, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        latent = ours.quantizer(ours.encode(x))
+        torch.testing.assert_close(theirs(x * 2 - 1).sample, ours.decode(latent.z), rtol=1e-4, atol=1e-5)
+        _, _, (_, _, indices) = theirs.quantize(theirs.quant_conv(theirs.encoder(x * 2 - 1)))
+        assert torch.equal(indices.flatten(), latent.posterior.flatten())
+
+    cfg = tiny_config(tmp_path / "fine_tune", *TOKENIZER, "quantizer.kind=vq", f"model.pretrained={tmp_path / 'vqmodel'}")
+    resolve_pretrained(cfg)
+    assert cfg.model.kwargs["embed_dim"] == 3 and cfg.quantizer.codebook_size == 32
+    model = build_model(cfg)
+    from fastvae.models.kl_autoencoder import load_pretrained
+
+    load_pretrained(model, cfg.model.pretrained)
+    for name, value in ours.state_dict().items():
+        if name.startswith(("encoder.", "quant_conv.", "post_quant_conv.", "decoder.", "quantizer.codebook")):
+            assert torch.equal(model.state_dict()[name], value), name
+    assert train(tiny_config(tmp_path / "fine_tune", *TOKENIZER, "quantizer.kind=vq", "train.max_steps=1",
+                             f"model.pretrained={tmp_path / 'vqmodel'}"))["step"] == 1
+
+    train(tiny_config(tmp_path / "fsq", *TOKENIZER, *QUANTIZERS["fsq"], "train.max_steps=1"))
+    with pytest.raises(SystemExit) as stop:
+        export(["--checkpoint", str(list_checkpoints(tmp_path / "fsq")[-1]), "--out", str(tmp_path / "no")])
+    assert stop.value.code != 0 and "expected a plain codebook" in capsys.readouterr().err
+    assert not (tmp_path / "no").exists()

@@ -48,6 +48,10 @@ class LDMLoss(Objective):
     def __call__(self, model, x, latent, output, beta, capacity=None, critic=None) -> StepLoss:
         x_pm = (x * 2 - 1).float()
         x_hat = model.pixels(output).float()
+        if critic is not None and self.backward_once:
+            # compiled: x_hat must enter the NLL's graph from outside it, for autograd.grad(nll, x_hat) to
+            # find it (a cast to float32 made inside the graph would be the graph's output, not its input)
+            torch._dynamo.graph_break()
         logvar = model.output_logvar()
         use_lpips = self.perceptual is not None and self.perceptual_weight > 0
         distance = lpips_distance(self.perceptual, x_pm, x_hat) if use_lpips else None
