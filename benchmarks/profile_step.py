@@ -5,8 +5,10 @@ are counted where they mostly come from, so the shares of the small groups are a
 
     python benchmarks/profile_step.py [--workload "mnist conv_vae 1x28x28"] [--steps 5] [key=value ...]
     python benchmarks/profile_step.py --workload "kl_autoencoder 3x64x64, after disc_start" --steps 3
+    python benchmarks/profile_step.py --workload "vq_autoencoder 3x64x64, before disc_start" --steps 3
 
-The KL autoencoder's workloads also say what each network costs, by taking it out of the step:
+The autoencoders' workloads (KL, and the tokenizer: VQ of 16,384 codes in 8 l2-normalized
+dimensions) also say what each network costs, by taking it out of the step:
 LPIPS (loss.perceptual_weight=0) and the discriminator (before disc.start it is not run),
 timed interleaved against the whole step.
 """
@@ -21,14 +23,18 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from harness import base_parser, interleaved, print_table, random_backbone, write_json  # noqa: E402
-from train_throughput import KL_CHANNELS, WORKLOADS, kl_overrides, kl_trainer_step, trainer_step  # noqa: E402
+from train_throughput import (KL_CHANNELS, VQ_QUANTIZER, WORKLOADS, kl_overrides, kl_trainer_step,  # noqa: E402
+                              trainer_step, vq_overrides)
 
 # operator -> what it is for; by exact aten name, else by prefix, else "other"
 GROUPS = {
     "convolutions (fwd + bwd)": ("convolution", "convolution_backward", "mkldnn_convolution", "_convolution",
                                  "cudnn_convolution", "cudnn_convolution_transpose", "slow_conv2d_forward",
                                  "slow_conv_transpose2d", "convolution_overrideable"),
-    "linear layers": ("mm", "addmm", "bmm"),
+    "linear layers (and the code distances' matmul)": ("mm", "addmm", "bmm"),
+    "quantizer: argmin, gather, codebook update": ("argmin", "min", "bincount", "index_add_", "index", "index_select",
+                                                   "_index_put_impl_", "index_put_", "embedding", "one_hot",
+                                                   "linalg_vector_norm", "clamp_min", "norm"),
     "group norm + SiLU (memory-bound at full resolution)": ("native_group_norm", "native_group_norm_backward",
                                                            "silu", "silu_backward", "silu_"),
     "attention": ("_scaled_dot_product_flash_attention_for_cpu",
@@ -59,21 +65,25 @@ def group_of(key: str) -> str:
     return NAME_TO_GROUP.get(name, "other (autograd engine, Python, small ops)")
 
 
-KL_WORKLOADS = {f"kl_autoencoder 3x64x64, {phase} disc_start": (64, phase == "after") for phase in ("before", "after")}
+# the latent-diffusion autoencoder and the tokenizer (train_throughput.py's kl and vq rows): (size, disc active,
+# overrides of the part)
+KL_WORKLOADS = {f"{name} 3x64x64, {phase} disc_start": (64, phase == "after", overrides)
+                for name, overrides in (("kl_autoencoder", kl_overrides), ("vq_autoencoder", vq_overrides))
+                for phase in ("before", "after")}
 KL_BATCH = 8
 
 
-def kl_steps(size: int, disc_active: bool, device, tmp: Path, overrides: list[str]) -> dict:
-    """The KL autoencoder's whole step, and the step without LPIPS / without the discriminator."""
+def kl_steps(size: int, disc_active: bool, part_overrides, device, tmp: Path, overrides: list[str]) -> dict:
+    """The autoencoder's whole step, and the step without LPIPS / without the discriminator."""
     lpips_path = random_backbone("vgg", tmp / "lpips")  # random weights: the same FLOPs
     torch.manual_seed(0)
     x = torch.rand(KL_BATCH, 3, size, size, device=device)
     extra = [f"train.cpu={device.type == 'cpu'}", *overrides]
-    common = [*kl_overrides(size, lpips_path, disc_active), *extra]
+    common = [*part_overrides(size, lpips_path, disc_active), *extra]
     cases = {"whole step": kl_trainer_step(common, x, tmp / "whole")[1],
              "without LPIPS": kl_trainer_step([*common, "loss.perceptual_weight=0"], x, tmp / "no_lpips")[1]}
     if disc_active:
-        cases["without the discriminator"] = kl_trainer_step([*kl_overrides(size, lpips_path, False), *extra], x,
+        cases["without the discriminator"] = kl_trainer_step([*part_overrides(size, lpips_path, False), *extra], x,
                                                              tmp / "no_disc")[1]
     return cases
 
@@ -122,7 +132,9 @@ def main(argv=None) -> None:
     print(f"{args.workload}, batch {batch}, {device}, {args.steps} steps, self time by group")
     print_table(rows, [("group", "group", ""), ("ms_per_step", "ms / step", ".1f"), ("share", "share", ".0%")])
     if costs:
-        print(f"\nwhat each network costs (AutoencoderKL {KL_CHANNELS}): the whole step's median minus the step's "
+        model = "AutoencoderKL" if args.workload.startswith("kl") else \
+            f"tokenizer, VQ {VQ_QUANTIZER['codebook_size']} x {VQ_QUANTIZER['code_dim']}"
+        print(f"\nwhat each network costs ({model} {KL_CHANNELS}): the whole step's median minus the step's "
               f"without it, {args.repeats} interleaved repeats")
         print_table(costs, [("part", "part", ""), ("ms", "ms / step", ".0f"), ("share", "share", ".0%")])
     write_json(args.json, {"benchmark": "profile_step", "workload": args.workload, "device": str(device),
