@@ -19,6 +19,9 @@
     fastvae's step against the diffusers-script-style step before and after disc_start, fp32 vs bf16,
     NCHW vs channels_last, FLOPs and peak memory (benchmarks/train_throughput.py --parts kl), and the
     256 px step's memory with and without gradient checkpointing (benchmarks/kl_memory.py; GPU only)
+14. the tokenizer: the fused nearest-code lookup's parity at LlamaGen's 32,768 x 16,384 x 8 (l2) and at
+    8,192 x 1,024 x 256 (parity, with the vectors whose fp32 code differs from float64's), and its 256 px
+    step against the same step on vector-quantize-pytorch (benchmarks/train_throughput.py --parts vq)
 Every check has a time budget; the kit stays under BUDGET_S and the JSON names what did not run.
 
     bash benchmarks/gpu_check.sh OUT          # on a GPU machine: < 9 minutes on one H100
@@ -44,13 +47,16 @@ if SMOKE:
 from harness import PARITY_TOLERANCE, celeba_folder, machine, max_relative_error  # noqa: E402  (benchmarks/, this script's folder)
 
 from fastvae import losses  # noqa: E402
-from fastvae.kernels import fused_recon_loss, fused_reparam_kl  # noqa: E402
+from fastvae.kernels import fused_recon_loss, fused_reparam_kl, fused_vector_quantize  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 LATENTS = [(128, 2), (256, 200)]
 IMAGES = [(256, 1, 28, 28), (256, 3, 64, 64), (256, 3, 128, 128)]
 SMOKE_LATENTS, SMOKE_IMAGES = [(8, 2), (16, 20)], [(4, 1, 28, 28), (2, 3, 64, 64)]
+# the nearest-code lookup (N vectors, K codes, D, l2): LlamaGen's tokenizer at 256 px, batch 128, and VQGAN's
+VQ_SHAPES, SMOKE_VQ_SHAPES = [(32768, 16384, 8, True), (8192, 1024, 256, False)], [(300, 100, 8, True), (70, 40, 64, False)]
+MAX_CODES_OFF = 1e-4  # the share of vectors whose fp32 nearest code may differ from float64's (near-ties)
 BUDGET_S = 540  # the whole kit on one GPU: under 9 minutes
 KEYED_TOLERANCE = 1e-5  # the GPU's approximate sqrt/log/cos in Box-Muller: a few float32 ulp (docs/kernels_benchmarks.md)
 CELEBA_TRAIN_IMAGES = 162_770
@@ -102,6 +108,28 @@ def recon_parity(shape, dtype, device, kind) -> dict:
     return {"loss": max_relative_error(loss, loss64), "dlogits": max_relative_error(dlogits, dx64)}
 
 
+def vq_parity(n, k, d, l2, device) -> dict:
+    """fused_vector_quantize (fp32) against the float64 eager lookup: the vectors whose code differs (near-
+    ties), and the errors of z_q, loss and dv on the others; of dcodes where no code differs."""
+    g = torch.Generator().manual_seed(2)
+    v, codes, dq = (torch.randn(*shape, generator=g, dtype=torch.float64) for shape in ((n, d), (k, d), (n, d)))
+    if l2:
+        v, codes = torch.nn.functional.normalize(v, dim=1), torch.nn.functional.normalize(codes, dim=1)
+    results = []
+    for fn, dtype, dev in ((fused_vector_quantize, torch.float32, device), (losses.vector_quantize, torch.float64, "cpu")):
+        vv, cc = v.to(dev, dtype).requires_grad_(True), codes.to(dev, dtype).requires_grad_(True)
+        q, indices, loss = fn(vv, cc, 0.25, 1.0)
+        dv, dcodes = torch.autograd.grad((q * dq.to(dev, dtype)).sum() + loss.sum(), (vv, cc))
+        results.append([t.detach().cpu() for t in (q, indices, loss, dv, dcodes)])
+    (q, i, loss, dv, dc), (q64, i64, loss64, dv64, dc64) = results
+    agree = i == i64
+    errors = {"z_q": max_relative_error(q[agree], q64[agree]), "loss": max_relative_error(loss[agree], loss64[agree]),
+              "dv": max_relative_error(dv[agree], dv64[agree])}
+    if agree.all():
+        errors["dcodes"] = max_relative_error(dc, dc64)
+    return {"errors": errors, "codes_off": int((~agree).sum())}
+
+
 def parity(device) -> list[dict]:
     rows = []
     latents, images = (SMOKE_LATENTS, SMOKE_IMAGES) if SMOKE else (LATENTS, IMAGES)
@@ -113,9 +141,13 @@ def parity(device) -> list[dict]:
             for kind in ("bce", "mse"):
                 rows.append({"op": f"recon_{kind}", "shape": list(shape), "dtype": precision,
                              "errors": recon_parity(shape, dtype, device, kind)})
+    for n, k, d, l2 in SMOKE_VQ_SHAPES if SMOKE else VQ_SHAPES:
+        rows.append({"op": "vector_quantize", "shape": [n, k, d], "dtype": "fp32", "l2": l2,
+                     **vq_parity(n, k, d, l2, device)})
     for row in rows:
         row["max_error"] = max(row["errors"].values())
-        row["ok"] = row["max_error"] <= PARITY_TOLERANCE[DTYPES[row["dtype"]]]
+        row["ok"] = row["max_error"] <= PARITY_TOLERANCE[DTYPES[row["dtype"]]] and \
+            row.get("codes_off", 0) <= MAX_CODES_OFF * row["shape"][0]
     return rows
 
 
@@ -301,6 +333,8 @@ def subprocess_checks(out: Path, budget: Budget) -> dict:
                        "train.mixed_precision=no", "data.loader=memory"])  # what auto picks on a GPU
         kl = [py, "benchmarks/train_throughput.py", "--parts", "kl", "--kl-size", "32", "--repeats", "1",
               "--precisions", "fp32", "--formats", "channels_last"]
+        vq = [py, "benchmarks/train_throughput.py", "--parts", "vq", "--kl-size", "32", "--repeats", "1",
+              "--precisions", "fp32", "--formats", "channels_last"]
     else:
         kernels = [py, "benchmarks/kernels.py", "--repeats", "5"]
         throughput = [py, "benchmarks/train_throughput.py", "--parts", "step", "--repeats", "5", "--precisions", "bf16",
@@ -311,6 +345,10 @@ def subprocess_checks(out: Path, budget: Budget) -> dict:
         # the latent-diffusion autoencoder's step against the diffusers-script-style step, both phases:
         # fp32 vs bf16, NCHW vs channels_last, with FLOPs and peak memory (kl-f8's 256 px needs a GPU)
         kl = [py, "benchmarks/train_throughput.py", "--parts", "kl", "--kl-size", "256", "--repeats", "3"]
+        # the tokenizer's step at 256 px: 64 x 64 tokens x batch 8 = 32,768 vectors against 16,384 codes of 8
+        # dimensions (LlamaGen's lookup), fastvae's (the fused lookup: train.ops=auto) against the peer's
+        vq = [py, "benchmarks/train_throughput.py", "--parts", "vq", "--kl-size", "256", "--repeats", "3",
+              "--formats", "channels_last"]
     return {
         "training_triton": budget.run("training_triton", 60, lambda timeout: run(
             "training_triton", [py, "-m", "fastvae.train", "--config", "mnist", "train.ops=triton", *training,
@@ -333,6 +371,8 @@ def subprocess_checks(out: Path, budget: Budget) -> dict:
             "train_throughput", [*throughput, "--json", str(out / "train_throughput.json")], out, timeout)),
         "kl_autoencoder": budget.run("kl_autoencoder", 150, lambda timeout: run(
             "kl_autoencoder", [*kl, "--json", str(out / "kl_autoencoder.json")], out, timeout)),
+        "tokenizer_step": budget.run("tokenizer_step", 150, lambda timeout: run(
+            "tokenizer_step", [*vq, "--json", str(out / "tokenizer_step.json")], out, timeout)),
         # max_memory_allocated of the 256 px step with and without gradient checkpointing, against the peer
         "kl_memory": {"not_run": "smoke: tests/test_benchmarks.py runs kl_memory.py on the CPU", "ok": True} if SMOKE
         else budget.run("kl_memory", 120, lambda timeout: run(
@@ -395,9 +435,10 @@ def main(argv=None) -> int:
         r["ok"] for r in report["runs"].values())
     report["seconds"] = round(BUDGET_S - budget.left(), 1)
     (out / "gpu_check.json").write_text(json.dumps(report, indent=2))
-    print(f"{'op':<12}{'shape':<20}{'dtype':<7}{'max rel err':>12}  ok")
+    print(f"{'op':<16}{'shape':<20}{'dtype':<7}{'max rel err':>12}  ok")
     for r in report["parity"]:
-        print(f"{r['op']:<12}{'x'.join(map(str, r['shape'])):<20}{r['dtype']:<7}{r['max_error']:>12.2e}  {r['ok']}")
+        off = f"  ({r['codes_off']} codes off float64's)" if "codes_off" in r else ""
+        print(f"{r['op']:<16}{'x'.join(map(str, r['shape'])):<20}{r['dtype']:<7}{r['max_error']:>12.2e}  {r['ok']}{off}")
     print(f"CUDA graph replays draw new eps: {report['cuda_graph_replay']}")
     print(f"torch.compile of the step with fused ops: {report['compile']['graph_breaks']} graph break(s)")
     for name in ("keyed_rng", "sync_free_steps", "compiled_step", "celeba_size"):

@@ -19,12 +19,14 @@ def test_gpu_check_kit_smoke_mode_runs_every_check_on_the_cpu(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     report = json.loads((out / "gpu_check.json").read_text())
     assert report["smoke"] is True and report["ok"] is True
-    assert {r["op"] for r in report["parity"]} == {"reparam_kl", "recon_bce", "recon_mse"}
+    assert {r["op"] for r in report["parity"]} == {"reparam_kl", "recon_bce", "recon_mse", "vector_quantize"}
     assert {r["dtype"] for r in report["parity"]} == {"fp32", "bf16", "fp16"}
     assert report["compile"]["graph_breaks"] == 0
     assert report["cuda_graph_replay"] == {"skipped": "no CUDA device"}
     assert set(report["runs"]) == {"kernels", "train_throughput", "training_triton", "training_celeba",
-                                   "training_fp16", "nonfinite_stops", "ddp_2gpu", "kl_autoencoder", "kl_memory"}
+                                   "training_fp16", "nonfinite_stops", "ddp_2gpu", "kl_autoencoder", "kl_memory",
+                                   "tokenizer_step"}
+    assert all(r["codes_off"] == 0 and len(r["errors"]) == 4 for r in report["parity"] if r["op"] == "vector_quantize")
     assert report["keyed_rng"]["ok"] and report["sync_free_steps"]["ok"] and report["celeba_size"]["ok"]
     # the compiled step, KL warm-up on: one graph, no break, no recompile over 30 steps (single process)
     assert {k: report["compiled_step"][k] for k in ("steps", "graphs", "graph_breaks", "recompiles")} == {
@@ -39,6 +41,8 @@ def test_gpu_check_kit_smoke_mode_runs_every_check_on_the_cpu(tmp_path):
     kl = json.loads((out / "kl_autoencoder.json").read_text())["results"]  # both phases, the peer and fastvae
     assert {r["workload"].rsplit(", ", 1)[1] for r in kl} == {"before disc_start", "after disc_start"}
     assert all(r["gflop"] > 0 for r in kl) and sum(r["x_baseline"] == 1.0 for r in kl) >= 2
+    vq = json.loads((out / "tokenizer_step.json").read_text())["results"]  # fastvae's and the peer's, both phases
+    assert {r["part"] for r in vq} == {"vq"} and sum("vector-quantize-pytorch" in r["variant"] for r in vq) == 2
     assert (out / "run_triton" / "summary.json").is_file()
     assert json.loads((out / "run_celeba" / "summary.json").read_text())["step"] == 2
 
@@ -49,7 +53,7 @@ def check_kernel_benchmark(out):
     report = json.loads((out / "kernels.json").read_text())
     assert report["triton_timed"] is False and report["copy_bandwidth_GB_per_s"] > 0
     rows = report["results"]
-    assert {r["op"] for r in rows} == {"reparam_kl", "recon_bce", "recon_mse"}
+    assert {r["op"] for r in rows} == {"reparam_kl", "recon_bce", "recon_mse", "vector_quantize"}
     assert {r["mode"] for r in rows} == {"fwd", "fwd+bwd"}
     for r in rows:
         if r["impl"] == "triton rng":
