@@ -34,8 +34,7 @@ from fastvae.distributed import gather_rows, ranks_agree, watch_group
 from fastvae.ema import EMA
 from fastvae.errors import LostRank, OutputError, UserError
 from fastvae.losses import capacity_at, kl_weight
-from fastvae.models import build_model
-from fastvae.models.kl_autoencoder import load_pretrained, resolve_pretrained
+from fastvae.models import build_model, load_pretrained, resolve_pretrained
 from fastvae.models.sync_batchnorm import convert_sync_batchnorm
 from fastvae.objectives import build_objective
 from fastvae.optim import build_disc_optimizer, build_optimizer, build_scheduler

@@ -164,10 +164,14 @@ def test_tokenizers_benchmark_trains_and_evaluates_each_config(tmp_path):
     out = tmp_path / "tokenizers.json"
     proc = subprocess.run([sys.executable, "benchmarks/tokenizers.py", "--epochs", "1", "--limit", "32",
                            "--eval-images", "20", "--configs", "vq_fashion_mnist", "--data", "mnist",
-                           "--out", str(tmp_path / "runs"), "--json", str(out)],
+                           "--out", str(tmp_path / "runs"), "--json", str(out), "--figure", str(tmp_path / "t.png")],
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = json.loads(out.read_text())["rows"]
     assert [(r["config"], r["codes"], r["images"]) for r in rows] == [("vq_fashion_mnist", 1024, 20)]
     assert all(0 < r["usage"] <= 1 and r["perplexity"] >= 1 and r["psnr_db"] > 0 for r in rows)
+    # the figure's code counts: the evaluated test images' tokens (7 x 7 each), the usage evaluate reported
+    counts = rows[0]["code_counts"]
+    assert sum(counts) == 20 * 49 and sum(c > 0 for c in counts) / 1024 == pytest.approx(rows[0]["usage"])
+    assert (tmp_path / "t.png").stat().st_size > 10_000
     assert "usage" in proc.stdout and "PSNR dB" in proc.stdout

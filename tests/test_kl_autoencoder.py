@@ -327,7 +327,7 @@ def test_export_writes_with_the_users_umask_and_a_stopped_export_leaves_nothing(
 def test_a_pretrained_folders_architecture_wins_over_a_config_file_but_not_over_the_command_line(tmp_path, capsys):
     """`--config kl_f8`-style: the file's model.kwargs give way to the folder's (said in one line); a
     key typed on the command line that differs from the folder is refused, naming it."""
-    from fastvae.models.kl_autoencoder import resolve_pretrained
+    from fastvae.models import resolve_pretrained
 
     folder = tmp_path / "folder"
     diffusers_folder(folder)  # 8 / 16 channels, 4 groups, 2 latent channels

@@ -147,7 +147,7 @@ def test_a_plain_vq_tokenizer_exports_to_diffusers_vqmodel_and_starts_a_run_from
     from fastvae.export import main as export
     from fastvae.loading import load
     from fastvae.models import build_model
-    from fastvae.models.kl_autoencoder import resolve_pretrained
+    from fastvae.models import resolve_pretrained
 
     common = [*TOKENIZER, "quantizer.kind=vq", "quantizer.codebook_size=32", "model.kwargs.embed_dim=3",
               "train.max_steps=2"]
@@ -168,7 +168,7 @@ def test_a_plain_vq_tokenizer_exports_to_diffusers_vqmodel_and_starts_a_run_from
     resolve_pretrained(cfg)
     assert cfg.model.kwargs["embed_dim"] == 3 and cfg.quantizer.codebook_size == 32
     model = build_model(cfg)
-    from fastvae.models.kl_autoencoder import load_pretrained
+    from fastvae.models import load_pretrained
 
     load_pretrained(model, cfg.model.pretrained)
     for name, value in ours.state_dict().items():

@@ -21,10 +21,12 @@ from fastvae.errors import UserError
 from fastvae.models.base import VAE
 from fastvae.models.conv_vae import ConvVAE
 from fastvae.models.dfc_vae import DFCVAE
-from fastvae.models.kl_autoencoder import KLAutoencoder
-from fastvae.models.vq_autoencoder import VQAutoencoder
+from fastvae.models.diffusers_folders import apply_architecture, from_resumed_checkpoint, read_folder_config
+from fastvae.models.kl_autoencoder import KLAutoencoder, architecture_of, load_autoencoder_kl
+from fastvae.models.vq_autoencoder import VQAutoencoder, load_vqmodel, vqmodel_architecture
 
-__all__ = ["VAE", "ConvVAE", "DFCVAE", "KLAutoencoder", "VQAutoencoder", "build_model", "model_class", "check_model"]
+__all__ = ["VAE", "ConvVAE", "DFCVAE", "KLAutoencoder", "VQAutoencoder", "build_model", "model_class", "check_model",
+           "resolve_pretrained", "load_pretrained"]
 
 BUILT_IN = {"conv_vae": ConvVAE, "dfc_vae": DFCVAE, "kl_autoencoder": KLAutoencoder, "vq_autoencoder": VQAutoencoder}
 DRY_RUN_IMAGES = 2
@@ -173,3 +175,29 @@ def _pair(encoded, name: str) -> tuple[torch.Tensor, torch.Tensor]:
     if not (isinstance(encoded, (tuple, list)) and len(encoded) == 2 and all(torch.is_tensor(t) for t in encoded)):
         raise UserError(f"model {name}: encode returned {type(encoded).__name__}; expected a pair (mu, logvar) of tensors")
     return encoded[0], encoded[1]
+
+
+# ---------------------------------------------------------------- model.pretrained: a diffusers folder
+
+
+def resolve_pretrained(cfg) -> None:
+    """model.pretrained's architecture (an AutoencoderKL folder for kl_autoencoder, a VQModel folder for
+    vq_autoencoder) into the config, before anything is sized (fastvae/models/diffusers_folders.py)."""
+    if not cfg.model.pretrained:
+        return
+    if not Path(cfg.model.pretrained).exists() and from_resumed_checkpoint(cfg):
+        return
+    if cfg.model.name == "vq_autoencoder":
+        config = read_folder_config(cfg.model.pretrained, "VQModel")
+        apply_architecture(cfg, config, *vqmodel_architecture(config))
+    else:
+        config = read_folder_config(cfg.model.pretrained, "AutoencoderKL")
+        apply_architecture(cfg, config, architecture_of(config), {})
+
+
+def load_pretrained(model, folder) -> None:
+    """The folder's safetensors weights into the model built from its architecture (never a pickle)."""
+    if isinstance(model, VQAutoencoder):
+        load_vqmodel(model, folder)
+    else:
+        load_autoencoder_kl(model, folder)

@@ -140,7 +140,7 @@ def load_vqmodel(model: VQAutoencoder, folder) -> None:
     """A VQModel folder's safetensors weights into the model: its blocks and its codebook."""
     from pathlib import Path
 
-    from fastvae.models.kl_autoencoder import WEIGHTS_FILE, read_checked_weights
+    from fastvae.models.diffusers_folders import WEIGHTS_FILE, read_checked_weights
 
     plain_codebook(model)
     own = {k: v for k, v in model.state_dict().items() if k.startswith(VQMODEL_PARTS)}
