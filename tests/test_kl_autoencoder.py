@@ -343,6 +343,7 @@ def test_a_pretrained_folders_architecture_wins_over_a_config_file_but_not_over_
         resolve_pretrained(typed)
 
 
+@pytest.mark.slow
 def test_a_compiled_adversarial_step_trains_what_the_eager_one_trains(tmp_path, tmp_path_factory, monkeypatch):
     """train.compile=true with the discriminator active from step 0: LPIPS's and the discriminator's
     backward once each (autograd.grad calls are graph breaks), the last layer a graph of its own (its
