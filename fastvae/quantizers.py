@@ -62,7 +62,17 @@ def code_statistics(counts: torch.Tensor) -> dict:
     return {"usage": (counts > 0).float().mean(), "perplexity": entropy.exp()}
 
 
-class VectorQuantizer(nn.Module):
+class Quantizer(nn.Module):
+    """What every quantizer shares: it computes in float32 with autocast off, whatever precision the
+    step runs in (a bf16 distance or entropy picks other codes for near vectors: 8 bits of mantissa
+    against 16,384 codes); z_q goes back in the encoder output's dtype."""
+
+    def forward(self, z: torch.Tensor, noise_key=None, samples: int = 1) -> Latent:
+        with torch.autocast(z.device.type, enabled=False):
+            return self.quantize(z)
+
+
+class VectorQuantizer(Quantizer):
     """dim: the encoder's channels C; codebook_size K; code_dim: the lookup's dimension (default C)."""
 
     def __init__(self, dim: int, codebook_size: int, code_dim: int | None = None, l2: bool = False,
@@ -99,7 +109,7 @@ class VectorQuantizer(nn.Module):
     def codes(self) -> torch.Tensor:
         return F.normalize(self.codebook, dim=1) if self.l2 else self.codebook
 
-    def forward(self, z: torch.Tensor, noise_key=None, samples: int = 1) -> Latent:
+    def quantize(self, z: torch.Tensor) -> Latent:
         vectors, shape = as_vectors(z)
         v = self.project_in(vectors.float() if vectors.dtype in (torch.float16, torch.bfloat16) else vectors)
         if self.l2:
@@ -217,7 +227,7 @@ def check_vq(dim, codebook_size, code_dim, commitment, ema_decay, restart_after,
         raise ValueError(f"kmeans_iters {kmeans_iters!r}: expected 0 (off) or a number of Lloyd steps >= 1, e.g. 10")
 
 
-class FSQ(nn.Module):
+class FSQ(Quantizer):
     """Finite scalar quantization: channel i of z (dim = len(levels)) bounded to levels[i] values by
     tanh and rounded, straight-through; the code is the grid point, its index mixed-radix."""
 
@@ -243,7 +253,7 @@ class FSQ(nn.Module):
         shift = torch.atanh(offset / half)
         return torch.tanh(z + shift) * half - offset
 
-    def forward(self, z: torch.Tensor, noise_key=None, samples: int = 1) -> Latent:
+    def quantize(self, z: torch.Tensor) -> Latent:
         vectors, shape = as_vectors(z)
         v = vectors.float() if vectors.dtype in (torch.float16, torch.bfloat16) else vectors
         bounded = self.bound(v)
@@ -270,7 +280,7 @@ class FSQ(nn.Module):
         return from_vectors(q, (*indices.shape, self.dim))
 
 
-class LFQ(nn.Module):
+class LFQ(Quantizer):
     """Lookup-free quantization: code = sign(z) per channel, 2^dim codes; loss per vector: commitment x
     ||z - sg(q)||^2 + entropy_weight x (the vector's code entropy) and, for the batch, - entropy_weight x
     the entropy of the global batch's mean code distribution (softmax over codes of 2 z.c / temperature)."""
@@ -288,7 +298,7 @@ class LFQ(nn.Module):
         self.codebook_size = 2 ** dim
         self.register_buffer("bits", 2 ** torch.arange(dim - 1, -1, -1, dtype=torch.long), persistent=False)
 
-    def forward(self, z: torch.Tensor, noise_key=None, samples: int = 1) -> Latent:
+    def quantize(self, z: torch.Tensor) -> Latent:
         vectors, shape = as_vectors(z)
         v = vectors.float() if vectors.dtype in (torch.float16, torch.bfloat16) else vectors
         q = torch.where(v > 0, 1.0, -1.0).to(v.dtype)

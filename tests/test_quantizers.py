@@ -218,3 +218,21 @@ def test_two_processes_keep_the_state_one_process_keeps(tmp_path, spec):
             torch.testing.assert_close(state[name], one_state[name], rtol=1e-12, atol=1e-12, msg=name)
         torch.testing.assert_close(grad, one_grad, rtol=1e-10, atol=1e-13)
     assert math.isfinite(float(one_grad.abs().sum()))
+
+
+def test_quantizers_compute_in_float32_under_bf16_autocast():
+    """A bf16 step (autocast) gives the quantizer bf16 latents; the lookup, projections and entropies still
+    run in float32: the codes and losses a float32 step gets from the same latents."""
+    z = latents(30, (4, 8, 3, 3)).float().bfloat16()
+    for q in (VectorQuantizer(8, 256, code_dim=4, l2=True), LFQ(8, temperature=0.5), FSQ(8, [5] * 8)):
+        q.train()
+        seen = []
+        if isinstance(q, VectorQuantizer):
+            lookup = q.lookup
+            q.use_lookup(lambda v, c, a, b: (seen.append((v.dtype, c.dtype)), lookup(v, c, a, b))[1])
+        want = q(z.float())
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got = q(z)
+        assert torch.equal(got.posterior, want.posterior), type(q).__name__
+        torch.testing.assert_close(got.regularizer, want.regularizer)
+        assert got.z.dtype == torch.bfloat16 and all(d == (torch.float32, torch.float32) for d in seen)
