@@ -27,7 +27,7 @@ Every row is a ratio to its baseline, interleaved and repeated, with its peak me
 allocated, or the growth of the process's peak RSS while the case ran: a lower bound on CPU).
 
     python benchmarks/train_throughput.py [--parts step loop kl vq] [--repeats 5] [--steps 3] [--modes eager compiled]
-        [--precisions fp32 bf16] [--formats contiguous channels_last] [--kl-size 64] [--kl-modes eager compiled]
+        [--precisions fp32 bf16] [--formats contiguous channels_last] [--kl-size 64] [--kl-modes eager compiled] [--phases before after]
         [--json PATH]
 """
 
@@ -331,7 +331,7 @@ def run_kl(args, device, tmp: Path, part: str = "kl") -> list[dict]:
         lpips_path = random_backbone("vgg", tmp / "lpips")
     rows = []
     torch._dynamo.config.recompile_limit = 64  # every compiled row's model shares nn.Module's call (step_cases)
-    for phase, active in KL_PHASES.items():
+    for phase, active in [(p, a) for p, a in KL_PHASES.items() if p.split()[0] in args.phases]:
         print(f"{part} autoencoder {args.kl_size} px, {phase}: building the steps...", flush=True)
         cases = kl_cases(args, device, tmp / f"{part}_{phase.replace(' ', '_')}", active, lpips_path, part)
         flops = {name: step_flops(fn) for name, fn in cases.items()}
@@ -439,6 +439,8 @@ def main(argv=None) -> None:
     parser.add_argument("--kl-size", type=int, default=64, help="image size of the kl rows (256: kl-f8's, a GPU's)")
     parser.add_argument("--kl-modes", nargs="*", default=["eager"], choices=["eager", "compiled"],
                         help="kl rows: eager, and train.compile=true (minutes of compilation on a CPU)")
+    parser.add_argument("--phases", nargs="*", default=["before", "after"], choices=["before", "after"],
+                        help="kl / vq rows: before disc_start, after it")
     parser.add_argument("--lpips-weights", default="", help="LPIPS's VGG weights (default: the torch hub cache, "
                                                             "else random weights of the same shape)")
     parser.add_argument("--steps", type=int, default=3, help="training steps per timing sample")

@@ -41,8 +41,9 @@ def test_gpu_check_kit_smoke_mode_runs_every_check_on_the_cpu(tmp_path):
     kl = json.loads((out / "kl_autoencoder.json").read_text())["results"]  # both phases, the peer and fastvae
     assert {r["workload"].rsplit(", ", 1)[1] for r in kl} == {"before disc_start", "after disc_start"}
     assert all(r["gflop"] > 0 for r in kl) and sum(r["x_baseline"] == 1.0 for r in kl) >= 2
-    vq = json.loads((out / "tokenizer_step.json").read_text())["results"]  # fastvae's and the peer's, both phases
-    assert {r["part"] for r in vq} == {"vq"} and sum("vector-quantize-pytorch" in r["variant"] for r in vq) == 2
+    vq = json.loads((out / "tokenizer_step.json").read_text())["results"]  # fastvae's and the peer's
+    assert {r["part"] for r in vq} == {"vq"} and sum("vector-quantize-pytorch" in r["variant"] for r in vq) == 1
+    assert all(r["workload"].endswith("after disc_start") and r["gflop"] > 0 for r in vq)
     assert (out / "run_triton" / "summary.json").is_file()
     assert json.loads((out / "run_celeba" / "summary.json").read_text())["step"] == 2
 
