@@ -177,3 +177,30 @@ def test_the_held_out_loss_of_ldm_is_its_nll_plus_beta_kl_on_test_images():
         want = (nll + 0.1 * losses.kl_divergence(mu, logvar)).mean()
     assert got == pytest.approx(want.item(), rel=1e-5)
     assert (halves[0] + halves[1]) / 2 == pytest.approx(got, rel=1e-6)  # 3 + 3 images
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_one_backward_way_compiles_under_autocast(dtype):
+    """The objective with the critic inside torch.compile (AOT autograd, as train.compile runs it): under
+    bf16 autocast x_hat is a float32 cast of the bf16 output, and the NLL's graph must take it in from
+    outside for autograd.grad(nll, x_hat) to find it; the gradients are the eager ones."""
+    from fastvae.critic import Critic
+    from fastvae.objectives import LDMLoss
+
+    g = torch.Generator().manual_seed(5)
+    x, h = torch.rand(2, 3, 8, 8, generator=g), torch.randn(2, 8, 8, 3, generator=g)
+    model = ToyAutoencoder(nn.Parameter(torch.randn(3, 3, generator=g) * 0.5))
+    critic = Critic(NLayerDiscriminator(3, 4, 1, "none"), None, weight=0.5)
+    objective = LDMLoss("l1", None, learn_logvar=True)
+
+    def step(h):
+        with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
+            output = (h @ model.W).permute(0, 3, 1, 2)
+            return objective(model, x, kl_latent(torch.ones(2)), output, torch.tensor(1e-6), None, critic).loss
+
+    grads = []
+    for fn in (step, torch.compile(step, backend="aot_eager")):
+        torch._dynamo.reset()
+        grads.append(torch.autograd.grad(fn(h), [model.W, model.nll_logvar]))
+    for compiled, eager in zip(grads[1], grads[0]):
+        torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-5)
