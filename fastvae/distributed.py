@@ -85,16 +85,22 @@ def gather_rows(t: torch.Tensor) -> torch.Tensor:
 
 
 def ranks_agree(module: torch.nn.Module) -> bool:
-    """Every rank holds the same parameters (what DDP promises), by one all-reduce of a checksum
-    (sum and sum of squares): max == min over ranks."""
+    """Every rank holds the same parameters (what DDP promises) and buffers (a tokenizer's codebook, its
+    EMA sums and usage window), by one all-reduce of a checksum (sum and sum of squares): max == min over
+    ranks. BatchNorm's running statistics are left out: without synchronized BatchNorm each rank's are
+    its own share's."""
     import torch.distributed as dist
 
+    from torch.nn.modules.batchnorm import _BatchNorm
+
     params = [p.detach().double() for p in module.parameters()]
+    params += [b.detach().double() for m in module.modules() if not isinstance(m, _BatchNorm)
+               for b in m.buffers(recurse=False)]
     local = torch.stack([sum(p.sum() for p in params), sum(p.square().sum() for p in params)])
     both = torch.cat([local, -local])  # MAX of -x is -MIN of x: one all-reduce gives both
     dist.all_reduce(both, op=dist.ReduceOp.MAX)
     if not torch.equal(both[:2], -both[2:]):
-        raise RuntimeError("parameters differ across ranks after training")
+        raise RuntimeError("parameters or buffers differ across ranks after training")
     return True
 
 

@@ -4,6 +4,7 @@ import json
 import subprocess
 
 import pytest
+import torch
 
 from fastvae.launch.processes import accelerate_binary
 from helpers import ROOT, TINY
@@ -32,3 +33,28 @@ def test_accelerate_config_files_describe_their_layouts():
     got = {k: (c.distributed_type.value, c.num_processes, c.num_machines) for k, c in layouts.items()}
     assert got == {"1gpu": ("NO", 1, 1), "8gpu": ("MULTI_GPU", 8, 1), "multinode": ("MULTI_GPU", 16, 2),
                    "cpu_2proc": ("MULTI_GPU", 2, 1)}
+
+
+def buffers_checked(rank, world):
+    """ranks_agree on 2 ranks: equal weights and codebooks; a codebook buffer that differs; BatchNorm
+    statistics that differ (each rank's share: not checked)."""
+    from fastvae.distributed import ranks_agree
+    from fastvae.quantizers import VectorQuantizer
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.BatchNorm1d(4), VectorQuantizer(4, 8, ema_decay=0.9))
+    model[0].running_mean += rank  # unsynchronized statistics
+    agree = ranks_agree(model)
+    model[1].embed_sum[3, 1] += rank  # one rank's EMA sum moved
+    try:
+        ranks_agree(model)
+        differ_found = False
+    except RuntimeError:
+        differ_found = True
+    return agree, differ_found
+
+
+def test_ranks_agree_checks_buffers_but_not_batchnorm_statistics(tmp_path):
+    from ranks import on_ranks
+
+    assert on_ranks(buffers_checked, 2, tmp_path) == [(True, True), (True, True)]
