@@ -140,8 +140,8 @@ def test_objectives_benchmark_trains_and_evaluates_each_row(tmp_path):
 
 @pytest.mark.slow
 def test_kl_memory_and_profile_benchmarks_measure_each_case(tmp_path):
-    """kl_memory: every variant in its own process, a ratio to the plain step; profile_step's KL workload:
-    the operator groups and what LPIPS and the discriminator cost."""
+    """kl_memory: every variant in its own process, a ratio to the plain step; profile_step's tokenizer
+    workload: the operator groups (the quantizer's among them) and what LPIPS costs."""
     proc = subprocess.run([sys.executable, "benchmarks/kl_memory.py", "--sizes", "32", "--batch", "1", "--json",
                            str(tmp_path / "memory.json")], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
@@ -149,14 +149,16 @@ def test_kl_memory_and_profile_benchmarks_measure_each_case(tmp_path):
     assert [r["variant"] for r in rows] == ["plain PyTorch, the diffusers script's way", "fastvae train_step",
                                             "fastvae train_step, gradient checkpointing"]
     assert all(r["step_MB"] > 0 for r in rows) and rows[0]["x_peer"] == 1.0
+    # the tokenizer's workload before disc_start (two steps to build, not three: the kl and vq workloads
+    # share their code, and the committed JSONs have the discriminator's cost)
     proc = subprocess.run([sys.executable, "benchmarks/profile_step.py", "--workload",
-                           "kl_autoencoder 3x64x64, after disc_start", "--steps", "1", "--repeats", "1", "--json",
+                           "vq_autoencoder 3x64x64, before disc_start", "--steps", "1", "--repeats", "1", "--json",
                            str(tmp_path / "profile.json")], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     profile = json.loads((tmp_path / "profile.json").read_text())
     groups = {r["group"] for r in profile["results"]}
-    assert "convolutions (fwd + bwd)" in groups and "group norm + SiLU (memory-bound at full resolution)" in groups
-    assert [r["part"] for r in profile["network_costs"]] == ["whole step", "LPIPS", "the discriminator"]
+    assert "convolutions (fwd + bwd)" in groups and "quantizer: argmin, gather, codebook update" in groups
+    assert [r["part"] for r in profile["network_costs"]] == ["whole step", "LPIPS"]
 
 
 def test_tokenizers_benchmark_trains_and_evaluates_each_config(tmp_path):
