@@ -10,7 +10,6 @@ from typing import Callable
 import torch
 
 from fastvae import losses, noise
-from fastvae.losses import vector_quantize
 from fastvae.errors import UserError
 
 
@@ -30,7 +29,7 @@ class Ops:
     reparam_kl: Callable  # (mu, logvar, noise_key=None) -> (z, kl[B]); noise_key: see fastvae.noise
     recon_loss: Callable  # (logits, target, kind) -> recon[B]
     # a tokenizer's nearest-code lookup: (v, codes, commitment, codebook_weight) -> (z_q, indices, loss[N])
-    vector_quantize: Callable = vector_quantize
+    vector_quantize: Callable = losses.vector_quantize
 
 
 def select_ops(name: str, device: torch.device) -> Ops:

@@ -65,11 +65,13 @@ def code_statistics(counts: torch.Tensor) -> dict:
 class Quantizer(nn.Module):
     """What every quantizer shares: it computes in float32 with autocast off, whatever precision the
     step runs in (a bf16 distance or entropy picks other codes for near vectors: 8 bits of mantissa
-    against 16,384 codes); z_q goes back in the encoder output's dtype."""
+    against 16,384 codes); z_q goes back in the encoder output's dtype. `quantize` sees float32 (or
+    float64) latents."""
 
     def forward(self, z: torch.Tensor, noise_key=None, samples: int = 1) -> Latent:
         with torch.autocast(z.device.type, enabled=False):
-            return self.quantize(z)
+            latent = self.quantize(z.float() if z.dtype in (torch.float16, torch.bfloat16) else z)
+        return latent._replace(z=latent.z.to(z.dtype))
 
 
 class VectorQuantizer(Quantizer):
@@ -111,7 +113,7 @@ class VectorQuantizer(Quantizer):
 
     def quantize(self, z: torch.Tensor) -> Latent:
         vectors, shape = as_vectors(z)
-        v = self.project_in(vectors.float() if vectors.dtype in (torch.float16, torch.bfloat16) else vectors)
+        v = self.project_in(vectors)
         if self.l2:
             v = F.normalize(v, dim=1)
         if self.training and not self._initialized:
@@ -121,7 +123,7 @@ class VectorQuantizer(Quantizer):
         counts = None
         if self.training:
             counts = self._update(v.detach(), indices)
-        z_q = from_vectors(self.project_out(q_st), shape).to(z.dtype)
+        z_q = from_vectors(self.project_out(q_st), shape)
         terms = {} if counts is None else {k: t.detach() for k, t in code_statistics(counts).items()}
         if counts is not None and self.restart_after:
             terms["dead_codes"] = ((self.updates - self.last_used) >= self.restart_after).sum().float()
@@ -177,10 +179,8 @@ class VectorQuantizer(Quantizer):
             return
         candidates = global_batch(v)
         generator = torch.Generator().manual_seed(int(self.seed) * 1_000_003 + int(self.updates))
-        picks = torch.randperm(candidates.shape[0], generator=generator)[:dead.numel()]
-        if picks.numel() < dead.numel():  # fewer vectors than dead codes: cycle through them
-            picks = picks.repeat(math.ceil(dead.numel() / max(1, picks.numel())))[:dead.numel()]
-        fresh = candidates[picks.to(candidates.device)].to(self.codebook.dtype)
+        fresh = candidates[drawn_rows(candidates.shape[0], dead.numel(), generator).to(candidates.device)]
+        fresh = fresh.to(self.codebook.dtype)
         self.codebook.data[dead] = fresh
         if self.ema_decay:
             self.embed_sum[dead] = fresh
@@ -193,12 +193,18 @@ class VectorQuantizer(Quantizer):
         return from_vectors(self.project_out(q), (*indices.shape, q.shape[1]))
 
 
+def drawn_rows(rows: int, count: int, generator: torch.Generator) -> torch.Tensor:
+    """`count` of `rows` row indices drawn without replacement by `generator`, cycled when there are fewer
+    rows than asked for (a restart's or k-means' picks from the global batch)."""
+    picks = torch.randperm(rows, generator=generator)
+    return picks.repeat(math.ceil(count / max(1, rows)))[:count]
+
+
 def kmeans(vectors: torch.Tensor, k: int, iters: int, generator: torch.Generator, l2: bool = False):
     """(k centres, their cluster sizes) after `iters` Lloyd steps from k vectors drawn without replacement
     (cycled when there are fewer); spherical (centres re-normalized) when l2. An empty cluster keeps its
     centre. The same on every rank given the same vectors and generator."""
-    picks = torch.randperm(vectors.shape[0], generator=generator)
-    picks = picks.repeat(math.ceil(k / max(1, picks.numel())))[:k].to(vectors.device)
+    picks = drawn_rows(vectors.shape[0], k, generator).to(vectors.device)
     centres, counts = vectors[picks].clone(), torch.ones(k, dtype=vectors.dtype, device=vectors.device)
     for _ in range(iters):
         assigned = nearest_codes(vectors, centres)
@@ -254,8 +260,7 @@ class FSQ(Quantizer):
         return torch.tanh(z + shift) * half - offset
 
     def quantize(self, z: torch.Tensor) -> Latent:
-        vectors, shape = as_vectors(z)
-        v = vectors.float() if vectors.dtype in (torch.float16, torch.bfloat16) else vectors
+        v, shape = as_vectors(z)
         bounded = self.bound(v)
         rounded = bounded + (bounded.round() - bounded).detach()
         half_width = (self.levels // 2).to(v.dtype)
@@ -266,7 +271,7 @@ class FSQ(Quantizer):
             counts = sum_over_processes(torch.bincount(indices, minlength=self.codebook_size).to(v.dtype))
             terms = {k: t.detach() for k, t in code_statistics(counts).items()}
         regularizer = v.new_zeros(z.shape[0])
-        return Latent(from_vectors(q, shape).to(z.dtype), regularizer, terms, indices.view(z.shape[0], *shape[1:-1]))
+        return Latent(from_vectors(q, shape), regularizer, terms, indices.view(z.shape[0], *shape[1:-1]))
 
     def indices_of(self, rounded: torch.Tensor) -> torch.Tensor:
         """Grid values (-L//2 ... ) -> digits 0 ... L - 1 -> the mixed-radix index."""
@@ -299,8 +304,7 @@ class LFQ(Quantizer):
         self.register_buffer("bits", 2 ** torch.arange(dim - 1, -1, -1, dtype=torch.long), persistent=False)
 
     def quantize(self, z: torch.Tensor) -> Latent:
-        vectors, shape = as_vectors(z)
-        v = vectors.float() if vectors.dtype in (torch.float16, torch.bfloat16) else vectors
+        v, shape = as_vectors(z)
         q = torch.where(v > 0, 1.0, -1.0).to(v.dtype)
         q_st = v + (q - v).detach()
         indices = ((q > 0).long() * self.bits).sum(1)
@@ -314,7 +318,7 @@ class LFQ(Quantizer):
             counts = self.code_counts(indices, v.dtype)
             if counts is not None:
                 terms.update({k: t.detach() for k, t in code_statistics(counts).items()})
-        return Latent(from_vectors(q_st, shape).to(z.dtype), per_image(loss, z.shape[0]), terms,
+        return Latent(from_vectors(q_st, shape), per_image(loss, z.shape[0]), terms,
                       indices.view(z.shape[0], *shape[1:-1]))
 
     def entropies(self, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

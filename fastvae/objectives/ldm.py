@@ -63,15 +63,17 @@ class LDMLoss(Objective):
                  else (x_pm - x_hat).pow(2).mean().detach()}
         if distance is not None:
             terms["lpips"] = distance.mean().detach()
+        def regularizer_term():
+            return beta * latent.regularizer.float().mean()
+
         if critic is not None and not self.backward_once:
             adversarial, critic_terms = critic.adversarial_loss(x_hat, nll_loss, model.last_layer())
             terms.update(critic_terms)
-            loss = nll_loss + beta * latent.regularizer.float().mean() + adversarial
+            loss = nll_loss + regularizer_term() + adversarial
         elif critic is not None:
-            loss = self._with_critic(critic, model, x_hat, nll_loss, lambda: beta * latent.regularizer.float().mean(),
-                                     terms)
+            loss = self._with_critic(critic, model, x_hat, nll_loss, regularizer_term, terms)
         else:
-            loss = nll_loss + beta * latent.regularizer.float().mean()
+            loss = nll_loss + regularizer_term()
         return StepLoss(loss, rec.flatten(1).sum(1), latent.regularizer, terms, output)
 
     def _with_critic(self, critic, model, x_hat, nll_loss, regularizer_term, terms):
