@@ -21,9 +21,10 @@ def test_training_and_evaluation_log_to_offline_wandb(tmp_path):
     evaluate_main(["--checkpoint", str(list_checkpoints(out)[-1]), "--max-images", "20"])
     new = [p for p in offline_runs() if p not in before]
     assert len(new) == 2  # the training run and its evaluation run
+    from wandb_records import finished_records
+
     for run in new:
-        files = list(run.glob("*.wandb"))
-        assert files and files[0].stat().st_size > 0
+        assert "run" in [rec.WhichOneof("record_type") for rec in finished_records(run)]
 
 
 def test_offline_run_holds_config_scalar_history_pictures_and_checkpoint(tmp_path):

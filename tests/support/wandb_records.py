@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import struct
+import time
 from pathlib import Path
 
 from wandb.proto import wandb_internal_pb2
@@ -33,6 +34,8 @@ def records(path: str | Path) -> list:
         if length == 0 and kind == 0:  # zero padding
             pos += left_in_block
             continue
+        if pos + 7 + length > len(data):  # a chunk still being written
+            break
         chunk = data[pos + 7:pos + 7 + length]
         pos += 7 + length
         if kind in (FULL, FIRST):
@@ -54,12 +57,27 @@ def _key(item) -> str:
     return item.key or "/".join(item.nested_key)
 
 
+def finished_records(run_dir: str | Path, wait_s: float = 60.0) -> list:
+    """The run file's records once it holds its `exit` record. wandb's service process writes the
+    file on its own schedule: `finish()` can return before the file is flushed (a CI run read a file
+    with no `run` record yet, 2026-12-07), so a test waits for the end, bounded."""
+    (path,) = Path(run_dir).glob("run-*.wandb")
+    deadline = time.monotonic() + wait_s
+    while True:
+        got = records(path) if path.stat().st_size >= len(FILE_HEADER) else []
+        kinds = [rec.WhichOneof("record_type") for rec in got]
+        if "exit" in kinds:
+            return got
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{path}: no exit record after {wait_s:.0f} s (records: {kinds})")
+        time.sleep(0.2)
+
+
 def run_contents(run_dir: str | Path) -> dict:
     """{"run_id", "name", "group", "tags", "project", "config": {...}, "history": [{...}, ...],
     "artifacts": [names]} from one offline run directory."""
-    (path,) = Path(run_dir).glob("run-*.wandb")
     out = {"config": {}, "history": [], "artifacts": []}
-    for rec in records(path):
+    for rec in finished_records(run_dir):
         kind = rec.WhichOneof("record_type")
         if kind == "run":
             out.update(run_id=rec.run.run_id, name=rec.run.display_name, group=rec.run.run_group,
