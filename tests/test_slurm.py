@@ -94,6 +94,15 @@ def test_a_job_of_a_users_model_completes_with_metrics_and_checkpoint(cluster, t
     assert list((out / "slurm").glob("*_0_log.out"))
 
 
+def preempt(job) -> None:
+    """The two signals of submitit's `job._interrupt()` (SIGTERM, then SIGUSR2 in a second scancel), the
+    other way round: a job that checkpoints and exits on the SIGTERM before the second scancel lands
+    completes instead of requeueing (seen on 2 loaded cores). Either order stops the job at the next step;
+    a job already requeued by the first refuses the second (pending), which is fine."""
+    subprocess.run(["scancel", job.job_id, "--signal", "USR2"], check=True, timeout=30)
+    subprocess.run(["scancel", job.job_id, "--signal", "TERM"], timeout=30)
+
+
 def test_two_node_job_trains_ddp_through_preemption_and_requeue(cluster, tmp_path):
     if len(local_cluster.node_names()) < 2:
         pytest.skip("this host is named localhost: the local cluster has one node")
@@ -101,7 +110,7 @@ def test_two_node_job_trains_ddp_through_preemption_and_requeue(cluster, tmp_pat
     # one task on each of the two slurmd: the ranks meet at the first node's name (MASTER_ADDR)
     job = submit(out, "data.limit=1024", "train.epochs=2", "train.checkpoint_every=4", nodes=2, tasks_per_node=1)
     wait_until("a first checkpoint", lambda: list(out.glob("checkpoints/step_*/fastvae.json")), JOB_TIMEOUT)
-    job._interrupt()  # preemption, as submitit sends it: SIGTERM then SIGUSR2 to both tasks
+    preempt(job)  # to both tasks
     wait_until("the requeue", lambda: job.state.split()[0] in ("PENDING", "REQUEUED"), timeout=60)
     start_now(job.job_id)
     final = slurm.wait_for([job], JOB_TIMEOUT, stream=False)
@@ -124,7 +133,7 @@ def test_preempted_job_requeues_resumes_and_continues_the_wandb_run(cluster, tmp
     before = set(wandb_root.glob("offline-run-*"))
     job = submit(out, "data.limit=1024", "train.epochs=3", "train.checkpoint_every=4", "logger=wandb")
     wait_until("a first checkpoint", lambda: list(out.glob("checkpoints/step_*/fastvae.json")), JOB_TIMEOUT)
-    job._interrupt()  # what SLURM preemption does through submitit: SIGTERM, then SIGUSR2
+    preempt(job)
     wait_until("the requeue", lambda: job.state.split()[0] in ("PENDING", "REQUEUED"), timeout=60)
     start_now(job.job_id)
     final = slurm.wait_for([job], JOB_TIMEOUT, stream=False)
