@@ -14,6 +14,7 @@ from __future__ import annotations
 import re
 import warnings
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
@@ -66,11 +67,7 @@ def load_lpips(net: str = "vgg", path: str = "", flag: str = "loss.lpips_weights
     except Exception as err:  # pickle's and torch's own types
         raise UserError(f"LPIPS backbone file '{weights}' refused: it is not plain tensors ({type(err).__name__}); "
                         f"expected torchvision's {BACKBONE_FILES[net]}") from None
-    import lpips
-
-    with warnings.catch_warnings():  # lpips asks torchvision for `pretrained=False`, deprecated there
-        warnings.simplefilter("ignore")
-        model = lpips.LPIPS(net=net, pretrained=True, pnet_rand=True, verbose=False)
+    model = random_lpips(net)
     if not isinstance(state, dict):
         raise UserError(f"LPIPS backbone file '{weights}' holds a {type(state).__name__}; expected torchvision's "
                         f"{BACKBONE_FILES[net]} (a mapping of tensors)")
@@ -89,6 +86,28 @@ def load_lpips(net: str = "vgg", path: str = "", flag: str = "loss.lpips_weights
             backbone[key] = tensor
     model.load_state_dict(backbone, strict=False)
     return model.eval().requires_grad_(False)
+
+
+def random_lpips(net: str) -> torch.nn.Module:
+    """lpips.LPIPS with its linear heads and a random backbone, for the file's weights to go into. For vgg,
+    lpips is handed torchvision's VGG16 features alone (vgg.make_layers, what tv.vgg16().features is):
+    the whole vgg16 it builds would draw a 120M-parameter classifier only to drop it, ~1 s of every
+    LDM or tokenizer run's start."""
+    import lpips
+    from lpips import pretrained_networks
+    from torchvision.models import vgg
+
+    features_only = SimpleNamespace(vgg16=lambda pretrained=False: SimpleNamespace(
+        features=vgg.make_layers(vgg.cfgs["D"])))
+    with warnings.catch_warnings():  # lpips asks torchvision for `pretrained=False`, deprecated there
+        warnings.simplefilter("ignore")
+        if net != "vgg":
+            return lpips.LPIPS(net=net, pretrained=True, pnet_rand=True, verbose=False)
+        torchvision_models, pretrained_networks.tv = pretrained_networks.tv, features_only
+        try:
+            return lpips.LPIPS(net=net, pretrained=True, pnet_rand=True, verbose=False)
+        finally:
+            pretrained_networks.tv = torchvision_models
 
 
 def check_image_size(model: torch.nn.Module, net: str, channels: int, height: int, width: int) -> None:
