@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -58,6 +59,10 @@ SMOKE_LATENTS, SMOKE_IMAGES = [(8, 2), (16, 20)], [(4, 1, 28, 28), (2, 3, 64, 64
 VQ_SHAPES, SMOKE_VQ_SHAPES = [(32768, 16384, 8, True), (8192, 1024, 256, False)], [(300, 100, 8, True), (70, 40, 64, False)]
 MAX_CODES_OFF = 1e-4  # the share of vectors whose fp32 nearest code may differ from float64's (near-ties)
 BUDGET_S = 540  # the whole kit on one GPU: under 9 minutes
+# the kit's training runs in OUT and their faces: scratch, cleared when the kit runs again into the same OUT
+# (a run refuses an out_dir holding another run's checkpoints)
+RUN_FOLDERS = ("celeba", "sync_free", "compiled", "celeba_size", "run_triton", "run_fp16", "run_nonfinite",
+               "run_celeba", "run_ddp")
 KEYED_TOLERANCE = 1e-5  # the GPU's approximate sqrt/log/cos in Box-Muller: a few float32 ulp (docs/kernels_benchmarks.md)
 CELEBA_TRAIN_IMAGES = 162_770
 
@@ -419,6 +424,8 @@ def main(argv=None) -> int:
         return 2
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    for name in RUN_FOLDERS:
+        shutil.rmtree(out / name, ignore_errors=True)
     budget = Budget(BUDGET_S)
     report = {"machine": machine(), "smoke": args.smoke, "budget_s": BUDGET_S, "parity": parity(device),
               "cuda_graph_replay": cuda_graph_replays_draw_new_eps(device), "compile": graph_breaks(device),
