@@ -77,8 +77,8 @@ def estimate(cfg, trusted: tuple[str, ...] | None = None, trace: bool = True) ->
             if trace:
                 condition = torch.empty(1, condition_dim) if condition_dim else None
                 with torch.no_grad(), _OutputBytes() as counted:
-                    mu, _ = model.encode_with(x, condition)
-                    model.decode_with(mu, condition)
+                    encoded = model.encode_with(x, condition)  # (mu, logvar), or a tokenizer's z_e
+                    model.decode_with(encoded[0] if isinstance(encoded, tuple) else encoded, condition)
                 activations = counted.total
     except Exception:  # whatever a user's model does that the meta device cannot (data-dependent code, files)
         return None
@@ -137,7 +137,7 @@ def step_images(cfg, training: bool) -> int:
 
 # What each key is set to when asking which one makes a run too big (the first that fits wins).
 SMALLER = (("model.latent_dim", 2), ("model.condition_names", []), ("loss.samples", 1), ("data.image_size", 8),
-           ("data.batch_size", 1), ("model.kwargs", {}))
+           ("data.batch_size", 1), ("model.kwargs", {}), ("quantizer.codebook_size", 2))
 
 
 def check_fits(cfg, device: torch.device, training: bool, trusted: tuple[str, ...] | None = None,

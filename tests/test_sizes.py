@@ -49,6 +49,9 @@ def test_the_estimate_counts_parameters_and_activations():
     (["loss.objective=iwae", "loss.samples=10000", "data.batch_size=8"], "config key 'loss.samples' (10000)"),
     (["data.name=imagefolder", "data.root=/nowhere", "data.channels=3", "data.image_size=[100000,100000]"],
      "config key 'data.image_size' (100000)"),
+    (["model.name=vq_autoencoder", "loss.recon=mse", "quantizer.kind=vq", "quantizer.codebook_size=100000000",
+      "model.kwargs={block_out_channels: [8, 16], norm_num_groups: 4, latent_channels: 4}"],
+     "config key 'quantizer.codebook_size' (100000000)"),  # 6.4 GB: a tokenizer's encoder gives z_e, not (mu, logvar)
 ])
 def test_a_run_too_big_for_the_machine_is_refused_before_anything_is_built(overrides, key, six_gb_free, tmp_path,
                                                                          capsys):
