@@ -189,9 +189,8 @@ def test_a_nonfinite_stop_before_any_checkpoint_says_none_exists(tmp_path, capsy
 
 
 @pytest.mark.slow
-def test_sigterm_saves_at_the_next_step_and_exits_cleanly(tmp_path):
-    common = ["train.epochs=2"]
-    finish([*TRAIN, *common, f"out_dir={tmp_path / 'straight'}"])
+def test_sigterm_saves_at_the_next_step_and_exits_cleanly(tmp_path, uninterrupted):
+    common = SIGKILL_RUN  # the killed runs' uninterrupted twin is this run's too
     out = tmp_path / "stopped"
     proc = subprocess.Popen([*TRAIN, *common, "train.log_every=1", f"out_dir={out}"], cwd=ROOT, env=ENV,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -203,7 +202,7 @@ def test_sigterm_saves_at_the_next_step_and_exits_cleanly(tmp_path):
     stopped_at = int(output.split("stopped by SIGTERM at step ")[1].split(";")[0])
     assert newest_step(out) == stopped_at
     finish([*TRAIN, *common, f"out_dir={out}", "train.resume=auto"])
-    assert_same_weights(final_weights(out), final_weights(tmp_path / "straight"))
+    assert_same_weights(final_weights(out), uninterrupted)
 
 
 # ---------------------------------------------------------------- bad inputs
