@@ -109,7 +109,8 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     out = Path(args.out or tempfile.mkdtemp(prefix="tokenizers-"))
     rows = [row(name, args, out) for name in args.configs]
-    print(f"\n{args.epochs} epochs of {args.limit} Fashion-MNIST images each, {machine()['cpu']}:")
+    data = "Fashion-MNIST" if args.data == "fashion_mnist" else "embedded MNIST"
+    print(f"\n{args.epochs} epochs of {args.limit} {data} images each, {machine()['cpu']}:")
     print_table(rows, COLUMNS)
     if args.figure:
         draw(rows, args.figure)

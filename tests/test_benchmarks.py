@@ -177,4 +177,4 @@ def test_tokenizers_benchmark_trains_and_evaluates_each_config(tmp_path):
     counts = rows[0]["code_counts"]
     assert sum(counts) == 20 * 49 and sum(c > 0 for c in counts) / 1024 == pytest.approx(rows[0]["usage"])
     assert (tmp_path / "t.png").stat().st_size > 10_000
-    assert "usage" in proc.stdout and "PSNR dB" in proc.stdout
+    assert "usage" in proc.stdout and "PSNR dB" in proc.stdout and "of 32 embedded MNIST images" in proc.stdout
