@@ -88,26 +88,31 @@ def load_lpips(net: str = "vgg", path: str = "", flag: str = "loss.lpips_weights
     return model.eval().requires_grad_(False)
 
 
+def random_backbone_features(net: str) -> torch.nn.Sequential:
+    """torchvision's LPIPS backbone features, random. VGG16's are built alone (vgg.make_layers, what
+    tv.vgg16().features is): the whole vgg16 draws a 120M-parameter classifier only to drop it, ~1 s."""
+    from torchvision.models import alexnet, vgg
+
+    return vgg.make_layers(vgg.cfgs["D"]) if net == "vgg" else alexnet().features
+
+
 def random_lpips(net: str) -> torch.nn.Module:
-    """lpips.LPIPS with its linear heads and a random backbone, for the file's weights to go into. For vgg,
-    lpips is handed torchvision's VGG16 features alone (vgg.make_layers, what tv.vgg16().features is):
-    the whole vgg16 it builds would draw a 120M-parameter classifier only to drop it, ~1 s of every
-    LDM or tokenizer run's start."""
+    """lpips.LPIPS with its linear heads and a random backbone, for the file's weights to go into; for vgg,
+    lpips is handed random_backbone_features' VGG (it would build the whole vgg16 at every LDM or
+    tokenizer run's start)."""
     import lpips
     from lpips import pretrained_networks
-    from torchvision.models import vgg
 
-    features_only = SimpleNamespace(vgg16=lambda pretrained=False: SimpleNamespace(
-        features=vgg.make_layers(vgg.cfgs["D"])))
-    with warnings.catch_warnings():  # lpips asks torchvision for `pretrained=False`, deprecated there
-        warnings.simplefilter("ignore")
-        if net != "vgg":
+    torchvision_models = pretrained_networks.tv
+    if net == "vgg":
+        pretrained_networks.tv = SimpleNamespace(vgg16=lambda pretrained=False: SimpleNamespace(
+            features=random_backbone_features("vgg")))
+    try:
+        with warnings.catch_warnings():  # lpips asks torchvision for `pretrained=False`, deprecated there
+            warnings.simplefilter("ignore")
             return lpips.LPIPS(net=net, pretrained=True, pnet_rand=True, verbose=False)
-        torchvision_models, pretrained_networks.tv = pretrained_networks.tv, features_only
-        try:
-            return lpips.LPIPS(net=net, pretrained=True, pnet_rand=True, verbose=False)
-        finally:
-            pretrained_networks.tv = torchvision_models
+    finally:
+        pretrained_networks.tv = torchvision_models
 
 
 def check_image_size(model: torch.nn.Module, net: str, channels: int, height: int, width: int) -> None:

@@ -10,16 +10,13 @@ from pathlib import Path
 
 import torch
 
-from fastvae.perceptual import BACKBONE_FILES
+from fastvae.perceptual import BACKBONE_FILES, random_backbone_features
 
 
 def write_random_backbone(net: str, folder) -> Path:
     """torchvision's backbone file for LPIPS (its `features.*` tensors, as the real file holds them)."""
-    from torchvision.models import alexnet, vgg
-
     torch.manual_seed(0)
-    # VGG's features alone (the whole vgg16 would allocate its 120M-parameter classifier for nothing)
-    features = vgg.make_layers(vgg.cfgs["D"]) if net == "vgg" else alexnet().features
+    features = random_backbone_features(net)
     path = Path(folder) / BACKBONE_FILES[net]
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save({f"features.{k}": v for k, v in features.state_dict().items()}, path)
